@@ -1,0 +1,40 @@
+"""The ``kvlingua`` command line: one subcommand per module in ``orchestrator.commands``.
+
+Each command module defines ``register(subparsers)``, which adds its parser and sets
+``func`` (called with the parsed args; returns an exit code). Imports are lazy
+enough that ``kvlingua --help`` stays fast and nothing runs at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from kvlingua.config import ConfigError
+
+COMMANDS = ("quickstart", "data", "pretrain", "train", "eval", "tune", "serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvlingua",
+        description="Teach a pool of frozen LMs to read each other's KV caches through a shared latent space.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"orchestrator.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"kvlingua {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
