@@ -15,13 +15,19 @@ from kvlingua.config import ConfigError
 COMMANDS = ("quickstart", "data", "pretrain", "train", "eval", "tune", "serve")
 
 
+def _available(name: str) -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(f"orchestrator.commands.{name}") is not None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvlingua",
         description="Teach a pool of frozen LMs to read each other's KV caches through a shared latent space.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
+    for name in filter(_available, COMMANDS):
         importlib.import_module(f"orchestrator.commands.{name}").register(sub)
     return parser
 
