@@ -1,0 +1,234 @@
+"""One Σ-training run, described once and executed by any backend.
+
+A :class:`TrainJob` names the frozen models, the data, the shared spaces to train
+(the translator and, as a baseline, a linear space), the loop settings and where
+results go. :func:`run_local` executes it in this process; ``workers.driver``
+executes the same job on Ray with model-host actors and Ray Train workers, using
+the same :func:`train_batches`, :func:`build_space` and :func:`finish`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from kvlingua.backend import LocalBackend, PoolBackend
+from kvlingua.cache import ArchSummary, fingerprint
+from kvlingua.data.tokenizer import load_tokenizer
+from kvlingua.data.views import DataConfig, parallel_chunks, token_chunks
+from kvlingua.evaluate import EvalConfig, evaluate
+from kvlingua.models import load_frozen
+from kvlingua.paths import PathSampler
+from kvlingua.pool import PoolMember, save_pool
+from kvlingua.report import plot_history
+from kvlingua.space import SharedSpace
+from kvlingua.tracking import NullTracker, Tracker
+from kvlingua.train import Batch, TrainConfig, TrainState, fit
+from kvlingua.translator import SpaceConfig
+
+
+def _default_spaces() -> dict[str, SpaceConfig]:
+    return {"translator": SpaceConfig(), "linear": SpaceConfig(adapter="linear")}
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything one Σ-training run needs. Crosses Ray as ``to_dict``/``from_dict``."""
+
+    name: str
+    """Run name (MLflow run name, pool name)."""
+    models: dict[str, str]
+    """Pool member name -> local checkpoint directory, in pool order."""
+    tokenizer: str
+    """Directory of the pool's shared tokenizer."""
+    out_dir: str
+    """Run directory: checkpoints, evaluation, plots and the trained pool land here."""
+    train: TrainConfig
+    """Loop settings (steps, lr, paths per step, ...), shared by every space of the job."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus and view the prefix/suffix chunks come from."""
+    langs: dict[str, str] | None = None
+    """Parallel text: model -> language of its own text (e.g. experts); None = one monolingual/mixed stream."""
+    prefix_len: int = 64
+    """P: prefix tokens the source model reads."""
+    suffix_len: int = 64
+    """S: suffix tokens the target model continues with."""
+    batch_size: int = 16
+    """Sequences per step (per Ray Train rank)."""
+    spaces: dict[str, SpaceConfig] = field(default_factory=_default_spaces)
+    """Named shared spaces to train with the same loop and data: the translator and baselines (linear)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation settings."""
+    eval_split: str = "validation"
+    """Split used for held-out evaluation."""
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("models: a pool needs at least one model")
+        if not self.spaces:
+            raise ValueError("spaces: name at least one shared space to train")
+        if self.prefix_len < 1 or self.suffix_len < 2:
+            raise ValueError("prefix_len must be >= 1 and suffix_len >= 2")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2 (the content control rolls the batch)")
+        if self.langs is not None:
+            missing = sorted(set(self.models) - set(self.langs))
+            if missing:
+                raise ValueError(f"langs: no language given for model(s) {missing}")
+        if self.eval_split not in ("train", "validation", "test"):
+            raise ValueError(f"eval_split must be train, validation or test, got {self.eval_split!r}")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.models)
+
+    @property
+    def seq_len(self) -> int:
+        return self.prefix_len + self.suffix_len
+
+
+def load_chunks(job: TrainJob, split: str) -> dict[str, torch.Tensor]:
+    """Token chunks per model, each ``[N, P+S]``; row n is the same passage for every model."""
+    tok = load_tokenizer(job.tokenizer)
+    if job.langs is None:
+        ids = token_chunks(job.data, tok, split, job.seq_len)  # [N, P+S]
+        return {name: ids for name in job.models}
+    langs = sorted(set(job.langs.values()))
+    per_lang = parallel_chunks(job.data, tok, split, job.seq_len, langs)  # lang -> [N, P+S]
+    return {name: per_lang[job.langs[name]] for name in job.models}
+
+
+def _rows_to_batches(chunks: dict[str, torch.Tensor], rows: torch.Tensor, job: TrainJob, key: str) -> list[Batch]:
+    """Cut ``rows`` into full batches of ``job.batch_size`` (remainder dropped)."""
+    n = len(rows) // job.batch_size
+    if n == 0:
+        raise ValueError(
+            f"{key}: {len(rows)} sequences of {job.seq_len} tokens are fewer than one batch of {job.batch_size}"
+        )
+    out = []
+    for b in range(n):
+        idx = rows[b * job.batch_size : (b + 1) * job.batch_size]
+        out.append(Batch({m: c[idx] for m, c in chunks.items()}, job.prefix_len, key=f"{key}/b{b:05d}"))
+    return out
+
+
+def train_batches(job: TrainJob, *, rank: int = 0, world_size: int = 1, split: str = "train") -> Iterator[Batch]:
+    """Endless training batches for one rank.
+
+    Rows are sharded by rank (row r goes to rank ``r % world_size``). Each rank's
+    batches are formed once from a seeded permutation, so a batch's composition —
+    and its ``key`` — recurs every epoch (source blocks can be cached per key);
+    only the order of batches is reshuffled each epoch.
+    """
+    chunks = load_chunks(job, split)
+    n = next(iter(chunks.values())).shape[0]
+    g = torch.Generator().manual_seed(job.train.seed)
+    rows = torch.randperm(n, generator=g)
+    rows = rows[rows % world_size == rank]
+    key = f"{split}/P{job.prefix_len}S{job.suffix_len}/bs{job.batch_size}/w{world_size}r{rank}"
+    batches = _rows_to_batches(chunks, rows, job, key)
+    epoch = 0
+    while True:
+        order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(job.train.seed * 1000 + epoch))
+        for i in order.tolist():
+            yield batches[i]
+        epoch += 1
+
+
+def eval_batches(job: TrainJob) -> list[Batch]:
+    """The first ``job.eval.batches`` held-out batches (fixed, unshuffled)."""
+    chunks = load_chunks(job, job.eval_split)
+    n = next(iter(chunks.values())).shape[0]
+    rows = torch.arange(min(n, job.eval.batches * job.batch_size))
+    return _rows_to_batches(chunks, rows, job, f"{job.eval_split}/P{job.prefix_len}S{job.suffix_len}/bs{job.batch_size}")
+
+
+def build_space(job: TrainJob, name: str, summaries: dict[str, ArchSummary]) -> SharedSpace:
+    """A fresh shared space ``name`` of the job over its models (pool order), seeded by the train seed."""
+    torch.manual_seed(job.train.seed)
+    return SharedSpace({m: summaries[m] for m in job.models}, job.spaces[name])
+
+
+def allowed_paths(job: TrainJob) -> list[tuple[str, str]]:
+    """All (source, target) paths the job trains and evaluates."""
+    return PathSampler(job.names, None, job.train.seed, job.train.paths, job.train.trainable).allowed
+
+
+def quick_eval_fn(space: SharedSpace, backend: PoolBackend, batches: list[Batch], paths: list[tuple[str, str]]):
+    """An ``eval_fn`` for :func:`kvlingua.train.fit`: held-out suffix NLL per path (``eval/nll/i->j``)."""
+
+    @torch.no_grad()
+    def eval_fn(step: int) -> dict[str, float]:
+        space.eval()
+        out = {}
+        for i, j in paths:
+            nll = []
+            for b in batches:
+                P = b.prefix_len
+                src = backend.prefix_block(i, b.ids[i][:, :P])
+                nll.append(backend.suffix_nll(j, space.translate(src, i, j), b.ids[j][:, P:]).mean())
+            out[f"eval/nll/{i}->{j}"] = float(torch.stack(nll).mean())
+        space.train()
+        return out
+
+    return eval_fn
+
+
+def pool_members(job: TrainJob) -> list[PoolMember]:
+    """Pool members with architecture summaries and weight fingerprints read from disk."""
+    members = []
+    for name, path in job.models.items():
+        model = load_frozen(path)
+        from kvlingua.cache import arch_summary
+
+        members.append(PoolMember(name, str(Path(path).resolve()), arch_summary(model), fingerprint(model)))
+    return members
+
+
+def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
+           histories: dict[str, list[dict]], tracker: Tracker | None = None) -> dict:
+    """Evaluate every space beside the baselines, write the pool(s), table, JSON and plot.
+
+    Returns a dict with ``markdown`` (the evaluation table) and the paths written.
+    """
+    tracker = tracker or NullTracker()
+    out = Path(job.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for s in spaces.values():
+        s.eval()
+    result = evaluate(backend, eval_batches(job), allowed_paths(job), spaces, first_tokens=job.eval.first_tokens)
+    files = {"eval_json": out / "eval.json", "eval_md": out / "eval.md", "plot": out / "eval_nll.png"}
+    result.to_json(files["eval_json"])
+    markdown = result.to_markdown()
+    files["eval_md"].write_text(markdown)
+    main = "translator" if "translator" in spaces else next(iter(spaces))
+    plot_history({name: h for name, h in histories.items()}, files["plot"])
+    members = pool_members(job)
+    for name, space in spaces.items():
+        pool_dir = out / ("pool" if name == main else f"pool-{name}")
+        save_pool(pool_dir, space, members, tokenizer_dir=job.tokenizer, extra={"run": job.name, "space_name": name})
+        files[f"pool_{name}"] = pool_dir
+    (out / "histories.json").write_text(json.dumps(histories, indent=1))
+    for f in files.values():
+        tracker.log_artifact(f)
+    return {"markdown": markdown, "files": {k: str(v) for k, v in files.items()}, "eval": result.to_dict()}
+
+
+def run_local(job: TrainJob, tracker: Tracker | None = None, progress: bool = True,
+              backend: PoolBackend | None = None) -> dict:
+    """Train every space of ``job`` in this process (LocalBackend), then :func:`finish`."""
+    tracker = tracker or NullTracker()
+    if backend is None:
+        backend = LocalBackend({name: load_frozen(path) for name, path in job.models.items()})
+    summaries = {m: backend.summary(m) for m in job.models}
+    held_out = eval_batches(job)[: max(1, job.eval.batches // 4)]
+    spaces, histories = {}, {}
+    for name in job.spaces:
+        space = build_space(job, name, summaries)
+        state = fit(space, backend, train_batches(job), job.train, tracker=tracker,
+                    eval_fn=quick_eval_fn(space, backend, held_out, allowed_paths(job)), progress=progress)
+        spaces[name], histories[name] = space, state.history
+    return finish(job, spaces, backend, histories, tracker)
