@@ -1,0 +1,78 @@
+"""Tracking: MLflow runs in a SQLite store read back with MlflowClient; the null tracker."""
+from __future__ import annotations
+
+import pytest
+
+from kvlingua.tracking import MlflowTracker, NullTracker, default_tracking_uri, flatten_params, metric_key
+
+
+def test_flatten_params_nests_with_dots():
+    flat = flatten_params({"train": {"lr": 1e-3, "paths": [["a", "b"]]}, "seed": 3})
+    assert flat == {"train.lr": "0.001", "train.paths": "[['a', 'b']]", "seed": "3"}
+
+
+def test_metric_key_is_mlflow_legal():
+    assert metric_key("loss/a->b") == "loss/a_to_b"
+    assert metric_key("nll/x y:z") == "nll/x y:z"
+    assert metric_key("c>d(e)") == "c_d_e_"
+
+
+def test_default_uri_is_absolute_sqlite(tmp_path):
+    uri = default_tracking_uri(tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert uri.startswith("sqlite:////")
+
+
+def test_null_tracker_accepts_everything(tmp_path):
+    t = NullTracker()
+    t.log_params({"a": {"b": 1}})
+    t.log_metrics({"loss": 1.0}, step=0)
+    t.log_artifact(tmp_path)
+    t.close()
+
+
+def test_mlflow_tracker_writes_params_metrics_artifact(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # anything written relative to the working directory would land here
+    from mlflow import MlflowClient
+
+    uri = default_tracking_uri(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    parent = MlflowTracker(uri, "kvl-test", run_name="sweep")
+    t = MlflowTracker(uri, "kvl-test", run_name="trial-0", parent_run_id=parent.run_id, tags={"kind": "trial"})
+    t.log_params({"train": {"lr": 0.001, "steps": 5}, "pool": "tiny"})
+    t.log_metrics({"loss": 2.5, "loss/a->b": 3.0}, step=1)
+    t.log_metrics({"loss": 2.0, "loss/a->b": 2.75}, step=2)
+    report = tmp_path / "report.md"
+    report.write_text("# hello\n")
+    t.log_artifact(report)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        t.log_artifact(tmp_path / "missing.png")
+    t.close()
+    t.close()
+    parent.close()
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(t.run_id)
+    assert run.data.params == {"train.lr": "0.001", "train.steps": "5", "pool": "tiny"}
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert run.data.tags["kind"] == "trial"
+    assert run.info.run_name == "trial-0"
+    assert run.info.status == "FINISHED"
+    hist = client.get_metric_history(t.run_id, "loss/a_to_b")
+    assert [(m.step, m.value) for m in sorted(hist, key=lambda m: m.step)] == [(1, 3.0), (2, 2.75)]
+    assert run.data.metrics["loss"] == 2.0
+    assert [a.path for a in client.list_artifacts(t.run_id)] == ["report.md"]
+    local = client.download_artifacts(t.run_id, "report.md", str(tmp_path / "dl"))
+    assert open(local).read() == "# hello\n"
+    # artifacts live beside the database, not in the working directory
+    assert (tmp_path / "run" / "mlartifacts").is_dir()
+    assert not (tmp_path / "mlruns").exists()
+    # a second tracker on the same experiment reuses it
+    again = MlflowTracker(uri, "kvl-test")
+    assert again.experiment_id == t.experiment_id
+    again.close()
+
+
+def test_mlflow_tracker_rejects_empty_experiment(tmp_path):
+    with pytest.raises(ValueError, match="experiment"):
+        MlflowTracker(default_tracking_uri(tmp_path), "")
