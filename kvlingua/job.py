@@ -16,7 +16,8 @@ from typing import Iterator
 import torch
 
 from kvlingua.backend import LocalBackend, PoolBackend
-from kvlingua.cache import ArchSummary, fingerprint
+from kvlingua.cache import ArchSummary, arch_summary, fingerprint
+from kvlingua.config import to_dict
 from kvlingua.data.tokenizer import load_tokenizer
 from kvlingua.data.views import DataConfig, parallel_chunks, token_chunks
 from kvlingua.evaluate import EvalConfig, evaluate
@@ -182,8 +183,6 @@ def pool_members(job: TrainJob) -> list[PoolMember]:
     members = []
     for name, path in job.models.items():
         model = load_frozen(path)
-        from kvlingua.cache import arch_summary
-
         members.append(PoolMember(name, str(Path(path).resolve()), arch_summary(model), fingerprint(model)))
     return members
 
@@ -209,7 +208,8 @@ def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
     members = pool_members(job)
     for name, space in spaces.items():
         pool_dir = out / ("pool" if name == main else f"pool-{name}")
-        save_pool(pool_dir, space, members, tokenizer_dir=job.tokenizer, extra={"run": job.name, "space_name": name})
+        extra = {"run": job.name, "space_name": name, "job": to_dict(job)}
+        save_pool(pool_dir, space, members, tokenizer_dir=job.tokenizer, extra=extra)
         files[f"pool_{name}"] = pool_dir
     (out / "histories.json").write_text(json.dumps(histories, indent=1))
     for f in files.values():

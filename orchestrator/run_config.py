@@ -1,0 +1,136 @@
+"""Run configs: one YAML file describes a whole Σ-training run.
+
+``RunConfig`` mirrors ``configs/*.yaml`` field for field. It either names a pool
+YAML to pre-train first (``pool:``, as the paper pre-trains its own pool) or
+explicit checkpoint directories (``models:``, for your own models), plus the data,
+the shared spaces, the loop, evaluation, Ray placement and tracking. Everything is
+validated on load, before any compute; :func:`to_job` resolves it into the
+backend-independent :class:`kvlingua.job.TrainJob`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from kvlingua.config import ConfigError, from_dict, load_yaml, apply_override
+from kvlingua.data.views import DataConfig
+from kvlingua.evaluate import EvalConfig
+from kvlingua.job import TrainJob, _default_spaces
+from kvlingua.train import TrainConfig
+from kvlingua.translator import SpaceConfig
+from workers.driver import RayConfig
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking of a run."""
+
+    enabled: bool = True
+    """Log params, metrics and artifacts to MLflow (off: a do-nothing tracker)."""
+    uri: str | None = None
+    """Tracking URI; None = ``sqlite:///<run_dir>/mlflow.db`` (open with ``mlflow ui --backend-store-uri ...``)."""
+    experiment: str = "kvlingua"
+    """MLflow experiment name."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A Σ-training run: which pool, which data, which spaces, how to train, where to run."""
+
+    name: str
+    """Run name: run directory ``runs/<name>`` and MLflow run name."""
+    train: TrainConfig
+    """Training loop settings."""
+    pool: str | None = None
+    """Pool YAML (``configs/pools/*.yaml``) to pre-train (or reuse) first; relative to this config file."""
+    pool_members: tuple[str, ...] | None = None
+    """Which members of ``pool`` take part (None = all), e.g. only the two experts of an experts pool."""
+    models: dict[str, str] | None = None
+    """Explicit checkpoint directories (name -> dir) instead of ``pool``; your own models go here."""
+    tokenizer: str | None = None
+    """Tokenizer directory; None = the tokenizer saved with the first model."""
+    run_dir: str | None = None
+    """Where results go; None = ``runs/<name>`` under the current directory."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus and view for prefix/suffix chunks."""
+    langs: dict[str, str] | None = None
+    """Parallel text: model -> its language (e.g. experts); None = one shared stream."""
+    prefix_len: int = 64
+    """P: prefix tokens."""
+    suffix_len: int = 64
+    """S: suffix tokens."""
+    batch_size: int = 16
+    """Sequences per step per training rank."""
+    spaces: dict[str, SpaceConfig] = field(default_factory=_default_spaces)
+    """Named shared spaces trained with the same loop: translator and baselines."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+    eval_split: str = "validation"
+    """Held-out split."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """Ray placement and resources."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow tracking."""
+
+    def __post_init__(self) -> None:
+        if (self.pool is None) == (self.models is None):
+            raise ValueError("give exactly one of `pool` (a pool YAML to pre-train) or `models` (checkpoint dirs)")
+        if self.pool_members is not None and self.pool is None:
+            raise ValueError("pool_members needs `pool`")
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load and validate a run YAML; relative paths in it resolve against its directory."""
+    path = Path(path)
+    data = load_yaml(path)
+    for key, value in (overrides or {}).items():
+        apply_override(data, key, value)
+    cfg = from_dict(RunConfig, data, where=str(path))
+    base = path.resolve().parent
+    fix = lambda p: str((base / p).resolve()) if p is not None and not Path(p).is_absolute() else p  # noqa: E731
+    models = {k: fix(v) for k, v in cfg.models.items()} if cfg.models else None
+    cfg = replace(cfg, pool=fix(cfg.pool), models=models, tokenizer=fix(cfg.tokenizer))
+    if cfg.data.source not in ("bible",) and not cfg.data.source.startswith("hub:"):
+        cfg = replace(cfg, data=replace(cfg.data, source=fix(cfg.data.source)))
+    _check_paths(cfg)
+    return cfg
+
+
+def _check_paths(cfg: RunConfig) -> None:
+    if cfg.pool is not None and not Path(cfg.pool).is_file():
+        raise ConfigError(f"pool: pool config not found: {cfg.pool}")
+    for name, p in (cfg.models or {}).items():
+        if not Path(p).is_dir():
+            raise ConfigError(f"models.{name}: checkpoint directory not found: {p}")
+    if cfg.tokenizer is not None and not Path(cfg.tokenizer).is_dir():
+        raise ConfigError(f"tokenizer: directory not found: {cfg.tokenizer}")
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.run_dir).resolve() if cfg.run_dir else (Path.cwd() / "runs" / cfg.name).resolve()
+
+
+def resolve_models(cfg: RunConfig, progress: bool = True) -> dict[str, str]:
+    """Checkpoint dirs of the run's models, pre-training the pool first when needed (reused if done)."""
+    if cfg.models is not None:
+        return dict(cfg.models)
+    from kvlingua.config import load_config
+    from kvlingua.pretrain.pools import PoolConfig, pretrain_pool
+
+    dirs = pretrain_pool(load_config(PoolConfig, cfg.pool), progress=progress)
+    names = list(cfg.pool_members or dirs)
+    unknown = sorted(set(names) - set(dirs))
+    if unknown:
+        raise ConfigError(f"pool_members: {unknown} not in pool {cfg.pool} (members: {sorted(dirs)})")
+    return {n: str(dirs[n]) for n in names}
+
+
+def to_job(cfg: RunConfig, models: dict[str, str]) -> TrainJob:
+    """The backend-independent job for ``cfg`` once its models exist."""
+    tokenizer = cfg.tokenizer or next(iter(models.values()))
+    return TrainJob(
+        name=cfg.name, models=models, tokenizer=tokenizer, out_dir=str(run_dir_of(cfg)), train=cfg.train,
+        data=cfg.data, langs=cfg.langs, prefix_len=cfg.prefix_len, suffix_len=cfg.suffix_len,
+        batch_size=cfg.batch_size, spaces=cfg.spaces, eval=cfg.eval, eval_split=cfg.eval_split,
+    )
