@@ -1,0 +1,381 @@
+"""Cross-model generation: a source model reads the prompt, a target model writes the answer.
+
+The source model prefills the prompt into its KV block; the block is handed to the
+target model, which decodes token by token from it. Three hand-off modes:
+
+* ``latent``: the source block goes through the shared space Σ
+  (``space.translate(block, source, target)``, i.e. ``OUT_target(IN_source(block))``);
+* ``text``: the baseline: the target re-reads the prompt itself (no source work);
+* ``identity``: the raw source block, legal only when both models have the same cache layout.
+
+Positions. A block of ``P - 1`` positions covers ``prompt[:-1]``; the last prompt token is
+the first decode input, so the target's first logits predict token ``P`` exactly as they
+would after reading the whole prompt. With greedy decoding the ``text`` hand-off therefore
+reproduces the target's own ``model.generate(do_sample=False)``.
+
+:func:`mixed_generate` switches models mid-sequence (the paper's mixed language
+modelling): at each switch the *whole* cache so far (prompt and generated tokens) is
+translated into the next model, which then continues. Every request builds its own
+caches and its own ``torch.Generator``; nothing is shared between requests.
+
+Shapes: ``[1, P]`` prompt ids; KV blocks ``[1, S, L, D]``. Generation runs one sequence
+at a time (batch size 1).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Protocol, Sequence
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel
+
+from kvlingua.cache import KVBlock, arch_summary, as_past_key_values, check_block_fits, extract_prefix
+
+Handoff = Literal["latent", "text", "identity"]
+HANDOFFS: tuple[str, ...] = ("latent", "text", "identity")
+
+
+class HandoffError(ValueError):
+    """A hand-off cannot be done (unknown model, identity between different cache layouts, ...)."""
+
+
+class Translator(Protocol):
+    """What generation needs from a shared space (``kvlingua.space.SharedSpace`` satisfies it)."""
+
+    def translate(self, block: KVBlock, source: str, target: str) -> KVBlock:
+        """``[B, S, L_s, D_s]`` block of ``source`` -> ``[B, S, L_t, D_t]`` block for ``target``."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How to pick new tokens."""
+
+    max_new_tokens: int = 32
+    """Tokens to generate at most (stops earlier at an end-of-sequence token)."""
+    temperature: float = 0.0
+    """Softmax temperature; 0 means greedy (argmax) decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (0 < top_p <= 1)."""
+    seed: int | None = None
+    """Seed of the request's own random generator (None: a fresh random seed). Same seed, same tokens."""
+    stop_at_eos: bool = True
+    """Stop after the target emits one of its end-of-sequence tokens (the token is kept in the output)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not (0.0 <= float(self.temperature) <= 100.0):
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not (0.0 < float(self.top_p) <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationResult:
+    """Output of one generation request (token ids exclude the prompt)."""
+
+    tokens: list[int]
+    source: str | None
+    target: str
+    handoff: str
+    prompt_tokens: int
+    handoff_positions: int
+    """Positions in the handed-over cache (``prompt_tokens - 1``; 0 for a one-token prompt)."""
+    prefill_s: float
+    translate_s: float
+    decode_s: float
+    finish_reason: str
+    """``"eos"`` or ``"length"``."""
+    seed: int
+    text: str | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.translate_s + self.decode_s
+
+
+@dataclass
+class Switch:
+    """One model switch of a mixed schedule: the whole cache so far is translated."""
+
+    source: str
+    target: str
+    positions: int
+    """Positions of the translated cache (prompt + generated tokens already read)."""
+    translate_s: float
+
+
+@dataclass
+class MixedResult:
+    """Output of :func:`mixed_generate`: tokens, which model wrote each, and the switches."""
+
+    tokens: list[int]
+    models: list[str]
+    """Name of the model that produced each token (same length as ``tokens``)."""
+    switches: list[Switch]
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    finish_reason: str
+    seed: int
+    text: str | None = None
+
+    @property
+    def translate_s(self) -> float:
+        return sum(s.translate_s for s in self.switches)
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def as_prompt(prompt_ids: Tensor | Sequence[int]) -> Tensor:
+    """Prompt ids as a ``[1, P]`` LongTensor; refuses empty prompts and batches."""
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)  # [1, P]
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"prompt_ids must be [P] or [1, P] (one sequence), got shape {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise ValueError("prompt_ids is empty; generation needs at least one prompt token")
+    return ids
+
+
+def make_generator(seed: int | None, device: str | torch.device = "cpu") -> tuple[torch.Generator, int]:
+    """A fresh per-request generator; returns it with the seed used (drawn at random for None)."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen, seed
+
+
+def eos_ids(model: PreTrainedModel, tokenizer=None) -> set[int]:
+    """End-of-sequence ids of ``model``'s generation config (plus the tokenizer's, if given)."""
+    ids: set[int] = set()
+    cfg = getattr(model, "generation_config", None)
+    eos = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+    if eos is not None:
+        ids.update([eos] if isinstance(eos, int) else list(eos))
+    tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if tok_eos is not None:
+        ids.add(int(tok_eos))
+    return ids
+
+
+def next_token(logits: Tensor, params: GenerationParams, generator: torch.Generator) -> int:
+    """Pick one token from ``[V]`` logits: argmax when greedy, else temperature + top-p sampling."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # [V]
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)  # [V]
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < params.top_p  # the top token always stays
+        sorted_p = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    pick = torch.multinomial(probs.to(generator.device), 1, generator=generator)
+    return int(pick)
+
+
+def cache_block(cache: DynamicCache, n_kv_heads: int) -> KVBlock:
+    """The ``[1, S, L, D]`` block held by a ``DynamicCache`` (public ``cache.layers`` API)."""
+    keys, values = [], []
+    for layer in cache.layers:
+        B, H, S, hd = layer.keys.shape  # [B, H, S, hd]
+        keys.append(layer.keys.transpose(1, 2).reshape(B, S, H * hd))  # [B, S, D]
+        values.append(layer.values.transpose(1, 2).reshape(B, S, H * hd))
+    return KVBlock(torch.stack(keys, 2), torch.stack(values, 2), n_kv_heads)  # [B, S, L, D]
+
+
+def model_cache(model: PreTrainedModel, block: KVBlock | None) -> DynamicCache:
+    """A fresh cache for ``model`` holding ``block`` (cast to the model's device and dtype)."""
+    if block is None or block.seq_len == 0:
+        return DynamicCache()
+    p = next(model.parameters())
+    return as_past_key_values(block.to(p.device, p.dtype), model)
+
+
+@torch.no_grad()
+def decode(model: PreTrainedModel, cache: DynamicCache, first_input: int, params: GenerationParams,
+           generator: torch.Generator, max_new_tokens: int | None = None,
+           stop_ids: set[int] = frozenset()) -> Iterator[int]:
+    """Yield up to ``max_new_tokens`` tokens, feeding ``first_input`` first and then each new token.
+
+    ``cache`` (mutated in place) holds the positions before ``first_input``. When the
+    iterator finishes, ``cache`` covers every fed token: the prompt and all yielded
+    tokens except the last one, which has not been read yet.
+    """
+    device = next(model.parameters()).device
+    limit = params.max_new_tokens if max_new_tokens is None else max_new_tokens
+    token = first_input
+    for step in range(limit):
+        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
+        token = next_token(out.logits[0, -1], params, generator)  # logits [1, 1, V]
+        yield token
+        if params.stop_at_eos and token in stop_ids:
+            return
+
+
+def prefill(model: PreTrainedModel, prompt: Tensor) -> KVBlock:
+    """Block of ``prompt[:, :-1]`` (``[1, P-1, L, D]``); empty for a one-token prompt."""
+    device = next(model.parameters()).device
+    head = prompt[:, :-1].to(device)  # [1, P-1]
+    if head.shape[1] == 0:
+        s = arch_summary(model)
+        p = next(model.parameters())
+        empty = torch.zeros(1, 0, s.num_layers, s.width, dtype=p.dtype, device=p.device)  # [1, 0, L, D]
+        return KVBlock(empty, empty.clone(), s.n_kv_heads)
+    return extract_prefix(model, head)
+
+
+def _space_dtype(space: object) -> torch.dtype:
+    params = getattr(space, "parameters", None)
+    first = next(iter(params()), None) if callable(params) else None
+    return first.dtype if first is not None else torch.float32
+
+
+@torch.no_grad()
+def translate_block(space: Translator, block: KVBlock, source: str, target: str,
+                    target_model: PreTrainedModel) -> KVBlock:
+    """``source`` block -> ``target`` block through Σ, checked against the target's layout."""
+    if block.seq_len == 0:
+        s = arch_summary(target_model)
+        empty = torch.zeros(1, 0, s.num_layers, s.width)  # [1, 0, L_t, D_t]
+        return KVBlock(empty, empty.clone(), s.n_kv_heads)
+    out = space.translate(block.to(_space_dtype(space)), source, target)
+    check_block_fits(out, arch_summary(target_model), f"target {target!r}")
+    return out
+
+
+def check_identity(source_summary, target_summary, source: str, target: str) -> None:
+    """Raise :class:`HandoffError` unless both cache layouts are equal (identity hand-off)."""
+    if (source_summary.num_layers, source_summary.n_kv_heads, source_summary.head_dim) != (
+            target_summary.num_layers, target_summary.n_kv_heads, target_summary.head_dim):
+        raise HandoffError(
+            f"identity handoff needs equal cache layouts, but {source!r} has {source_summary.num_layers} layers x "
+            f"{source_summary.n_kv_heads} kv heads x head_dim {source_summary.head_dim} and {target!r} has "
+            f"{target_summary.num_layers} x {target_summary.n_kv_heads} x {target_summary.head_dim}; "
+            "use handoff='latent' or 'text'"
+        )
+
+
+def _model(models: dict[str, PreTrainedModel], name: str, role: str) -> PreTrainedModel:
+    if name not in models:
+        raise HandoffError(f"unknown {role} model {name!r}; the pool has {sorted(models)}")
+    return models[name]
+
+
+def _decode_text(tokenizer, tokens: list[int]) -> str | None:
+    return tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
+
+
+# ---------------------------------------------------------------- requests
+
+
+def handoff_generate(models: dict[str, PreTrainedModel], space: Translator | None, source: str, target: str,
+                     prompt_ids: Tensor | Sequence[int], params: GenerationParams = GenerationParams(),
+                     handoff: Handoff = "latent", tokenizer=None) -> GenerationResult:
+    """Prefill ``prompt_ids`` on ``source``, hand the cache to ``target``, decode on ``target``.
+
+    Args:
+        models: pool name -> frozen causal LM.
+        space: shared space used by ``latent`` hand-off (may be None for ``text``/``identity``).
+        source, target: pool names (may be equal: a cyclic path for ``latent``).
+        prompt_ids: ``[P]`` or ``[1, P]`` token ids, P >= 1.
+        params: decoding parameters; greedy when ``temperature == 0``.
+        handoff: ``latent`` (through Σ), ``text`` (target re-reads the prompt), ``identity``.
+        tokenizer: optional; adds its EOS id to the stop set and decodes ``text``.
+
+    Returns:
+        :class:`GenerationResult` with the new tokens, timings (prefill, translate, decode)
+        and token counts.
+    """
+    if handoff not in HANDOFFS:
+        raise HandoffError(f"unknown handoff {handoff!r}; choose one of {list(HANDOFFS)}")
+    src_model, tgt_model = _model(models, source, "source"), _model(models, target, "target")
+    prompt = as_prompt(prompt_ids)  # [1, P]
+    if handoff == "identity":
+        check_identity(arch_summary(src_model), arch_summary(tgt_model), source, target)
+    if handoff == "latent" and space is None:
+        raise HandoffError("latent handoff needs a shared space; got space=None")
+    generator, seed = make_generator(params.seed, next(tgt_model.parameters()).device)
+
+    t0 = time.perf_counter()
+    block = prefill(tgt_model if handoff == "text" else src_model, prompt)  # [1, P-1, L, D]
+    t1 = time.perf_counter()
+    if handoff == "latent":
+        block = translate_block(space, block, source, target, tgt_model)
+    t2 = time.perf_counter()
+    cache = model_cache(tgt_model, block)
+    tokens = list(decode(tgt_model, cache, int(prompt[0, -1]), params, generator,
+                         stop_ids=eos_ids(tgt_model, tokenizer)))
+    t3 = time.perf_counter()
+    finished = "eos" if params.stop_at_eos and tokens and tokens[-1] in eos_ids(tgt_model, tokenizer) else "length"
+    return GenerationResult(
+        tokens=tokens, source=source, target=target, handoff=handoff, prompt_tokens=prompt.shape[1],
+        handoff_positions=prompt.shape[1] - 1, prefill_s=t1 - t0, translate_s=t2 - t1, decode_s=t3 - t2,
+        finish_reason=finished, seed=seed, text=_decode_text(tokenizer, tokens),
+    )
+
+
+def mixed_generate(models: dict[str, PreTrainedModel], space: Translator, prompt_ids: Tensor | Sequence[int],
+                   schedule: Sequence[tuple[str, int]], params: GenerationParams = GenerationParams(),
+                   tokenizer=None) -> MixedResult:
+    """Generate with a model schedule ``[(model, max_new_tokens), ...]``, switching models mid-sequence.
+
+    The first model prefills ``prompt[:-1]``. At each switch to a different model the
+    whole cache so far (``[1, S, L_a, D_a]``: prompt and generated tokens already read) is
+    translated through Σ into the next model (``[1, S, L_b, D_b]``), which reads the
+    pending token and continues. Consecutive segments of the same model keep its cache.
+    ``params.max_new_tokens`` is ignored; the schedule sets the lengths. One request-wide
+    generator draws every sample, so a fixed seed fixes the whole output.
+    """
+    if not schedule:
+        raise HandoffError("schedule is empty; give at least one (model, max_new_tokens) segment")
+    for i, (name, n) in enumerate(schedule):
+        _model(models, name, f"schedule[{i}]")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise HandoffError(f"schedule[{i}] ({name!r}): max_new_tokens must be an integer >= 1, got {n!r}")
+    prompt = as_prompt(prompt_ids)  # [1, P]
+    first = models[schedule[0][0]]
+    generator, seed = make_generator(params.seed, next(first.parameters()).device)
+
+    t0 = time.perf_counter()
+    current, cache = schedule[0][0], model_cache(first, prefill(first, prompt))
+    prefill_s = time.perf_counter() - t0
+    pending, tokens, owners, switches = int(prompt[0, -1]), [], [], []
+    finished, decode_s = "length", 0.0
+    for name, n in schedule:
+        model = models[name]
+        if name != current:
+            t = time.perf_counter()
+            block = cache_block(cache, arch_summary(models[current]).n_kv_heads)  # [1, S, L_a, D_a]
+            moved = translate_block(space, block, current, name, model)  # [1, S, L_b, D_b]
+            cache = model_cache(model, moved)
+            switches.append(Switch(current, name, block.seq_len, time.perf_counter() - t))
+            current = name
+        stops = eos_ids(model, tokenizer)
+        t = time.perf_counter()
+        new = list(decode(model, cache, pending, params, generator, max_new_tokens=n, stop_ids=stops))
+        decode_s += time.perf_counter() - t
+        tokens += new
+        owners += [name] * len(new)
+        pending = new[-1]
+        if params.stop_at_eos and pending in stops:
+            finished = "eos"
+            break
+    return MixedResult(tokens=tokens, models=owners, switches=switches, prompt_tokens=prompt.shape[1],
+                       prefill_s=prefill_s, decode_s=decode_s, finish_reason=finished, seed=seed,
+                       text=_decode_text(tokenizer, tokens))
