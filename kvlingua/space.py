@@ -1,0 +1,251 @@
+"""The shared space Σ: one IN and one OUT adapter per pool model.
+
+``SharedSpace.encode`` maps model ``i``'s KV block ``[B, S, L_i, D_i]`` into Σ
+(:class:`LatentBlock`, keys and values each ``[B, S, Q]``); ``decode`` maps a latent block
+out into model ``j``'s layout ``[B, S, L_j, D_j]``; ``translate`` is ``decode(encode(.))``
+for a path ``i -> j`` (``i == j``, the cyclic path, is legal). Parameters grow linearly
+with the pool: 2 adapters per model, never one per pair.
+
+On disk (``save_pretrained``): ``space.json`` (config + member architecture summaries, in
+pool order) and one ``adapters-<name>.safetensors`` per model (tensor names ``in.*`` and
+``out.*``). Loading is strict: every tensor's name and shape is checked against the space
+rebuilt from the config, and a mismatch is an error naming the model and the tensor.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from kvlingua.cache import ArchSummary, KVBlock, check_block_fits
+from kvlingua.config import from_dict, to_dict
+from kvlingua.translator import SpaceConfig, build_adapter
+
+SPACE_FILE = "space.json"
+SPACE_FORMAT = 1
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+
+
+@dataclass
+class LatentBlock:
+    """A KV block in Σ: ``keys`` and ``values`` each ``[B, S, Q]``."""
+
+    keys: Tensor
+    values: Tensor
+
+    def __post_init__(self) -> None:
+        if self.keys.dim() != 3 or self.keys.shape != self.values.shape:
+            raise ValueError(
+                f"LatentBlock needs keys and values of equal shape [B, S, Q]; got "
+                f"{tuple(self.keys.shape)} and {tuple(self.values.shape)}"
+            )
+
+    def map(self, fn) -> "LatentBlock":
+        """Apply ``fn`` to keys and values."""
+        return LatentBlock(fn(self.keys), fn(self.values))
+
+    def to(self, *args, **kwargs) -> "LatentBlock":
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    def detach(self) -> "LatentBlock":
+        return self.map(Tensor.detach)
+
+
+def adapter_file(name: str) -> str:
+    """File name of model ``name``'s adapters inside a space or pool directory."""
+    return f"adapters-{name}.safetensors"
+
+
+def summary_from_dict(d: dict, who: str) -> ArchSummary:
+    """Rebuild an :class:`ArchSummary` from JSON, with an error naming ``who`` on bad keys."""
+    names = {f.name for f in fields(ArchSummary)}
+    if not isinstance(d, dict) or set(d) != names:
+        got = sorted(d) if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"{who}: architecture summary must have keys {sorted(names)}, got {got}")
+    return ArchSummary(**d)
+
+
+class SharedSpace(nn.Module):
+    """The adapters of a pool into and out of Σ.
+
+    Args:
+        members: model name -> architecture summary, in pool order.
+        cfg: the space config; ``cfg.q_dim`` must be divisible by every member's ``num_layers``.
+
+    Attributes:
+        names: member names in pool order.
+        members: name -> :class:`ArchSummary`.
+        cfg: the :class:`SpaceConfig`.
+    """
+
+    def __init__(self, members: dict[str, ArchSummary], cfg: SpaceConfig):
+        super().__init__()
+        if not members:
+            raise ValueError("a shared space needs at least one member model")
+        self.cfg = cfg
+        self.names: list[str] = []
+        self.members: dict[str, ArchSummary] = {}
+        self._adapters = nn.ModuleDict()
+        for name, summary in members.items():
+            self.add_member(name, summary)
+
+    # -- building -------------------------------------------------------------------------
+    def add_member(self, name: str, summary: ArchSummary) -> None:
+        """Add model ``name`` with fresh IN/OUT adapters; every existing adapter is left untouched."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(
+                f"model name {name!r} must start with a letter or digit and use only letters, digits, '_' and '-'"
+            )
+        if name in self.members:
+            raise ValueError(f"model {name!r} is already a member of this space ({self.names})")
+        L, D, Q = summary.num_layers, summary.width, self.cfg.q_dim
+        if Q % L:
+            raise ValueError(
+                f"q_dim={Q} is not divisible by the {L} layers of model {name!r}; choose a q_dim divisible by "
+                f"every member's layer count"
+            )
+        adapters = nn.ModuleDict({
+            "in": build_adapter(L, D, 1, Q, D, self.cfg),  # [B,S,L,D] -> [B,S,1,Q]
+            "out": build_adapter(L, Q // L, L, D, D, self.cfg),  # [B,S,L,Q/L] -> [B,S,L,D]
+        })
+        self._adapters[name] = adapters
+        self.names.append(name)
+        self.members[name] = summary
+
+    def _check(self, name: str) -> str:
+        if name not in self.members:
+            raise KeyError(f"unknown pool model {name!r}; this space has {self.names}")
+        return name
+
+    def adapters(self, name: str) -> nn.ModuleDict:
+        """``{"in": IN_name, "out": OUT_name}``."""
+        return self._adapters[self._check(name)]
+
+    def parameters_of(self, names: Iterable[str]) -> list[nn.Parameter]:
+        """IN + OUT parameters of the models ``names`` (e.g. the trainable ones when extending a pool)."""
+        return [p for n in names for p in self.adapters(n).parameters()]
+
+    def param_counts(self) -> dict[str, dict[str, int]]:
+        """``{name: {"in": n_params, "out": n_params}}``."""
+        return {
+            n: {k: sum(p.numel() for p in self._adapters[n][k].parameters()) for k in ("in", "out")}
+            for n in self.names
+        }
+
+    # -- the maps -------------------------------------------------------------------------
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def encode(self, block: KVBlock, source: str) -> LatentBlock:
+        """IN_source: KV block ``[B, S, L_i, D_i]`` (cast to the adapters' dtype) -> latent ``[B, S, Q]``."""
+        check_block_fits(block, self.members[self._check(source)], f"model {source!r}")
+        dtype = self._dtype()
+        k, v = self._adapters[source]["in"](block.keys.to(dtype), block.values.to(dtype))  # [B, S, 1, Q]
+        return LatentBlock(k.squeeze(2), v.squeeze(2))  # [B, S, Q]
+
+    def decode(self, latent: LatentBlock, target: str) -> KVBlock:
+        """OUT_target: latent ``[B, S, Q]`` -> KV block ``[B, S, L_j, D_j]`` of model ``target``."""
+        summary = self.members[self._check(target)]
+        B, S, Q = latent.keys.shape
+        if Q != self.cfg.q_dim:
+            raise ValueError(f"latent block has width {Q}, this space has q_dim={self.cfg.q_dim}")
+        L = summary.num_layers
+        dtype = self._dtype()
+        k = latent.keys.to(dtype).reshape(B, S, L, Q // L)  # [B, S, L_j, Q/L_j]
+        v = latent.values.to(dtype).reshape(B, S, L, Q // L)
+        k, v = self._adapters[target]["out"](k, v)  # [B, S, L_j, D_j]
+        return KVBlock(k, v, summary.n_kv_heads)
+
+    def translate(self, block: KVBlock, source: str, target: str) -> KVBlock:
+        """Path ``source -> target``: ``OUT_target(IN_source(block))``; ``[B,S,L_i,D_i] -> [B,S,L_j,D_j]``."""
+        return self.decode(self.encode(block, source), target)
+
+    # -- files ----------------------------------------------------------------------------
+    def adapter_state(self, name: str) -> dict[str, Tensor]:
+        """Model ``name``'s adapter tensors, named ``in.*`` / ``out.*``, contiguous."""
+        return {k: t.detach().contiguous() for k, t in self.adapters(name).state_dict().items()}
+
+    def load_adapter_file(self, name: str, path: str | Path, map_location: str | torch.device = "cpu") -> None:
+        """Load ``name``'s adapters from a safetensors file, checking every tensor name and shape.
+
+        Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the model, the
+        tensor and both shapes on any mismatch (missing, unexpected or differently shaped tensors).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model {name!r}: adapter file not found: {path}")
+        state = load_file(str(path), device=str(map_location))
+        expected = self.adapters(name).state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"model {name!r}: adapter file {path.name} does not match the space config: "
+                f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        for key, t in expected.items():
+            if tuple(state[key].shape) != tuple(t.shape):
+                raise ValueError(
+                    f"model {name!r}: adapter tensor {key!r} in {path.name} has shape {tuple(state[key].shape)}, "
+                    f"the space config needs {tuple(t.shape)}"
+                )
+        self.adapters(name).load_state_dict(state, strict=True)
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write ``space.json`` and one ``adapters-<name>.safetensors`` per model into ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": SPACE_FORMAT,
+            "space": to_dict(self.cfg),
+            "members": [{"name": n, "summary": self.members[n].to_dict()} for n in self.names],
+        }
+        for n in self.names:
+            save_file(self.adapter_state(n), str(out / adapter_file(n)))
+        (out / SPACE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def from_config_dict(cls, space: dict, members: list[tuple[str, ArchSummary]]) -> "SharedSpace":
+        """A freshly initialised space from a ``to_dict(cfg)`` mapping and ``(name, summary)`` pairs."""
+        cfg = from_dict(SpaceConfig, space, "space")
+        return cls(dict(members), cfg)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "SharedSpace":
+        """Load a space written by :meth:`save_pretrained`; shapes are checked tensor by tensor."""
+        root = Path(path)
+        meta_file = root / SPACE_FILE
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{root}: not a shared-space directory (no {SPACE_FILE})")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != SPACE_FORMAT:
+            raise ValueError(f"{meta_file}: unsupported format {meta.get('format')!r} (expected {SPACE_FORMAT})")
+        members = [(m["name"], summary_from_dict(m["summary"], f"{meta_file} model {m['name']!r}"))
+                   for m in meta["members"]]
+        space = cls.from_config_dict(meta["space"], members).to(map_location)
+        for name, _ in members:
+            space.load_adapter_file(name, root / adapter_file(name), map_location)
+        return space
+
+
+def identity_translate(block: KVBlock, source: ArchSummary, target: ArchSummary) -> KVBlock:
+    """The identity baseline: hand ``block`` to the target unchanged; only legal when the layouts match.
+
+    Raises ``ValueError`` naming both layouts when source and target caches differ in shape.
+    """
+    check_block_fits(block, source, "the source model")
+    if (source.num_layers, source.n_kv_heads, source.head_dim) != (target.num_layers, target.n_kv_heads,
+                                                                     target.head_dim):
+        raise ValueError(
+            f"identity translation needs equal cache layouts; source has {source.num_layers} layers x "
+            f"{source.n_kv_heads} kv heads x {source.head_dim} (D={source.width}), target has "
+            f"{target.num_layers} layers x {target.n_kv_heads} kv heads x {target.head_dim} (D={target.width})"
+        )
+    return KVBlock(block.keys, block.values, target.n_kv_heads)

@@ -1,0 +1,324 @@
+"""The adapters into and out of the shared space Σ (paper §2.2, plus a short path).
+
+Every pool model ``i`` owns two adapters, ``IN_i`` and ``OUT_i``. Both are the same
+generic module, :class:`LayerwiseTranslator`, which maps a pair of cache-like tensors
+(keys and values, each ``[B, S, L_in, D_in]``) to a pair ``[B, S, L_out, D_out]``:
+
+* ``IN_i``:  ``[B, S, L_i, D_i]``      -> ``[B, S, 1, Q]``   (read as ``[B, S, Q]``)
+* ``OUT_i``: ``[B, S, L_i, Q / L_i]``  -> ``[B, S, L_i, D_i]`` (Σ reshaped into L_i slices)
+
+Reading order of :class:`LayerwiseTranslator` (keys and values take the same route):
+
+1. **Input transform** (:class:`SliceInput`): per input slice ``l``:
+   LayerNorm -> Linear -> GELU to width ``D' = embed_dim_factor * D_i`` (``D_i`` is the
+   model's cache width for both IN_i and OUT_i). Each slice has its own LayerNorm affine
+   and Linear (cache statistics differ layer by layer), and keys and values have
+   *separate* input transforms (paper: "different sets of parameters for the linear
+   transform").
+2. **Cross-attention stack** (:class:`CrossAttentionLayer`), parameters *shared* by the
+   key and value streams (they run as one batch of ``2B``). The query stream is seeded
+   by slice 0; layer ``g`` takes the previous layer's output as queries and cross-attends
+   to its group of slices (one slice per layer by default, the paper's design; with
+   ``num_layers < L_in`` the slices are split into ``num_layers`` contiguous groups and a
+   layer attends to all slices of its group). Pre-norm, residual connections, GELU
+   feed-forward of width ``translation_dim_factor * D'``. Attention over positions is
+   causal: position ``t`` sees positions ``<= t`` of its slices, so a translated prefix
+   never depends on the future.
+3. **Output transform** (:class:`OutputTransform`): concatenate the layer outputs
+   ``[B, S, G * D']`` -> LayerNorm -> Linear -> ``[B, S, L_out * D_out]``. Separate
+   parameters for keys and values (the shared stack carries both; the heads let K and V
+   land on their different statistics). No GELU on the final output: a cache entry can
+   be negative, and GELU would bound it below by ~-0.17.
+4. **Short path**: a Linear per K/V from the flattened input ``[B, S, L_in * D_in]``
+   straight to ``[B, S, L_out * D_out]``, added to the stack's output. When it is on, the
+   stack's final projection starts at zero, so training starts as a linear translator
+   and the stack adds what it learns. ``short_path`` and ``stack`` switch either path off
+   (ablations); at least one stays on.
+
+Size (measured with :meth:`kvlingua.space.SharedSpace.param_counts`, defaults:
+embed_dim_factor=2, translation_dim_factor=1, 4 heads, both paths on), as a fraction of
+the base model's non-embedding parameters:
+
+* ``cpu-100m`` rung of :mod:`kvlingua.pretrain.sizes` (2 layers, hidden 256, 1 kv head x 64,
+  1.90M): at Q=256, IN 432k (0.23) and OUT 399k (0.21) -- the paper's "about a quarter";
+  ``cpu-200m``/``cpu-400m`` at Q=256: IN 0.23, OUT 0.23/0.29.
+* tiny Gemma-2 of ``tests/helpers.py`` (2 layers, hidden 32, 1 kv head x 8, 17.7k): at Q=256,
+  IN 29.8k (1.69) and OUT 22.1k (1.25), because Q=256 is wide next to L*D=16 and the output
+  transform and short path scale with Q; at Q=16 both are 5.8k (0.33).
+* Table-3 paper shape (4 layers, d_model 960, 1 kv head x 240, FFN 15360, 186M): at Q=960,
+  IN = OUT = 12.0M (0.065); with the paper's adapter heads (``n_heads=32, head_dim=64``)
+  IN = OUT = 24.1M (0.13 each, 0.26 the pair).
+
+:class:`LinearAdapter` is the *linear* baseline: one Linear for K and one for V on the
+layer-concatenated caches, with the same call signature.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ADAPTERS = ("translator", "linear")
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    """Shape of the shared space Σ and of every adapter into and out of it."""
+
+    q_dim: int = 256
+    """Q: width of Σ per position; must be divisible by every member's number of layers L_i."""
+    adapter: str = "translator"
+    """``translator`` (paper §2.2 + short path) or ``linear`` (baseline: one Linear per K/V)."""
+    embed_dim_factor: float = 2.0
+    """D' = embed_dim_factor * D_i: residual width of model i's translators."""
+    translation_dim_factor: float = 1.0
+    """Feed-forward width of the cross-attention stack = translation_dim_factor * D'."""
+    n_heads: int = 4
+    """Attention heads of the cross-attention stack."""
+    head_dim: int | None = None
+    """Width of one attention head; None -> D' // n_heads (D' must then be divisible by n_heads)."""
+    num_layers: int | None = None
+    """Stack depth; None -> L_in (paper). Fewer layers group contiguous slices (latency-oriented); capped at L_in."""
+    short_path: bool = True
+    """Add a linear map from the input block straight to the output layout around the stack."""
+    stack: bool = True
+    """Use the input transform + cross-attention stack + output transform (off: short path only)."""
+    norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm in the translator."""
+
+    def __post_init__(self) -> None:
+        if self.q_dim < 1:
+            raise ValueError(f"q_dim must be >= 1, got {self.q_dim}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {list(ADAPTERS)}, got {self.adapter!r}")
+        if not self.embed_dim_factor > 0:
+            raise ValueError(f"embed_dim_factor must be > 0, got {self.embed_dim_factor}")
+        if not self.translation_dim_factor > 0:
+            raise ValueError(f"translation_dim_factor must be > 0, got {self.translation_dim_factor}")
+        if self.n_heads < 1:
+            raise ValueError(f"n_heads must be >= 1, got {self.n_heads}")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1 or None, got {self.head_dim}")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1 or None, got {self.num_layers}")
+        if not (self.short_path or self.stack):
+            raise ValueError("at least one of short_path and stack must be true")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+
+    def embed_dim(self, model_width: int) -> int:
+        """D' for a model of cache width ``model_width`` (D_i)."""
+        return max(1, round(self.embed_dim_factor * model_width))
+
+
+def _init_linear(linear: nn.Linear) -> nn.Linear:
+    """Variance-preserving init (std 1/sqrt(fan_in)), zero bias: a cache keeps its scale through it."""
+    nn.init.normal_(linear.weight, std=1.0 / math.sqrt(linear.in_features))
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+    return linear
+
+
+def slice_groups(n_slices: int, n_groups: int) -> list[tuple[int, int]]:
+    """Split ``n_slices`` into ``n_groups`` contiguous ``(start, end)`` ranges, sizes differing by <= 1."""
+    base, extra = divmod(n_slices, n_groups)
+    bounds, start = [], 0
+    for g in range(n_groups):
+        end = start + base + (1 if g < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+class SliceInput(nn.Module):
+    """Per-slice LayerNorm -> Linear -> GELU: ``[N, S, L, D_in] -> [N, S, L, D']``, own weights per slice."""
+
+    def __init__(self, n_slices: int, d_in: int, d_out: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.norm_weight = nn.Parameter(torch.ones(n_slices, d_in))  # [L, D_in]
+        self.norm_bias = nn.Parameter(torch.zeros(n_slices, d_in))  # [L, D_in]
+        self.weight = nn.Parameter(torch.randn(n_slices, d_in, d_out) / math.sqrt(d_in))  # [L, D_in, D']
+        self.bias = nn.Parameter(torch.zeros(n_slices, d_out))  # [L, D']
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.norm_weight + self.norm_bias  # [N, S, L, D_in]
+        return F.gelu(torch.einsum("nsld,lde->nsle", x, self.weight) + self.bias)  # [N, S, L, D']
+
+
+class CrossAttentionLayer(nn.Module):
+    """One pre-norm layer: causal cross-attention of the query stream to its slices, then a GELU FFN.
+
+    Args of forward:
+        h: ``[N, S, D']`` query stream.
+        memory: ``[N, S * n, D']`` the ``n`` slices of this layer, position-major (position s, slice j
+            at index ``s * n + j``).
+        n: slices per position in ``memory``.
+    Returns ``[N, S, D']``.
+    """
+
+    def __init__(self, d: int, n_heads: int, head_dim: int, d_ff: int, eps: float):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        inner = n_heads * head_dim
+        self.norm_q = nn.LayerNorm(d, eps=eps)
+        self.norm_mem = nn.LayerNorm(d, eps=eps)
+        self.q_proj = nn.Linear(d, inner)
+        self.k_proj = nn.Linear(d, inner)
+        self.v_proj = nn.Linear(d, inner)
+        self.o_proj = nn.Linear(inner, d)
+        self.norm_ff = nn.LayerNorm(d, eps=eps)
+        self.ff_up = nn.Linear(d, d_ff)
+        self.ff_down = nn.Linear(d_ff, d)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        N, T, _ = x.shape
+        return x.view(N, T, self.n_heads, self.head_dim).transpose(1, 2)  # [N, H, T, hd]
+
+    def forward(self, h: Tensor, memory: Tensor, n: int) -> Tensor:
+        N, S, _ = h.shape
+        mem = self.norm_mem(memory)  # [N, S*n, D']
+        q = self._heads(self.q_proj(self.norm_q(h)))  # [N, H, S, hd]
+        k = self._heads(self.k_proj(mem))  # [N, H, S*n, hd]
+        v = self._heads(self.v_proj(mem))  # [N, H, S*n, hd]
+        if n == 1:
+            att = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [N, H, S, hd]
+        else:
+            causal = torch.ones(S, S, dtype=torch.bool, device=h.device).tril()  # [S, S]: s <= t
+            mask = causal.repeat_interleave(n, dim=1)  # [S, S*n]: (t, s*n+j) visible iff s <= t
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [N, H, S, hd]
+        att = att.transpose(1, 2).reshape(N, S, self.n_heads * self.head_dim)  # [N, S, H*hd]
+        h = h + self.o_proj(att)
+        return h + self.ff_down(F.gelu(self.ff_up(self.norm_ff(h))))  # [N, S, D']
+
+
+class OutputTransform(nn.Module):
+    """LayerNorm -> Linear on the concatenated layer outputs: ``[N, S, G*D'] -> [N, S, L_out*D_out]``."""
+
+    def __init__(self, d_in: int, d_out: int, eps: float, zero_init: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_in, eps=eps)
+        self.proj = _init_linear(nn.Linear(d_in, d_out))
+        if zero_init:
+            nn.init.zeros_(self.proj.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.norm(x))
+
+
+class LayerwiseTranslator(nn.Module):
+    """Paper §2.2 adapter plus a short path: ``(K, V)`` each ``[B, S, L_in, D_in]`` -> each ``[B, S, L_out, D_out]``.
+
+    Args:
+        in_layers, in_width: input layout ``L_in x D_in`` (IN_i: ``L_i x D_i``; OUT_i: ``L_i x Q/L_i``).
+        out_layers, out_width: output layout (IN_i: ``1 x Q``; OUT_i: ``L_i x D_i``).
+        model_width: D_i of the model this adapter belongs to; sets ``D' = embed_dim_factor * D_i``.
+        cfg: the space config (sizes, switches).
+    """
+
+    def __init__(self, in_layers: int, in_width: int, out_layers: int, out_width: int, model_width: int,
+                 cfg: SpaceConfig):
+        super().__init__()
+        for what, v in (("in_layers", in_layers), ("in_width", in_width), ("out_layers", out_layers),
+                        ("out_width", out_width), ("model_width", model_width)):
+            if v < 1:
+                raise ValueError(f"LayerwiseTranslator: {what} must be >= 1, got {v}")
+        self.in_layers, self.in_width = in_layers, in_width
+        self.out_layers, self.out_width = out_layers, out_width
+        d_in_flat, d_out_flat = in_layers * in_width, out_layers * out_width
+        self.use_stack, self.use_short = cfg.stack, cfg.short_path
+        if cfg.stack:
+            d = cfg.embed_dim(model_width)
+            if cfg.head_dim is None and d % cfg.n_heads:
+                raise ValueError(
+                    f"D' = {d} (embed_dim_factor {cfg.embed_dim_factor} x D_i {model_width}) is not divisible "
+                    f"by n_heads={cfg.n_heads}; set head_dim explicitly or change n_heads"
+                )
+            head_dim = cfg.head_dim or d // cfg.n_heads
+            d_ff = max(1, round(cfg.translation_dim_factor * d))
+            depth = min(cfg.num_layers or in_layers, in_layers)
+            self.groups = slice_groups(in_layers, depth)
+            self.embed_dim = d
+            self.in_k = SliceInput(in_layers, in_width, d, cfg.norm_eps)
+            self.in_v = SliceInput(in_layers, in_width, d, cfg.norm_eps)
+            self.layers = nn.ModuleList(
+                CrossAttentionLayer(d, cfg.n_heads, head_dim, d_ff, cfg.norm_eps) for _ in range(depth)
+            )
+            self.out_k = OutputTransform(depth * d, d_out_flat, cfg.norm_eps, zero_init=cfg.short_path)
+            self.out_v = OutputTransform(depth * d, d_out_flat, cfg.norm_eps, zero_init=cfg.short_path)
+        if cfg.short_path:
+            self.short_k = _init_linear(nn.Linear(d_in_flat, d_out_flat))
+            self.short_v = _init_linear(nn.Linear(d_in_flat, d_out_flat))
+
+    def stack_forward(self, x: Tensor) -> Tensor:
+        """The shared cross-attention stack: ``[N, S, L_in, D'] -> [N, S, G * D']`` (G = depth)."""
+        N, S, _, d = x.shape
+        h = x[:, :, 0]  # [N, S, D'] query stream seeded by the first slice
+        outputs = []
+        for layer, (a, b) in zip(self.layers, self.groups):
+            memory = x[:, :, a:b].reshape(N, S * (b - a), d)  # [N, S*n, D'] position-major
+            h = layer(h, memory, b - a)  # [N, S, D']
+            outputs.append(h)
+        return torch.cat(outputs, dim=-1)  # [N, S, G*D']
+
+    def forward(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Translate keys and values, each ``[B, S, L_in, D_in]`` -> each ``[B, S, L_out, D_out]``."""
+        expected = (self.in_layers, self.in_width)
+        if keys.dim() != 4 or tuple(keys.shape[2:]) != expected or keys.shape != values.shape:
+            raise ValueError(
+                f"translator expects keys and values [B, S, {expected[0]}, {expected[1]}], got "
+                f"{tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        B, S = keys.shape[:2]
+        out_k = out_v = None
+        if self.use_stack:
+            x = torch.cat([self.in_k(keys), self.in_v(values)], dim=0)  # [2B, S, L_in, D'] K then V
+            y_k, y_v = self.stack_forward(x).chunk(2, dim=0)  # each [B, S, G*D']
+            out_k, out_v = self.out_k(y_k), self.out_v(y_v)  # each [B, S, L_out*D_out]
+        if self.use_short:
+            short_k = self.short_k(keys.reshape(B, S, -1))  # [B, S, L_in*D_in] -> [B, S, L_out*D_out]
+            short_v = self.short_v(values.reshape(B, S, -1))
+            out_k = short_k if out_k is None else out_k + short_k
+            out_v = short_v if out_v is None else out_v + short_v
+        shape = (B, S, self.out_layers, self.out_width)
+        return out_k.reshape(shape), out_v.reshape(shape)  # [B, S, L_out, D_out]
+
+
+class LinearAdapter(nn.Module):
+    """Linear baseline: one Linear for K and one for V on layer-concatenated caches.
+
+    ``(K, V)`` each ``[B, S, L_in, D_in]`` -> flattened ``[B, S, L_in*D_in]`` -> Linear ->
+    ``[B, S, L_out, D_out]``. Same constructor and call signature as :class:`LayerwiseTranslator`
+    (``model_width`` and ``cfg`` are accepted for that symmetry; only the layouts matter).
+    """
+
+    def __init__(self, in_layers: int, in_width: int, out_layers: int, out_width: int, model_width: int = 0,
+                 cfg: SpaceConfig | None = None):
+        super().__init__()
+        self.in_layers, self.in_width = in_layers, in_width
+        self.out_layers, self.out_width = out_layers, out_width
+        self.k = _init_linear(nn.Linear(in_layers * in_width, out_layers * out_width))
+        self.v = _init_linear(nn.Linear(in_layers * in_width, out_layers * out_width))
+
+    def forward(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        expected = (self.in_layers, self.in_width)
+        if keys.dim() != 4 or tuple(keys.shape[2:]) != expected or keys.shape != values.shape:
+            raise ValueError(
+                f"linear adapter expects keys and values [B, S, {expected[0]}, {expected[1]}], got "
+                f"{tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        B, S = keys.shape[:2]
+        shape = (B, S, self.out_layers, self.out_width)
+        k = self.k(keys.reshape(B, S, -1)).reshape(shape)  # [B, S, L_in*D_in] -> [B, S, L_out, D_out]
+        v = self.v(values.reshape(B, S, -1)).reshape(shape)
+        return k, v
+
+
+def build_adapter(in_layers: int, in_width: int, out_layers: int, out_width: int, model_width: int,
+                  cfg: SpaceConfig) -> nn.Module:
+    """The adapter ``cfg.adapter`` names, for the given layouts."""
+    cls = LayerwiseTranslator if cfg.adapter == "translator" else LinearAdapter
+    return cls(in_layers, in_width, out_layers, out_width, model_width, cfg)

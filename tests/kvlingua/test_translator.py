@@ -1,0 +1,203 @@
+"""The adapter module: shapes, causality, the short path, K/V parameter sharing, grouped depth."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvlingua.config import ConfigError, from_dict
+from kvlingua.translator import (
+    CrossAttentionLayer,
+    LayerwiseTranslator,
+    LinearAdapter,
+    SpaceConfig,
+    slice_groups,
+)
+
+torch.set_num_threads(1)
+
+
+def _kv(B=2, S=7, L=4, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, S, L, D, generator=g), torch.randn(B, S, L, D, generator=g)
+
+
+def _randomise(module: torch.nn.Module, seed: int = 1) -> None:
+    """Give every parameter (including zero-initialised ones) random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_config_checks_and_strict_loading():
+    with pytest.raises(ValueError, match="adapter must be one of"):
+        SpaceConfig(adapter="mlp")
+    with pytest.raises(ValueError, match="at least one of short_path and stack"):
+        SpaceConfig(short_path=False, stack=False)
+    with pytest.raises(ValueError, match="embed_dim_factor"):
+        SpaceConfig(embed_dim_factor=0)
+    with pytest.raises(ValueError, match="num_layers"):
+        SpaceConfig(num_layers=0)
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(SpaceConfig, {"q_dim": 64, "qdim": 3})
+    assert from_dict(SpaceConfig, {"q_dim": 64, "num_layers": 2}) == SpaceConfig(q_dim=64, num_layers=2)
+
+
+def test_heads_must_divide_embed_dim():
+    with pytest.raises(ValueError, match="not divisible by n_heads=3"):
+        LayerwiseTranslator(2, 8, 1, 16, 8, SpaceConfig(n_heads=3))
+    # an explicit head_dim lifts the constraint
+    t = LayerwiseTranslator(2, 8, 1, 16, 8, SpaceConfig(n_heads=3, head_dim=5))
+    assert t.layers[0].q_proj.out_features == 15
+
+
+@pytest.mark.parametrize("cfg", [SpaceConfig(), SpaceConfig(short_path=False), SpaceConfig(stack=False),
+                                 SpaceConfig(num_layers=2), SpaceConfig(adapter="linear")])
+def test_shapes_in_and_out_layouts(cfg):
+    cls = LinearAdapter if cfg.adapter == "linear" else LayerwiseTranslator
+    k, v = _kv(L=4, D=16)
+    enc = cls(4, 16, 1, 64, 16, cfg)  # IN: [B,S,4,16] -> [B,S,1,64]
+    zk, zv = enc(k, v)
+    assert zk.shape == zv.shape == (2, 7, 1, 64)
+    dec = cls(4, 16, 4, 16, 16, cfg)  # OUT: [B,S,4,64/4] -> [B,S,4,16]
+    ok, ov = dec(zk.reshape(2, 7, 4, 16), zv.reshape(2, 7, 4, 16))
+    assert ok.shape == ov.shape == (2, 7, 4, 16)
+    with pytest.raises(ValueError, match=r"expects keys and values \[B, S, 4, 16\]"):
+        enc(k[:, :, :3], v[:, :, :3])
+
+
+@pytest.mark.parametrize("cfg", [SpaceConfig(), SpaceConfig(num_layers=2), SpaceConfig(num_layers=3),
+                                 SpaceConfig(short_path=False), SpaceConfig(adapter="linear")])
+def test_causal_over_positions(cfg):
+    cls = LinearAdapter if cfg.adapter == "linear" else LayerwiseTranslator
+    torch.manual_seed(0)
+    t = cls(4, 16, 2, 24, 16, cfg)
+    _randomise(t)  # the zero-initialised stack projection must not hide a leak
+    k, v = _kv(S=9)
+    base_k, base_v = t(k, v)
+    for pos in (0, 4, 7):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, pos + 1:] += torch.randn_like(k2[:, pos + 1:])
+        v2[:, pos + 1:] += torch.randn_like(v2[:, pos + 1:])
+        out_k, out_v = t(k2, v2)
+        torch.testing.assert_close(out_k[:, : pos + 1], base_k[:, : pos + 1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(out_v[:, : pos + 1], base_v[:, : pos + 1], rtol=0, atol=1e-5)
+        assert (out_k[:, pos + 1] - base_k[:, pos + 1]).abs().max() > 1e-3  # the future does change the future
+
+
+def test_zero_init_stack_equals_short_path():
+    torch.manual_seed(0)
+    t = LayerwiseTranslator(4, 16, 1, 64, 16, SpaceConfig())
+    k, v = _kv()
+    out_k, out_v = t(k, v)
+    Wk, bk = t.short_k.weight, t.short_k.bias
+    Wv, bv = t.short_v.weight, t.short_v.bias
+    ref_k = (k.reshape(2, 7, 64) @ Wk.T + bk).reshape(2, 7, 1, 64)
+    ref_v = (v.reshape(2, 7, 64) @ Wv.T + bv).reshape(2, 7, 1, 64)
+    torch.testing.assert_close(out_k, ref_k)
+    torch.testing.assert_close(out_v, ref_v)
+    assert torch.count_nonzero(t.out_k.proj.weight) == 0
+    # the stack is live: the gradient reaches the zero projection
+    out_k.pow(2).sum().backward()
+    assert t.out_k.proj.weight.grad.abs().sum() > 0
+
+
+def test_ablations():
+    torch.manual_seed(0)
+    k, v = _kv()
+    short = LayerwiseTranslator(4, 16, 1, 32, 16, SpaceConfig(stack=False))
+    assert not hasattr(short, "layers") and not hasattr(short, "in_k")
+    ref = k.reshape(2, 7, 64) @ short.short_k.weight.T + short.short_k.bias
+    torch.testing.assert_close(short(k, v)[0].reshape(2, 7, 32), ref)
+
+    stack = LayerwiseTranslator(4, 16, 1, 32, 16, SpaceConfig(short_path=False))
+    assert not hasattr(stack, "short_k")
+    assert torch.count_nonzero(stack.out_k.proj.weight) > 0  # no short path: the stack is initialised live
+    out_k, _ = stack(k, v)
+    y_k = stack.stack_forward(torch.cat([stack.in_k(k), stack.in_v(v)]))[:2]
+    torch.testing.assert_close(out_k.reshape(2, 7, 32), stack.out_k(y_k))
+    assert out_k.abs().sum() > 0
+
+
+def test_kv_input_transforms_separate_stack_shared():
+    torch.manual_seed(0)
+    t = LayerwiseTranslator(4, 16, 1, 32, 16, SpaceConfig())
+    _randomise(t)
+    names = [n for n, _ in t.named_parameters()]
+    assert t.in_k.weight.data_ptr() != t.in_v.weight.data_ptr()
+    assert not any(".k." in n or ".v." in n for n in names if n.startswith("layers."))  # one stack
+    # a loss on the keys output alone trains the K input transform and the shared stack, never V's transform
+    k, v = _kv()
+    out_k, _ = t(k, v)
+    out_k.pow(2).sum().backward()
+    assert t.in_k.weight.grad.abs().sum() > 0
+    assert t.in_v.weight.grad is None or t.in_v.weight.grad.abs().sum() == 0
+    assert t.layers[0].q_proj.weight.grad.abs().sum() > 0
+    # with the K-specific parts copied onto the V-specific ones, K and V take the very same route
+    with torch.no_grad():
+        for a, b in ((t.in_k, t.in_v), (t.out_k, t.out_v), (t.short_k, t.short_v)):
+            for pa, pb in zip(a.parameters(), b.parameters()):
+                pb.copy_(pa)
+    ok, ov = t(k, k)
+    torch.testing.assert_close(ok, ov)
+
+
+def test_slice_groups_partition():
+    assert slice_groups(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert slice_groups(4, 2) == [(0, 2), (2, 4)]
+    assert slice_groups(5, 2) == [(0, 3), (3, 5)]
+    assert slice_groups(3, 1) == [(0, 3)]
+
+
+def test_grouped_depth_attends_only_its_group():
+    torch.manual_seed(0)
+    t = LayerwiseTranslator(4, 16, 1, 32, 16, SpaceConfig(num_layers=2))
+    assert len(t.layers) == 2 and t.groups == [(0, 2), (2, 4)]
+    capped = LayerwiseTranslator(2, 16, 1, 32, 16, SpaceConfig(num_layers=8))
+    assert len(capped.layers) == 2
+    d = t.embed_dim
+    x = torch.randn(2, 5, 4, d)
+    y = t.stack_forward(x)  # [2, 5, 2*d]
+    x2 = x.clone()
+    x2[:, :, 3] += torch.randn(2, 5, d)  # a slice of the second group (not a constant: LayerNorm removes those)
+    y2 = t.stack_forward(x2)
+    torch.testing.assert_close(y2[..., :d], y[..., :d])  # layer 0 never sees slice 3
+    assert (y2[..., d:] - y[..., d:]).abs().max() > 1e-3
+    x3 = x.clone()
+    x3[:, :, 1] += torch.randn(2, 5, d)  # second slice of the first group
+    assert (t.stack_forward(x3)[..., :d] - y[..., :d]).abs().max() > 1e-3
+
+
+def test_cross_attention_matches_explicit_loop():
+    """Grouped causal cross-attention against a per-position softmax written out by hand."""
+    torch.manual_seed(0)
+    d, H, hd, n, S = 12, 3, 4, 2, 5
+    layer = CrossAttentionLayer(d, H, hd, 16, 1e-5)
+    _randomise(layer)
+    h, mem = torch.randn(1, S, d), torch.randn(1, S * n, d)
+    out = layer(h, mem, n)[0]
+    q = layer.q_proj(layer.norm_q(h))[0].view(S, H, hd)
+    m = layer.norm_mem(mem)[0]
+    k, v = layer.k_proj(m).view(S * n, H, hd), layer.v_proj(m).view(S * n, H, hd)
+    for t in range(S):
+        visible = (t + 1) * n  # positions 0..t, all n slices each (position-major)
+        heads = []
+        for i in range(H):
+            w = torch.softmax(k[:visible, i] @ q[t, i] / math.sqrt(hd), dim=0)
+            heads.append(w @ v[:visible, i])
+        r = h[0, t] + layer.o_proj(torch.cat(heads))
+        r = r + layer.ff_down(F.gelu(layer.ff_up(layer.norm_ff(r))))
+        torch.testing.assert_close(out[t], r, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_adapter_is_one_matmul_per_kv():
+    torch.manual_seed(0)
+    a = LinearAdapter(4, 16, 2, 8)
+    k, v = _kv()
+    ok, ov = a(k, v)
+    torch.testing.assert_close(ok, (k.reshape(2, 7, 64) @ a.k.weight.T + a.k.bias).reshape(2, 7, 2, 8))
+    torch.testing.assert_close(ov, (v.reshape(2, 7, 64) @ a.v.weight.T + a.v.bias).reshape(2, 7, 2, 8))
+    assert sum(p.numel() for p in a.parameters()) == 2 * (64 * 16 + 16)
