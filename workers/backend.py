@@ -1,0 +1,128 @@
+"""``RayBackend``: the :class:`kvlingua.backend.PoolBackend` protocol over ``ModelHost`` actors.
+
+The training loop (:func:`kvlingua.train.fit`) cannot tell this backend from the
+in-process ``LocalBackend``: it asks for source blocks and for suffix losses with
+block gradients, and the calls go to the host actor of the model named. Blocks
+cross as ``(keys, values, n_kv_heads)`` tuples of contiguous CPU tensors.
+
+Source blocks can be requested ahead of use (:meth:`RayBackend.submit_prefix`, used
+by :class:`workers.streaming.BlockPrefetcher`): ``prefix_block`` then takes the block
+that is already in flight (or done) for the same model and ids instead of asking
+again. Blocks fetched zero-copy are read-only views of the object store; the loop
+only reads them (autograd never writes into its inputs).
+"""
+from __future__ import annotations
+
+import threading
+from collections import defaultdict, deque
+
+import workers  # noqa: F401  (Ray environment before ``import ray``)
+import ray
+from torch import Tensor
+
+from kvlingua.blockstore import ids_digest
+from kvlingua.cache import ArchSummary, KVBlock, check_block_fits
+from workers.host import block_from_wire, block_to_wire
+
+
+class RayBackend:
+    """Pool backend whose frozen models live in ``ModelHost`` actors.
+
+    Args:
+        hosts: model name -> ``ModelHost`` actor handle, in pool order.
+    """
+
+    def __init__(self, hosts: dict[str, "ray.actor.ActorHandle"]):
+        if not hosts:
+            raise ValueError("a pool needs at least one model host")
+        self.hosts = dict(hosts)
+        infos = ray.get([h.info.remote() for h in self.hosts.values()])
+        self._summaries = {n: ArchSummary(**i["summary"]) for n, i in zip(self.hosts, infos)}
+        self._fingerprints = {n: i["fingerprint"] for n, i in zip(self.hosts, infos)}
+        self._pending: dict[tuple[str, str], deque] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return list(self.hosts)
+
+    def _check(self, model: str) -> str:
+        if model not in self.hosts:
+            raise KeyError(f"unknown pool model {model!r}; pool has {self.names()}")
+        return model
+
+    def summary(self, model: str) -> ArchSummary:
+        return self._summaries[self._check(model)]
+
+    def fingerprint(self, model: str) -> str:
+        return self._fingerprints[self._check(model)]
+
+    # -- source blocks ---------------------------------------------------------------------
+    def submit_prefix(self, model: str, input_ids: Tensor) -> tuple[tuple[str, str], "ray.ObjectRef"]:
+        """Ask ``model``'s host for the block of ``[B, P]`` ids now; ``prefix_block`` will take it.
+
+        Returns ``(key, ref)``; drop an unused request with :meth:`forget`.
+        """
+        key = (self._check(model), ids_digest(input_ids))
+        ref = self.hosts[model].prefix_block.remote(input_ids.detach().cpu().contiguous())
+        with self._lock:
+            self._pending[key].append(ref)
+        return key, ref
+
+    def is_pending(self, key: tuple[str, str], ref: "ray.ObjectRef") -> bool:
+        """Whether a submitted request is still waiting to be taken by ``prefix_block``."""
+        with self._lock:
+            queue = self._pending.get(key)
+            return queue is not None and ref in queue
+
+    def forget(self, key: tuple[str, str], ref: "ray.ObjectRef") -> bool:
+        """Drop a submitted request that was not used; ``False`` if it was already taken."""
+        with self._lock:
+            queue = self._pending.get(key)
+            if queue is None or ref not in queue:
+                return False
+            queue.remove(ref)
+            if not queue:
+                del self._pending[key]
+            return True
+
+    def pending(self) -> int:
+        """Submitted source-block requests not yet taken by ``prefix_block`` nor forgotten."""
+        with self._lock:
+            return sum(len(q) for q in self._pending.values())
+
+    def prefix_block(self, model: str, input_ids: Tensor) -> KVBlock:
+        """``[B, P]`` ids -> ``model``'s block ``[B, P, L, D]`` (a prefetched one if submitted)."""
+        key = (self._check(model), ids_digest(input_ids))
+        with self._lock:
+            queue = self._pending.get(key)
+            ref = queue.popleft() if queue else None
+            if queue is not None and not queue:
+                del self._pending[key]
+        if ref is None:
+            ref = self.hosts[model].prefix_block.remote(input_ids.detach().cpu().contiguous())
+        return block_from_wire(ray.get(ref))
+
+    # -- target side -----------------------------------------------------------------------
+    def suffix_loss_and_grad(self, model: str, block: KVBlock, suffix_ids: Tensor) -> tuple[Tensor, KVBlock]:
+        """Loss of ``[B, S]`` suffix ids after ``block`` and d loss / d block, computed on the host."""
+        check_block_fits(block, self.summary(model), model)
+        keys, values, n_kv_heads = block_to_wire(block.map(lambda t: t.float()))
+        loss, gk, gv = ray.get(
+            self.hosts[model].suffix_loss_and_grad.remote(keys, values, n_kv_heads, suffix_ids.detach().cpu().contiguous())
+        )
+        return loss, KVBlock(gk, gv, n_kv_heads)
+
+    def suffix_nll(self, model: str, block: KVBlock | None, suffix_ids: Tensor) -> Tensor:
+        """Per-token NLL ``[B, S-1]`` of the suffix after ``block`` (``None``: no prefix)."""
+        self._check(model)
+        if block is None:
+            keys = values = None
+            n_kv_heads = self.summary(model).n_kv_heads
+        else:
+            check_block_fits(block, self.summary(model), model)
+            keys, values, n_kv_heads = block_to_wire(block.map(lambda t: t.float()))
+        return ray.get(self.hosts[model].suffix_nll.remote(keys, values, n_kv_heads, suffix_ids.detach().cpu().contiguous()))
+
+    def stats(self) -> dict[str, dict]:
+        """Per-host call counters (see ``ModelHost.stats``)."""
+        return dict(zip(self.hosts, ray.get([h.stats.remote() for h in self.hosts.values()])))
