@@ -1,0 +1,301 @@
+"""Views of a text source: documents per language or mixed, packed token chunks, aligned parallel chunks.
+
+Sources: ``"bible"`` (the prepared en/es/ru corpus, :mod:`kvlingua.data.corpus`) or any
+``datasets`` source: a local file, directory or glob of .txt/.json/.jsonl/.parquet files,
+or ``"hub:<name>"`` where a hub is reachable. Plain text files give one document per
+paragraph (blank-line separated). A source with only a ``train`` split is carved 90/5/5
+by a hash of each document's text (fixed, independent of the seed; equal documents land
+in the same split).
+
+Views of the bible (one document = one chapter in one language, verses joined by spaces):
+
+* ``en`` / ``es`` / ``ru``: every chapter of the split in that language, canonical order.
+* ``mixed``: languages in proportion ``mix`` by characters, using as much text as the
+  proportions allow: the language that limits the total is used whole, the others are
+  a seeded random choice of chapters; all documents are then shuffled with the seed.
+  A chapter may appear in several languages (all within the same split).
+* ``parallel``: every chapter in all three languages (en, es, ru per chapter); aligned
+  tensors come from :func:`parallel_chunks`.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kvlingua.config import ConfigError, to_dict
+from kvlingua.data.corpus import LANGS, SPLITS, corpus_dir, load_split
+from kvlingua.home import data_home
+
+VIEWS = ("en", "es", "ru", "mixed", "parallel", "text")
+_BIBLE_VIEWS = ("en", "es", "ru", "mixed", "parallel")
+_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+CACHE_VERSION = 1
+"""Bumped when packing changes, so stale token caches are not reused."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which text, in which view, for tokenizers, pretraining and Σ training."""
+
+    source: str = "bible"
+    """``"bible"`` (the prepared parallel corpus), a local file/dir/glob of .txt/.json/.jsonl/.parquet, or ``"hub:<name>"``."""
+    view: str = "mixed"
+    """bible: ``en``, ``es``, ``ru``, ``mixed`` or ``parallel``; other sources: ``mixed`` or ``text`` (the text column)."""
+    mix: dict[str, float] = field(default_factory=lambda: {"en": 0.5, "es": 0.25, "ru": 0.25})
+    """Share of characters per language in the ``mixed`` bible view; keys among en/es/ru, values sum to 1."""
+    text_field: str = "text"
+    """Column holding the text for non-bible sources (.txt files always use ``text``)."""
+    seed: int = 0
+    """Seed of the mixed view's chapter choice and document order."""
+
+    def __post_init__(self):
+        if not self.source.strip():
+            raise ConfigError("DataConfig.source: must not be empty")
+        if self.view not in VIEWS:
+            raise ConfigError(f"DataConfig.view: {self.view!r} is not one of {list(VIEWS)}")
+        if self.source == "bible" and self.view not in _BIBLE_VIEWS:
+            raise ConfigError(f"DataConfig.view: {self.view!r} is not a view of the bible; use one of "
+                              f"{list(_BIBLE_VIEWS)}")
+        if self.source != "bible" and self.view not in ("mixed", "text"):
+            raise ConfigError(f"DataConfig.view: source {self.source!r} has one text column; view must be "
+                              f"'mixed' or 'text', not {self.view!r}")
+        unknown = sorted(set(self.mix) - set(LANGS))
+        if unknown:
+            raise ConfigError(f"DataConfig.mix: unknown language(s) {unknown}; valid are {list(LANGS)}")
+        if not self.mix or any(not isinstance(v, (int, float)) or v < 0 for v in self.mix.values()):
+            raise ConfigError(f"DataConfig.mix: needs at least one language and no negative share, got {self.mix}")
+        if abs(sum(self.mix.values()) - 1.0) > 1e-6:
+            raise ConfigError(f"DataConfig.mix: shares must sum to 1, got {sum(self.mix.values()):.6g} ({self.mix})")
+        if not self.text_field:
+            raise ConfigError("DataConfig.text_field: must not be empty")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+
+
+# ---------------------------------------------------------------------------------------------- bible
+def bible_chapters(split: str) -> list[tuple[int, int, dict[str, str]]]:
+    """``(book, chapter, {lang: chapter text})`` of a split, canonical order; verses joined by spaces."""
+    table = load_split(split).to_dict()
+    chapters: dict[tuple[int, int], dict[str, list[str]]] = {}
+    for i, (book, chapter) in enumerate(zip(table["book"], table["chapter"])):
+        texts = chapters.setdefault((book, chapter), {lang: [] for lang in LANGS})
+        for lang in LANGS:
+            texts[lang].append(table[lang][i])
+    return [(b, c, {lang: " ".join(v) for lang, v in texts.items()}) for (b, c), texts in sorted(chapters.items())]
+
+
+def _mixed(chapters: list[dict[str, str]], mix: dict[str, float], seed: int) -> list[str]:
+    """Chapters per language in proportion ``mix`` by characters, as much text as possible; shuffled."""
+    rng = random.Random(seed)
+    langs = [lang for lang in LANGS if mix.get(lang, 0) > 0]
+    avail = {lang: sum(len(ch[lang]) for ch in chapters) for lang in langs}
+    total = min(avail[lang] / mix[lang] for lang in langs)  # characters the mix can reach
+    docs = []
+    for lang in langs:
+        order = list(range(len(chapters)))
+        rng.shuffle(order)
+        budget, used = mix[lang] * total, 0
+        for i in order:
+            n = len(chapters[i][lang])
+            if used + n / 2 > budget:  # take a chapter while that brings the count closer to the budget
+                continue
+            docs.append(chapters[i][lang])
+            used += n
+    rng.shuffle(docs)
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------- other sources
+def _source_split(cfg: DataConfig, split: str):
+    """The ``datasets.Dataset`` for ``split`` of a non-bible source (carving 90/5/5 when only train exists)."""
+    import datasets
+
+    cache_dir = str(data_home() / "hf_datasets")
+    if cfg.source.startswith("hub:"):
+        loaded = datasets.load_dataset(cfg.source[4:], cache_dir=cache_dir)
+    else:
+        path = Path(cfg.source).expanduser()
+        if path.is_dir():
+            files = sorted(path.rglob("*"))
+        else:
+            files = [path] if path.is_file() else sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+        files = [p for p in files if p.suffix in _FILE_BUILDERS]
+        if not files:
+            raise FileNotFoundError(f"DataConfig.source {cfg.source!r}: no .txt/.json/.jsonl/.parquet files found")
+        builders = {_FILE_BUILDERS[p.suffix] for p in files}
+        if len(builders) > 1:
+            raise ValueError(f"DataConfig.source {cfg.source!r}: mixes file kinds {sorted(builders)}; use one kind")
+        builder = builders.pop()
+        by_split = {s: [str(p) for p in files if p.stem == s or p.parent.name == s] for s in SPLITS}
+        data_files = {s: f for s, f in by_split.items() if f} if by_split["train"] else {"train": [str(p) for p in files]}
+        extra = {"sample_by": "paragraph"} if builder == "text" else {}
+        loaded = datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, **extra)
+    if split in loaded:
+        return loaded[split], False
+    if set(loaded) != {"train"}:
+        raise ValueError(f"DataConfig.source {cfg.source!r}: has splits {sorted(loaded)}, not {split!r}")
+    return loaded["train"], True
+
+
+def _carve(text: str) -> str:
+    """90/5/5 split of a document by a hash of its text."""
+    bucket = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % 1000
+    return "train" if bucket < 900 else "validation" if bucket < 950 else "test"
+
+
+def documents(cfg: DataConfig, split: str) -> list[str]:
+    """The documents of ``split`` under ``cfg`` (see the module docstring for each view)."""
+    _check_split(split)
+    if cfg.source == "bible":
+        chapters = [texts for _, _, texts in bible_chapters(split)]
+        if cfg.view in LANGS:
+            return [ch[cfg.view] for ch in chapters]
+        if cfg.view == "parallel":
+            return [ch[lang] for ch in chapters for lang in LANGS]
+        return _mixed(chapters, cfg.mix, cfg.seed)
+    table, carve = _source_split(cfg, split)
+    if cfg.text_field not in table.column_names:
+        raise ValueError(f"DataConfig.text_field {cfg.text_field!r} is not a column of {cfg.source!r}; "
+                         f"columns are {table.column_names}")
+    docs = [t for t in table[cfg.text_field] if isinstance(t, str) and t.strip()]
+    return [t for t in docs if _carve(t) == split] if carve else docs
+
+
+# ---------------------------------------------------------------------------------------------- token caches
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's full serialisation (vocabulary, merges, special tokens)."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+def _source_fingerprint(cfg: DataConfig) -> str:
+    """What the source's content depends on: the corpus manifest, or local files' sizes and mtimes."""
+    if cfg.source == "bible":
+        manifest = corpus_dir() / "manifest.json"
+        if not manifest.is_file():
+            load_split("train")  # prepares the corpus
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()
+    path = Path(cfg.source).expanduser()
+    if cfg.source.startswith("hub:") or not path.exists():
+        return cfg.source
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()])
+
+
+def _cached(kind: str, key: dict, build) -> dict[str, torch.Tensor]:
+    """Tensors stored under ``data_home()/tokens/<kind>-<hash>.safetensors``, built once by ``build()``."""
+    digest = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()[:24]
+    path = data_home() / "tokens" / f"{kind}-{digest}.safetensors"
+    if path.is_file():
+        try:
+            return {k: v.long() for k, v in load_file(path).items()}
+        except (OSError, ValueError, SafetensorError):  # a torn or foreign file is rebuilt below
+            path.unlink()
+    tensors = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{kind}-", suffix=".tmp")
+    os.close(fd)
+    save_file({k: v.to(torch.int32).contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+    return tensors
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def token_chunks(cfg: DataConfig, tokenizer, split: str, seq_len: int) -> torch.LongTensor:
+    """Documents packed into rows: ``[N, seq_len]`` token ids.
+
+    Each document's ids are followed by ``eos``; the concatenation is cut into
+    ``N = total // seq_len`` rows (the remainder is dropped). Deterministic; cached under
+    ``data_home()/tokens/`` keyed by the tokenizer's content hash, cfg, split and seq_len.
+    """
+    _check_split(split)
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token")
+    key = {"tok": tokenizer_hash(tokenizer), "cfg": to_dict(cfg), "split": split, "seq_len": seq_len,
+           "src": _source_fingerprint(cfg)}
+
+    def build():
+        ids = []
+        for doc in _encode(tokenizer, documents(cfg, split)):
+            ids.extend(doc)
+            ids.append(tokenizer.eos_token_id)
+        n = len(ids) // seq_len
+        return {"ids": torch.tensor(ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len)}  # [N, seq_len]
+
+    return _cached("chunks", key, build)["ids"]
+
+
+def parallel_chunks(cfg: DataConfig, tokenizer, split: str, seq_len: int,
+                    langs: Sequence[str]) -> dict[str, torch.LongTensor]:
+    """Aligned passages of the bible: ``{lang: [N, seq_len]}``; row n is the same passage in every language.
+
+    A passage is a run of consecutive verses (crossing chapter ends, never book ends or
+    a gap left by another split) just long enough that every language has ``seq_len``
+    tokens; each language's row holds the first ``seq_len`` tokens of its text, and the
+    next passage starts at the next verse. So every row starts on the same verse in all
+    languages and the rows cover the split's text once (the shortest tokenisation fully,
+    longer ones cut at the end of each row). Leftover verses at a run's end are dropped.
+    """
+    _check_split(split)
+    if cfg.source != "bible":
+        raise ValueError(f"parallel_chunks needs the bible source, got {cfg.source!r}")
+    langs = list(langs)
+    if not langs or set(langs) - set(LANGS) or len(set(langs)) != len(langs):
+        raise ValueError(f"langs must be distinct languages among {list(LANGS)}, got {langs}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    key = {"tok": tokenizer_hash(tokenizer), "src": _source_fingerprint(cfg), "split": split,
+           "seq_len": seq_len, "langs": langs}
+    return _cached("parallel", key, lambda: _build_parallel(tokenizer, split, seq_len, langs))
+
+
+def passages(split: str, tokenizer, seq_len: int, langs: Sequence[str]) -> list[list[tuple[int, int, int]]]:
+    """The verse keys ``(book, chapter, verse)`` of each row of :func:`parallel_chunks`, in order."""
+    return [keys for keys, _ in _passage_ids(tokenizer, split, seq_len, list(langs))]
+
+
+def _passage_ids(tokenizer, split: str, seq_len: int, langs: list[str]):
+    table = load_split(split).to_dict()
+    keys = list(zip(table["book"], table["chapter"], table["verse"]))
+    # Each verse is encoded with its leading space, as it reads inside a passage.
+    ids = {lang: _encode(tokenizer, [" " + t for t in table[lang]]) for lang in langs}
+    out, start = [], 0
+    while start < len(keys):
+        got = {lang: [] for lang in langs}
+        end = start
+        while end < len(keys) and any(len(got[lang]) < seq_len for lang in langs):
+            if end > start:
+                (b0, c0, _), (b1, c1, _) = keys[end - 1], keys[end]
+                if b1 != b0 or c1 not in (c0, c0 + 1):  # another book, or a chapter of another split between
+                    break
+            for lang in langs:
+                got[lang].extend(ids[lang][end])
+            end += 1
+        if all(len(got[lang]) >= seq_len for lang in langs):
+            out.append((keys[start:end], {lang: got[lang][:seq_len] for lang in langs}))
+        start = end
+    return out
+
+
+def _build_parallel(tokenizer, split: str, seq_len: int, langs: list[str]) -> dict[str, torch.Tensor]:
+    rows = _passage_ids(tokenizer, split, seq_len, langs)
+    return {lang: torch.tensor([r[lang] for _, r in rows], dtype=torch.long).reshape(len(rows), seq_len)  # [N, seq_len]
+            for lang in langs}
