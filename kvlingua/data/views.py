@@ -144,11 +144,11 @@ def _source_split(cfg: DataConfig, split: str):
         data_files = {s: f for s, f in by_split.items() if f} if by_split["train"] else {"train": [str(p) for p in files]}
         extra = {"sample_by": "paragraph"} if builder == "text" else {}
         loaded = datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, **extra)
-    if split in loaded:
-        return loaded[split], False
-    if set(loaded) != {"train"}:
+    if set(loaded) == {"train"}:
+        return loaded["train"], True
+    if split not in loaded:
         raise ValueError(f"DataConfig.source {cfg.source!r}: has splits {sorted(loaded)}, not {split!r}")
-    return loaded["train"], True
+    return loaded[split], False
 
 
 def _carve(text: str) -> str:
@@ -171,7 +171,7 @@ def documents(cfg: DataConfig, split: str) -> list[str]:
     if cfg.text_field not in table.column_names:
         raise ValueError(f"DataConfig.text_field {cfg.text_field!r} is not a column of {cfg.source!r}; "
                          f"columns are {table.column_names}")
-    docs = [t for t in table[cfg.text_field] if isinstance(t, str) and t.strip()]
+    docs = [t.strip() for t in table[cfg.text_field] if isinstance(t, str) and t.strip()]
     return [t for t in docs if _carve(t) == split] if carve else docs
 
 
