@@ -143,8 +143,8 @@ class ModelHost:
         return self._backend.suffix_nll(self.name, block, suffix_ids)
 
 
-def spawn_hosts(models: dict[str, str], options: HostOptions = HostOptions(),
-                name_prefix: str | None = None) -> dict[str, "ray.actor.ActorHandle"]:
+def spawn_hosts(models: dict[str, str], options: HostOptions = HostOptions(), name_prefix: str | None = None,
+                namespace: str | None = None) -> dict[str, "ray.actor.ActorHandle"]:
     """Start one ``ModelHost`` actor per pool model (pool order) and wait until all are loaded.
 
     Args:
@@ -152,6 +152,7 @@ def spawn_hosts(models: dict[str, str], options: HostOptions = HostOptions(),
         options: resources and fault tolerance of every host.
         name_prefix: if given, actors are named ``f"{name_prefix}{model}"`` (findable with
             ``ray.get_actor``) so several processes can share them.
+        namespace: Ray namespace of the named actors (default: the caller's).
 
     Returns:
         model name -> actor handle.
@@ -168,6 +169,8 @@ def spawn_hosts(models: dict[str, str], options: HostOptions = HostOptions(),
                     runtime_env={"env_vars": env})
         if name_prefix is not None:
             opts["name"] = f"{name_prefix}{name}"
+            if namespace is not None:
+                opts["namespace"] = namespace
         device = "cuda" if options.num_gpus > 0 else "cpu"
         hosts[name] = actor_cls.options(**opts).remote(
             name, str(Path(path).resolve()), device, options.block_dir, options.torch_threads
