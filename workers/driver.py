@@ -16,15 +16,17 @@ import os
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import workers  # noqa: F401  (Ray environment before ``import ray``)
 import ray
 
 from kvlingua.config import to_dict
-from kvlingua.job import TrainJob
 from kvlingua.tracking import NullTracker, Tracker
 from workers.host import HostOptions, spawn_hosts
+
+if TYPE_CHECKING:
+    from kvlingua.job import TrainJob
 
 NAMESPACE = "kvlingua"
 """Ray namespace of the named host actors."""
