@@ -120,6 +120,19 @@ def _mixed(chapters: list[dict[str, str]], mix: dict[str, float], seed: int) -> 
 
 
 # ---------------------------------------------------------------------------------------------- other sources
+def _local_files(source: str) -> list[Path]:
+    """The .txt/.json/.jsonl/.parquet files of a local source: a file, a directory (recursive) or a glob."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(path.rglob("*"))
+    else:
+        files = [path] if path.is_file() else sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+    files = [p for p in files if p.is_file() and p.suffix in _FILE_BUILDERS]
+    if not files:
+        raise FileNotFoundError(f"DataConfig.source {source!r}: no .txt/.json/.jsonl/.parquet files found")
+    return files
+
+
 def _source_split(cfg: DataConfig, split: str):
     """The ``datasets.Dataset`` for ``split`` of a non-bible source (carving 90/5/5 when only train exists)."""
     import datasets
@@ -128,14 +141,7 @@ def _source_split(cfg: DataConfig, split: str):
     if cfg.source.startswith("hub:"):
         loaded = datasets.load_dataset(cfg.source[4:], cache_dir=cache_dir)
     else:
-        path = Path(cfg.source).expanduser()
-        if path.is_dir():
-            files = sorted(path.rglob("*"))
-        else:
-            files = [path] if path.is_file() else sorted(Path(p) for p in glob.glob(str(path), recursive=True))
-        files = [p for p in files if p.suffix in _FILE_BUILDERS]
-        if not files:
-            raise FileNotFoundError(f"DataConfig.source {cfg.source!r}: no .txt/.json/.jsonl/.parquet files found")
+        files = _local_files(cfg.source)
         builders = {_FILE_BUILDERS[p.suffix] for p in files}
         if len(builders) > 1:
             raise ValueError(f"DataConfig.source {cfg.source!r}: mixes file kinds {sorted(builders)}; use one kind")
@@ -188,11 +194,9 @@ def _source_fingerprint(cfg: DataConfig) -> str:
         if not manifest.is_file():
             load_split("train")  # prepares the corpus
         return hashlib.sha256(manifest.read_bytes()).hexdigest()
-    path = Path(cfg.source).expanduser()
-    if cfg.source.startswith("hub:") or not path.exists():
+    if cfg.source.startswith("hub:"):
         return cfg.source
-    files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    return json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()])
+    return json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in _local_files(cfg.source)])
 
 
 def _cached(kind: str, key: dict, build) -> dict[str, torch.Tensor]:
@@ -203,7 +207,7 @@ def _cached(kind: str, key: dict, build) -> dict[str, torch.Tensor]:
         try:
             return {k: v.long() for k, v in load_file(path).items()}
         except (OSError, ValueError, SafetensorError):  # a torn or foreign file is rebuilt below
-            path.unlink()
+            path.unlink(missing_ok=True)
     tensors = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{kind}-", suffix=".tmp")

@@ -147,6 +147,16 @@ def test_local_text_and_jsonl_sources_go_through_token_chunks(home, tok, tmp_pat
             stream += tok.encode(d, add_special_tokens=False) + [tok.eos_token_id]
         assert chunks.flatten().tolist() == stream[: len(stream) // 8 * 8]
     assert by_split[str(txt)] == by_split[str(jsonl)]  # the carve depends on the text only
+    # A glob source; editing its files invalidates the token cache.
+    glob_cfg = DataConfig(source=str(tmp_path / "*.jsonl"), text_field="body")
+    before = token_chunks(glob_cfg, tok, "train", 8)
+    jsonl.write_text("".join(json.dumps({"body": p.upper()}) + "\n" for p in paragraphs))
+    after = token_chunks(glob_cfg, tok, "train", 8)
+    stream = []
+    for d in documents(glob_cfg, "train"):
+        assert d.isupper()
+        stream += tok.encode(d, add_special_tokens=False) + [tok.eos_token_id]
+    assert after.flatten().tolist() == stream[: len(stream) // 8 * 8] and not torch.equal(before[:1], after[:1])
     with pytest.raises(ValueError, match="'text' is not a column"):
         documents(DataConfig(source=str(jsonl)), "train")
     with pytest.raises(FileNotFoundError, match="no .txt/.json/.jsonl/.parquet files"):
