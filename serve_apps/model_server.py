@@ -1,0 +1,174 @@
+"""One pool model as a Serve deployment: prefill, move a cache through Σ, decode.
+
+A replica holds one frozen model and the shared space's adapters. It can
+
+* prefill a prompt and hand its cache out: into Σ (``export_latent``, ``IN_self``) or raw
+  (``export_block``, for the identity hand-off);
+* take a handed-over cache (a Σ block, decoded with ``OUT_self``, or a raw block), or
+  re-read the prompt itself, and decode from it (``generate``, ``stream``);
+* run one segment of a mixed schedule and export its whole cache into Σ (``segment``).
+
+Caches cross deployments as dicts of plain contiguous CPU tensors (``keys``/``values``,
+``[1, S, Q]`` in Σ or ``[1, S, L, D]`` raw), never as transformers ``Cache`` objects.
+Every call builds its own cache and its own random generator; nothing is shared between
+requests. The math lives in :mod:`kvlingua.generate` and :mod:`kvlingua.space`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import torch
+
+from kvlingua.cache import KVBlock, arch_summary, check_block_fits, fingerprint
+from kvlingua.config import from_dict
+from kvlingua.generate import (
+    GenerationParams,
+    as_prompt,
+    cache_block,
+    decode,
+    eos_ids,
+    make_generator,
+    model_cache,
+    prefill,
+)
+from kvlingua.models import load_frozen
+from kvlingua.pool import PoolMismatchError, load_pool
+from kvlingua.space import LatentBlock
+from serve_apps.options import ServeOptions
+
+Payload = dict[str, Any]
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().cpu().contiguous()
+
+
+class PoolModelServer:
+    """Serve replica of pool model ``name`` (frozen weights + the space's adapters).
+
+    Args:
+        pool_dir: the trained pool directory.
+        name: which member this replica serves.
+        options: ``to_dict(ServeOptions)``.
+    """
+
+    def __init__(self, pool_dir: str, name: str, options: dict):
+        opts = from_dict(ServeOptions, options)
+        torch.set_num_threads(opts.torch_threads)
+        pool = load_pool(pool_dir, device=opts.device, load_models=False, verify=False)
+        members = {m.name: m for m in pool.members}
+        if name not in members:
+            raise PoolMismatchError(f"pool {pool_dir} has no model {name!r}; it has {sorted(members)}")
+        member = members[name]
+        model = load_frozen(member.path, device=opts.device)
+        if opts.verify:
+            diffs = arch_summary(model).diff(member.summary)
+            if diffs:
+                raise PoolMismatchError(f"model {name!r}: {'; '.join(diffs)} (checkpoint != pool.json)")
+            if fingerprint(model) != member.fingerprint:
+                raise PoolMismatchError(f"model {name!r}: weights changed since the pool was trained ({member.path})")
+        self.model = model.to(getattr(torch, opts.dtype))
+        self.name = name
+        self.summary = member.summary
+        self.space = pool.space.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------ hand-off out
+    @torch.no_grad()
+    def export_latent(self, prompt_ids: list[int]) -> Payload:
+        """Prefill ``prompt[:-1]`` and encode it into Σ: ``{"kind": "latent", keys/values [1, P-1, Q]}``."""
+        t0 = time.perf_counter()
+        block = prefill(self.model, as_prompt(prompt_ids))  # [1, P-1, L, D]
+        t1 = time.perf_counter()
+        payload = self._latent_payload(block)
+        payload.update(prefill_s=t1 - t0, translate_s=time.perf_counter() - t1)
+        return payload
+
+    @torch.no_grad()
+    def export_block(self, prompt_ids: list[int]) -> Payload:
+        """Prefill ``prompt[:-1]``: ``{"kind": "block", keys/values [1, P-1, L, D], n_kv_heads}``."""
+        t0 = time.perf_counter()
+        block = prefill(self.model, as_prompt(prompt_ids))  # [1, P-1, L, D]
+        return {"kind": "block", "keys": _cpu(block.keys), "values": _cpu(block.values),
+                "n_kv_heads": block.n_kv_heads, "prefill_s": time.perf_counter() - t0, "translate_s": 0.0}
+
+    def _latent_payload(self, block: KVBlock) -> Payload:
+        if block.seq_len == 0:
+            empty = torch.zeros(1, 0, self.space.cfg.q_dim)  # [1, 0, Q]
+            return {"kind": "latent", "keys": empty, "values": empty.clone()}
+        z = self.space.encode(block, self.name)  # [1, S, Q]
+        return {"kind": "latent", "keys": _cpu(z.keys), "values": _cpu(z.values)}
+
+    # ------------------------------------------------------------ hand-off in
+    @torch.no_grad()
+    def _start(self, prompt: torch.Tensor, handoff: Payload | None) -> tuple[Any, dict[str, float]]:
+        """A fresh cache for this request: re-read ``prompt[:-1]`` (None) or take a handed-over one."""
+        if handoff is None:
+            t0 = time.perf_counter()
+            block = prefill(self.model, prompt)  # [1, P-1, L, D]
+            return model_cache(self.model, block), {"prefill_s": time.perf_counter() - t0, "translate_s": 0.0}
+        times = {"prefill_s": handoff["prefill_s"], "translate_s": handoff["translate_s"]}
+        t0 = time.perf_counter()
+        if handoff["kind"] == "latent":
+            latent = LatentBlock(handoff["keys"], handoff["values"])  # [1, S, Q]
+            block = None if latent.keys.shape[1] == 0 else self.space.decode(latent, self.name)  # [1, S, L, D]
+        elif handoff["kind"] == "block":
+            block = KVBlock(handoff["keys"], handoff["values"], handoff["n_kv_heads"])  # [1, S, L, D]
+            check_block_fits(block, self.summary, f"model {self.name!r}")
+        else:
+            raise ValueError(f"unknown hand-off kind {handoff['kind']!r}; expected 'latent' or 'block'")
+        cache = model_cache(self.model, block)
+        times["translate_s"] += time.perf_counter() - t0
+        return cache, times
+
+    def _tokens(self, prompt_ids: list[int], params: dict, handoff: Payload | None) -> Iterator[dict]:
+        p = GenerationParams(**params)
+        prompt = as_prompt(prompt_ids)  # [1, P]
+        generator, seed = make_generator(p.seed, self.model.device)
+        cache, times = self._start(prompt, handoff)
+        stops = eos_ids(self.model)
+        t0 = time.perf_counter()
+        tokens: list[int] = []
+        for token in decode(self.model, cache, int(prompt[0, -1]), p, generator, stop_ids=stops):
+            tokens.append(token)
+            yield {"token": token}
+        finished = "eos" if p.stop_at_eos and tokens and tokens[-1] in stops else "length"
+        yield {"done": True, "tokens": tokens, "finish_reason": finished, "seed": seed,
+               "decode_s": time.perf_counter() - t0, **times}
+
+    def generate(self, prompt_ids: list[int], params: dict, handoff: Payload | None = None) -> dict:
+        """Decode after a hand-off (``None``: re-read the prompt); returns tokens and timings."""
+        *_, done = self._tokens(prompt_ids, params, handoff)
+        return done
+
+    def stream(self, prompt_ids: list[int], params: dict, handoff: Payload | None = None) -> Iterator[dict]:
+        """Like :meth:`generate`, yielding ``{"token": id}`` per token, then the final dict."""
+        yield from self._tokens(prompt_ids, params, handoff)
+
+    # ------------------------------------------------------------ mixed schedules
+    @torch.no_grad()
+    def segment(self, prompt_ids: list[int], pending: int, max_new_tokens: int, params: dict,
+                generator_state: torch.Tensor | None, handoff: Payload | None, export: bool) -> dict:
+        """One segment of a mixed schedule (see :func:`kvlingua.generate.mixed_generate`).
+
+        Reads ``pending`` after the handed-over cache (``None``: prefill ``prompt[:-1]`` here,
+        with ``pending = prompt[-1]``), decodes up to ``max_new_tokens`` with the request's
+        generator (state passed along), and with ``export`` encodes the *whole* cache so far
+        into Σ for the next model.
+        """
+        p = GenerationParams(**params)
+        generator, _ = make_generator(p.seed, self.model.device)
+        if generator_state is not None:
+            generator.set_state(generator_state)
+        cache, times = self._start(as_prompt(prompt_ids), handoff)
+        stops = eos_ids(self.model)
+        t0 = time.perf_counter()
+        tokens = list(decode(self.model, cache, pending, p, generator, max_new_tokens=max_new_tokens, stop_ids=stops))
+        out = {"tokens": tokens, "eos": bool(p.stop_at_eos and tokens[-1] in stops), "decode_s": time.perf_counter() - t0,
+               "generator_state": generator.get_state(), **times}
+        if export and not out["eos"]:
+            t1 = time.perf_counter()
+            block = cache_block(cache, self.summary.n_kv_heads)  # [1, S, L, D]: every token read so far
+            out["handoff"] = self._latent_payload(block)
+            out["handoff"].update(prefill_s=0.0, translate_s=time.perf_counter() - t1, positions=block.seq_len)
+        return out

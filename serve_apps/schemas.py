@@ -1,0 +1,98 @@
+"""Request and response bodies of the HTTP API (pydantic; FastAPI derives the OpenAPI schema).
+
+Types are strict (``"5"`` is not an integer) and unknown fields are refused, so a
+malformed request is answered 422 naming the field. Limits that depend on the served
+options (prompt length, ``max_new_tokens`` ceiling) are checked by the routes (400).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Sampling(_Strict):
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy decoding")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="fixed seed => same output")
+
+
+class GenerateRequest(Sampling):
+    source: str | None = Field(None, description="model that reads the prompt; null: plain generation on target")
+    target: str = Field(..., description="model that writes the answer")
+    prompt: str | list[int] = Field(..., description="text, or token ids of the pool's tokenizer")
+    max_new_tokens: int = Field(32, ge=1, description="tokens to generate at most")
+    handoff: Literal["latent", "text", "identity"] = Field("latent", description="how the prompt's cache reaches target")
+    stream: bool = Field(False, description="answer with server-sent events, one per token")
+
+
+class Segment(_Strict):
+    model: str
+    max_new_tokens: int = Field(..., ge=1)
+
+
+class MixedRequest(Sampling):
+    prompt: str | list[int]
+    schedule: list[Segment] = Field(..., min_length=1, description="models in turn; the cache is translated at each switch")
+
+
+class Timings(BaseModel):
+    prefill_s: float
+    translate_s: float
+    decode_s: float
+    total_s: float
+
+
+class GenerateResponse(BaseModel):
+    source: str | None
+    target: str
+    handoff: str
+    text: str | None
+    tokens: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    finish_reason: str
+    seed: int
+    timings: Timings
+
+
+class SwitchInfo(BaseModel):
+    source: str
+    target: str
+    positions: int
+
+
+class MixedResponse(BaseModel):
+    text: str | None
+    tokens: list[int]
+    models: list[str]
+    switches: list[SwitchInfo]
+    prompt_tokens: int
+    new_tokens: int
+    finish_reason: str
+    seed: int
+    timings: Timings
+
+
+class ModelInfo(BaseModel):
+    name: str
+    model_type: str
+    num_layers: int
+    n_kv_heads: int
+    head_dim: int
+    width: int
+    vocab_size: int
+    hidden_size: int
+    fingerprint: str
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+    q_dim: int
+    tokenizer: bool
+    max_prompt_tokens: int
+    max_new_tokens: int
