@@ -152,34 +152,47 @@ def _members(meta: dict, root: Path) -> list[PoolMember]:
     return out
 
 
-def _check_model(member: PoolMember, actual: ArchSummary, actual_fp: str | None) -> None:
+def verify_member(member: PoolMember, model: PreTrainedModel | None = None) -> None:
+    """Check a loaded ``model`` (or, without one, its checkpoint's ``config.json``) against ``member``.
+
+    Raises:
+        FileNotFoundError: the member's checkpoint directory does not exist (named with the model).
+        PoolMismatchError: architecture fields differ (``model 'seed-1': num_layers: 2 != 4``) or the
+            weights' fingerprint differs (``model 'seed-2': fingerprint 1a2b.. != 9f8e.. (weights changed)``).
+    """
+    if model is None and not Path(member.path).is_dir():
+        raise FileNotFoundError(f"model {member.name!r}: checkpoint directory not found: {member.path}")
+    actual = arch_summary(model if model is not None else member.path)
     diffs = actual.diff(member.summary)
     if diffs:
-        raise PoolMismatchError(
-            f"model {member.name!r} at {member.path}: {'; '.join(diffs)} (checkpoint != pool.json)"
-        )
-    if actual_fp is not None and actual_fp != member.fingerprint:
-        raise PoolMismatchError(
-            f"model {member.name!r}: fingerprint {actual_fp[:8]}.. != {member.fingerprint[:8]}.. "
-            f"(weights changed since the pool was trained; checkpoint {member.path})"
-        )
+        raise PoolMismatchError(f"model {member.name!r}: {'; '.join(diffs)} (checkpoint {member.path} != pool.json)")
+    if model is not None:
+        fp = fingerprint(model)
+        if fp != member.fingerprint:
+            raise PoolMismatchError(
+                f"model {member.name!r}: fingerprint {fp[:8]}.. != {member.fingerprint[:8]}.. "
+                f"(weights changed since the pool was trained; checkpoint {member.path})"
+            )
 
 
 def load_pool(pool_dir: str | Path, *, device: str | torch.device = "cpu", load_models: bool = True,
-              verify: bool = True) -> LoadedPool:
+              verify: bool = True, dtype: torch.dtype | None = None) -> LoadedPool:
     """Load a pool directory written by :func:`save_pool`.
 
     Args:
         pool_dir: the pool directory.
-        device: where the adapters (and models) go.
+        device: where the adapters and models go.
         load_models: load each frozen model with :func:`kvlingua.models.load_frozen` (safetensors only).
-            Without models, the checkpoints' ``config.json`` is still checked against the recorded
-            summaries when ``verify`` is on.
+            Without models, each checkpoint's ``config.json`` is still checked against the recorded
+            summary when ``verify`` is on (the fingerprint needs the weights).
         verify: check each model's architecture and weight fingerprint against ``pool.json``.
+        dtype: cast the models to this dtype *after* verification (fingerprints are of the fp32
+            weights as loaded); ``None`` keeps fp32. The adapters stay fp32.
 
     Raises:
         PoolMismatchError: a model's architecture or fingerprint, or an adapter tensor's name or shape,
             differs from what the pool records; the message names the model and what differs.
+        FileNotFoundError: the pool, an adapter file or a model checkpoint is missing (named).
     """
     root = Path(pool_dir).resolve()
     meta = read_pool_meta(root)
@@ -196,13 +209,16 @@ def load_pool(pool_dir: str | Path, *, device: str | torch.device = "cpu", load_
     space = space.to(device)
     models: dict[str, PreTrainedModel] = {}
     for m in members:
-        if load_models:
-            model = load_frozen(m.path, device=device)
+        if not load_models:
             if verify:
-                _check_model(m, arch_summary(model), fingerprint(model))
-            models[m.name] = model
-        elif verify:
-            _check_model(m, arch_summary(m.path), None)
+                verify_member(m)
+            continue
+        if not Path(m.path).is_dir():
+            raise FileNotFoundError(f"model {m.name!r}: checkpoint directory not found: {m.path}")
+        model = load_frozen(m.path, device="cpu")
+        if verify:
+            verify_member(m, model)
+        models[m.name] = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     tokenizer = None
     if (root / TOKENIZER_DIR).is_dir():
         from transformers import AutoTokenizer

@@ -104,6 +104,8 @@ class SharedSpace(nn.Module):
             )
         if name in self.members:
             raise ValueError(f"model {name!r} is already a member of this space ({self.names})")
+        if hasattr(self._adapters, name):
+            raise ValueError(f"model name {name!r} clashes with an nn.ModuleDict attribute; choose another name")
         L, D, Q = summary.num_layers, summary.width, self.cfg.q_dim
         if Q % L:
             raise ValueError(

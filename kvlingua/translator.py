@@ -279,8 +279,9 @@ class LayerwiseTranslator(nn.Module):
             y_k, y_v = self.stack_forward(x).chunk(2, dim=0)  # each [B, S, G*D']
             out_k, out_v = self.out_k(y_k), self.out_v(y_v)  # each [B, S, L_out*D_out]
         if self.use_short:
-            short_k = self.short_k(keys.reshape(B, S, -1))  # [B, S, L_in*D_in] -> [B, S, L_out*D_out]
-            short_v = self.short_v(values.reshape(B, S, -1))
+            flat = (B, S, self.in_layers * self.in_width)
+            short_k = self.short_k(keys.reshape(flat))  # [B, S, L_in*D_in] -> [B, S, L_out*D_out]
+            short_v = self.short_v(values.reshape(flat))
             out_k = short_k if out_k is None else out_k + short_k
             out_v = short_v if out_v is None else out_v + short_v
         shape = (B, S, self.out_layers, self.out_width)
@@ -312,8 +313,9 @@ class LinearAdapter(nn.Module):
             )
         B, S = keys.shape[:2]
         shape = (B, S, self.out_layers, self.out_width)
-        k = self.k(keys.reshape(B, S, -1)).reshape(shape)  # [B, S, L_in*D_in] -> [B, S, L_out, D_out]
-        v = self.v(values.reshape(B, S, -1)).reshape(shape)
+        flat = (B, S, self.in_layers * self.in_width)
+        k = self.k(keys.reshape(flat)).reshape(shape)  # [B, S, L_in*D_in] -> [B, S, L_out, D_out]
+        v = self.v(values.reshape(flat)).reshape(shape)
         return k, v
 
 

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from kvlingua.cache import arch_summary, extract_prefix, fingerprint
-from kvlingua.pool import PoolMember, PoolMismatchError, load_pool, save_pool
+from kvlingua.pool import PoolMember, PoolMismatchError, load_pool, save_pool, verify_member
 from kvlingua.space import SharedSpace
 from kvlingua.translator import SpaceConfig
 from tests.helpers import tiny_model
@@ -74,6 +74,20 @@ def test_round_trip_translates_identically(pool):
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     light = load_pool(pool["root"], load_models=False)
     assert light.models == {} and light.space.names == ["seed-1", "seed-2"]
+    half = load_pool(pool["root"], dtype=torch.bfloat16)  # verified in fp32, then cast
+    assert next(half.models["seed-1"].parameters()).dtype == torch.bfloat16
+    assert next(half.space.parameters()).dtype == torch.float32
+
+
+def test_missing_checkpoint_is_named(pool):
+    shutil.rmtree(pool["tmp"] / "models" / "seed-2")
+    for kw in ({}, {"load_models": False}):
+        with pytest.raises(FileNotFoundError, match="model 'seed-2': checkpoint directory not found"):
+            load_pool(pool["root"], **kw)
+    resolved = load_pool(pool["root"], load_models=False, verify=False).members  # paths made absolute
+    verify_member(resolved[0])  # the other member's config still checks out
+    with pytest.raises(FileNotFoundError, match="model 'seed-2'"):
+        verify_member(resolved[1])
 
 
 def test_changed_weights_are_refused(pool):

@@ -79,6 +79,16 @@ def test_bad_inputs_are_named(summaries, blocks):
         space.add_member("a.b", summaries["gem"])
     with pytest.raises(ValueError, match="already a member"):
         space.add_member("gem", summaries["gem"])
+    with pytest.raises(ValueError, match="'values' clashes"):
+        space.add_member("values", summaries["gem"])
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_layers": 1}, {"adapter": "linear"}])
+def test_empty_prefix_translates_to_an_empty_block(summaries, kw):
+    space = _space(summaries, **kw)
+    empty = KVBlock(torch.zeros(2, 0, 2, 8), torch.zeros(2, 0, 2, 8), 1)  # [B, 0, L, D]
+    assert space.encode(empty, "gem").keys.shape == (2, 0, Q)
+    assert space.translate(empty, "gem", "lla").keys.shape == (2, 0, 4, 16)
 
 
 @pytest.mark.parametrize("kw", [{}, {"num_layers": 2}, {"adapter": "linear"}])
