@@ -49,9 +49,11 @@ class DataConfig:
     """Which text, in which view, for tokenizers, pretraining and Σ training."""
 
     source: str = "bible"
-    """``"bible"`` (the prepared parallel corpus), a local file/dir/glob of .txt/.json/.jsonl/.parquet, or ``"hub:<name>"``."""
+    """``"bible"`` (the prepared parallel corpus), a local file, dir or glob of .txt/.json/.jsonl/.parquet
+    files, or ``"hub:<name>"``."""
     view: str = "mixed"
-    """bible: ``en``, ``es``, ``ru``, ``mixed`` or ``parallel``; other sources: ``mixed`` or ``text`` (the text column)."""
+    """bible: ``en``, ``es``, ``ru``, ``mixed`` or ``parallel``; other sources: ``mixed`` or ``text``
+    (both mean the text column)."""
     mix: dict[str, float] = field(default_factory=lambda: {"en": 0.5, "es": 0.25, "ru": 0.25})
     """Share of characters per language in the ``mixed`` bible view; keys among en/es/ru, values sum to 1."""
     text_field: str = "text"
@@ -147,7 +149,10 @@ def _source_split(cfg: DataConfig, split: str):
             raise ValueError(f"DataConfig.source {cfg.source!r}: mixes file kinds {sorted(builders)}; use one kind")
         builder = builders.pop()
         by_split = {s: [str(p) for p in files if p.stem == s or p.parent.name == s] for s in SPLITS}
-        data_files = {s: f for s, f in by_split.items() if f} if by_split["train"] else {"train": [str(p) for p in files]}
+        if by_split["train"]:  # files named (or in folders named) train / validation / test
+            data_files = {s: f for s, f in by_split.items() if f}
+        else:
+            data_files = {"train": [str(p) for p in files]}
         extra = {"sample_by": "paragraph"} if builder == "text" else {}
         loaded = datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, **extra)
     if set(loaded) == {"train"}:

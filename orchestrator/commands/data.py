@@ -22,7 +22,8 @@ def register(subparsers) -> None:
         "tokenizer", help="train (once) and show the shared byte-level BPE tokenizer",
         description="Train the shared byte-level BPE on the mixed view of the train split, or reuse it.")
     tok.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (default 8192)")
-    tok.add_argument("--source", default="bible", help="'bible' or a local .txt/.json/.jsonl/.parquet file, dir or glob")
+    tok.add_argument("--source", default="bible",
+                     help="'bible' or a local .txt/.json/.jsonl/.parquet file, dir or glob")
     tok.add_argument("--text-field", default="text", help="text column of a non-bible source (default 'text')")
     tok.set_defaults(func=run_tokenizer)
 
@@ -36,10 +37,10 @@ def run_prepare(args: argparse.Namespace) -> int:
         print(f"kvlingua data prepare: error: {e}", file=sys.stderr)
         return 2
     print(f"corpus: {info.root}")
-    header = f"{'split':<11}{'chapters':>9}{'verses':>8}" + "".join(f"{'chars ' + l:>12}" for l in LANGS) + f"{'bytes':>12}"
-    print(header)
+    print(f"{'split':<11}{'chapters':>9}{'verses':>8}" + "".join(f"{'chars ' + lang:>12}" for lang in LANGS)
+          + f"{'bytes':>12}")
     for split, s in info.splits.items():
-        print(f"{split:<11}{s['chapters']:>9}{s['verses']:>8}" + "".join(f"{s['chars'][l]:>12}" for l in LANGS)
+        print(f"{split:<11}{s['chapters']:>9}{s['verses']:>8}" + "".join(f"{s['chars'][lang]:>12}" for lang in LANGS)
               + f"{s['bytes']:>12}")
     return 0
 

@@ -94,7 +94,8 @@ def test_clean_verse_on_real_patterns():
     assert clean_verse("ru", "(3:2) Господи! как умножились") == "Господи! как умножились"
     assert clean_verse("ru", "умер. (24:34) В тот день") == "умер. В тот день"
     assert clean_verse("ru", "лицoм к лицу, Eто") == "лицом к лицу, Ето"  # Latin o and E inside Cyrillic words
-    assert clean_verse("ru", "(ADDED FROM KJV: The song of songs. => Песня Песней Соломона.)") == "Песня Песней Соломона."
+    note = "(ADDED FROM KJV: The song of songs. => Песня Песней Соломона.)"
+    assert clean_verse("ru", note) == "Песня Песней Соломона."
     assert clean_verse("ru", "“Господь там”. стих24 гл 32") == "“Господь там”."
 
 
