@@ -73,6 +73,8 @@ def test_bad_inputs_are_named(summaries, blocks):
         space.encode(blocks["gem"], "lla")
     with pytest.raises(KeyError, match="unknown pool model 'nope'"):
         space.translate(blocks["gem"], "gem", "nope")
+    with pytest.raises(ValueError, match=r"LatentBlock needs keys and values of equal shape \[B, S, Q\]"):
+        LatentBlock(torch.zeros(1, 2, 8), torch.zeros(1, 3, 8))
     with pytest.raises(ValueError, match="latent block has width 8"):
         space.decode(LatentBlock(torch.zeros(1, 2, 8), torch.zeros(1, 2, 8)), "gem")
     with pytest.raises(ValueError, match="model name 'a.b'"):

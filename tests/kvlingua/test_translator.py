@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvlingua.config import ConfigError, from_dict
+from kvlingua.config import ConfigError, from_dict, to_dict
 from kvlingua.translator import (
     CrossAttentionLayer,
     LayerwiseTranslator,
@@ -44,6 +44,8 @@ def test_config_checks_and_strict_loading():
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(SpaceConfig, {"q_dim": 64, "qdim": 3})
     assert from_dict(SpaceConfig, {"q_dim": 64, "num_layers": 2}) == SpaceConfig(q_dim=64, num_layers=2)
+    cfg = SpaceConfig(q_dim=48, adapter="linear", head_dim=7, stack=False)
+    assert from_dict(SpaceConfig, to_dict(cfg)) == cfg
 
 
 def test_heads_must_divide_embed_dim():
