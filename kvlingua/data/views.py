@@ -218,6 +218,7 @@ def _cached(kind: str, key: dict, build) -> dict[str, torch.Tensor]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{kind}-", suffix=".tmp")
     os.close(fd)
     save_file({k: v.to(torch.int32).contiguous() for k, v in tensors.items()}, tmp)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared
     os.replace(tmp, path)
     return tensors
 
