@@ -1,0 +1,166 @@
+"""Pools of pre-trained members, the four kinds the paper uses, from one YAML schema.
+
+A pool YAML is a :class:`PoolConfig`; each member is exactly one of
+
+* ``pretrain: {...}`` — a :class:`PretrainConfig` run (from scratch, or with
+  ``init_from: <member>`` fine-tuned from an earlier member's final weights), or
+* ``snapshot_of: {member, step}`` — the weights of another member's run at a step
+  that member lists in ``save_at`` (checkpoints of one trajectory).
+
+So: seeds = several ``pretrain`` members differing in ``seed``; trajectory = one run
+with ``save_at: [mid, last]`` plus a ``snapshot_of`` member at ``mid``; experts = a
+mixed-language parent plus members with ``init_from: parent`` on one language; sizes =
+members differing in ``size``. Every member shares the pool's tokenizer
+(``ensure_tokenizer(tokenizer_data, vocab_size)``).
+
+On disk: ``data_home()/pools/<name>/<member>/`` (a ``save_pretrained`` model with its
+tokenizer and ``metrics.json``) and ``pool_manifest.json`` listing members, paths,
+fingerprints and metrics.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from kvlingua.config import to_dict
+from kvlingua.data.views import DataConfig
+from kvlingua.home import data_home
+from kvlingua.pretrain.loop import METRICS_FILE, PretrainConfig, evaluate_member, is_finished, pretrain
+
+MANIFEST = "pool_manifest.json"
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    """A step of another member's run, kept through that member's ``save_at``."""
+
+    member: str
+    """Name of the member whose run is snapshotted."""
+    step: int
+    """Optimiser step of the snapshot (must be in that member's ``save_at``)."""
+
+
+@dataclass(frozen=True)
+class MemberConfig:
+    """One model of the pool."""
+
+    name: str
+    """Directory name and pool name of the model (letters, digits, ``-``, ``_``)."""
+    pretrain: PretrainConfig | None = None
+    """The run that produces this member (``None`` for a snapshot member)."""
+    init_from: str | None = None
+    """Fine-tune from this earlier member's final weights instead of a fresh init."""
+    snapshot_of: SnapshotRef | None = None
+    """Take the weights of another member's run at a step instead of running anything."""
+
+    def __post_init__(self):
+        if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
+            raise ValueError(f"member name {self.name!r} must be non-empty letters, digits, '-' or '_'")
+        if (self.pretrain is None) == (self.snapshot_of is None):
+            raise ValueError(f"member {self.name!r}: give exactly one of 'pretrain' or 'snapshot_of'")
+        if self.snapshot_of is not None and self.init_from is not None:
+            raise ValueError(f"member {self.name!r}: a snapshot member cannot have init_from")
+        if self.pretrain is not None and self.pretrain.init_from is not None:
+            raise ValueError(f"member {self.name!r}: set the member's init_from (a member name), "
+                             "not pretrain.init_from (a path filled in at run time)")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """A pool YAML (``configs/pools/*.yaml``)."""
+
+    name: str
+    """Pool directory name under ``data_home()/pools/``."""
+    members: tuple[MemberConfig, ...]
+    """The models, in order; ``init_from`` and ``snapshot_of`` may only name earlier members."""
+    vocab_size: int = 8192
+    """Size of the pool's shared tokenizer."""
+    tokenizer_data: DataConfig = field(default_factory=DataConfig)
+    """Text the shared tokenizer is trained on (``ensure_tokenizer``)."""
+
+    def __post_init__(self):
+        if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
+            raise ValueError(f"pool name {self.name!r} must be non-empty letters, digits, '-' or '_'")
+        if not self.members:
+            raise ValueError("members: a pool needs at least one member")
+        seen: dict[str, MemberConfig] = {}
+        for m in self.members:
+            if m.name in seen:
+                raise ValueError(f"members: duplicate name {m.name!r}")
+            if m.init_from is not None and (m.init_from not in seen or seen[m.init_from].pretrain is None):
+                raise ValueError(f"member {m.name!r}: init_from {m.init_from!r} is not an earlier trained member "
+                                 f"(earlier: {list(seen)})")
+            if m.snapshot_of is not None:
+                src = seen.get(m.snapshot_of.member)
+                if src is None or src.pretrain is None:
+                    raise ValueError(f"member {m.name!r}: snapshot_of.member {m.snapshot_of.member!r} is not an "
+                                     f"earlier trained member (earlier: {list(seen)})")
+                if m.snapshot_of.step not in src.pretrain.save_at:
+                    raise ValueError(f"member {m.name!r}: step {m.snapshot_of.step} is not in "
+                                     f"{src.name}.pretrain.save_at {list(src.pretrain.save_at)}")
+            seen[m.name] = m
+
+
+def pool_dir(cfg: PoolConfig, home: Path | None = None) -> Path:
+    """``data_home()/pools/<name>``."""
+    return Path(home or data_home()) / "pools" / cfg.name
+
+
+def _snapshot_member(cfg: PoolConfig, m: MemberConfig, root: Path, tokenizer_dir: Path) -> None:
+    """Copy ``m.snapshot_of``'s snapshot into ``root/<m.name>`` and evaluate it there (once)."""
+    from kvlingua.data.tokenizer import load_tokenizer
+    from kvlingua.models import load_frozen
+    from kvlingua.pretrain.loop import _check_chunks, _load_chunks
+
+    dest = root / m.name
+    if (dest / METRICS_FILE).is_file():
+        return
+    src_cfg = next(x for x in cfg.members if x.name == m.snapshot_of.member).pretrain
+    src = root / m.snapshot_of.member / "snapshots" / f"step-{m.snapshot_of.step}"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest)
+    model = load_frozen(dest)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    _, val = _check_chunks(_load_chunks(src_cfg, tokenizer), src_cfg, len(tokenizer))
+    metrics = {"name": m.name, "snapshot_of": to_dict(m.snapshot_of), **evaluate_member(model, val, src_cfg)}
+    (dest / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+
+
+def pretrain_pool(cfg: PoolConfig, home: Path | None = None, progress: bool = True,
+                  force: bool = False) -> dict[str, Path]:
+    """Pre-train every member of ``cfg`` (finished members are reused); returns ``{member: dir}``.
+
+    ``force`` deletes the pool directory first. Writes ``pool_manifest.json`` beside the members.
+    """
+    from kvlingua.cache import fingerprint
+    from kvlingua.data.tokenizer import ensure_tokenizer
+    from kvlingua.models import load_frozen
+
+    root = pool_dir(cfg, home)
+    if force and root.exists():
+        shutil.rmtree(root)
+    tokenizer_dir = ensure_tokenizer(cfg.tokenizer_data, vocab_size=cfg.vocab_size)
+    dirs: dict[str, Path] = {}
+    for m in cfg.members:
+        if m.snapshot_of is not None:
+            _snapshot_member(cfg, m, root, tokenizer_dir)
+        else:
+            run = m.pretrain if m.init_from is None else replace(m.pretrain, init_from=str(dirs[m.init_from]))
+            if not is_finished(root / m.name, run):
+                pretrain(run, root / m.name, tokenizer_dir, progress=progress)
+        dirs[m.name] = root / m.name
+    entries = []
+    for m in cfg.members:
+        metrics = json.loads((dirs[m.name] / METRICS_FILE).read_text())
+        metrics.pop("log", None)
+        entries.append({"name": m.name, "path": m.name, "fingerprint": fingerprint(load_frozen(dirs[m.name])),
+                        "member": to_dict(m), "metrics": metrics})
+    manifest = {"name": cfg.name, "vocab_size": cfg.vocab_size, "tokenizer": str(tokenizer_dir),
+                "torch": torch.__version__, "members": entries}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return dirs
