@@ -20,7 +20,8 @@ Reading order of :class:`LayerwiseTranslator` (keys and values take the same rou
    by slice 0; layer ``g`` takes the previous layer's output as queries and cross-attends
    to its group of slices (one slice per layer by default, the paper's design; with
    ``num_layers < L_in`` the slices are split into ``num_layers`` contiguous groups and a
-   layer attends to all slices of its group). Pre-norm, residual connections, GELU
+   layer attends to all slices of its group, or, with ``group_mode="merge"``, the input
+   transform contracts each group into one slice first, paper footnote 2). Pre-norm, residual connections, GELU
    feed-forward of width ``translation_dim_factor * D'``. Attention over positions is
    causal: position ``t`` sees positions ``<= t`` of its slices, so a translated prefix
    never depends on the future.
@@ -62,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ADAPTERS = ("translator", "linear")
+GROUP_MODES = ("attend", "merge")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,11 @@ class SpaceConfig:
     """Width of one attention head; None -> D' // n_heads (D' must then be divisible by n_heads)."""
     num_layers: int | None = None
     """Stack depth; None -> L_in (paper). Fewer layers group contiguous slices (latency-oriented); capped at L_in."""
+    group_mode: str = "attend"
+    """How a stack shallower than L_in reads its slices: ``attend`` -- layer g cross-attends to all n slices
+    of its group (memory of S*n entries, causal by position); ``merge`` -- the input transform maps each
+    group's n slices, concatenated, to one slice of width D' (paper footnote 2: L_i -> L~_i), so every
+    layer attends to S entries (cheaper; needs L_in divisible by the depth)."""
     short_path: bool = True
     """Add a linear map from the input block straight to the output layout around the stack."""
     stack: bool = True
@@ -104,6 +111,8 @@ class SpaceConfig:
             raise ValueError(f"head_dim must be >= 1 or None, got {self.head_dim}")
         if self.num_layers is not None and self.num_layers < 1:
             raise ValueError(f"num_layers must be >= 1 or None, got {self.num_layers}")
+        if self.group_mode not in GROUP_MODES:
+            raise ValueError(f"group_mode must be one of {list(GROUP_MODES)}, got {self.group_mode!r}")
         if not (self.short_path or self.stack):
             raise ValueError("at least one of short_path and stack must be true")
         if not self.norm_eps > 0:
@@ -240,10 +249,20 @@ class LayerwiseTranslator(nn.Module):
             head_dim = cfg.head_dim or d // cfg.n_heads
             d_ff = max(1, round(cfg.translation_dim_factor * d))
             depth = min(cfg.num_layers or in_layers, in_layers)
-            self.groups = slice_groups(in_layers, depth)
+            # merge: the input transform contracts each group of n slices into one ([L, D] -> [G, n*D] -> [G, D'])
+            self.merge = 1
+            if cfg.group_mode == "merge" and depth < in_layers:
+                if in_layers % depth:
+                    raise ValueError(
+                        f"group_mode='merge' needs the {in_layers} input slices to split evenly into num_layers="
+                        f"{depth} groups; choose a num_layers that divides every member's layer count"
+                    )
+                self.merge = in_layers // depth
+            n_slices = in_layers // self.merge
+            self.groups = slice_groups(n_slices, depth)
             self.embed_dim = d
-            self.in_k = SliceInput(in_layers, in_width, d, cfg.norm_eps)
-            self.in_v = SliceInput(in_layers, in_width, d, cfg.norm_eps)
+            self.in_k = SliceInput(n_slices, self.merge * in_width, d, cfg.norm_eps)
+            self.in_v = SliceInput(n_slices, self.merge * in_width, d, cfg.norm_eps)
             self.layers = nn.ModuleList(
                 CrossAttentionLayer(d, cfg.n_heads, head_dim, d_ff, cfg.norm_eps) for _ in range(depth)
             )
@@ -254,7 +273,7 @@ class LayerwiseTranslator(nn.Module):
             self.short_v = _init_linear(nn.Linear(d_in_flat, d_out_flat))
 
     def stack_forward(self, x: Tensor) -> Tensor:
-        """The shared cross-attention stack: ``[N, S, L_in, D'] -> [N, S, G * D']`` (G = depth)."""
+        """The shared cross-attention stack: ``[N, S, L_in/m, D'] -> [N, S, G * D']`` (G = depth, m = merge)."""
         N, S, _, d = x.shape
         h = x[:, :, 0]  # [N, S, D'] query stream seeded by the first slice
         outputs = []
@@ -275,7 +294,9 @@ class LayerwiseTranslator(nn.Module):
         B, S = keys.shape[:2]
         out_k = out_v = None
         if self.use_stack:
-            x = torch.cat([self.in_k(keys), self.in_v(values)], dim=0)  # [2B, S, L_in, D'] K then V
+            grouped = (B, S, self.in_layers // self.merge, self.merge * self.in_width)
+            x = torch.cat([self.in_k(keys.reshape(grouped)),  # [B, S, L_in/m, m*D_in] (m = 1 unless merging)
+                           self.in_v(values.reshape(grouped))], dim=0)  # [2B, S, L_in/m, D'] K then V
             y_k, y_v = self.stack_forward(x).chunk(2, dim=0)  # each [B, S, G*D']
             out_k, out_v = self.out_k(y_k), self.out_v(y_v)  # each [B, S, L_out*D_out]
         if self.use_short:

@@ -49,7 +49,8 @@ def _randomise(space: SharedSpace, seed: int = 1) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-@pytest.mark.parametrize("kw", [{}, {"adapter": "linear"}, {"num_layers": 1}, {"stack": False}])
+@pytest.mark.parametrize("kw", [{}, {"adapter": "linear"}, {"num_layers": 1}, {"stack": False},
+                                {"num_layers": 1, "group_mode": "merge"}])
 def test_every_path_has_the_target_layout_and_feeds_the_target(models, summaries, blocks, kw):
     space = _space(summaries, **kw)
     assert space.names == ["gem", "lla"]
@@ -93,7 +94,7 @@ def test_empty_prefix_translates_to_an_empty_block(summaries, kw):
     assert space.translate(empty, "gem", "lla").keys.shape == (2, 0, 4, 16)
 
 
-@pytest.mark.parametrize("kw", [{}, {"num_layers": 2}, {"adapter": "linear"}])
+@pytest.mark.parametrize("kw", [{}, {"num_layers": 2}, {"num_layers": 2, "group_mode": "merge"}, {"adapter": "linear"}])
 def test_translate_is_causal(summaries, blocks, kw):
     space = _space(summaries, **kw)
     _randomise(space)  # zero-initialised stack projections must not hide a leak

@@ -72,7 +72,8 @@ def test_shapes_in_and_out_layouts(cfg):
 
 
 @pytest.mark.parametrize("cfg", [SpaceConfig(), SpaceConfig(num_layers=2), SpaceConfig(num_layers=3),
-                                 SpaceConfig(short_path=False), SpaceConfig(adapter="linear")])
+                                 SpaceConfig(num_layers=2, group_mode="merge"), SpaceConfig(short_path=False),
+                                 SpaceConfig(adapter="linear")])
 def test_causal_over_positions(cfg):
     cls = LinearAdapter if cfg.adapter == "linear" else LayerwiseTranslator
     torch.manual_seed(0)
@@ -171,6 +172,31 @@ def test_grouped_depth_attends_only_its_group():
     x3 = x.clone()
     x3[:, :, 1] += torch.randn(2, 5, d)  # second slice of the first group
     assert (t.stack_forward(x3)[..., :d] - y[..., :d]).abs().max() > 1e-3
+
+
+def test_merged_groups_contract_slices_in_the_input_transform():
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="group_mode='merge' needs the 4 input slices to split evenly"):
+        LayerwiseTranslator(4, 16, 1, 32, 16, SpaceConfig(num_layers=3, group_mode="merge"))
+    t = LayerwiseTranslator(4, 16, 1, 32, 16, SpaceConfig(num_layers=2, group_mode="merge"))
+    d = t.embed_dim
+    assert t.in_k.weight.shape == (2, 32, d) and len(t.layers) == 2 and t.groups == [(0, 1), (1, 2)]
+    first = []
+    t.layers[0].register_forward_hook(lambda mod, args, out: first.append(out.detach()))
+    k, v = _kv()
+    t(k, v)
+    k2 = k.clone()
+    k2[:, :, 3] += torch.randn(2, 7, 16)  # slice 3 belongs to the second group
+    t(k2, v)
+    torch.testing.assert_close(first[1], first[0])  # layer 0 reads only slices 0-1
+    k3 = k.clone()
+    k3[:, :, 1] += torch.randn(2, 7, 16)
+    t(k3, v)
+    assert (first[2] - first[0]).abs().max() > 1e-3
+    # the contraction is one Linear per group on the concatenated slices, as a direct computation shows
+    x = F.layer_norm(k.reshape(2, 7, 2, 32), (32,)) * t.in_k.norm_weight + t.in_k.norm_bias
+    ref = F.gelu(torch.stack([x[:, :, g] @ t.in_k.weight[g] + t.in_k.bias[g] for g in range(2)], dim=2))
+    torch.testing.assert_close(t.in_k(k.reshape(2, 7, 2, 32)), ref)
 
 
 def test_cross_attention_matches_explicit_loop():
