@@ -92,7 +92,8 @@ def save_pool(out_dir: str | Path, space: SharedSpace, members: list[PoolMember]
         raise ValueError(f"pool members {names} do not match the space's models {space.names} (same order)")
     for m in members:
         if m.summary != space.members[m.name]:
-            raise ValueError(f"model {m.name!r}: summary differs from the space's: {'; '.join(m.summary.diff(space.members[m.name]))}")
+            diffs = "; ".join(m.summary.diff(space.members[m.name]))
+            raise ValueError(f"model {m.name!r}: summary differs from the space's: {diffs}")
     clash = sorted(set(extra or {}) & set(_RESERVED))
     if clash:
         raise ValueError(f"extra keys {clash} would overwrite reserved pool.json keys {list(_RESERVED)}")
@@ -109,6 +110,10 @@ def save_pool(out_dir: str | Path, space: SharedSpace, members: list[PoolMember]
         ],
         **(extra or {}),
     }
+    try:
+        text = json.dumps(meta, indent=2) + "\n"
+    except TypeError as e:
+        raise ValueError(f"pool.json extra keys must be JSON-serialisable: {e}") from e
     for m in members:
         save_file(space.adapter_state(m.name), str(out / adapter_file(m.name)))
     if tokenizer_dir is not None:
@@ -116,7 +121,7 @@ def save_pool(out_dir: str | Path, space: SharedSpace, members: list[PoolMember]
         if not src.is_dir():
             raise FileNotFoundError(f"tokenizer directory not found: {src}")
         shutil.copytree(src, out / TOKENIZER_DIR, dirs_exist_ok=True)
-    (out / POOL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (out / POOL_FILE).write_text(text)
     return out
 
 

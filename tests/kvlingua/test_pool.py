@@ -130,5 +130,7 @@ def test_save_refuses_inconsistent_input(pool, tmp_path):
         save_pool(tmp_path / "p2", space, members[::-1])
     with pytest.raises(ValueError, match="reserved pool.json keys"):
         save_pool(tmp_path / "p2", space, members, extra={"members": []})
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        save_pool(tmp_path / "p2", space, members, extra={"when": object()})
     with pytest.raises(FileNotFoundError, match="pool directory"):
         load_pool(tmp_path / "nowhere")
