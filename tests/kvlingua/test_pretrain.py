@@ -51,7 +51,7 @@ def topic_rows(n: int, seed: int) -> torch.Tensor:
     return topic * PER_TOPIC + torch.randint(PER_TOPIC, (n, T), generator=g)  # [n, T]
 
 
-def test_cfg(**kw) -> PretrainConfig:
+def run_cfg(**kw) -> PretrainConfig:
     base = dict(size="test", seq_len=T, batch_size=16, steps=60, lr=1e-2, warmup=0.1, eval_rows=64,
                 checkpoint_every=0, context_prefix_len=8, context_first=8, threads=1)
     return PretrainConfig(**(base | kw))
@@ -63,7 +63,7 @@ CHUNKS = {"train": topic_rows(512, 0), "validation": topic_rows(64, 1)}
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tok_dir):
     out = tmp_path_factory.mktemp("run") / "m"
-    return pretrain(test_cfg(), out, tok_dir, progress=False, chunks=CHUNKS)
+    return pretrain(run_cfg(), out, tok_dir, progress=False, chunks=CHUNKS)
 
 
 def test_sizes_follow_the_paper_architecture():
@@ -82,14 +82,14 @@ def test_sizes_follow_the_paper_architecture():
 
 
 def test_param_counts_split_tied_embedding_once():
-    model = build_model(test_cfg(), VOCAB)
+    model = build_model(run_cfg(), VOCAB)
     counts = param_counts(model)
     assert counts["embedding"] == VOCAB * 32
     assert counts["total"] == sum(p.numel() for p in model.parameters())  # parameters() dedups tied weights
 
 
 def test_schedule_warms_up_then_decays():
-    cfg = test_cfg(steps=100, warmup=0.1, lr=1.0, min_lr_ratio=0.1)
+    cfg = run_cfg(steps=100, warmup=0.1, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
     assert lr_at(cfg, 99) == pytest.approx(0.1, abs=1e-3) and lr_at(cfg, 50) < lr_at(cfg, 20)
 
@@ -131,20 +131,20 @@ def test_saved_member_is_safetensors_with_tokenizer(trained, tok_dir):
 
 
 def test_same_seed_same_weights_and_rerun_is_skipped(tmp_path, tok_dir, trained):
-    cfg = test_cfg(steps=8)
+    cfg = run_cfg(steps=8)
     a = pretrain(cfg, tmp_path / "a", tok_dir, progress=False, chunks=CHUNKS)
     b = pretrain(cfg, tmp_path / "b", tok_dir, progress=False, chunks=CHUNKS)
-    c = pretrain(test_cfg(steps=8, seed=1), tmp_path / "c", tok_dir, progress=False, chunks=CHUNKS)
+    c = pretrain(run_cfg(steps=8, seed=1), tmp_path / "c", tok_dir, progress=False, chunks=CHUNKS)
     fa, fb, fc = (fingerprint(load_frozen(r.out_dir)) for r in (a, b, c))
     assert fa == fb and fa != fc
     again = pretrain(cfg, tmp_path / "a", tok_dir, progress=False, chunks=CHUNKS)
     assert again.skipped and fingerprint(load_frozen(again.out_dir)) == fa
     with pytest.raises(ValueError, match="steps: 8 -> 9"):
-        pretrain(test_cfg(steps=9), tmp_path / "a", tok_dir, progress=False, chunks=CHUNKS)
+        pretrain(run_cfg(steps=9), tmp_path / "a", tok_dir, progress=False, chunks=CHUNKS)
 
 
 def test_killed_run_resumes_bit_identical(tmp_path, tok_dir):
-    cfg = test_cfg(steps=12, checkpoint_every=4)
+    cfg = run_cfg(steps=12, checkpoint_every=4)
     straight = pretrain(cfg, tmp_path / "straight", tok_dir, progress=False, chunks=CHUNKS)
     part = pretrain(cfg, tmp_path / "resumed", tok_dir, progress=False, chunks=CHUNKS, stop_after=10)
     assert not part.finished and (tmp_path / "resumed" / "checkpoint" / "state.pt").is_file()
@@ -157,11 +157,11 @@ def test_killed_run_resumes_bit_identical(tmp_path, tok_dir):
 
 def test_bad_pretrain_configs_are_refused():
     with pytest.raises(ValueError, match="save_at"):
-        test_cfg(steps=10, save_at=(11,))
+        run_cfg(steps=10, save_at=(11,))
     with pytest.raises(ValueError, match="size"):
-        test_cfg(size="nope")
+        run_cfg(size="nope")
     with pytest.raises(ValueError, match="must fit in seq_len"):
-        test_cfg(context_prefix_len=30)
+        run_cfg(context_prefix_len=30)
 
 
 @pytest.mark.parametrize("kind", ["seeds", "trajectory", "experts", "sizes", "quickstart"])
@@ -216,7 +216,7 @@ def test_pool_kinds_end_to_end_and_cli(tmp_path, home, capsys):
     src = _text_source(tmp_path / "topics.txt")
     run = {"size": "test", "seq_len": 32, "batch_size": 8, "lr": 1e-2, "context_prefix_len": 8,
            "context_first": 8, "threads": 1, "data": {"source": str(src), "view": "text"}}
-    pool = {"name": "kinds", "vocab_size": 300, "tokenizer_data": {"source": str(src), "view": "mixed"},
+    pool = {"name": "kinds", "vocab_size": 264, "tokenizer_data": {"source": str(src), "view": "mixed"},
             "members": [
                 {"name": "parent", "pretrain": run | {"steps": 12, "save_at": [6, 12]}},
                 {"name": "parent-mid", "snapshot_of": {"member": "parent", "step": 6}},
