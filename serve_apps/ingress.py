@@ -127,7 +127,7 @@ class PoolIngress:
                 except ValueError as e:
                     raise RequestError(400, f"handoff: {e}") from e
         params = dict(max_new_tokens=self._n(req.max_new_tokens, "max_new_tokens"), temperature=req.temperature,
-                      top_p=req.top_p, seed=_seed(req.seed))
+                      top_p=req.top_p, seed=_seed(req.seed), stop_at_eos=not req.ignore_eos)
         return Prepared(req, self._ids(req.prompt), params)
 
     # ------------------------------------------------------------ routing
@@ -183,7 +183,8 @@ class PoolIngress:
         self._n(total, "schedule (total max_new_tokens)")
         ids = self._ids(req.prompt)
         seed = _seed(req.seed)
-        params = dict(max_new_tokens=total, temperature=req.temperature, top_p=req.top_p, seed=seed)
+        params = dict(max_new_tokens=total, temperature=req.temperature, top_p=req.top_p, seed=seed,
+                      stop_at_eos=not req.ignore_eos)
         pending, state, handoff = ids[-1], None, None
         tokens, owners, switches = [], [], []
         prefill_s = translate_s = decode_s = 0.0

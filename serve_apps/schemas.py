@@ -19,6 +19,7 @@ class Sampling(_Strict):
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy decoding")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="fixed seed => same output")
+    ignore_eos: bool = Field(False, description="keep generating past end-of-sequence tokens (benchmarks)")
 
 
 class GenerateRequest(Sampling):
