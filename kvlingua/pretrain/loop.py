@@ -108,9 +108,9 @@ class PretrainConfig:
         bad = [s for s in self.save_at if not 1 <= s <= self.steps]
         if bad:
             raise ValueError(f"save_at: steps {bad} are outside 1..{self.steps}")
-        if self.context_prefix_len + self.context_first > self.seq_len:
+        if self.context_prefix_len + self.context_first >= self.seq_len:
             raise ValueError(f"context_prefix_len + context_first ({self.context_prefix_len} + "
-                             f"{self.context_first}) must fit in seq_len={self.seq_len}")
+                             f"{self.context_first}) must be < seq_len={self.seq_len} (the suffix's first token is read, not scored)")
         if SIZES[self.size].max_position_embeddings < self.seq_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds size {self.size!r}'s "
                              f"{SIZES[self.size].max_position_embeddings} positions")
