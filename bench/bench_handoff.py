@@ -1,0 +1,156 @@
+"""Hand-off benchmark: translating a prefix cache through Σ vs the target re-reading the prefix.
+
+For a 512-token prefix already read by the source model, the target can either re-read
+the text itself (re-prefill, the ``text`` hand-off) or take the source's cache through
+Σ (``OUT_target(IN_source(block))``). Reported side by side in one run, median of
+``--repeats`` timings each, with the target's suffix NLL after each cache:
+
+* ``re-prefill``: target's own cache (its NLL is the *base*);
+* ``translate (default)``: the pool's adapters (stack depth = model layers);
+* ``translate (latency)``: ``SpaceConfig(num_layers=1, embed_dim_factor=1)``: one translator layer
+  (fewer than the model's) at half the default residual width;
+* ``translate (1 layer)``: ``SpaceConfig(num_layers=1)`` alone. Measured: with the translator's
+  grouping (one layer attends to all slices of its group) depth alone saves little; the width does.
+
+Targets (DESIGN.md): default <= 1.0x re-prefill time, latency-oriented <= 0.5x. Without
+``--pool`` the models are random ``cpu-200m`` Gemma-2s and the spaces random (timings
+are real, NLLs are not meaningful: nothing is trained). ``--pool`` / ``--latency-pool``
+take trained pools; ``--text FILE`` gives real text (tokenized with the pool's tokenizer).
+
+    python bench/bench_handoff.py [--pool DIR] [--latency-pool DIR] [--text FILE] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvlingua.backend import suffix_token_nll  # noqa: E402
+from kvlingua.cache import arch_summary, extract_prefix  # noqa: E402
+from kvlingua.space import SharedSpace  # noqa: E402
+from kvlingua.translator import SpaceConfig  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pool", type=Path, default=None, help="trained pool (default adapter)")
+    p.add_argument("--latency-pool", type=Path, default=None, help="trained pool with SpaceConfig(num_layers < L)")
+    p.add_argument("--source", default=None)
+    p.add_argument("--target", default=None)
+    p.add_argument("--text", type=Path, default=None, help="text file for prefix + suffix (default: random ids)")
+    p.add_argument("--size", default="cpu-200m", help="size rung of the self-built random models")
+    p.add_argument("--prefix", type=int, default=512)
+    p.add_argument("--suffix", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up) and its last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def random_pool(size: str):
+    """Two random Gemma-2 models of rung ``size`` and random default / latency-oriented spaces."""
+    from transformers import Gemma2ForCausalLM
+
+    from kvlingua.models import freeze
+    from kvlingua.pretrain.sizes import gemma2_config
+
+    models = {}
+    for seed, name in enumerate(("src", "tgt")):
+        torch.manual_seed(seed)
+        cfg = gemma2_config(size, vocab_size=8192)
+        cfg._attn_implementation = "eager"
+        models[name] = freeze(Gemma2ForCausalLM(cfg))
+    return models, None, None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    trained = {"default": False, "latency": False, "1 layer": False}
+    tokenizer = None
+    if args.pool is not None:
+        from kvlingua.pool import load_pool
+
+        pool = load_pool(args.pool)
+        models, spaces, tokenizer = pool.models, {"default": pool.space}, pool.tokenizer
+        trained["default"] = True
+    else:
+        models, _, _ = random_pool(args.size)
+        spaces = {}
+    names = list(models)
+    source = args.source or names[0]
+    target = args.target or names[min(1, len(names) - 1)]
+    members = {n: arch_summary(m) for n, m in models.items()}
+    L = members[target].num_layers
+    if args.latency_pool is not None:
+        from kvlingua.pool import load_pool
+
+        spaces["latency"] = load_pool(args.latency_pool).space
+        trained["latency"] = True
+    torch.manual_seed(0)
+    spaces.setdefault("default", SharedSpace(members, SpaceConfig()))
+    spaces.setdefault("latency", SharedSpace(members, SpaceConfig(num_layers=1, embed_dim_factor=1.0)))
+    spaces.setdefault("1 layer", SharedSpace(members, SpaceConfig(num_layers=1)))
+    for s in spaces.values():
+        s.eval().requires_grad_(False)
+
+    n = args.prefix + args.suffix
+    vocab = min(s.vocab_size for s in members.values())
+    if args.text is not None and tokenizer is not None:
+        ids = torch.tensor(tokenizer.encode(args.text.read_text())[: n * args.batch]).view(args.batch, n)  # [B, P+S]
+    else:
+        ids = torch.randint(4, vocab, (args.batch, n), generator=torch.Generator().manual_seed(0))  # [B, P+S]
+    prefix, suffix = ids[:, : args.prefix], ids[:, args.prefix :]  # [B, P], [B, S]
+
+    src_block = extract_prefix(models[source], prefix)  # [B, P, L_s, D_s]: the source has read the prefix anyway
+    rows = []
+    with torch.no_grad():
+        t_pre, own = timed(lambda: extract_prefix(models[target], prefix), args.repeats)
+        nll = suffix_token_nll(models[target], own, suffix).mean().item()
+        rows.append({"method": "re-prefill (target reads the text)", "ms": 1e3 * t_pre, "ratio": 1.0, "suffix_nll": nll,
+                     "trained": True})
+        for kind in ("default", "latency", "1 layer"):
+            space = spaces[kind]
+            t, block = timed(lambda: space.translate(src_block, source, target), args.repeats)
+            nll = suffix_token_nll(models[target], block, suffix).mean().item()
+            depth = space.cfg.num_layers or L
+            label = f"translate ({kind}: {min(depth, L)}/{L} layers, D'={space.cfg.embed_dim_factor:g}D)"
+            rows.append({"method": label, "ms": 1e3 * t,
+                         "ratio": t / t_pre, "suffix_nll": nll, "trained": trained[kind]})
+        none_nll = suffix_token_nll(models[target], None, suffix).mean().item()
+
+    print(f"source {source} -> target {target}; prefix {args.prefix} tokens, suffix {args.suffix}, batch {args.batch}, "
+          f"{args.threads} torch thread(s), median of {args.repeats}")
+    print(f"{'method':48s} {'time ms':>9s} {'x re-prefill':>13s} {'suffix NLL':>11s}")
+    for r in rows:
+        flag = "" if r["trained"] else "  (untrained adapters)"
+        print(f"{r['method']:48s} {r['ms']:9.2f} {r['ratio']:13.2f} {r['suffix_nll']:11.3f}{flag}")
+    print(f"{'no prefix (floor)':48s} {'':9s} {'':13s} {none_nll:11.3f}")
+    print("targets: default <= 1.0x, latency-oriented <= 0.5x re-prefill time")
+    if args.json:
+        args.json.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                                         "no_prefix_nll": none_nll}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
