@@ -110,6 +110,12 @@ class KVBlock:
     def to(self, *args, **kwargs) -> "KVBlock":
         return self.map(lambda t: t.to(*args, **kwargs))
 
+    def float(self) -> "KVBlock":
+        return self.map(Tensor.float)
+
+    def cpu(self) -> "KVBlock":
+        return self.map(Tensor.cpu)
+
     def detach(self) -> "KVBlock":
         return self.map(Tensor.detach)
 

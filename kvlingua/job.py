@@ -20,7 +20,7 @@ from kvlingua.cache import ArchSummary, arch_summary, fingerprint
 from kvlingua.config import to_dict
 from kvlingua.data.tokenizer import load_tokenizer
 from kvlingua.data.views import DataConfig, parallel_chunks, token_chunks
-from kvlingua.evaluate import EvalConfig, evaluate
+from kvlingua.evaluate import EvalConfig, evaluate, make_eval_fn
 from kvlingua.models import load_frozen
 from kvlingua.paths import PathSampler
 from kvlingua.pool import PoolMember, save_pool
@@ -158,24 +158,10 @@ def allowed_paths(job: TrainJob) -> list[tuple[str, str]]:
     return PathSampler(job.names, None, job.train.seed, job.train.paths, job.train.trainable).allowed
 
 
-def quick_eval_fn(space: SharedSpace, backend: PoolBackend, batches: list[Batch], paths: list[tuple[str, str]]):
-    """An ``eval_fn`` for :func:`kvlingua.train.fit`: held-out suffix NLL per path (``eval/nll/i->j``)."""
-
-    @torch.no_grad()
-    def eval_fn(step: int) -> dict[str, float]:
-        space.eval()
-        out = {}
-        for i, j in paths:
-            nll = []
-            for b in batches:
-                P = b.prefix_len
-                src = backend.prefix_block(i, b.ids[i][:, :P])
-                nll.append(backend.suffix_nll(j, space.translate(src, i, j), b.ids[j][:, P:]).mean())
-            out[f"eval/nll/{i}->{j}"] = float(torch.stack(nll).mean())
-        space.train()
-        return out
-
-    return eval_fn
+def quick_eval_fn(space: SharedSpace, backend: PoolBackend, batches: list[Batch], paths: list[tuple[str, str]],
+                  first_tokens: int = 16):
+    """An ``eval_fn`` for :func:`kvlingua.train.fit`: held-out NLL per path, with base/control references."""
+    return make_eval_fn(backend, batches, paths, space, first_tokens=first_tokens)
 
 
 def pool_members(job: TrainJob) -> list[PoolMember]:
@@ -229,6 +215,7 @@ def run_local(job: TrainJob, tracker: Tracker | None = None, progress: bool = Tr
     for name in job.spaces:
         space = build_space(job, name, summaries)
         state = fit(space, backend, train_batches(job), job.train, tracker=tracker,
-                    eval_fn=quick_eval_fn(space, backend, held_out, allowed_paths(job)), progress=progress)
+                    eval_fn=quick_eval_fn(space, backend, held_out, allowed_paths(job), job.eval.first_tokens),
+                    progress=progress)
         spaces[name], histories[name] = space, state.history
     return finish(job, spaces, backend, histories, tracker)
