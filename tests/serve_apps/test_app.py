@@ -192,14 +192,20 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server):
 
 
 def test_concurrent_clients_under_load_have_zero_errors(server):
-    """8 loopback clients for at most ~10 s (or 12 requests each), mixing every kind of request."""
+    """8 loopback clients for at most ~10 s (or 12 requests each), mixing every kind of request.
+
+    Every request is deterministic, so each answer must equal the one given to a lone
+    request: concurrent requests never share a cache or a random generator.
+    """
     bodies = [
-        ("/v1/generate", {"source": "a", "target": "c", "prompt": PROMPT, "max_new_tokens": 8, "temperature": 0.7}),
+        ("/v1/generate", {"source": "a", "target": "c", "prompt": PROMPT, "max_new_tokens": 8, "temperature": 0.7,
+                          "seed": 4, "ignore_eos": True}),
         ("/v1/generate", {"source": "c", "target": "b", "prompt": PROMPT, "max_new_tokens": 8, "handoff": "text"}),
         ("/v1/generate", {"target": "a", "prompt": PROMPT, "max_new_tokens": 8, "stream": True}),
-        ("/v1/generate/mixed", {"prompt": PROMPT, "schedule": [{"model": "b", "max_new_tokens": 4},
-                                                               {"model": "c", "max_new_tokens": 4}]}),
+        ("/v1/generate/mixed", {"prompt": PROMPT, "seed": 1, "schedule": [{"model": "b", "max_new_tokens": 4},
+                                                                          {"model": "c", "max_new_tokens": 4}]}),
     ]
+    alone = [post(server, body, path)["tokens"] if not body.get("stream") else None for path, body in bodies]
     base = str(server.base_url)
     deadline = time.monotonic() + 10
     done, errors = [], []
@@ -209,12 +215,16 @@ def test_concurrent_clients_under_load_have_zero_errors(server):
             for k in range(12):
                 if time.monotonic() > deadline:
                     return
-                path, body = bodies[(i + k) % len(bodies)]
+                j = (i + k) % len(bodies)
+                path, body = bodies[j]
                 try:
                     r = c.post(path, json=body)
-                    (done if r.status_code == 200 and "tokens" in r.text else errors).append(r.status_code)
+                    ok = r.status_code == 200 and '"tokens"' in r.text
+                    if ok and alone[j] is not None:
+                        ok = r.json()["tokens"] == alone[j]
+                    (done if ok else errors).append((j, r.status_code, r.text[:200]))
                 except httpx.HTTPError as e:
-                    errors.append(repr(e))
+                    errors.append((j, repr(e)))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
     for t in threads:
