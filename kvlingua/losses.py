@@ -1,0 +1,65 @@
+"""The two training losses of Σ (paper §2.3), computed through the backend seam.
+
+* **Suffix language modelling**: target model j reads the translated prefix block
+  ``OUT_j(IN_i(KV_i))`` as its cache and continues the text; the loss is the mean
+  cross-entropy of the suffix tokens. The frozen model lives behind a
+  :class:`~kvlingua.backend.PoolBackend`, which returns the loss together with its
+  gradient with respect to the block; :func:`suffix_lm_loss` hands that gradient to
+  autograd so it flows on into the adapters that produced the block.
+* **Reconstruction**: mean squared error between the translated block and the
+  target's own block of the same text (weight 0 by default; the paper finds it
+  unnecessary next to the suffix loss).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kvlingua.backend import PoolBackend
+from kvlingua.cache import KVBlock
+
+
+def suffix_lm_loss(backend: PoolBackend, block: KVBlock, target: str, suffix_ids: Tensor) -> tuple[Tensor, KVBlock]:
+    """Suffix LM loss of ``target`` reading ``block``, and the gradient that belongs to the block.
+
+    Args:
+        backend: the pool.
+        block: translated prefix block in ``target``'s layout, keys/values ``[B, P, L_j, D_j]``
+            (may carry autograd history; it is detached before crossing the seam).
+        target: target model name.
+        suffix_ids: ``[B, S]`` target-language suffix ids (the loss covers ``suffix_ids[:, 1:]``).
+
+    Returns:
+        ``(loss, grad)``: the detached scalar loss (fp32, CPU) and d loss / d block as a
+        KVBlock cast to ``block``'s dtype and device, ready for
+        ``torch.autograd.backward([block.keys, block.values], [grad.keys, grad.values])``.
+    """
+    wire = block.detach().map(lambda t: t.float().cpu().contiguous())  # [B, P, L, D] fp32 across the seam
+    loss, grad = backend.suffix_loss_and_grad(target, wire, suffix_ids)
+    if grad.keys.shape != block.keys.shape:
+        raise ValueError(
+            f"backend returned a gradient of shape {tuple(grad.keys.shape)} for a block of shape "
+            f"{tuple(block.keys.shape)} (target {target!r})"
+        )
+    grad = grad.map(lambda t: t.to(device=block.keys.device, dtype=block.keys.dtype))
+    return loss.detach().float().cpu(), grad
+
+
+def reconstruction_loss(block: KVBlock, reference: KVBlock) -> Tensor:
+    """``||block - reference||²`` as a mean over elements, averaged over keys and values.
+
+    Args:
+        block: translated block ``[B, P, L, D]`` (differentiable).
+        reference: the target model's own block of the same text, same shape (no grad).
+
+    Returns:
+        Scalar fp32 tensor with autograd history through ``block``.
+    """
+    if block.keys.shape != reference.keys.shape:
+        raise ValueError(
+            f"reconstruction needs blocks of equal shape, got {tuple(block.keys.shape)} "
+            f"and {tuple(reference.keys.shape)}"
+        )
+    ref = reference.map(lambda t: t.to(block.keys.device, torch.float32))
+    return 0.5 * (F.mse_loss(block.keys.float(), ref.keys) + F.mse_loss(block.values.float(), ref.values))

@@ -1,0 +1,145 @@
+"""Reports of a Σ run: a Figure-3 style training curve and a Markdown/JSON evaluation report.
+
+:func:`plot_history` draws the held-out suffix NLL of every path against the training
+step (the paper's Figure 3), one panel per target model, with the target's *base*
+(own cache) and *control* (own cache of another sequence) NLL as dashed and dotted
+reference lines. It reads the ``kind="eval"`` records that :func:`kvlingua.train.fit`
+appends to ``TrainState.history``, with keys ``eval/nll/i->j`` (the trained space),
+``eval/nll/i->j/<condition>`` (other conditions; ``base``/``control``/``no-prefix`` are
+references). Matplotlib is used object-oriented on the Agg canvas: no pyplot, no
+global backend switch, no display needed.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kvlingua.evaluate import REFERENCES, EvalResult
+
+_NLL = "eval/nll/"
+
+
+def _parse_curves(history: Sequence[dict]) -> tuple[dict[tuple[str, str, str | None], list[tuple[int, float]]],
+                                                      dict[tuple[str, str], float]]:
+    """History -> curves ``(source, target, condition|None) -> [(step, nll)]`` and references ``(target, ref) -> nll``."""
+    curves: dict[tuple[str, str, str | None], list[tuple[int, float]]] = {}
+    refs: dict[tuple[str, str], float] = {}
+    for rec in history:
+        for key, value in rec.items():
+            if not key.startswith(_NLL):
+                continue
+            rest = key[len(_NLL):]
+            path, _, cond = rest.partition("/")
+            src, arrow, tgt = path.partition("->")
+            if not arrow:
+                continue
+            if cond in REFERENCES:
+                refs[(tgt, cond)] = float(value)
+            else:
+                curves.setdefault((src, tgt, cond or None), []).append((int(rec["step"]), float(value)))
+    return curves, refs
+
+
+def plot_history(
+    history: Sequence[dict] | Mapping[str, Sequence[dict]],
+    out_png: str | Path,
+    references: EvalResult | None = None,
+    title: str = "Held-out suffix NLL during Σ training",
+) -> Path:
+    """Plot eval NLL per path against training step, one panel per target model.
+
+    Args:
+        history: ``TrainState.history`` of one run, or ``{space name: history}`` of several
+            runs over the same pool (e.g. translator and linear) drawn in the same panels.
+        out_png: where to write the PNG.
+        references: an :class:`EvalResult` to take base/control lines from when the
+            history holds none.
+        title: figure title.
+
+    Returns:
+        ``out_png`` as a Path. Raises ``ValueError`` if no history holds ``eval/nll/...``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = dict(history) if isinstance(history, Mapping) else {"": history}
+    curves: dict[tuple[str, tuple[str, str, str | None]], list[tuple[int, float]]] = {}
+    refs: dict[tuple[str, str], float] = {}
+    for run, hist in runs.items():
+        c, r = _parse_curves(hist)
+        curves.update({(run, k): v for k, v in c.items()})
+        refs.update(r)
+    if not curves:
+        raise ValueError("history has no eval records with eval/nll/<source>-><target> metrics to plot "
+                         "(train with eval_every > 0 and an eval_fn)")
+    if references is not None:
+        for src, tgt in references.paths:
+            for ref in ("base", "control"):
+                if ref in references.conditions_of((src, tgt)):
+                    refs.setdefault((tgt, ref), references.summary_for((src, tgt), ref).nll_mean)
+    targets = list(dict.fromkeys(key[1][1] for key in curves))
+    sources = list(dict.fromkeys(key[1][0] for key in curves))
+    styles = ["-", "--", "-.", ":"]
+    run_style = {run: styles[i % len(styles)] for i, run in enumerate(runs)}
+    colors = {s: f"C{i % 10}" for i, s in enumerate(sources)}
+
+    fig = Figure(figsize=(5.0 * len(targets), 4.0), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(targets), squeeze=False)[0]
+    for ax, tgt in zip(axes, targets):
+        for (run, (src, t, cond)), points in curves.items():
+            if t != tgt:
+                continue
+            points = sorted(points)
+            label = " ".join(x for x in (run, f"{src}->{t}", cond) if x)
+            ax.plot([p[0] for p in points], [p[1] for p in points], run_style[run], color=colors[src],
+                    marker="o", markersize=3, label=label)
+        if (tgt, "base") in refs:
+            ax.axhline(refs[(tgt, "base")], color="black", linestyle="--", linewidth=1, label=f"base ({tgt} own cache)")
+        if (tgt, "control") in refs:
+            ax.axhline(refs[(tgt, "control")], color="gray", linestyle=":", linewidth=1,
+                       label=f"control ({tgt}, wrong prefix)")
+        ax.set_title(f"target {tgt}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("suffix NLL per token")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def write_report(
+    out_dir: str | Path,
+    result: EvalResult,
+    history: Sequence[dict] | Mapping[str, Sequence[dict]] | None = None,
+    *,
+    title: str = "kvlingua evaluation",
+    config: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write ``eval.json``, ``eval.md`` (config, tables, curve) and ``eval_nll.png`` into ``out_dir``.
+
+    The plot is written only when ``history`` holds eval records. Returns name -> path of
+    the files written (``json``, ``markdown`` and possibly ``plot``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": result.to_json(out / "eval.json")}
+    parts = [f"# {title}\n"]
+    if config is not None:
+        parts += ["## Configuration\n", "```yaml", yaml.safe_dump(dict(config), sort_keys=False).rstrip(), "```\n"]
+    parts += ["## Held-out suffix NLL\n", result.to_markdown()]
+    if history is not None:
+        runs = history.values() if isinstance(history, Mapping) else [history]
+        if any(k.startswith(_NLL) for h in runs for rec in h for k in rec):
+            files["plot"] = plot_history(history, out / "eval_nll.png", references=result)
+            parts += ["## Training curve\n", f"![held-out suffix NLL per path against step]({files['plot'].name})\n"]
+    md = out / "eval.md"
+    md.write_text("\n".join(parts))
+    files["markdown"] = md
+    return files

@@ -1,0 +1,401 @@
+"""The one training loop of Σ, used in-process and by the Ray Train workers.
+
+Every step samples paths i->j (:class:`~kvlingua.paths.PathSampler`) and, for each:
+
+1. ``src = backend.prefix_block(i, ids[i][:, :P])`` — the frozen source cache (no grad);
+2. ``out = space.translate(src, i, j)`` — ``OUT_j(IN_i(src))`` with autograd;
+3. ``(loss, g) = backend.suffix_loss_and_grad(j, out.detach(), ids[j][:, P:])`` — the
+   frozen target reads ``out`` as its cache; the backend returns d loss / d out;
+4. ``backward([out.keys, out.values], [g.keys * w, g.values * w])`` with ``w = 1/#paths``,
+
+so the loss is the mean over sampled paths and gradients reach only the adapters.
+Then ``grad_sync`` (DDP all-reduce in the Ray worker), gradient clipping, AdamW with
+linear warm-up and cosine decay to 0. The frozen models are reached only through a
+:class:`~kvlingua.backend.PoolBackend`, so the same loop runs with models in this
+process (:class:`~kvlingua.backend.LocalBackend`) or behind Ray actors.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from kvlingua.backend import PoolBackend
+from kvlingua.cache import KVBlock
+from kvlingua.losses import reconstruction_loss, suffix_lm_loss
+from kvlingua.paths import PathSampler, PathT, path_name
+from kvlingua.tracking import NullTracker, Tracker
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Token ids of one training batch for every pool model.
+
+    ``ids[m]`` is ``[B, P+S]``. Path i->j reads ``ids[i][:, :P]`` as the source prefix and
+    ``ids[j][:, P:]`` as the target suffix. Monolingual views give every model the same
+    tensor; a parallel corpus gives each model the aligned text of its own language, so
+    the target's own first P tokens are skipped ("weak alignment", paper §4.2).
+    """
+
+    ids: dict[str, Tensor]
+    """model name -> LongTensor ``[B, P+S]``."""
+    prefix_len: int
+    """P: prefix positions read by the source model."""
+    key: str = ""
+    """Stable name of the batch (``"train/000017"``) for block caching; may be empty."""
+
+    def __post_init__(self) -> None:
+        if not self.ids:
+            raise ValueError("Batch.ids is empty: a batch needs ids for at least one model")
+        if isinstance(self.prefix_len, bool) or not isinstance(self.prefix_len, int) or self.prefix_len < 1:
+            raise ValueError(f"Batch.prefix_len must be a positive integer, got {self.prefix_len!r}")
+        sizes = set()
+        for name, t in self.ids.items():
+            if not isinstance(t, Tensor) or t.dim() != 2 or t.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"Batch.ids[{name!r}] must be an integer tensor [B, P+S], got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            if t.shape[1] < self.prefix_len + 2:
+                raise ValueError(f"Batch.ids[{name!r}] has {t.shape[1]} tokens; prefix_len={self.prefix_len} "
+                                 "needs at least 2 more for a suffix loss")
+            sizes.add(t.shape[0])
+        if len(sizes) != 1:
+            raise ValueError(f"Batch.ids tensors disagree on batch size: {sorted(sizes)}")
+
+    @staticmethod
+    def same_text(ids: Tensor, names: Iterable[str], prefix_len: int, key: str = "") -> "Batch":
+        """A monolingual batch: every model reads the same ``[B, P+S]`` ids."""
+        return Batch({n: ids for n in names}, prefix_len, key)
+
+    def _ids(self, model: str) -> Tensor:
+        if model not in self.ids:
+            raise KeyError(f"batch {self.key or '(unnamed)'} has no ids for model {model!r}; it has {list(self.ids)}")
+        return self.ids[model]
+
+    def prefix(self, model: str) -> Tensor:
+        """``[B, P]`` prefix ids of ``model``'s text."""
+        return self._ids(model)[:, : self.prefix_len]
+
+    def suffix(self, model: str) -> Tensor:
+        """``[B, S]`` suffix ids of ``model``'s text."""
+        return self._ids(model)[:, self.prefix_len:]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of Σ training (the ``train`` section of a run config)."""
+
+    steps: int
+    """Optimiser steps in total (the schedule spans them)."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    warmup_frac: float = 0.05
+    """Fraction of ``steps`` of linear warm-up from 0; cosine decay to 0 afterwards."""
+    grad_clip: float = 1.0
+    """Maximum global gradient norm of the trainable adapters."""
+    paths_per_step: int | None = None
+    """Paths i->j sampled per step; None trains every allowed path every step."""
+    recon_weight: float = 0.0
+    """Weight of the reconstruction loss ||OUT_j(IN_i(KV_i)) - KV_j||² (paper default: off)."""
+    precision: str = "fp32"
+    """fp32, or bf16 autocast of the adapters (frozen models keep their own dtype)."""
+    eval_every: int = 0
+    """Call ``eval_fn`` every this many steps (and at the start and the end); 0: never."""
+    checkpoint_every: int = 0
+    """Call ``checkpoint_fn`` every this many steps (and at the end); 0: never."""
+    log_every: int = 10
+    """Record training metrics every this many steps (and at the last step); 0: last step only."""
+    seed: int = 0
+    """Seed of the path sampler."""
+    trainable: tuple[str, ...] | None = None
+    """Models whose IN/OUT adapters train; the others stay frozen (extending a pool). None: all."""
+    paths: tuple[tuple[str, str], ...] | None = None
+    """Allowed (source, target) paths; None: all N² (cyclic included)."""
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, value: Any, zero_ok: bool = False) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
+                raise ValueError(f"{name} must be an integer >= {0 if zero_ok else 1}, got {value!r}")
+
+        positive_int("steps", self.steps)
+        for name in ("eval_every", "checkpoint_every", "log_every"):
+            positive_int(name, getattr(self, name), zero_ok=True)
+        if self.paths_per_step is not None:
+            positive_int("paths_per_step", self.paths_per_step)
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.recon_weight < 0:
+            raise ValueError(f"weight_decay and recon_weight must be >= 0, got {self.weight_decay}, {self.recon_weight}")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        if not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.trainable is not None and not self.trainable:
+            raise ValueError("trainable is empty; use None to train every model's adapters")
+        if self.paths is not None:
+            if not self.paths:
+                raise ValueError("paths is empty; use None to allow all N² paths")
+            bad = [p for p in self.paths if len(p) != 2]
+            if bad:
+                raise ValueError(f"each path is a (source, target) pair; got {bad}")
+
+
+@dataclass
+class TrainState:
+    """Progress of a run: what a checkpoint holds besides the adapter weights."""
+
+    step: int = 0
+    """Optimiser steps completed."""
+    history: list[dict] = field(default_factory=list)
+    """Records ``{"step", "kind": "train"|"eval", metric: value, ...}`` in order."""
+    optimizer_state: dict | None = None
+    """``AdamW.state_dict()`` at ``step`` (None before the first checkpoint)."""
+    scheduler_state: dict | None = None
+    """``LambdaLR.state_dict()`` at ``step``."""
+    rng_state: Tensor | None = None
+    """``torch.get_rng_state()`` at ``step`` (dropout in adapters resumes identically)."""
+
+
+def lr_factor(step: int, total: int, warmup_frac: float) -> float:
+    """Multiplier of the peak lr at optimiser step ``step``: linear 0 -> 1 over ``round(warmup_frac*total)``
+    steps, then cosine 1 -> 0 reached at ``step == total``."""
+    warmup = round(warmup_frac * total)
+    if step < warmup:
+        return step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def trainable_names(space: nn.Module, cfg: TrainConfig) -> list[str]:
+    """Models whose adapters train under ``cfg`` (checked against the space's members)."""
+    names = list(space.names)
+    chosen = list(cfg.trainable) if cfg.trainable is not None else names
+    unknown = [m for m in chosen if m not in names]
+    if unknown:
+        raise ValueError(f"trainable names model(s) {unknown} that are not in the space {names}")
+    return chosen
+
+
+def make_optimizer(space: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable models' adapters and its warm-up + cosine schedule."""
+    params = space.parameters_of(trainable_names(space, cfg))
+    if not params:
+        raise ValueError("the trainable adapters have no parameters")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup_frac))
+    return opt, sched
+
+
+def _space_device(space: nn.Module) -> torch.device:
+    p = next(space.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def train_step(space: nn.Module, backend: PoolBackend, batch: Batch, paths: list[PathT], cfg: TrainConfig) -> dict[str, float]:
+    """Losses of one batch over ``paths``; accumulates gradients into the adapters (no optimiser step).
+
+    Returns metrics: ``loss`` (mean over paths), and per path ``loss/i->j``, ``suffix/i->j``
+    and, with ``recon_weight > 0``, ``recon/i->j``.
+    """
+    if not paths:
+        raise ValueError("train_step needs at least one path")
+    device = _space_device(space)
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                else nullcontext())
+    w = 1.0 / len(paths)
+    own: dict[str, KVBlock] = {}  # model -> its block of its own prefix, computed once per batch
+
+    def own_block(model: str) -> KVBlock:
+        if model not in own:
+            own[model] = backend.prefix_block(model, batch.prefix(model)).to(device)  # [B, P, L, D]
+        return own[model]
+
+    metrics: dict[str, float] = {}
+    total = 0.0
+    for src_name, tgt_name in paths:
+        name = path_name((src_name, tgt_name))
+        with autocast:
+            out = space.translate(own_block(src_name), src_name, tgt_name)  # [B, P, L_j, D_j]
+        if not out.keys.requires_grad:
+            raise ValueError(f"path {name} produced a block without gradient: are both of its adapters frozen?")
+        loss, g = suffix_lm_loss(backend, out, tgt_name, batch.suffix(tgt_name))
+        tensors, grads = [out.keys, out.values], [g.keys * w, g.values * w]
+        path_loss = float(loss)
+        metrics[f"suffix/{name}"] = path_loss
+        if cfg.recon_weight > 0:
+            recon = reconstruction_loss(out, own_block(tgt_name))
+            tensors.append(recon * (cfg.recon_weight * w))
+            grads.append(None)
+            metrics[f"recon/{name}"] = float(recon.detach())
+            path_loss += cfg.recon_weight * float(recon.detach())
+        torch.autograd.backward(tensors, grads)
+        metrics[f"loss/{name}"] = path_loss
+        total += w * path_loss
+    metrics["loss"] = total
+    return metrics
+
+
+def _sync_state(state: TrainState, opt: torch.optim.Optimizer, sched: Any) -> None:
+    state.optimizer_state = opt.state_dict()
+    state.scheduler_state = sched.state_dict()
+    state.rng_state = torch.get_rng_state()
+
+
+def fit(
+    space: nn.Module,
+    backend: PoolBackend,
+    batches: Iterable[Batch],
+    cfg: TrainConfig,
+    *,
+    tracker: Tracker | None = None,
+    state: TrainState | None = None,
+    eval_fn: Callable[[int], dict] | None = None,
+    checkpoint_fn: Callable[[TrainState], None] | None = None,
+    grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
+    is_main: bool = True,
+    progress: bool = True,
+) -> TrainState:
+    """Train the space's adapters until ``cfg.steps`` optimiser steps are done.
+
+    Args:
+        space: the SharedSpace (its ``names`` are the models paths are drawn from).
+        backend: the frozen pool.
+        batches: yields one :class:`Batch` per step, starting at step ``state.step``
+            (a resumed run must be given the batches from that step on).
+        cfg: hyper-parameters.
+        tracker: gets training (and eval) metrics from the main process only.
+        state: resume from this state (``load_checkpoint``); None starts at step 0.
+        eval_fn: ``eval_fn(step) -> metrics``, called on every rank at the start of a fresh
+            run, every ``eval_every`` steps and at the end (under ``no_grad``, space in eval
+            mode); its metrics go to ``state.history`` with ``kind="eval"``.
+        checkpoint_fn: called on every rank with the synced state every ``checkpoint_every``
+            steps and at the end.
+        grad_sync: called with the trainable parameters after backward, before clipping
+            (DDP all-reduce). Every trainable parameter has a gradient by then (zeros for
+            adapters no sampled path used), so all ranks reduce the same tensors.
+        is_main: whether this is rank 0 (tracking and the progress bar).
+        progress: show a tqdm bar (loss per path, steps/s) on the main process.
+
+    Returns:
+        The final :class:`TrainState` with optimiser, scheduler and RNG state.
+    """
+    tracker = tracker or NullTracker()
+    state = state if state is not None else TrainState()
+    missing = [m for m in space.names if m not in backend.names()]
+    if missing:
+        raise ValueError(f"space members {missing} are not in the backend's pool {backend.names()}")
+    sampler = PathSampler(space.names, cfg.paths_per_step, cfg.seed, cfg.paths, cfg.trainable)
+    names = trainable_names(space, cfg)
+    params = space.parameters_of(names)
+    space.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt, sched = make_optimizer(space, cfg)
+    if state.optimizer_state is not None:
+        opt.load_state_dict(state.optimizer_state)
+    if state.scheduler_state is not None:
+        sched.load_state_dict(state.scheduler_state)
+    if state.rng_state is not None:
+        torch.set_rng_state(state.rng_state)
+
+    def run_eval() -> None:
+        was_training = space.training
+        space.eval()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in eval_fn(state.step).items()}
+        space.train(was_training)
+        state.history.append({"step": state.step, "kind": "eval", **metrics})
+        if is_main and metrics:
+            tracker.log_metrics(metrics, state.step)
+
+    if eval_fn is not None and cfg.eval_every and state.step == 0:
+        run_eval()
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and is_main), desc="train Σ", unit="step")
+    batch_iter = iter(batches)
+    space.train()
+    while state.step < cfg.steps:
+        try:
+            batch = next(batch_iter)
+        except StopIteration:
+            raise ValueError(f"batches ran out at step {state.step} of {cfg.steps}") from None
+        opt.zero_grad(set_to_none=True)
+        metrics = train_step(space, backend, batch, sampler.sample(state.step), cfg)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if grad_sync is not None:
+            grad_sync(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        metrics["lr"] = opt.param_groups[0]["lr"]
+        metrics["grad_norm"] = float(grad_norm)
+        opt.step()
+        sched.step()
+        state.step += 1
+        last = state.step == cfg.steps
+        bar.update(1)
+        bar.set_postfix({k.split("/", 1)[1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("suffix/")} | {"loss": f"{metrics['loss']:.3f}"})
+        if last or (cfg.log_every and state.step % cfg.log_every == 0):
+            state.history.append({"step": state.step, "kind": "train", **metrics})
+            if is_main:
+                tracker.log_metrics(metrics, state.step)
+        if eval_fn is not None and cfg.eval_every and (last or state.step % cfg.eval_every == 0):
+            run_eval()
+        if checkpoint_fn is not None and cfg.checkpoint_every and (last or state.step % cfg.checkpoint_every == 0):
+            _sync_state(state, opt, sched)
+            checkpoint_fn(state)
+    bar.close()
+    _sync_state(state, opt, sched)
+    return state
+
+
+ADAPTERS_FILE = "adapters.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "train_state.json"
+
+
+def save_checkpoint(directory: str | Path, space: nn.Module, state: TrainState) -> Path:
+    """Write adapters (safetensors), optimiser/scheduler/RNG state (torch.save) and progress (JSON).
+
+    The JSON file is written last, so a directory without it is an incomplete checkpoint.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{STATE_FILE}.tmp"
+    save_model(space, str(d / ADAPTERS_FILE))
+    torch.save({"optimizer": state.optimizer_state, "scheduler": state.scheduler_state, "rng": state.rng_state},
+               d / OPTIMIZER_FILE)
+    tmp.write_text(json.dumps({"step": state.step, "history": state.history}))
+    os.replace(tmp, d / STATE_FILE)
+    return d
+
+
+def load_checkpoint(directory: str | Path, space: nn.Module) -> TrainState:
+    """Load adapter weights into ``space`` (strict) and return the state to resume ``fit`` from."""
+    d = Path(directory)
+    needed = [d / STATE_FILE, d / ADAPTERS_FILE, d / OPTIMIZER_FILE]
+    absent = [p.name for p in needed if not p.is_file()]
+    if absent:
+        raise FileNotFoundError(f"{d}: not a complete training checkpoint (missing {absent})")
+    missing, unexpected = load_model(space, str(d / ADAPTERS_FILE), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{d / ADAPTERS_FILE} does not match this space: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    extra = torch.load(d / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    meta = json.loads((d / STATE_FILE).read_text())
+    return TrainState(step=int(meta["step"]), history=list(meta["history"]), optimizer_state=extra["optimizer"],
+                      scheduler_state=extra["scheduler"], rng_state=extra["rng"])

@@ -1,0 +1,352 @@
+"""The training loop: config checks, schedule, clipping, frozen weights, seam gradients, resume, quality."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from kvlingua.backend import LocalBackend
+from kvlingua.cache import as_past_key_values, extract_prefix, fingerprint
+from kvlingua.config import ConfigError, from_dict
+from kvlingua.space import SharedSpace
+from kvlingua.train import (Batch, TrainConfig, TrainState, fit, load_checkpoint, make_optimizer, save_checkpoint,
+                            train_step)
+from kvlingua.translator import SpaceConfig
+from tests.helpers import VOCAB, tiny_model
+
+P, S, B = 6, 6, 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread; two threads on a loaded 2-core machine measured ~40x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_batches(names, seed=0, batch=B, length=P + S):
+    g = torch.Generator().manual_seed(seed)
+    step = 0
+    while True:
+        yield Batch.same_text(torch.randint(0, VOCAB, (batch, length), generator=g), names, P, key=f"r/{step}")
+        step += 1
+
+
+def make_space(backend, seed=0, **kw):
+    torch.manual_seed(seed)
+    return SharedSpace({n: backend.summary(n) for n in backend.names()}, SpaceConfig(q_dim=kw.pop("q_dim", 24), **kw))
+
+
+@pytest.fixture(scope="module")
+def pool2():
+    return LocalBackend({"a": tiny_model("gemma2", seed=0), "c": tiny_model("llama", seed=2, layers=3, kv_heads=2)})
+
+
+@pytest.fixture(scope="module")
+def pool3():
+    return LocalBackend({"a": tiny_model("gemma2", seed=0), "b": tiny_model("gemma2", seed=1),
+                         "c": tiny_model("llama", seed=2, layers=3, kv_heads=2)})
+
+
+def params_of(space, name):
+    return {k: p.detach().clone() for k, p in space.adapters(name).named_parameters()}
+
+
+# -- configs and batches ---------------------------------------------------------------------
+def test_train_config_checks_and_yaml_mirror():
+    cfg = from_dict(TrainConfig, {"steps": 10, "trainable": ["c"], "paths": [["a", "c"], ["c", "c"]]})
+    assert cfg.trainable == ("c",) and cfg.paths == (("a", "c"), ("c", "c"))
+    for bad, match in [({"steps": 0}, "steps"), ({"steps": 5, "lr": 0.0}, "lr"),
+                       ({"steps": 5, "precision": "fp16"}, "precision"), ({"steps": 5, "warmup_frac": 1.0}, "warmup"),
+                       ({"steps": 5, "paths_per_step": 0}, "paths_per_step"), ({"steps": 5, "trainable": []}, "trainable"),
+                       ({"steps": 5, "grad_clip": 0.0}, "grad_clip"), ({"steps": 5, "log_every": -1}, "log_every"),
+                       ({"steps": 5, "stepz": 1}, "unknown key")]:
+        with pytest.raises(ConfigError, match=match):
+            from_dict(TrainConfig, bad)
+
+
+def test_batch_slices_and_checks():
+    src, tgt = torch.arange(20).view(2, 10), torch.arange(100, 120).view(2, 10)
+    b = Batch({"en": src, "es": tgt}, prefix_len=4)
+    assert torch.equal(b.prefix("en"), src[:, :4]) and torch.equal(b.suffix("es"), tgt[:, 4:])
+    with pytest.raises(KeyError, match="no ids for model 'ru'"):
+        b.prefix("ru")
+    with pytest.raises(ValueError, match="batch size"):
+        Batch({"a": src, "b": tgt[:1]}, 4)
+    with pytest.raises(ValueError, match="at least 2 more"):
+        Batch({"a": src}, 9)
+    with pytest.raises(ValueError, match="integer tensor"):
+        Batch({"a": src.float()}, 4)
+    with pytest.raises(ValueError, match="prefix_len"):
+        Batch({"a": src}, 0)
+
+
+# -- optimiser ----------------------------------------------------------------------------------
+def test_schedule_is_linear_warmup_then_cosine_to_zero(pool2):
+    space = make_space(pool2, adapter="linear")
+    cfg = TrainConfig(steps=200, lr=2e-3)
+    opt, sched = make_optimizer(space, cfg)
+    lrs = []
+    for _ in range(cfg.steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lrs.append(opt.param_groups[0]["lr"])  # after the last step
+    warm = 10  # 5% of 200
+    for s, lr in enumerate(lrs):
+        expected = 2e-3 * (s / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (200 - warm))))
+        assert abs(lr - expected) < 1e-12, s
+    assert lrs[0] == 0.0 and lrs[warm] == pytest.approx(2e-3) and max(lrs) == pytest.approx(2e-3)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-15) and lrs[150] < lrs[100] < lrs[50]
+    n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_opt == sum(p.numel() for p in space.parameters())
+
+
+def test_gradients_are_clipped_to_one(pool2):
+    space = make_space(pool2, adapter="linear")
+    seen = {}
+
+    def inflate(params):  # runs after backward, before clipping (where DDP all-reduces)
+        for p in params:
+            p.grad.mul_(1e3)
+        seen["pre"] = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+        seen["dir"] = torch.cat([p.grad.flatten() for p in params]).clone()
+
+    def pre_hook(opt, args, kwargs):
+        grads = torch.cat([p.grad.flatten() for g in opt.param_groups for p in g["params"]])
+        seen["post"], seen["post_dir"] = grads.norm().item(), grads.clone()
+
+    handle = register_optimizer_step_pre_hook(pre_hook)
+    try:
+        state = fit(space, pool2, random_batches(pool2.names()), TrainConfig(steps=1, log_every=1),
+                    grad_sync=inflate, progress=False)
+    finally:
+        handle.remove()
+    assert seen["pre"] > 10
+    assert seen["post"] == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(seen["post_dir"], seen["dir"] / seen["pre"], atol=1e-7)
+    assert state.history[-1]["grad_norm"] == pytest.approx(seen["pre"], rel=1e-5)
+
+
+# -- what moves ---------------------------------------------------------------------------------
+def test_frozen_models_stay_bit_identical_and_only_adapters_move(pool2):
+    prints = {n: fingerprint(m) for n, m in pool2.models.items()}
+    space = make_space(pool2, adapter="linear")
+    before = {n: params_of(space, n) for n in pool2.names()}
+    fit(space, pool2, random_batches(pool2.names()), TrainConfig(steps=2, lr=1e-2), progress=False)
+    assert {n: fingerprint(m) for n, m in pool2.models.items()} == prints
+    assert all(not p.requires_grad for m in pool2.models.values() for p in m.parameters())
+    for n in pool2.names():
+        after = params_of(space, n)
+        assert all(not torch.equal(before[n][k], after[k]) for k in after), n
+
+
+def test_only_trainable_adapters_move(pool3):
+    space = make_space(pool3)
+    before = {n: params_of(space, n) for n in pool3.names()}
+    cfg = TrainConfig(steps=2, lr=1e-2, trainable=("c",), paths_per_step=2)
+    state = fit(space, pool3, random_batches(pool3.names()), cfg, progress=False)
+    for n in ("a", "b"):
+        after = params_of(space, n)
+        assert all(torch.equal(before[n][k], after[k]) for k in after), n
+    after = params_of(space, "c")
+    assert sum(not torch.equal(before["c"][k], after[k]) for k in after) > len(after) // 2
+    trained_paths = {k.split("/", 1)[1] for h in state.history for k in h if k.startswith("suffix/")}
+    assert trained_paths and all("c" in p.split("->") for p in trained_paths)
+
+
+# -- gradients through the seam -----------------------------------------------------------------
+def test_train_step_gradients_equal_direct_autograd(pool3):
+    space = make_space(pool3)
+    names = pool3.names()
+    gen = torch.Generator().manual_seed(3)
+    ids = {n: torch.randint(0, VOCAB, (B, P + S), generator=gen) for n in names}  # parallel-text batch
+    batch = Batch(ids, P)
+    paths = [("a", "c"), ("c", "b"), ("b", "b")]  # llama -> gemma2, gemma2 -> llama, cyclic
+    cfg = TrainConfig(steps=1, recon_weight=0.5)
+    metrics = train_step(space, pool3, batch, paths, cfg)
+    seam = {k: p.grad.clone() for k, p in space.named_parameters() if p.grad is not None}
+    space.zero_grad(set_to_none=True)
+
+    models = pool3.models
+    total = 0.0
+    for i, j in paths:
+        out = space.translate(extract_prefix(models[i], ids[i][:, :P]), i, j)
+        own = extract_prefix(models[j], ids[j][:, :P])
+        logits = models[j](input_ids=ids[j][:, P:], past_key_values=as_past_key_values(out), use_cache=True).logits
+        lm = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[j][:, P + 1:].reshape(-1))
+        recon = 0.5 * (((out.keys - own.keys) ** 2).mean() + ((out.values - own.values) ** 2).mean())
+        total = total + (lm + 0.5 * recon) / len(paths)
+        assert metrics[f"suffix/{i}->{j}"] == pytest.approx(float(lm.detach()), abs=1e-5)
+    total.backward()
+    direct = {k: p.grad for k, p in space.named_parameters() if p.grad is not None}
+    assert metrics["loss"] == pytest.approx(float(total.detach()), abs=1e-5)
+    assert set(seam) == set(direct)
+    assert max((seam[k] - direct[k]).abs().max().item() for k in seam) < 1e-5
+    assert max(g.abs().max().item() for g in direct.values()) > 1e-4
+
+
+def test_bf16_precision_runs_and_trains(pool2):
+    space = make_space(pool2, adapter="linear")
+    state = fit(space, pool2, random_batches(pool2.names()), TrainConfig(steps=2, precision="bf16", log_every=1),
+                progress=False)
+    assert state.step == 2 and all(math.isfinite(h["loss"]) for h in state.history)
+    assert all(p.dtype == torch.float32 for p in space.parameters())
+
+
+# -- hooks, checkpoints, resume -----------------------------------------------------------------
+class RecordingTracker:
+    def __init__(self):
+        self.metrics = []
+
+    def log_params(self, params):
+        pass
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_artifact(self, path):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_hooks_eval_log_and_checkpoint(pool2):
+    space = make_space(pool2, adapter="linear")
+    calls, ckpts, tracker = [], [], RecordingTracker()
+
+    def eval_fn(step):
+        assert not space.training and not torch.is_grad_enabled()
+        calls.append(step)
+        return {"eval/nll/a->b": 1.0 / (step + 1)}
+
+    cfg = TrainConfig(steps=7, eval_every=3, log_every=2, checkpoint_every=4, paths_per_step=1)
+    state = fit(space, pool2, random_batches(pool2.names()), cfg, tracker=tracker, eval_fn=eval_fn,
+                checkpoint_fn=lambda s: ckpts.append((s.step, s.optimizer_state is not None)), progress=False)
+    assert calls == [0, 3, 6, 7]
+    assert ckpts == [(4, True), (7, True)]
+    train = [h["step"] for h in state.history if h["kind"] == "train"]
+    evals = [(h["step"], h["eval/nll/a->b"]) for h in state.history if h["kind"] == "eval"]
+    assert train == [2, 4, 6, 7] and evals == [(s, 1.0 / (s + 1)) for s in (0, 3, 6, 7)]
+    assert [s for s, _ in tracker.metrics] == [0, 2, 3, 4, 6, 6, 7, 7]
+    assert {"loss", "lr", "grad_norm"} <= set(tracker.metrics[1][1])
+    quiet = RecordingTracker()
+    fit(make_space(pool2, adapter="linear"), pool2, random_batches(pool2.names()),
+        TrainConfig(steps=3, eval_every=1, log_every=1, paths_per_step=1), tracker=quiet,
+        eval_fn=lambda s: {"x": 1.0}, is_main=False, progress=False)
+    assert quiet.metrics == []
+
+
+def test_batches_running_out_is_an_error(pool2):
+    space = make_space(pool2, adapter="linear")
+    batches = [next(random_batches(pool2.names()))] * 2
+    with pytest.raises(ValueError, match="ran out at step 2 of 3"):
+        fit(space, pool2, iter(batches), TrainConfig(steps=3), progress=False)
+
+
+def test_checkpoint_resume_equals_uninterrupted_run(pool2, tmp_path):
+    cfg = TrainConfig(steps=5, lr=5e-3, paths_per_step=2, log_every=1, recon_weight=0.1)
+    gen = random_batches(pool2.names(), seed=11)
+    batches = [next(gen) for _ in range(cfg.steps)]
+
+    full = make_space(pool2, seed=4)
+    full_state = fit(full, pool2, iter(batches), cfg, progress=False)
+
+    part = make_space(pool2, seed=4)
+    cut = TrainConfig(**{**cfg.__dict__, "checkpoint_every": 3})
+    saved = {}
+
+    def checkpoint(state):
+        if state.step == 3:
+            saved["dir"] = save_checkpoint(tmp_path / "ckpt", part, state)
+            raise KeyboardInterrupt  # the run dies right after its checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(part, pool2, iter(batches), cut, checkpoint_fn=checkpoint, progress=False)
+
+    resumed = make_space(pool2, seed=99)  # different init: everything must come from the checkpoint
+    state = load_checkpoint(saved["dir"], resumed)
+    assert state.step == 3 and [h["step"] for h in state.history] == [1, 2, 3]
+    state = fit(resumed, pool2, iter(batches[state.step:]), cfg, state=state, progress=False)
+    assert state.step == 5
+    for (k, p), (k2, q) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert k == k2 and torch.equal(p, q), k
+    assert state.history == full_state.history
+
+
+def test_load_checkpoint_errors(pool2, tmp_path):
+    space = make_space(pool2, adapter="linear")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_checkpoint(tmp_path, space)
+    save_checkpoint(tmp_path / "c", space, TrainState())
+    other = SharedSpace({"a": pool2.summary("a")}, SpaceConfig(q_dim=24, adapter="linear"))
+    with pytest.raises(ValueError, match="does not match this space"):
+        load_checkpoint(tmp_path / "c", other)
+
+
+# -- a short run that learns ---------------------------------------------------------------------
+def group_language(n: int, length: int, seed: int, groups: int = 8, p_group: float = 0.6) -> torch.Tensor:
+    """Synthetic text with long-range structure: ``[n, length]`` ids.
+
+    Each sequence has a hidden topic (one of ``groups`` blocks of the vocabulary); every token
+    is drawn from its topic's block with probability ``p_group``, else uniformly from the whole
+    vocabulary. A model that has read the prefix knows the topic; without it, the early suffix
+    tokens are much harder to predict.
+    """
+    g = torch.Generator().manual_seed(seed)
+    size = VOCAB // groups
+    topic = torch.randint(0, groups, (n, 1), generator=g)
+    ids = topic * size + torch.randint(0, size, (n, length), generator=g)
+    noise = torch.rand(n, length, generator=g) > p_group
+    return torch.where(noise, torch.randint(0, VOCAB, (n, length), generator=g), ids)
+
+
+def pretrain_on_group_language(model, seed: int, steps: int = 60, lr: float = 1e-2, length: int = 32):
+    """Train a frozen tiny model on :func:`group_language` for a few dozen steps, then freeze it again."""
+    torch.manual_seed(seed)
+    model.requires_grad_(True).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for step in range(steps):
+        ids = group_language(32, length, seed=1000 * seed + step)
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval().requires_grad_(False)
+
+
+def test_short_run_transfers_content_between_two_pretrained_models():
+    from kvlingua.evaluate import evaluate
+
+    P16 = 16
+    backend = LocalBackend({"m0": pretrain_on_group_language(tiny_model("gemma2", seed=10), seed=1),
+                            "m1": pretrain_on_group_language(tiny_model("gemma2", seed=11), seed=2)})
+    held_out = [Batch.same_text(group_language(32, 2 * P16, seed=900 + k), backend.names(), P16) for k in range(2)]
+    before = evaluate(backend, held_out, [("m0", "m1")], {}, first_tokens=4)
+    base, nopre = before.summary_for(("m0", "m1"), "base"), before.summary_for(("m0", "m1"), "no-prefix")
+    assert base.first_mean < nopre.first_mean - 0.2, "the pretrained target must use its prefix"
+
+    def batches():
+        step = 0
+        while True:
+            yield Batch.same_text(group_language(16, 2 * P16, seed=5000 + step), backend.names(), P16)
+            step += 1
+
+    space = make_space(backend, q_dim=32)
+    fit(space, backend, batches(), TrainConfig(steps=30, lr=1e-2), progress=False)
+    res = evaluate(backend, held_out, [("m0", "m1"), ("m1", "m0")], {"translator": space},
+                   first_tokens=4)
+    for path in res.paths:
+        t, ident = res.summary_for(path, "translator"), res.summary_for(path, "identity")
+        nopre, base = res.summary_for(path, "no-prefix"), res.summary_for(path, "base")
+        assert t.nll_mean < ident.nll_mean - 0.3, path
+        assert t.nll_mean < nopre.nll_mean - 0.05, path
+        assert t.first_mean < nopre.first_mean - 0.2, path
+        assert t.content_first > 0.6 and ident.content_first < 0.2, path
