@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,6 +33,7 @@ SpaceFn = Callable[[int], tuple[dict[str, Any], dict[str, Any]]]
 FIXED_KEYS = ("name", "pool", "pool_members", "models", "tokenizer", "run_dir", "ray", "tracking", "langs")
 """Top-level RunConfig fields a sweep may not vary: every trial shares the pool, its hosts and the tracking."""
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _DEFAULTS = {"metric": "eval_nll", "mode": "min", "num_samples": 1}
 
 
@@ -106,11 +108,18 @@ def resolve_space(name: str, n_models: int, overrides: Mapping[str, Any] | None 
         if len(matches) > 1:
             raise ConfigError(f"space override {key!r} matches several keys of space {name!r}: {matches}; "
                               "use the full dotted key")
-        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        values = [_number(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
         if not values:
             raise ConfigError(f"space override {key!r}: empty list of values")
         grid[matches[0] if matches else key] = values
     return grid, kwargs
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; a numeric-looking string becomes a float."""
+    if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def expand(grid: Mapping[str, list]) -> list[dict[str, Any]]:

@@ -64,6 +64,14 @@ def plan(cfg: SweepConfig, progress: bool = False) -> dict[str, Any]:
     configs = validate_trials(RunConfig, base_dict, grid)
     if models is None:
         models = resolve_models(base, progress=progress)
+    if cfg.asha is not None and any(c.train.eval_every < 1 for c in configs):
+        raise ConfigError("asha needs train.eval_every > 0: trials report the eval metric every eval_every steps")
+    metric = cfg.metric or kwargs.get("metric", "eval_nll")
+    if metric != "eval_nll":
+        names = {f"eval_nll/{i}->{j}" for c in configs for i, j in
+                 (c.train.paths or [(a, b) for a in known for b in known])}
+        if metric not in names:
+            raise ConfigError(f"metric {metric!r} names no trained path; choose eval_nll or one of {sorted(names)}")
     jobs = []
     for config in configs:
         try:
@@ -133,21 +141,19 @@ def _tuner(cfg: SweepConfig, trainable, grid: dict, kwargs: dict, sweep_dir: Pat
            callbacks: list, progress: bool) -> tune.Tuner:
     exp_dir = sweep_dir / EXPERIMENT
     if resume:
-        if not tune.Tuner.can_restore(str(exp_dir)):
-            raise ConfigError(f"nothing to resume: no Tune experiment at {exp_dir}")
         return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    if tune.Tuner.can_restore(str(exp_dir)):
-        raise ConfigError(f"{exp_dir} already holds a sweep; resume it with --resume or choose another sweep_dir")
     metric = cfg.metric or kwargs.get("metric", "eval_nll")
     mode = kwargs.get("mode", "min")
     scheduler = None
     if cfg.asha is not None:
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="step", max_t=kwargs["max_steps"],
+        # max_t one past the last step: ASHA stops a trial at max_t, and the final report comes at the last step
+        scheduler = ASHAScheduler(time_attr="step", max_t=kwargs["max_steps"] + 1,
                                   grace_period=cfg.asha.grace_period, reduction_factor=cfg.asha.reduction_factor)
     tune_config = tune.TuneConfig(metric=metric, mode=mode, num_samples=cfg.num_samples or kwargs.get("num_samples", 1),
-                                  max_concurrent_trials=cfg.max_concurrent_trials, scheduler=scheduler)
+                                  max_concurrent_trials=cfg.max_concurrent_trials, scheduler=scheduler,
+                                  reuse_actors=True)  # a trial process imports torch/transformers/mlflow once
     run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(sweep_dir), callbacks=list(callbacks),
                                 verbose=1 if progress else 0)
     return tune.Tuner(trainable, param_space={k: tune.grid_search(v) for k, v in grid.items()},
@@ -170,8 +176,14 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True, 
     """
     t0 = time.perf_counter()
     p = plan(cfg, progress=progress)
+    t_plan = time.perf_counter() - t0
     base, models, jobs = p["base"], p["models"], p["jobs"]
     sweep_dir = cfg.resolved_dir()
+    exp_dir = sweep_dir / EXPERIMENT
+    if resume and not tune.Tuner.can_restore(str(exp_dir)):
+        raise ConfigError(f"nothing to resume: no Tune experiment at {exp_dir}")
+    if not resume and tune.Tuner.can_restore(str(exp_dir)):
+        raise ConfigError(f"{exp_dir} already holds a sweep; resume it with --resume or choose another sweep_dir")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     state_file = sweep_dir / STATE_FILE
     state = json.loads(state_file.read_text()) if resume and state_file.is_file() else {}
@@ -180,8 +192,12 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True, 
     host_opts = replace(base.ray.host_options(), block_dir=str(block_dir))
     _check_resources(cfg, len(models), host_opts.num_cpus, host_opts.num_gpus)
     uri, parent_id = _parent_run(cfg, base, sweep_dir, state)
+    state.update(tracking_uri=uri, parent_run_id=parent_id, extractions=int(state.get("extractions", 0)))
+    state_file.write_text(json.dumps(state, indent=1, default=str) + "\n")  # a hard kill can still be resumed
     host_prefix = f"tune-{cfg.name}-{uuid.uuid4().hex[:8]}-"
+    t_hosts = time.perf_counter()
     hosts = spawn_hosts(models, host_opts, name_prefix=host_prefix, namespace=NAMESPACE)
+    t_hosts = time.perf_counter() - t_hosts
     try:
         t_warm = time.perf_counter()
         distinct = _warm_blocks(hosts, jobs)
@@ -210,7 +226,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True, 
         "trials": len(rows), "expected_trials": expected, "pool_size": len(models),
         "distinct_blocks": distinct, "extractions": extractions, "blocks": len(BlockStore(block_dir)),
         "tracking_uri": uri, "parent_run_id": parent_id, "seconds": {
-            "total": time.perf_counter() - t0, "warm_blocks": t_warm, "tune_fit": t_fit},
+            "total": time.perf_counter() - t0, "plan": t_plan, "start_hosts": t_hosts, "warm_blocks": t_warm,
+            "tune_fit": t_fit},
     }
     summary["files"] = _write_outputs(cfg, p, rows, metric, summary, sweep_dir)
     summary["best"] = summary["files"].pop("best_params", None)

@@ -49,7 +49,7 @@ class SweepConfig:
     """Repeats of the grid; None: the space's default (1)."""
     metric: str | None = None
     """Metric to minimise: ``eval_nll`` (mean held-out NLL of the main space over paths) or
-    ``eval/nll/<src>-><tgt>``; None: the space's default (``eval_nll``)."""
+    ``eval_nll/<src>-><tgt>`` (one path); None: the space's default (``eval_nll``)."""
     max_concurrent_trials: int = 2
     """Trials running at once (they share the model hosts)."""
     trial_cpus: float = 1.0
@@ -73,8 +73,8 @@ class SweepConfig:
             raise ValueError(f"name must be a non-empty name without '/', got {self.name!r}")
         if self.num_samples is not None and self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.metric is not None and not (self.metric == "eval_nll" or self.metric.startswith("eval/nll/")):
-            raise ValueError(f"metric must be 'eval_nll' or 'eval/nll/<src>-><tgt>', got {self.metric!r}")
+        if self.metric is not None and not (self.metric == "eval_nll" or self.metric.startswith("eval_nll/")):
+            raise ValueError(f"metric must be 'eval_nll' or 'eval_nll/<src>-><tgt>', got {self.metric!r}")
         if self.max_concurrent_trials < 1 or self.torch_threads < 1:
             raise ValueError("max_concurrent_trials and torch_threads must be >= 1")
         if self.trial_cpus < 0 or self.trial_gpus < 0 or self.trial_cpus + self.trial_gpus == 0:

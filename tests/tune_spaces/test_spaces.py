@@ -37,7 +37,7 @@ def test_expand_is_the_cartesian_product():
 
 
 def test_overrides_by_suffix_full_key_and_new_axis():
-    grid, kwargs = resolve_space("paper_grid", 2, {"lr": [1e-3, 1e-4], "train.recon_weight": 0.5})
+    grid, kwargs = resolve_space("paper_grid", 2, {"lr": ["1e-3", 1e-4], "train.recon_weight": 0.5})
     assert grid == {"train.lr": [1e-3, 1e-4], "batch_size": [8, 16, 32], "train.recon_weight": [0.5]}
     assert kwargs["metric"] == "eval_nll" and kwargs["mode"] == "min"
     with pytest.raises(ConfigError, match="unknown search space 'nope'.*paper_grid"):
@@ -66,7 +66,10 @@ def test_sweep_refuses_up_front_and_fast(tiny):
     cases = [({}, "nope", "unknown search space 'nope'"),
              ({"space.lr": [-1.0]}, None, "lr must be > 0"),
              ({"space.train.nonsense": [1]}, None, "train has no key 'nonsense'"),
-             ({"space.batch_size": [1]}, None, "batch_size must be >= 2")]
+             ({"space.batch_size": [1]}, None, "batch_size must be >= 2"),
+             ({"asha": {"grace_period": 2}, "base.train.eval_every": 0}, None, "asha needs train.eval_every > 0"),
+             ({"metric": "eval_nll/a->zz"}, None, "names no trained path"),
+             ({"space.models.a": ["x"]}, None, "'models' is fixed")]
     for overrides, space, message in cases:
         t0 = time.perf_counter()
         with pytest.raises(ConfigError, match=message):
