@@ -55,19 +55,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up) and its last result."""
-    out = fn()
-    times = []
+def timed(fns: dict, repeats: int) -> tuple[dict[str, float], dict]:
+    """Median wall time of each ``fn()`` and its last result, interleaved round by round.
+
+    One warm-up call each, then ``repeats`` rounds that call every function once, so load
+    changes on a shared machine hit every candidate alike.
+    """
+    outs = {k: fn() for k, fn in fns.items()}
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            outs[k] = fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}, outs
 
 
-def random_pool(size: str):
-    """Two random Gemma-2 models of rung ``size`` and random default / latency-oriented spaces."""
+def random_models(size: str) -> dict:
+    """Two random Gemma-2 models (``src``, ``tgt``) of size rung ``size``, vocabulary 8192."""
     from transformers import Gemma2ForCausalLM
 
     from kvlingua.models import freeze
@@ -79,7 +84,7 @@ def random_pool(size: str):
         cfg = gemma2_config(size, vocab_size=8192)
         cfg._attn_implementation = "eager"
         models[name] = freeze(Gemma2ForCausalLM(cfg))
-    return models, None, None
+    return models
 
 
 def main(argv=None) -> int:
@@ -94,7 +99,7 @@ def main(argv=None) -> int:
         models, spaces, tokenizer = pool.models, {"default": pool.space}, pool.tokenizer
         trained["default"] = True
     else:
-        models, _, _ = random_pool(args.size)
+        models = random_models(args.size)
         spaces = {}
     names = list(models)
     source = args.source or names[0]
@@ -124,22 +129,25 @@ def main(argv=None) -> int:
     src_block = extract_prefix(models[source], prefix)  # [B, P, L_s, D_s]: the source has read the prefix anyway
     rows = []
     with torch.no_grad():
-        t_pre, own = timed(lambda: extract_prefix(models[target], prefix), args.repeats)
-        nll = suffix_token_nll(models[target], own, suffix).mean().item()
+        kinds = ("default", "latency", "1 layer")
+        fns = {"prefill": lambda: extract_prefix(models[target], prefix)}
+        fns.update({k: (lambda sp=spaces[k]: sp.translate(src_block, source, target)) for k in kinds})
+        secs, outs = timed(fns, args.repeats)
+        t_pre = secs["prefill"]
+        nll = suffix_token_nll(models[target], outs["prefill"], suffix).mean().item()
         rows.append({"method": "re-prefill (target reads the text)", "ms": 1e3 * t_pre, "ratio": 1.0, "suffix_nll": nll,
                      "trained": True})
-        for kind in ("default", "latency", "1 layer"):
-            space = spaces[kind]
-            t, block = timed(lambda: space.translate(src_block, source, target), args.repeats)
-            nll = suffix_token_nll(models[target], block, suffix).mean().item()
+        for kind in kinds:
+            space, t = spaces[kind], secs[kind]
+            nll = suffix_token_nll(models[target], outs[kind], suffix).mean().item()
             depth = space.cfg.num_layers or L
             label = f"translate ({kind}: {min(depth, L)}/{L} layers, D'={space.cfg.embed_dim_factor:g}D)"
-            rows.append({"method": label, "ms": 1e3 * t,
-                         "ratio": t / t_pre, "suffix_nll": nll, "trained": trained[kind]})
+            rows.append({"method": label, "ms": 1e3 * t, "ratio": t / t_pre, "suffix_nll": nll,
+                         "trained": trained[kind]})
         none_nll = suffix_token_nll(models[target], None, suffix).mean().item()
 
     print(f"source {source} -> target {target}; prefix {args.prefix} tokens, suffix {args.suffix}, batch {args.batch}, "
-          f"{args.threads} torch thread(s), median of {args.repeats}")
+          f"{args.threads} torch thread(s), median of {args.repeats} interleaved rounds")
     print(f"{'method':48s} {'time ms':>9s} {'x re-prefill':>13s} {'suffix NLL':>11s}")
     for r in rows:
         flag = "" if r["trained"] else "  (untrained adapters)"
