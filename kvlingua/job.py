@@ -35,6 +35,27 @@ def _default_spaces() -> dict[str, SpaceConfig]:
     return {"translator": SpaceConfig(), "linear": SpaceConfig(adapter="linear")}
 
 
+def check_run_settings(prefix_len: int, suffix_len: int, batch_size: int, spaces: dict, eval_split: str) -> None:
+    """Checks shared by :class:`TrainJob` and the run config, so bad settings fail before any compute."""
+    if not spaces:
+        raise ValueError("spaces: name at least one shared space to train")
+    if prefix_len < 1 or suffix_len < 2:
+        raise ValueError(f"prefix_len must be >= 1 and suffix_len >= 2, got {prefix_len} and {suffix_len}")
+    if batch_size < 2:
+        raise ValueError("batch_size must be >= 2 (the content control rolls the batch)")
+    if eval_split not in ("train", "validation", "test"):
+        raise ValueError(f"eval_split must be train, validation or test, got {eval_split!r}")
+
+
+def check_space_fits(spaces: dict[str, SpaceConfig], layers: dict[str, int]) -> None:
+    """Σ's width Q must be divisible by every member's layer count (``layers``: name -> L)."""
+    for space_name, cfg in spaces.items():
+        bad = {m: L for m, L in layers.items() if cfg.q_dim % L}
+        if bad:
+            raise ValueError(f"spaces.{space_name}.q_dim={cfg.q_dim} is not divisible by the layer count of "
+                             f"{', '.join(f'{m} (L={L})' for m, L in bad.items())}")
+
+
 @dataclass(frozen=True)
 class TrainJob:
     """Everything one Σ-training run needs. Crosses Ray as ``to_dict``/``from_dict``."""
@@ -69,18 +90,11 @@ class TrainJob:
     def __post_init__(self) -> None:
         if not self.models:
             raise ValueError("models: a pool needs at least one model")
-        if not self.spaces:
-            raise ValueError("spaces: name at least one shared space to train")
-        if self.prefix_len < 1 or self.suffix_len < 2:
-            raise ValueError("prefix_len must be >= 1 and suffix_len >= 2")
-        if self.batch_size < 2:
-            raise ValueError("batch_size must be >= 2 (the content control rolls the batch)")
+        check_run_settings(self.prefix_len, self.suffix_len, self.batch_size, self.spaces, self.eval_split)
         if self.langs is not None:
             missing = sorted(set(self.models) - set(self.langs))
             if missing:
                 raise ValueError(f"langs: no language given for model(s) {missing}")
-        if self.eval_split not in ("train", "validation", "test"):
-            raise ValueError(f"eval_split must be train, validation or test, got {self.eval_split!r}")
 
     @property
     def names(self) -> list[str]:

