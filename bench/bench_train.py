@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                         suffix=args.suffix, vocab=vocab, warmup=args.warmup, threads=args.threads,
                         space=dict(q_dim=48, n_heads=2, embed_dim_factor=1.0),
                         train=dict(steps=args.steps, lr=1e-3, log_every=1))
+        summary = {m: arch_summary(path) for m, path in settings["models"].items()}
         local = LocalBackend({m: load_frozen(path) for m, path in settings["models"].items()})
         results = {"in-process (LocalBackend)": measure(local, settings)}
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -165,7 +166,6 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             ray.shutdown()
     base = results["in-process (LocalBackend)"]
-    summary = {m: arch_summary(path) for m, path in settings["models"].items()}
     print(f"pool: {', '.join(f'{m}={s.model_type} L={s.num_layers} D={s.width}' for m, s in summary.items())}; "
           f"B={args.batch} P={args.prefix} S={args.suffix}; {args.steps - args.warmup} timed steps, "
           f"{args.threads} torch thread(s) per process")

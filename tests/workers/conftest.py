@@ -71,5 +71,6 @@ def make_tiny_job(root, *, steps: int = 6, name: str = "tiny", spaces: tuple[str
         name=name, models={"a": str(root / "a"), "b": str(root / "b")}, tokenizer=str(root / "tok"),
         out_dir=str(root / f"out-{name}"), data=data, prefix_len=8, suffix_len=8, batch_size=batch_size,
         spaces={s: space_cfgs[s] for s in spaces}, eval=EvalConfig(batches=2, first_tokens=4),
-        train=TrainConfig(steps=steps, lr=lr, warmup_frac=0.0, log_every=1, checkpoint_every=checkpoint_every),
+        train=TrainConfig(steps=steps, lr=lr, warmup_frac=0.0, log_every=1, eval_every=steps,
+                          checkpoint_every=checkpoint_every),
     )
