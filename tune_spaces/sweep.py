@@ -66,6 +66,8 @@ def plan(cfg: SweepConfig, progress: bool = False) -> dict[str, Any]:
         models = resolve_models(base, progress=progress)
     if cfg.asha is not None and any(c.train.eval_every < 1 for c in configs):
         raise ConfigError("asha needs train.eval_every > 0: trials report the eval metric every eval_every steps")
+    if cfg.asha is not None and any(c.train.steps < cfg.asha.grace_period for c in configs):
+        raise ConfigError(f"asha.grace_period={cfg.asha.grace_period} exceeds train.steps of some trials")
     metric = cfg.metric or kwargs.get("metric", "eval_nll")
     if metric != "eval_nll":
         names = {f"eval_nll/{i}->{j}" for c in configs for i, j in

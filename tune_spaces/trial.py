@@ -10,7 +10,8 @@ space of the job with :func:`kvlingua.train.fit` over a :class:`~workers.backend
 
 Reports (``tune.report``): every ``train.eval_every`` steps while the main space trains
 (``step``, ``eval_nll`` = mean held-out NLL over paths, ``eval_nll/<i>-><j>``; ASHA
-decides on these), then once more after the full evaluation with ``final=True``. The
+decides on these), except the last step, which is reported once, after the full
+evaluation, with ``final=True``. The
 trial writes ``eval.json``, ``eval.md`` and ``histories.json`` into its directory and
 logs to an MLflow run nested under the sweep's run (``mlflow.parentRunId``).
 """
@@ -161,7 +162,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
                 def eval_fn(step: int, inner=inner) -> dict[str, float]:
                     metrics = inner(step)
                     nll = {path_name(p): metrics[f"eval/nll/{path_name(p)}"] for p in paths}
-                    tune.report({"step": step, "final": False, "mlflow_run_id": run_id, **path_metrics(nll)})
+                    if step < job.train.steps:  # the last step is reported once, with the full evaluation
+                        tune.report({"step": step, "final": False, "mlflow_run_id": run_id, **path_metrics(nll)})
                     return metrics
 
             track = tracker if name == main else _Prefixed(tracker, name)

@@ -69,6 +69,7 @@ def test_sweep_refuses_up_front_and_fast(tiny):
              ({"space.batch_size": [1]}, None, "batch_size must be >= 2"),
              ({"asha": {"grace_period": 2}, "base.train.eval_every": 0}, None, "asha needs train.eval_every > 0"),
              ({"metric": "eval_nll/a->zz"}, None, "names no trained path"),
+             ({"asha": {"grace_period": 50}}, None, "exceeds train.steps"),
              ({"space.models.a": ["x"]}, None, "'models' is fixed")]
     for overrides, space, message in cases:
         t0 = time.perf_counter()
