@@ -24,7 +24,7 @@ _NLL = "eval/nll/"
 
 def _parse_curves(history: Sequence[dict]) -> tuple[dict[tuple[str, str, str | None], list[tuple[int, float]]],
                                                       dict[tuple[str, str], float]]:
-    """History -> curves ``(source, target, condition|None) -> [(step, nll)]`` and references ``(target, ref) -> nll``."""
+    """History -> curves ``(source, target, condition|None) -> [(step, nll)]``, references ``(target, ref) -> nll``."""
     curves: dict[tuple[str, str, str | None], list[tuple[int, float]]] = {}
     refs: dict[tuple[str, str], float] = {}
     for rec in history:

@@ -138,7 +138,8 @@ class TrainConfig:
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or self.recon_weight < 0:
-            raise ValueError(f"weight_decay and recon_weight must be >= 0, got {self.weight_decay}, {self.recon_weight}")
+            raise ValueError(
+                f"weight_decay and recon_weight must be >= 0, got {self.weight_decay}, {self.recon_weight}")
         if not 0 <= self.warmup_frac < 1:
             raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
         if not self.grad_clip > 0:
@@ -206,7 +207,8 @@ def _space_device(space: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def train_step(space: nn.Module, backend: PoolBackend, batch: Batch, paths: list[PathT], cfg: TrainConfig) -> dict[str, float]:
+def train_step(space: nn.Module, backend: PoolBackend, batch: Batch, paths: list[PathT],
+               cfg: TrainConfig) -> dict[str, float]:
     """Losses of one batch over ``paths``; accumulates gradients into the adapters (no optimiser step).
 
     Returns metrics: ``loss`` (mean over paths), and per path ``loss/i->j``, ``suffix/i->j``
@@ -348,7 +350,8 @@ def fit(
         state.step += 1
         last = state.step == cfg.steps
         bar.update(1)
-        bar.set_postfix({k.split("/", 1)[1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("suffix/")} | {"loss": f"{metrics['loss']:.3f}"})
+        per_path = {k.split("/", 1)[1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("suffix/")}
+        bar.set_postfix({**per_path, "loss": f"{metrics['loss']:.3f}"})
         if last or (cfg.log_every and state.step % cfg.log_every == 0):
             state.history.append({"step": state.step, "kind": "train", **metrics})
             if is_main:

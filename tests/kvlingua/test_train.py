@@ -63,7 +63,8 @@ def test_train_config_checks_and_yaml_mirror():
     assert cfg.trainable == ("c",) and cfg.paths == (("a", "c"), ("c", "c"))
     for bad, match in [({"steps": 0}, "steps"), ({"steps": 5, "lr": 0.0}, "lr"),
                        ({"steps": 5, "precision": "fp16"}, "precision"), ({"steps": 5, "warmup_frac": 1.0}, "warmup"),
-                       ({"steps": 5, "paths_per_step": 0}, "paths_per_step"), ({"steps": 5, "trainable": []}, "trainable"),
+                       ({"steps": 5, "paths_per_step": 0}, "paths_per_step"),
+                       ({"steps": 5, "trainable": []}, "trainable"),
                        ({"steps": 5, "grad_clip": 0.0}, "grad_clip"), ({"steps": 5, "log_every": -1}, "log_every"),
                        ({"steps": 5, "stepz": 1}, "unknown key")]:
         with pytest.raises(ConfigError, match=match):
