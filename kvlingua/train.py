@@ -274,6 +274,8 @@ def fit(
 ) -> TrainState:
     """Train the space's adapters until ``cfg.steps`` optimiser steps are done.
 
+    Leaves ``requires_grad`` on for the trainable models' adapters and off for the rest.
+
     Args:
         space: the SharedSpace (its ``names`` are the models paths are drawn from).
         backend: the frozen pool.
