@@ -33,7 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import Gemma2ForCausalLM, PreTrainedModel
 
-from kvlingua.config import from_dict, to_dict
+from kvlingua.config import ConfigError, from_dict, to_dict
 from kvlingua.data.views import DataConfig
 from kvlingua.pretrain.context import context_use
 from kvlingua.pretrain.sizes import SIZES, gemma2_config, param_counts
@@ -212,7 +212,8 @@ def evaluate_member(model: PreTrainedModel, val: Tensor, cfg: PretrainConfig) ->
     return out
 
 
-def _load_chunks(cfg: PretrainConfig, tokenizer) -> dict[str, Tensor]:
+def load_chunks(cfg: PretrainConfig, tokenizer) -> dict[str, Tensor]:
+    """Packed ``train`` and ``validation`` rows ``[N, seq_len]`` of ``cfg.data``."""
     from kvlingua.data.views import token_chunks
 
     train = token_chunks(cfg.data, tokenizer, "train", cfg.seq_len)
@@ -220,7 +221,8 @@ def _load_chunks(cfg: PretrainConfig, tokenizer) -> dict[str, Tensor]:
     return {"train": train, "validation": val}
 
 
-def _check_chunks(chunks: dict[str, Tensor], cfg: PretrainConfig, vocab_size: int) -> tuple[Tensor, Tensor]:
+def check_chunks(chunks: dict[str, Tensor], cfg: PretrainConfig, vocab_size: int) -> tuple[Tensor, Tensor]:
+    """Validate ``{"train", "validation"}`` rows; returns train ``[N, T]`` and the first ``eval_rows`` validation rows."""
     train, val = chunks["train"], chunks["validation"]
     for name, t in (("train", train), ("validation", val)):
         if t.dim() != 2 or t.shape[1] != cfg.seq_len:
@@ -235,6 +237,7 @@ def _check_chunks(chunks: dict[str, Tensor], cfg: PretrainConfig, vocab_size: in
 
 
 def read_config(path: Path) -> PretrainConfig:
+    """The :class:`PretrainConfig` stored in a member's ``pretrain_config.json``."""
     return from_dict(PretrainConfig, json.loads(path.read_text()), where=str(path))
 
 
@@ -247,7 +250,7 @@ def is_finished(out_dir: Path, cfg: PretrainConfig) -> bool:
     if stored != cfg:
         a, b = to_dict(stored), to_dict(cfg)
         diff = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
-        raise ValueError(f"{out_dir} holds a run of a different config ({'; '.join(diff)}); "
+        raise ConfigError(f"{out_dir} holds a run of a different config ({'; '.join(diff)}); "
                          "delete it or rerun with --force")
     return (out_dir / METRICS_FILE).is_file()
 
@@ -292,7 +295,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, tokenizer_dir: str | Path
         torch.set_num_threads(cfg.threads)
     tokenizer = load_tokenizer(tokenizer_dir)
     vocab = len(tokenizer)
-    train, val = _check_chunks(chunks if chunks is not None else _load_chunks(cfg, tokenizer), cfg, vocab)
+    train, val = check_chunks(chunks if chunks is not None else load_chunks(cfg, tokenizer), cfg, vocab)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=1))
 

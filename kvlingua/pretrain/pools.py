@@ -114,7 +114,7 @@ def _snapshot_member(cfg: PoolConfig, m: MemberConfig, root: Path, tokenizer_dir
     """Copy ``m.snapshot_of``'s snapshot into ``root/<m.name>`` and evaluate it there (once)."""
     from kvlingua.data.tokenizer import load_tokenizer
     from kvlingua.models import load_frozen
-    from kvlingua.pretrain.loop import _check_chunks, _load_chunks
+    from kvlingua.pretrain.loop import check_chunks, load_chunks
 
     dest = root / m.name
     if (dest / METRICS_FILE).is_file():
@@ -126,7 +126,7 @@ def _snapshot_member(cfg: PoolConfig, m: MemberConfig, root: Path, tokenizer_dir
     shutil.copytree(src, dest)
     model = load_frozen(dest)
     tokenizer = load_tokenizer(tokenizer_dir)
-    _, val = _check_chunks(_load_chunks(src_cfg, tokenizer), src_cfg, len(tokenizer))
+    _, val = check_chunks(load_chunks(src_cfg, tokenizer), src_cfg, len(tokenizer))
     metrics = {"name": m.name, "snapshot_of": to_dict(m.snapshot_of), **evaluate_member(model, val, src_cfg)}
     (dest / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
 
