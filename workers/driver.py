@@ -90,17 +90,31 @@ class RayConfig:
                            block_dir=self.block_dir)
 
 
+def _submitted_job_env_vars() -> dict:
+    """Env vars of the runtime env of the Ray job this driver was submitted as (``ray job submit``), if any."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+
+
 def connect(address: str | None = None) -> None:
-    """Connect to ``address`` / ``$RAY_ADDRESS``, or start an embedded local Ray (no dashboard)."""
+    """Connect to ``address`` / ``$RAY_ADDRESS``, or start an embedded local Ray (no dashboard).
+
+    Workers get this process's zero-copy / Train settings and ``KVLINGUA_HOME`` as runtime-env
+    variables, except those a submitted job's runtime env already sets (Ray refuses a conflict).
+    """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    job_env = _submitted_job_env_vars()
     env = {k: os.environ[k] for k in ("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-                                      "KVLINGUA_HOME") if k in os.environ}
+                                      "KVLINGUA_HOME") if k in os.environ and k not in job_env}
+    runtime_env = {"env_vars": env} if env else None
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env)
     else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env})
+        ray.init(include_dashboard=False, runtime_env=runtime_env)
 
 
 def requested_resources(job: TrainJob, cfg: RayConfig) -> dict[str, float]:
