@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -26,7 +26,7 @@ from kvlingua.paths import PathSampler
 from kvlingua.pool import PoolMember, save_pool
 from kvlingua.report import plot_history
 from kvlingua.space import SharedSpace
-from kvlingua.tracking import NullTracker, Tracker
+from kvlingua.tracking import NullTracker, Tracker, space_tracker
 from kvlingua.train import Batch, TrainConfig, TrainState, fit
 from kvlingua.translator import SpaceConfig
 
@@ -167,6 +167,12 @@ def build_space(job: TrainJob, name: str, summaries: dict[str, ArchSummary]) -> 
     return SharedSpace({m: summaries[m] for m in job.models}, job.spaces[name])
 
 
+def main_space(spaces: Iterable[str]) -> str:
+    """The space a run is about (its pool is ``out_dir/pool``): ``translator`` if trained, else the first."""
+    names = list(spaces)
+    return "translator" if "translator" in names else names[0]
+
+
 def allowed_paths(job: TrainJob) -> list[tuple[str, str]]:
     """All (source, target) paths the job trains and evaluates."""
     return PathSampler(job.names, None, job.train.seed, job.train.paths, job.train.trainable).allowed
@@ -203,7 +209,7 @@ def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
     result.to_json(files["eval_json"])
     markdown = result.to_markdown()
     files["eval_md"].write_text(markdown)
-    main = "translator" if "translator" in spaces else next(iter(spaces))
+    main = main_space(job.spaces)
     plot_history({name: h for name, h in histories.items()}, files["plot"])
     members = pool_members(job)
     for name, space in spaces.items():
@@ -228,7 +234,7 @@ def run_local(job: TrainJob, tracker: Tracker | None = None, progress: bool = Tr
     spaces, histories = {}, {}
     for name in job.spaces:
         space = build_space(job, name, summaries)
-        state = fit(space, backend, train_batches(job), job.train, tracker=tracker,
+        state = fit(space, backend, train_batches(job), job.train, tracker=space_tracker(tracker, name, main_space(job.spaces)),
                     eval_fn=quick_eval_fn(space, backend, held_out, allowed_paths(job), job.eval.first_tokens),
                     progress=progress)
         spaces[name], histories[name] = space, state.history

@@ -52,6 +52,30 @@ class NullTracker:
         pass
 
 
+class PrefixedTracker:
+    """Prefixes metric names (``linear/loss``) so several shared spaces can log into one run."""
+
+    def __init__(self, inner: Tracker, prefix: str):
+        self.inner, self.prefix = inner, prefix
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.inner.log_params(params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.inner.log_metrics({f"{self.prefix}/{k}": v for k, v in metrics.items()}, step)
+
+    def log_artifact(self, path: str | Path) -> None:
+        self.inner.log_artifact(path)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def space_tracker(tracker: Tracker, space: str, main: str) -> Tracker:
+    """The tracker a space's training logs to: the run's own for the main space, prefixed for the others."""
+    return tracker if space == main else PrefixedTracker(tracker, space)
+
+
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """``{"train": {"lr": 1e-3}} -> {"train.lr": "0.001"}``; lists and tuples become their ``str``."""
     flat: dict[str, str] = {}

@@ -33,12 +33,12 @@ from ray import tune
 
 from kvlingua.blockstore import BlockStore, ids_digest
 from kvlingua.config import ConfigError, from_dict, to_dict
-from kvlingua.job import TrainJob, eval_batches, train_batches
+from kvlingua.job import TrainJob, eval_batches, main_space, train_batches
 from orchestrator.run_config import RunConfig, load_run_config, resolve_models, to_job
 from tune_spaces.results import best_row, to_markdown, trial_row, write_best_config, write_csv
 from tune_spaces.spaces import apply_params, resolve_space, validate_trials
 from tune_spaces.sweep_config import SweepConfig
-from tune_spaces.trial import TrialContext, main_space, run_trial
+from tune_spaces.trial import TrialContext, run_trial
 from workers.driver import NAMESPACE, connect
 from workers.host import spawn_hosts
 

@@ -27,14 +27,12 @@ import workers  # noqa: F401  (Ray environment before ``import ray``)
 import ray
 import torch
 from ray import tune
-from torch import nn
 
-from kvlingua.cache import KVBlock
 from kvlingua.config import from_dict, to_dict
 from kvlingua.evaluate import evaluate, make_eval_fn
-from kvlingua.job import allowed_paths, build_space, eval_batches, train_batches
+from kvlingua.job import allowed_paths, main_space, build_space, eval_batches, train_batches
 from kvlingua.paths import path_name
-from kvlingua.tracking import MlflowTracker, NullTracker, Tracker
+from kvlingua.tracking import MlflowTracker, NullTracker, PrefixedTracker, Tracker
 from kvlingua.train import fit
 from orchestrator.run_config import RunConfig, to_job
 from tune_spaces.spaces import apply_params
@@ -65,62 +63,6 @@ class TrialContext:
     """MLflow experiment."""
     parent_run_id: str | None = None
     """The sweep's MLflow run; each trial's run is nested under it."""
-
-
-class _Prefixed:
-    """A tracker that prefixes metric names (``linear/loss``) so several spaces share one run."""
-
-    def __init__(self, inner: Tracker, prefix: str):
-        self.inner, self.prefix = inner, prefix
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        self.inner.log_params(params)
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        self.inner.log_metrics({f"{self.prefix}/{k}": v for k, v in metrics.items()}, step)
-
-    def log_artifact(self, path) -> None:
-        self.inner.log_artifact(path)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class _EvalBlock(KVBlock):
-    """A translated block with ``.float()`` and ``.cpu()``, which ``kvlingua.evaluate.evaluate`` calls."""
-
-    def float(self) -> "_EvalBlock":
-        return _EvalBlock(self.keys.float(), self.values.float(), self.n_kv_heads)
-
-    def cpu(self) -> KVBlock:
-        return KVBlock(self.keys.cpu(), self.values.cpu(), self.n_kv_heads)
-
-
-class _EvalView(nn.Module):
-    """The space as ``evaluate`` sees it: same parameters and mode, ``translate`` returns an :class:`_EvalBlock`.
-
-    ``kvlingua.evaluate.evaluate`` calls ``out.float().cpu()`` on the translated block, which
-    :class:`~kvlingua.cache.KVBlock` does not define; this view supplies both until it does.
-    """
-
-    def __init__(self, space: nn.Module):
-        super().__init__()
-        self.space = space
-
-    def translate(self, block: KVBlock, source: str, target: str) -> _EvalBlock:
-        out = self.space.translate(block, source, target)  # [B, P, L_j, D_j]
-        return _EvalBlock(out.keys, out.values, out.n_kv_heads)
-
-
-def for_evaluate(space: nn.Module) -> nn.Module:
-    """``space`` itself once ``KVBlock`` has ``float``/``cpu``; until then :class:`_EvalView`."""
-    return space if hasattr(KVBlock, "float") and hasattr(KVBlock, "cpu") else _EvalView(space)
-
-
-def main_space(names) -> str:
-    """The space whose eval NLL is the sweep metric: ``translator`` if present, else the first."""
-    names = list(names)
-    return "translator" if "translator" in names else names[0]
 
 
 def path_metrics(nll_by_path: Mapping[str, float]) -> dict[str, float]:
@@ -157,7 +99,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             space = build_space(job, name, summaries)
             eval_fn = None
             if name == main:
-                inner = make_eval_fn(backend, held_out, paths, for_evaluate(space), first_tokens=job.eval.first_tokens)
+                inner = make_eval_fn(backend, held_out, paths, space, first_tokens=job.eval.first_tokens)
 
                 def eval_fn(step: int, inner=inner) -> dict[str, float]:
                     metrics = inner(step)
@@ -166,11 +108,11 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
                         tune.report({"step": step, "final": False, "mlflow_run_id": run_id, **path_metrics(nll)})
                     return metrics
 
-            track = tracker if name == main else _Prefixed(tracker, name)
+            track = tracker if name == main else PrefixedTracker(tracker, name)
             state = fit(space, backend, train_batches(job), job.train, tracker=track, eval_fn=eval_fn,
                         progress=False)
             spaces[name], histories[name] = space, state.history
-        result = evaluate(backend, eval_batches(job), paths, {n: for_evaluate(sp) for n, sp in spaces.items()},
+        result = evaluate(backend, eval_batches(job), paths, spaces,
                           first_tokens=job.eval.first_tokens)
         result.to_json(out_dir / "eval.json")
         (out_dir / "eval.md").write_text(result.to_markdown())

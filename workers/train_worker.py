@@ -33,11 +33,11 @@ from torch import nn
 
 from kvlingua.backend import LocalBackend, PoolBackend
 from kvlingua.config import from_dict
-from kvlingua.job import TrainJob, allowed_paths, build_space, eval_batches, finish, quick_eval_fn, train_batches
+from kvlingua.job import TrainJob, main_space, allowed_paths, build_space, eval_batches, finish, quick_eval_fn, train_batches
 from kvlingua.models import load_frozen
 from kvlingua.paths import PathSampler
 from kvlingua.space import SharedSpace
-from kvlingua.tracking import MlflowTracker, NullTracker, Tracker
+from kvlingua.tracking import MlflowTracker, NullTracker, Tracker, space_tracker
 from kvlingua.train import TrainConfig, TrainState, fit, load_checkpoint, save_checkpoint
 from workers.backend import RayBackend
 from workers.streaming import BlockPrefetcher
@@ -147,7 +147,7 @@ def train_loop(config: dict) -> None:
         if isinstance(backend, RayBackend) and config["prefetch"] > 0:
             batches = BlockPrefetcher(backend, batches, config["prefetch"], step_sources(space, cfg), start)
         eval_fn = quick_eval_fn(space, backend, held_out, allowed_paths(job)) if is_main else None
-        states[name] = fit(space, backend, batches, cfg, tracker=tracker, state=state, eval_fn=eval_fn,
+        states[name] = fit(space, backend, batches, cfg, tracker=space_tracker(tracker, name, main_space(job.spaces)), state=state, eval_fn=eval_fn,
                            checkpoint_fn=checkpoint_fn, grad_sync=allreduce_mean if world > 1 else None,
                            is_main=is_main, progress=config["progress"] and is_main)
         done.append(name)
