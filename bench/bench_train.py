@@ -16,7 +16,9 @@ safetensors), the same batches and the same shared space are trained with
 
 Training tokens/s = steps x batch x (prefix + suffix) / wall time, timed from the
 end of the warm-up steps to the last step (a tracker records the time of every
-step). Printed side by side with the ratio to the in-process loop (target >= 0.8x).
+step). Printed side by side with the ratio to the in-process loop (target >= 0.8x),
+which is measured before and after the Ray runs and averaged (load on a shared
+machine drifts; the two in-process numbers show how much).
 Every process uses ``--threads`` torch threads.
 """
 from __future__ import annotations
@@ -158,14 +160,18 @@ def main(argv: list[str] | None = None) -> None:
                         train=dict(steps=args.steps, lr=1e-3, log_every=1))
         summary = {m: arch_summary(path) for m, path in settings["models"].items()}
         local = LocalBackend({m: load_frozen(path) for m, path in settings["models"].items()})
-        results = {"in-process (LocalBackend)": measure(local, settings)}
+        before = measure(local, settings)
+        results = {}
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             results["hosted (ModelHost actors)"] = run_on_ray("hosted", settings, args.prefetch)
             results["colocated (models in worker)"] = run_on_ray("colocated", settings, args.prefetch)
         finally:
             ray.shutdown()
-    base = results["in-process (LocalBackend)"]
+        after = measure(local, settings)
+    # the reference is measured before and after the Ray runs (a shared machine's load drifts)
+    base = (before + after) / 2
+    results = {"in-process, before Ray": before, "in-process, after Ray": after, **results}
     print(f"pool: {', '.join(f'{m}={s.model_type} L={s.num_layers} D={s.width}' for m, s in summary.items())}; "
           f"B={args.batch} P={args.prefix} S={args.suffix}; {args.steps - args.warmup} timed steps, "
           f"{args.threads} torch thread(s) per process")
