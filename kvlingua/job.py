@@ -205,12 +205,13 @@ def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
     for s in spaces.values():
         s.eval()
     result = evaluate(backend, eval_batches(job), allowed_paths(job), spaces, first_tokens=job.eval.first_tokens)
-    files = {"eval_json": out / "eval.json", "eval_md": out / "eval.md", "plot": out / "eval_nll.png"}
+    files = {"eval_json": out / "eval.json", "eval_md": out / "eval.md"}
     result.to_json(files["eval_json"])
     markdown = result.to_markdown()
     files["eval_md"].write_text(markdown)
     main = main_space(job.spaces)
-    plot_history({name: h for name, h in histories.items()}, files["plot"])
+    if any(rec.get("kind") == "eval" for h in histories.values() for rec in h):  # train.eval_every > 0
+        files["plot"] = plot_history(histories, out / "eval_nll.png", references=result)
     members = pool_members(job)
     for name, space in spaces.items():
         pool_dir = out / ("pool" if name == main else f"pool-{name}")

@@ -146,6 +146,23 @@ class MlflowTracker:
         self.run_id: str = run.info.run_id
         self._closed = False
 
+    @classmethod
+    def attach(cls, tracking_uri: str, run_id: str) -> "MlflowTracker":
+        """Write into an existing run that someone else owns (e.g. the driver's run, from a Ray Train rank).
+
+        ``close`` on the returned tracker leaves the run open: its owner ends it.
+        """
+        from mlflow import MlflowClient
+
+        self = cls.__new__(cls)
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        run = self.client.get_run(run_id)  # raises if the run does not exist
+        self.experiment_id = run.info.experiment_id
+        self.run_id = run_id
+        self._closed = True
+        return self
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 

@@ -46,18 +46,6 @@ PROGRESS_FILE = "progress.json"
 """In a checkpoint: ``{"done": [finished spaces], "current": space or null}``."""
 
 
-class AttachedMlflowTracker(MlflowTracker):
-    """An :class:`MlflowTracker` that writes into an existing run (the driver's) instead of a new one."""
-
-    def __init__(self, tracking_uri: str, run_id: str):
-        from mlflow import MlflowClient
-
-        self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.run_id = run_id
-        self._closed = True  # the driver owns the run and ends it
-
-
 def allreduce_mean(params: list[nn.Parameter]) -> None:
     """Average the gradients of ``params`` over all ranks with one flat all-reduce."""
     grads = [p.grad for p in params]
@@ -111,7 +99,7 @@ def train_loop(config: dict) -> None:
     backend = make_backend(job, config, device)
     summaries = {m: backend.summary(m) for m in job.models}
     tracking = config.get("tracking")
-    tracker: Tracker = AttachedMlflowTracker(tracking["uri"], tracking["run_id"]) if is_main and tracking \
+    tracker: Tracker = MlflowTracker.attach(tracking["uri"], tracking["run_id"]) if is_main and tracking \
         else NullTracker()
 
     spaces, states, done, current = {}, {}, [], None
