@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
-from kvlingua.cache import KVBlock, arch_summary, check_block_fits, fingerprint
+from kvlingua.cache import KVBlock, check_block_fits
 from kvlingua.config import from_dict
 from kvlingua.generate import (
     GenerationParams,
@@ -33,7 +33,7 @@ from kvlingua.generate import (
     prefill,
 )
 from kvlingua.models import load_frozen
-from kvlingua.pool import PoolMismatchError, load_pool
+from kvlingua.pool import PoolMismatchError, load_pool, verify_member
 from kvlingua.space import LatentBlock
 from serve_apps.options import ServeOptions
 
@@ -63,11 +63,7 @@ class PoolModelServer:
         member = members[name]
         model = load_frozen(member.path, device=opts.device)
         if opts.verify:
-            diffs = arch_summary(model).diff(member.summary)
-            if diffs:
-                raise PoolMismatchError(f"model {name!r}: {'; '.join(diffs)} (checkpoint != pool.json)")
-            if fingerprint(model) != member.fingerprint:
-                raise PoolMismatchError(f"model {name!r}: weights changed since the pool was trained ({member.path})")
+            verify_member(member, model)
         self.model = model.to(getattr(torch, opts.dtype))
         self.name = name
         self.summary = member.summary

@@ -148,5 +148,6 @@ def train_loop(config: dict) -> None:
         if is_main:
             _write_checkpoint(Path(tmp), spaces, states, done, None)
         ckpt = ray.train.Checkpoint.from_directory(tmp) if is_main else None
-        ray.train.report({"space": "", "step": cfg.steps, "result": json.dumps(result)}, checkpoint=ckpt,
+        summary = {k: v for k, v in result.items() if k != "eval"}  # the table and file paths; eval.json has the rest
+        ray.train.report({"space": "", "step": cfg.steps, "result": json.dumps(summary)}, checkpoint=ckpt,
                          checkpoint_dir_name="final")

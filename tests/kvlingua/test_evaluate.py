@@ -21,15 +21,6 @@ P, S, B = 5, 7, 3
 FIRST = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; two threads on a loaded 2-core machine measured ~40x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup():
     models = {"a": tiny_model("gemma2", seed=0), "b": tiny_model("gemma2", seed=1),

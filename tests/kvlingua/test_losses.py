@@ -15,15 +15,6 @@ from tests.helpers import VOCAB, tiny_model
 P, S, B = 6, 7, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; two threads on a loaded 2-core machine measured ~40x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pool():
     torch.manual_seed(0)

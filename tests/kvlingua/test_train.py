@@ -20,15 +20,6 @@ from tests.helpers import VOCAB, tiny_model
 P, S, B = 6, 6, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; two threads on a loaded 2-core machine measured ~40x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_batches(names, seed=0, batch=B, length=P + S):
     g = torch.Generator().manual_seed(seed)
     step = 0
