@@ -29,6 +29,9 @@ class PoolBackend(Protocol):
     def summary(self, model: str) -> ArchSummary:
         """Cache layout of ``model``."""
 
+    def fingerprint(self, model: str) -> str:
+        """Weight fingerprint of ``model`` (:func:`kvlingua.cache.fingerprint`)."""
+
     def prefix_block(self, model: str, input_ids: Tensor) -> KVBlock:
         """``[B, P]`` prefix ids -> ``model``'s KV block ``[B, P, L, D]`` (fp32, CPU, no grad)."""
 

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import torch
 
 from kvlingua.backend import LocalBackend, PoolBackend
-from kvlingua.cache import ArchSummary, arch_summary, fingerprint
+from kvlingua.cache import ArchSummary
 from kvlingua.config import to_dict
 from kvlingua.data.tokenizer import load_tokenizer
 from kvlingua.data.views import DataConfig, parallel_chunks, token_chunks
@@ -178,19 +178,10 @@ def allowed_paths(job: TrainJob) -> list[tuple[str, str]]:
     return PathSampler(job.names, None, job.train.seed, job.train.paths, job.train.trainable).allowed
 
 
-def quick_eval_fn(space: SharedSpace, backend: PoolBackend, batches: list[Batch], paths: list[tuple[str, str]],
-                  first_tokens: int = 16):
-    """An ``eval_fn`` for :func:`kvlingua.train.fit`: held-out NLL per path, with base/control references."""
-    return make_eval_fn(backend, batches, paths, space, first_tokens=first_tokens)
-
-
-def pool_members(job: TrainJob) -> list[PoolMember]:
-    """Pool members with architecture summaries and weight fingerprints read from disk."""
-    members = []
-    for name, path in job.models.items():
-        model = load_frozen(path)
-        members.append(PoolMember(name, str(Path(path).resolve()), arch_summary(model), fingerprint(model)))
-    return members
+def pool_members(job: TrainJob, backend: PoolBackend) -> list[PoolMember]:
+    """Pool members with the architecture summaries and weight fingerprints the backend already has."""
+    return [PoolMember(name, str(Path(path).resolve()), backend.summary(name), backend.fingerprint(name))
+            for name, path in job.models.items()]
 
 
 def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
@@ -212,7 +203,7 @@ def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
     main = main_space(job.spaces)
     if any(rec.get("kind") == "eval" for h in histories.values() for rec in h):  # train.eval_every > 0
         files["plot"] = plot_history(histories, out / "eval_nll.png", references=result)
-    members = pool_members(job)
+    members = pool_members(job, backend)
     for name, space in spaces.items():
         pool_dir = out / ("pool" if name == main else f"pool-{name}")
         extra = {"run": job.name, "space_name": name, "job": to_dict(job)}
@@ -236,7 +227,7 @@ def run_local(job: TrainJob, tracker: Tracker | None = None, progress: bool = Tr
     for name in job.spaces:
         space = build_space(job, name, summaries)
         state = fit(space, backend, train_batches(job), job.train, tracker=space_tracker(tracker, name, main_space(job.spaces)),
-                    eval_fn=quick_eval_fn(space, backend, held_out, allowed_paths(job), job.eval.first_tokens),
+                    eval_fn=make_eval_fn(backend, held_out, allowed_paths(job), space, first_tokens=job.eval.first_tokens),
                     progress=progress)
         spaces[name], histories[name] = space, state.history
     return finish(job, spaces, backend, histories, tracker)

@@ -131,6 +131,14 @@ def _init_linear(linear: nn.Linear) -> nn.Linear:
     return linear
 
 
+def check_input(keys: Tensor, values: Tensor, layers: int, width: int, who: str) -> None:
+    """Raise ValueError unless keys and values are both ``[B, S, layers, width]``."""
+    if keys.dim() != 4 or tuple(keys.shape[2:]) != (layers, width) or keys.shape != values.shape:
+        raise ValueError(
+            f"{who} expects keys and values [B, S, {layers}, {width}], got {tuple(keys.shape)} and {tuple(values.shape)}"
+        )
+
+
 def slice_groups(n_slices: int, n_groups: int) -> list[tuple[int, int]]:
     """Split ``n_slices`` into ``n_groups`` contiguous ``(start, end)`` ranges, sizes differing by <= 1."""
     base, extra = divmod(n_slices, n_groups)
@@ -285,12 +293,7 @@ class LayerwiseTranslator(nn.Module):
 
     def forward(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         """Translate keys and values, each ``[B, S, L_in, D_in]`` -> each ``[B, S, L_out, D_out]``."""
-        expected = (self.in_layers, self.in_width)
-        if keys.dim() != 4 or tuple(keys.shape[2:]) != expected or keys.shape != values.shape:
-            raise ValueError(
-                f"translator expects keys and values [B, S, {expected[0]}, {expected[1]}], got "
-                f"{tuple(keys.shape)} and {tuple(values.shape)}"
-            )
+        check_input(keys, values, self.in_layers, self.in_width, "translator")
         B, S = keys.shape[:2]
         out_k = out_v = None
         if self.use_stack:
@@ -326,12 +329,7 @@ class LinearAdapter(nn.Module):
         self.v = _init_linear(nn.Linear(in_layers * in_width, out_layers * out_width))
 
     def forward(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        expected = (self.in_layers, self.in_width)
-        if keys.dim() != 4 or tuple(keys.shape[2:]) != expected or keys.shape != values.shape:
-            raise ValueError(
-                f"linear adapter expects keys and values [B, S, {expected[0]}, {expected[1]}], got "
-                f"{tuple(keys.shape)} and {tuple(values.shape)}"
-            )
+        check_input(keys, values, self.in_layers, self.in_width, "linear adapter")
         B, S = keys.shape[:2]
         shape = (B, S, self.out_layers, self.out_width)
         flat = (B, S, self.in_layers * self.in_width)

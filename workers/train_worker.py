@@ -33,7 +33,8 @@ from torch import nn
 
 from kvlingua.backend import LocalBackend, PoolBackend
 from kvlingua.config import from_dict
-from kvlingua.job import TrainJob, main_space, allowed_paths, build_space, eval_batches, finish, quick_eval_fn, train_batches
+from kvlingua.evaluate import make_eval_fn
+from kvlingua.job import TrainJob, main_space, allowed_paths, build_space, eval_batches, finish, train_batches
 from kvlingua.models import load_frozen
 from kvlingua.paths import PathSampler
 from kvlingua.space import SharedSpace
@@ -134,7 +135,8 @@ def train_loop(config: dict) -> None:
         batches = islice(train_batches(job, rank=rank, world_size=world), start, None)
         if isinstance(backend, RayBackend) and config["prefetch"] > 0:
             batches = BlockPrefetcher(backend, batches, config["prefetch"], step_sources(space, cfg), start)
-        eval_fn = quick_eval_fn(space, backend, held_out, allowed_paths(job)) if is_main else None
+        eval_fn = make_eval_fn(backend, held_out, allowed_paths(job), space,
+                               first_tokens=job.eval.first_tokens) if is_main else None
         states[name] = fit(space, backend, batches, cfg, tracker=space_tracker(tracker, name, main_space(job.spaces)), state=state, eval_fn=eval_fn,
                            checkpoint_fn=checkpoint_fn, grad_sync=allreduce_mean if world > 1 else None,
                            is_main=is_main, progress=config["progress"] and is_main)

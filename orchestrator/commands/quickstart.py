@@ -14,6 +14,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from orchestrator.commands.train import add_common_options
+
     p = sub.add_parser(
         "quickstart",
         help="the main job: pre-train a tiny pool, train Σ on local Ray, print the evaluation table",
@@ -22,10 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, same code path (used by the test suite)")
     p.add_argument("--config", default=None, help="a different run YAML (default: configs/quickstart.yaml)")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (repeatable)")
-    p.add_argument("--in-process", action="store_true", help="skip Ray (reference loop in this process)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_common_options(p)
     p.set_defaults(func=run)
 
 

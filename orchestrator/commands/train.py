@@ -21,10 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run YAML, e.g. configs/quickstart.yaml")
-    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. -o train.steps=100 -o ray.placement=hosted (repeatable)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+    add_common_options(p)
+
+
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """Options every command that runs a RunConfig takes (train, quickstart)."""
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. -o train.steps=100 -o ray.placement=hosted (repeatable)")
     p.add_argument("--in-process", action="store_true",
                    help="skip Ray: train with the frozen models in this process (the reference loop)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
