@@ -153,12 +153,24 @@ def train_batches(job: TrainJob, *, rank: int = 0, world_size: int = 1, split: s
         epoch += 1
 
 
+EVAL_ROW_SEED = 0
+"""Seed of the fixed permutation that picks the held-out rows (independent of the train seed)."""
+
+
 def eval_batches(job: TrainJob) -> list[Batch]:
-    """The first ``job.eval.batches`` held-out batches (fixed, unshuffled)."""
+    """``job.eval.batches`` held-out batches, the same for every run of the job.
+
+    Rows are drawn by a fixed permutation of the whole split rather than taken in
+    order: consecutive rows of the packed stream are neighbouring passages of one
+    chapter, so the content control (each row read after the batch's *previous*
+    row's prefix, see :func:`kvlingua.evaluate.evaluate`) would read related text.
+    Spread over the split, the control's prefix is an unrelated passage.
+    """
     chunks = load_chunks(job, job.eval_split)
     n = next(iter(chunks.values())).shape[0]
-    rows = torch.arange(min(n, job.eval.batches * job.batch_size))
-    return _rows_to_batches(chunks, rows, job, f"{job.eval_split}/P{job.prefix_len}S{job.suffix_len}/bs{job.batch_size}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(EVAL_ROW_SEED))  # [n]
+    rows = perm[: job.eval.batches * job.batch_size]
+    return _rows_to_batches(chunks, rows, job, f"{job.eval_split}/P{job.prefix_len}S{job.suffix_len}/bs{job.batch_size}/spread")
 
 
 def build_space(job: TrainJob, name: str, summaries: dict[str, ArchSummary]) -> SharedSpace:

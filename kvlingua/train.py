@@ -3,12 +3,17 @@
 Every step samples paths i->j (:class:`~kvlingua.paths.PathSampler`) and, for each:
 
 1. ``src = backend.prefix_block(i, ids[i][:, :P])`` — the frozen source cache (no grad);
-2. ``out = space.translate(src, i, j)`` — ``OUT_j(IN_i(src))`` with autograd;
+2. ``z = space.encode(src, i)`` once per source of the step, then per path
+   ``out = space.decode(z, j)`` — ``OUT_j(IN_i(src))`` with autograd;
 3. ``(loss, g) = backend.suffix_loss_and_grad(j, out.detach(), ids[j][:, P:])`` — the
    frozen target reads ``out`` as its cache; the backend returns d loss / d out;
-4. ``backward([out.keys, out.values], [g.keys * w, g.values * w])`` with ``w = 1/#paths``,
+4. ``backward([out.keys, out.values], [g.keys * w, g.values * w])`` with ``w = 1/#paths``
+   into ``OUT_j`` and a detached copy of ``z``; once every path is done, the summed
+   d loss / d z goes back through ``IN_i`` in one pass,
 
-so the loss is the mean over sampled paths and gradients reach only the adapters.
+so the loss is the mean over sampled paths and gradients reach only the adapters. Encoding
+each source once instead of once per path is the same gradient at a fraction of the cost
+(with N models and all N² paths, N encoder passes instead of N²).
 Then ``grad_sync`` (DDP all-reduce in the Ray worker), gradient clipping, AdamW with
 linear warm-up and cosine decay to 0. The frozen models are reached only through a
 :class:`~kvlingua.backend.PoolBackend`, so the same loop runs with models in this
@@ -34,6 +39,7 @@ from kvlingua.backend import PoolBackend
 from kvlingua.cache import KVBlock
 from kvlingua.losses import reconstruction_loss, suffix_lm_loss
 from kvlingua.paths import PathSampler, PathT, path_name
+from kvlingua.space import LatentBlock, SharedSpace
 from kvlingua.tracking import NullTracker, Tracker
 
 PRECISIONS = ("fp32", "bf16")
@@ -207,7 +213,7 @@ def _space_device(space: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def train_step(space: nn.Module, backend: PoolBackend, batch: Batch, paths: list[PathT],
+def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: list[PathT],
                cfg: TrainConfig) -> dict[str, float]:
     """Losses of one batch over ``paths``; accumulates gradients into the adapters (no optimiser step).
 
@@ -227,12 +233,23 @@ def train_step(space: nn.Module, backend: PoolBackend, batch: Batch, paths: list
             own[model] = backend.prefix_block(model, batch.prefix(model)).to(device)  # [B, P, L, D]
         return own[model]
 
+    encoded: dict[str, tuple[LatentBlock, LatentBlock]] = {}  # source -> (latent with IN's graph, detached leaf)
+
+    def latent(model: str) -> LatentBlock:
+        if model not in encoded:
+            with autocast:
+                z = space.encode(own_block(model), model)  # [B, P, Q]
+            leaf = z.detach().map(lambda t: t.requires_grad_(z.keys.requires_grad))
+            encoded[model] = (z, leaf)
+        return encoded[model][1]
+
     metrics: dict[str, float] = {}
     total = 0.0
     for src_name, tgt_name in paths:
         name = path_name((src_name, tgt_name))
+        z = latent(src_name)  # outside the block below: an autocast object must not be entered twice
         with autocast:
-            out = space.translate(own_block(src_name), src_name, tgt_name)  # [B, P, L_j, D_j]
+            out = space.decode(z, tgt_name)  # [B, P, L_j, D_j]
         if not out.keys.requires_grad:
             raise ValueError(f"path {name} produced a block without gradient: are both of its adapters frozen?")
         loss, g = suffix_lm_loss(backend, out, tgt_name, batch.suffix(tgt_name))
@@ -248,6 +265,9 @@ def train_step(space: nn.Module, backend: PoolBackend, batch: Batch, paths: list
         torch.autograd.backward(tensors, grads)
         metrics[f"loss/{name}"] = path_loss
         total += w * path_loss
+    for z, leaf in encoded.values():  # the paths' summed d loss / d z through IN, once per source
+        if leaf.keys.grad is not None:
+            torch.autograd.backward([z.keys, z.values], [leaf.keys.grad, leaf.values.grad])
     metrics["loss"] = total
     return metrics
 

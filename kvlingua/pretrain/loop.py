@@ -269,7 +269,8 @@ def _save_checkpoint(ckpt: Path, model, opt, step: int, log: list, elapsed: floa
 
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, tokenizer_dir: str | Path, progress: bool = True,
-             stop_after: int | None = None, chunks: dict[str, Tensor] | None = None) -> PretrainResult:
+             stop_after: int | None = None, chunks: dict[str, Tensor] | None = None,
+             bar_position: int | None = None) -> PretrainResult:
     """Pre-train (or resume, or skip) one member into ``out_dir``.
 
     Args:
@@ -280,6 +281,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, tokenizer_dir: str | Path
         stop_after: stop after this step as if killed (no extra checkpoint); for tests and time-boxing.
         chunks: ``{"train": [N, seq_len], "validation": [M, seq_len]}`` token ids to use instead of
             ``cfg.data`` (synthetic data in tests).
+        bar_position: terminal line of the progress bar (members trained side by side).
 
     Returns:
         :class:`PretrainResult`; ``metrics`` holds held-out loss, context use, tokens/s, wall time,
@@ -312,7 +314,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, tokenizer_dir: str | Path
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
-               desc=f"pretrain {out_dir.name}", dynamic_ncols=True)
+               desc=f"pretrain {out_dir.name}", dynamic_ncols=True, position=bar_position)
     t0, c0 = time.perf_counter(), time.process_time()
     for step in bar:
         for g in opt.param_groups:

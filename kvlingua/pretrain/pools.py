@@ -11,7 +11,10 @@ So: seeds = several ``pretrain`` members differing in ``seed``; trajectory = one
 with ``save_at: [mid, last]`` plus a ``snapshot_of`` member at ``mid``; experts = a
 mixed-language parent plus members with ``init_from: parent`` on one language; sizes =
 members differing in ``size``. Every member shares the pool's tokenizer
-(``ensure_tokenizer(tokenizer_data, vocab_size)``).
+(``ensure_tokenizer(tokenizer_data, vocab_size)``). With ``concurrent: k`` the
+members that depend on no other (no ``init_from``) train ``k`` at a time, each in its
+own process with its ``pretrain.threads``: small models use two cores better as two
+one-thread runs than as one two-thread run.
 
 On disk: ``data_home()/pools/<name>/<member>/`` (a ``save_pretrained`` model with its
 tokenizer and ``metrics.json``) and ``pool_manifest.json`` listing members, paths,
@@ -20,7 +23,9 @@ fingerprints and metrics.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -81,8 +86,12 @@ class PoolConfig:
     """Size of the pool's shared tokenizer."""
     tokenizer_data: DataConfig = field(default_factory=DataConfig)
     """Text the shared tokenizer is trained on (``ensure_tokenizer``)."""
+    concurrent: int = 1
+    """Independent members (no ``init_from``) pre-trained at the same time, one process each."""
 
     def __post_init__(self):
+        if not isinstance(self.concurrent, int) or self.concurrent < 1:
+            raise ValueError(f"concurrent must be an integer >= 1, got {self.concurrent!r}")
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
             raise ValueError(f"pool name {self.name!r} must be non-empty letters, digits, '-' or '_'")
         if not self.members:
@@ -131,6 +140,29 @@ def _snapshot_member(cfg: PoolConfig, m: MemberConfig, root: Path, tokenizer_dir
     (dest / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
 
 
+def _pretrain_concurrently(members: list[MemberConfig], root: Path, tokenizer_dir: Path, workers: int,
+                           progress: bool) -> None:
+    """Pre-train independent ``members`` ``workers`` at a time, each in a fresh (spawned) process.
+
+    A member that fails raises here with its own error once the others have finished;
+    finished members are on disk either way, so a rerun resumes only what is missing.
+    """
+    ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=min(workers, len(members)), mp_context=ctx) as pool:
+        futures = {m.name: pool.submit(pretrain, m.pretrain, root / m.name, tokenizer_dir, progress=progress,
+                                       bar_position=i % workers)
+                   for i, m in enumerate(members)}
+        errors = {}
+        for name, fut in futures.items():
+            try:
+                fut.result()
+            except Exception as e:  # collect, so one failure does not hide the others
+                errors[name] = e
+    if errors:
+        first = next(iter(errors))
+        raise RuntimeError(f"pre-training failed for {', '.join(errors)}: {errors[first]}") from errors[first]
+
+
 def pretrain_pool(cfg: PoolConfig, home: Path | None = None, progress: bool = True,
                   force: bool = False) -> dict[str, Path]:
     """Pre-train every member of ``cfg`` (finished members are reused); returns ``{member: dir}``.
@@ -145,6 +177,10 @@ def pretrain_pool(cfg: PoolConfig, home: Path | None = None, progress: bool = Tr
     if force and root.exists():
         shutil.rmtree(root)
     tokenizer_dir = ensure_tokenizer(cfg.tokenizer_data, vocab_size=cfg.vocab_size)
+    independent = [m for m in cfg.members
+                   if m.pretrain is not None and m.init_from is None and not is_finished(root / m.name, m.pretrain)]
+    if cfg.concurrent > 1 and len(independent) > 1:
+        _pretrain_concurrently(independent, root, tokenizer_dir, cfg.concurrent, progress)
     dirs: dict[str, Path] = {}
     for m in cfg.members:
         if m.snapshot_of is not None:
