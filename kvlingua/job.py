@@ -9,7 +9,8 @@ the same :func:`train_batches`, :func:`build_space` and :func:`finish`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -47,6 +48,15 @@ def check_run_settings(prefix_len: int, suffix_len: int, batch_size: int, spaces
         raise ValueError(f"eval_split must be train, validation or test, got {eval_split!r}")
 
 
+def check_space_steps(space_steps: dict[str, int] | None, spaces: dict) -> None:
+    """``space_steps`` may only name trained spaces, each with a positive step count."""
+    for name, steps in (space_steps or {}).items():
+        if name not in spaces:
+            raise ValueError(f"space_steps: {name!r} is not one of the spaces {sorted(spaces)}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"space_steps.{name} must be a positive integer, got {steps!r}")
+
+
 def check_space_fits(spaces: dict[str, SpaceConfig], layers: dict[str, int]) -> None:
     """Σ's width Q must be divisible by every member's layer count (``layers``: name -> L)."""
     for space_name, cfg in spaces.items():
@@ -82,6 +92,8 @@ class TrainJob:
     """Sequences per step (per Ray Train rank)."""
     spaces: dict[str, SpaceConfig] = field(default_factory=_default_spaces)
     """Named shared spaces to train with the same loop and data: the translator and baselines (linear)."""
+    space_steps: dict[str, int] | None = None
+    """Per-space override of ``train.steps`` (e.g. to give a cheaper baseline the same wall time)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation settings."""
     eval_split: str = "validation"
@@ -91,6 +103,7 @@ class TrainJob:
         if not self.models:
             raise ValueError("models: a pool needs at least one model")
         check_run_settings(self.prefix_len, self.suffix_len, self.batch_size, self.spaces, self.eval_split)
+        check_space_steps(self.space_steps, self.spaces)
         if self.langs is not None:
             missing = sorted(set(self.models) - set(self.langs))
             if missing:
@@ -99,6 +112,12 @@ class TrainJob:
     @property
     def names(self) -> list[str]:
         return list(self.models)
+
+    def train_for(self, space: str, base: TrainConfig | None = None) -> TrainConfig:
+        """The loop settings of ``space``: ``base`` (default ``self.train``) with its ``space_steps``."""
+        base = base or self.train
+        steps = (self.space_steps or {}).get(space)
+        return base if steps is None else replace(base, steps=steps)
 
     @property
     def seq_len(self) -> int:
@@ -197,10 +216,13 @@ def pool_members(job: TrainJob, backend: PoolBackend) -> list[PoolMember]:
 
 
 def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
-           histories: dict[str, list[dict]], tracker: Tracker | None = None) -> dict:
+           histories: dict[str, list[dict]], tracker: Tracker | None = None,
+           train_wall_s: dict[str, float] | None = None) -> dict:
     """Evaluate every space beside the baselines, write the pool(s), table, JSON and plot.
 
-    Returns a dict with ``markdown`` (the evaluation table) and the paths written.
+    ``train_wall_s``: seconds each space's training took (a resumed space: since the resume),
+    written to ``timing.json`` beside the steps, for equal-wall-time comparisons.
+    Returns a dict with ``markdown`` (the evaluation table), ``timing`` and the paths written.
     """
     tracker = tracker or NullTracker()
     out = Path(job.out_dir)
@@ -222,9 +244,15 @@ def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
         save_pool(pool_dir, space, members, tokenizer_dir=job.tokenizer, extra=extra)
         files[f"pool_{name}"] = pool_dir
     (out / "histories.json").write_text(json.dumps(histories, indent=1))
+    timing = {name: {"steps": job.train_for(name).steps, **({"train_wall_s": round(train_wall_s[name], 1)}
+                                                            if train_wall_s and name in train_wall_s else {})}
+              for name in spaces}
+    files["timing"] = out / "timing.json"
+    files["timing"].write_text(json.dumps(timing, indent=1))
     for f in files.values():
         tracker.log_artifact(f)
-    return {"markdown": markdown, "files": {k: str(v) for k, v in files.items()}, "eval": result.to_dict()}
+    return {"markdown": markdown, "timing": timing, "files": {k: str(v) for k, v in files.items()},
+            "eval": result.to_dict()}
 
 
 def run_local(job: TrainJob, tracker: Tracker | None = None, progress: bool = True,
@@ -235,11 +263,12 @@ def run_local(job: TrainJob, tracker: Tracker | None = None, progress: bool = Tr
         backend = LocalBackend({name: load_frozen(path) for name, path in job.models.items()})
     summaries = {m: backend.summary(m) for m in job.models}
     held_out = eval_batches(job)[: max(1, job.eval.batches // 4)]
-    spaces, histories = {}, {}
+    spaces, histories, wall = {}, {}, {}
     for name in job.spaces:
         space = build_space(job, name, summaries)
-        state = fit(space, backend, train_batches(job), job.train, tracker=space_tracker(tracker, name, main_space(job.spaces)),
+        start = time.perf_counter()
+        state = fit(space, backend, train_batches(job), job.train_for(name), tracker=space_tracker(tracker, name, main_space(job.spaces)),
                     eval_fn=make_eval_fn(backend, held_out, allowed_paths(job), space, first_tokens=job.eval.first_tokens),
                     progress=progress)
-        spaces[name], histories[name] = space, state.history
-    return finish(job, spaces, backend, histories, tracker)
+        spaces[name], histories[name], wall[name] = space, state.history, time.perf_counter() - start
+    return finish(job, spaces, backend, histories, tracker, train_wall_s=wall)

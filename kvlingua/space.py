@@ -13,6 +13,7 @@ rebuilt from the config, and a mismatch is an error naming the model and the ten
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Iterable
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from kvlingua.cache import ArchSummary, KVBlock, check_block_fits
 from kvlingua.config import from_dict, to_dict
-from kvlingua.translator import SpaceConfig, build_adapter
+from kvlingua.translator import LayerwiseTranslator, SpaceConfig, build_adapter
 
 SPACE_FILE = "space.json"
 SPACE_FORMAT = 1
@@ -167,6 +168,23 @@ class SharedSpace(nn.Module):
     def translate(self, block: KVBlock, source: str, target: str) -> KVBlock:
         """Path ``source -> target``: ``OUT_target(IN_source(block))``; ``[B,S,L_i,D_i] -> [B,S,L_j,D_j]``."""
         return self.decode(self.encode(block, source), target)
+
+    def without_stack(self) -> "SharedSpace":
+        """A copy whose translators skip their cross-attention stack and keep only the short path.
+
+        The ablation of a *trained* translator: same weights, stack switched off, so the
+        difference in NLL is what the stack contributes. For evaluation only (the copy's
+        config still says ``stack: true``; do not save it as a space).
+        """
+        if self.cfg.adapter != "translator" or not self.cfg.stack:
+            raise ValueError("without_stack needs a translator space with a cross-attention stack")
+        if not self.cfg.short_path:
+            raise ValueError("this translator has no short path: without its stack nothing would remain")
+        twin = copy.deepcopy(self)
+        for module in twin.modules():
+            if isinstance(module, LayerwiseTranslator):
+                module.use_stack = False
+        return twin
 
     # -- files ----------------------------------------------------------------------------
     def adapter_state(self, name: str) -> dict[str, Tensor]:

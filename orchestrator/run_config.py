@@ -16,7 +16,7 @@ from typing import Any
 from kvlingua.config import ConfigError, from_dict, load_yaml, apply_override
 from kvlingua.data.views import DataConfig
 from kvlingua.evaluate import EvalConfig
-from kvlingua.job import TrainJob, _default_spaces, check_run_settings, check_space_fits
+from kvlingua.job import TrainJob, _default_spaces, check_run_settings, check_space_fits, check_space_steps
 from kvlingua.train import TrainConfig
 from kvlingua.translator import SpaceConfig
 from workers.driver import RayConfig
@@ -64,6 +64,8 @@ class RunConfig:
     """Sequences per step per training rank."""
     spaces: dict[str, SpaceConfig] = field(default_factory=_default_spaces)
     """Named shared spaces trained with the same loop: translator and baselines."""
+    space_steps: dict[str, int] | None = None
+    """Per-space override of ``train.steps``, e.g. ``{linear: 900}`` for an equal-wall-time baseline."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out evaluation."""
     eval_split: str = "validation"
@@ -79,6 +81,7 @@ class RunConfig:
         if self.pool_members is not None and self.pool is None:
             raise ValueError("pool_members needs `pool`")
         check_run_settings(self.prefix_len, self.suffix_len, self.batch_size, self.spaces, self.eval_split)
+        check_space_steps(self.space_steps, self.spaces)
         if self.langs is not None and self.models is not None:
             missing = sorted(set(self.models) - set(self.langs))
             if missing:
@@ -172,5 +175,5 @@ def to_job(cfg: RunConfig, models: dict[str, str]) -> TrainJob:
     return TrainJob(
         name=cfg.name, models=models, tokenizer=tokenizer, out_dir=str(run_dir_of(cfg)), train=cfg.train,
         data=cfg.data, langs=cfg.langs, prefix_len=cfg.prefix_len, suffix_len=cfg.suffix_len,
-        batch_size=cfg.batch_size, spaces=cfg.spaces, eval=cfg.eval, eval_split=cfg.eval_split,
+        batch_size=cfg.batch_size, spaces=cfg.spaces, space_steps=cfg.space_steps, eval=cfg.eval, eval_split=cfg.eval_split,
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def train_loop(config: dict) -> None:
     tracker: Tracker = MlflowTracker.attach(tracking["uri"], tracking["run_id"]) if is_main and tracking \
         else NullTracker()
 
-    spaces, states, done, current = {}, {}, [], None
+    spaces, states, done, current, wall = {}, {}, [], None, {}
     checkpoint = ray.train.get_checkpoint()
     resume_dir = None
     if checkpoint is not None:
@@ -131,25 +132,28 @@ def train_loop(config: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp) if is_main else None
                 ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"{name}-{s.step:07d}")
 
+        space_cfg = job.train_for(name, cfg)
         start = state.step if state is not None else 0
         batches = islice(train_batches(job, rank=rank, world_size=world), start, None)
         if isinstance(backend, RayBackend) and config["prefetch"] > 0:
-            batches = BlockPrefetcher(backend, batches, config["prefetch"], step_sources(space, cfg), start)
+            batches = BlockPrefetcher(backend, batches, config["prefetch"], step_sources(space, space_cfg), start)
         eval_fn = make_eval_fn(backend, held_out, allowed_paths(job), space,
                                first_tokens=job.eval.first_tokens) if is_main else None
-        states[name] = fit(space, backend, batches, cfg, tracker=space_tracker(tracker, name, main_space(job.spaces)), state=state, eval_fn=eval_fn,
+        began = time.perf_counter()
+        states[name] = fit(space, backend, batches, space_cfg, tracker=space_tracker(tracker, name, main_space(job.spaces)), state=state, eval_fn=eval_fn,
                            checkpoint_fn=checkpoint_fn, grad_sync=allreduce_mean if world > 1 else None,
                            is_main=is_main, progress=config["progress"] and is_main)
+        wall[name] = time.perf_counter() - began
         done.append(name)
 
     result = {}
     if is_main:
         histories = {name: states[name].history for name in job.spaces}
-        result = finish(job, spaces, backend, histories, tracker)
+        result = finish(job, spaces, backend, histories, tracker, train_wall_s=wall)
     with tempfile.TemporaryDirectory() as tmp:
         if is_main:
             _write_checkpoint(Path(tmp), spaces, states, done, None)
         ckpt = ray.train.Checkpoint.from_directory(tmp) if is_main else None
         summary = {k: v for k, v in result.items() if k != "eval"}  # the table and file paths; eval.json has the rest
-        ray.train.report({"space": "", "step": cfg.steps, "result": json.dumps(summary)}, checkpoint=ckpt,
+        ray.train.report({"space": "", "step": max(job.train_for(n, cfg).steps for n in job.spaces), "result": json.dumps(summary)}, checkpoint=ckpt,
                          checkpoint_dir_name="final")

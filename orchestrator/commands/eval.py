@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("pool_dir", help="a trained pool directory (contains pool.json)")
     p.add_argument("--split", default=None, choices=["validation", "test"], help="held-out split (default: the run's)")
     p.add_argument("--batches", type=int, default=None, help="number of held-out batches (default: the run's)")
+    p.add_argument("--ablate-stack", action="store_true",
+                   help="also evaluate each translator with its cross-attention stack switched off (short path "
+                   "only, same trained weights) as the condition '<space>-no-stack'")
     p.add_argument("--out", default=None, help="directory for eval.json / eval.md (default: the pool's run dir)")
     p.set_defaults(func=run)
 
@@ -48,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
     for sibling in sorted(pool_dir.parent.glob("pool-*")):
         if sibling != pool_dir and (sibling / "pool.json").is_file():
             spaces[sibling.name.removeprefix("pool-")] = load_pool(sibling, load_models=False).space
+    if args.ablate_stack:
+        ablatable = {n: s for n, s in spaces.items() if s.cfg.adapter == "translator" and s.cfg.stack and s.cfg.short_path}
+        if not ablatable:
+            raise ConfigError("--ablate-stack: no space here is a translator with both a stack and a short path")
+        spaces |= {f"{n}-no-stack": s.without_stack() for n, s in ablatable.items()}
     backend = LocalBackend(loaded.models)
     result = evaluate(backend, eval_batches(job), allowed_paths(job), spaces, first_tokens=job.eval.first_tokens)
     out = Path(args.out) if args.out else pool_dir.parent

@@ -121,6 +121,28 @@ def test_initial_translate_is_the_composed_short_path(summaries, blocks):
         torch.testing.assert_close(got, ref)
 
 
+def test_without_stack_equals_a_zeroed_stack_output(summaries, blocks):
+    """The stack ablation keeps the trained short path: same output as zeroing the stack's output transforms."""
+    space = _space(summaries)
+    _randomise(space)  # a "trained" translator: the stack contributes
+    b = blocks["gem"]
+    ablated = space.without_stack().translate(b, "gem", "lla")
+    assert not torch.allclose(ablated.keys, space.translate(b, "gem", "lla").keys, atol=1e-3)
+    with torch.no_grad():
+        for name in space.names:
+            for adapter in space.adapters(name).values():
+                for out in (adapter.out_k, adapter.out_v):
+                    for p in out.parameters():
+                        p.zero_()
+    zeroed = space.translate(b, "gem", "lla")
+    torch.testing.assert_close(ablated.keys, zeroed.keys)
+    torch.testing.assert_close(ablated.values, zeroed.values)
+    with pytest.raises(ValueError, match="stack"):
+        _space(summaries, adapter="linear").without_stack()
+    with pytest.raises(ValueError, match="short path"):
+        _space(summaries, short_path=False).without_stack()
+
+
 def test_identity_baseline(summaries, blocks):
     gem = summaries["gem"]
     out = identity_translate(blocks["gem"], gem, gem)

@@ -34,6 +34,8 @@ def test_console_script_runs():
         ("prefix_len=0", "prefix_len"),
         ("spaces.translator.q_dim=33", r"q_dim=33 is not divisible by the layer count of seed0 \(L=2\)"),
         ("pool_members=[seed0, nobody]", r"pool_members: \['nobody'\] not in pool"),
+        ("space_steps={lineer: 5}", r"space_steps: 'lineer' is not one of the spaces"),
+        ("space_steps={linear: 0}", r"space_steps.linear must be a positive integer"),
     ],
 )
 def test_bad_run_config_is_refused_before_compute(override, message, capsys, tmp_path, monkeypatch):

