@@ -371,9 +371,9 @@ def fit(
         sched.step()
         state.step += 1
         last = state.step == cfg.steps
-        bar.update(1)
         per_path = {k.split("/", 1)[1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("suffix/")}
-        bar.set_postfix({**per_path, "loss": f"{metrics['loss']:.3f}"})
+        bar.set_postfix({**per_path, "loss": f"{metrics['loss']:.3f}"}, refresh=False)
+        bar.update(1)  # one redraw per step, with this step's losses
         if last or (cfg.log_every and state.step % cfg.log_every == 0):
             state.history.append({"step": state.step, "kind": "train", **metrics})
             if is_main:

@@ -9,3 +9,11 @@ import os
 
 os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def quiet_embedded_worker() -> None:
+    """Worker setup hook of the embedded Ray (``driver.connect``): without a dashboard there is no
+    State API, so Ray Train's placement-group cleaner would warn every few seconds; errors only."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

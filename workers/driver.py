@@ -114,6 +114,9 @@ def connect(address: str | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env)
     else:
+        # Without a dashboard there is no State API, and Ray Train's placement-group cleaner
+        # warns about that every few seconds for the whole run; the hook quiets that one logger.
+        runtime_env = (runtime_env or {}) | {"worker_process_setup_hook": "workers.quiet_embedded_worker"}
         ray.init(include_dashboard=False, runtime_env=runtime_env)
 
 

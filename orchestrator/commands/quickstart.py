@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quickstart",
         help="the main job: pre-train a tiny pool, train Σ on local Ray, print the evaluation table",
-        description="Runs configs/quickstart.yaml end to end (about 30 minutes on 2 CPU cores). "
+        description="Runs configs/quickstart.yaml end to end (about 15 minutes on 2 CPU cores). "
         "--smoke runs the same code path at tiny sizes in under a minute.",
     )
     p.add_argument("--smoke", action="store_true", help="tiny sizes, same code path (used by the test suite)")
