@@ -5,8 +5,8 @@ cache built in one of these ways (all NLLs are per suffix token, via
 ``backend.suffix_nll``):
 
 * ``base``: j's own cache of its prefix ``ids[j][:, :P]`` (the ceiling to match);
-* ``control``: j's own cache of *another* sequence's prefix (``ids[j]`` rolled by one
-  along the batch): right positions, wrong content — the honest floor for content;
+* ``control``: j's own cache of *another* sequence's prefix (``Batch.control_prefix``:
+  the batch rolled by one): right positions, wrong content — the honest floor for content;
 * ``no-prefix``: no cache at all (a looser floor);
 * ``identity``: i's cache handed over unchanged (only when the cache layouts match);
 * one condition per named space: ``space.translate(i's cache, i, j)``.
@@ -25,13 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from kvlingua.backend import PoolBackend
 from kvlingua.cache import KVBlock
 from kvlingua.paths import PathT, path_name
-from kvlingua.space import identity_translate
-from kvlingua.train import Batch
+from kvlingua.space import LatentBlock, SharedSpace, identity_translate
+from kvlingua.train import Batch, space_device
 
 REFERENCES = ("base", "control", "no-prefix")
 """Conditions that do not depend on the source model or on any space."""
@@ -197,16 +197,11 @@ def _batch_means(nll: Tensor, first_tokens: int) -> tuple[float, float]:
     return float(nll.mean()), float(nll[:, :first_tokens].mean())
 
 
-def _space_device(space: nn.Module) -> torch.device:
-    p = next(space.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def evaluate(
     backend: PoolBackend,
     batches: Sequence[Batch],
     paths: Sequence[PathT],
-    spaces: Mapping[str, nn.Module],
+    spaces: Mapping[str, SharedSpace],
     *,
     first_tokens: int = 16,
     identity: bool = True,
@@ -219,7 +214,8 @@ def evaluate(
         batches: held-out batches (each with at least 2 sequences, for the control).
         paths: (source, target) paths to evaluate.
         spaces: condition name -> SharedSpace (e.g. ``{"translator": s, "linear": l}``);
-            each is run in eval mode under ``no_grad`` and its mode restored after.
+            each is run in eval mode under ``no_grad`` and its mode restored after. A source's
+            block is encoded once per batch and decoded for every target.
         first_tokens: length of the early-suffix span.
         identity: also measure the identity map where source and target layouts match.
         references: measure base/control/no-prefix (needed for content transferred;
@@ -260,6 +256,7 @@ def evaluate(
                                      "needs at least 2 (it pairs each suffix with another sequence's prefix)")
                 own: dict[str, KVBlock] = {}
                 refs: dict[str, dict[str, Tensor]] = {}
+                latents: dict[tuple[str, str], LatentBlock] = {}  # (space, source) -> IN_source(block), once
                 for src, tgt in paths:
                     if src not in own:
                         own[src] = backend.prefix_block(src, b.prefix(src))  # [B, P, L_i, D_i]
@@ -267,7 +264,7 @@ def evaluate(
                         suffix = b.suffix(tgt)
                         if tgt not in own:
                             own[tgt] = backend.prefix_block(tgt, b.prefix(tgt))
-                        wrong = backend.prefix_block(tgt, b.ids[tgt].roll(1, dims=0)[:, : b.prefix_len])
+                        wrong = backend.prefix_block(tgt, b.control_prefix(tgt))
                         refs[tgt] = {"base": backend.suffix_nll(tgt, own[tgt], suffix),
                                      "control": backend.suffix_nll(tgt, wrong, suffix),
                                      "no-prefix": backend.suffix_nll(tgt, None, suffix)}
@@ -280,8 +277,9 @@ def evaluate(
                         block = identity_translate(own[src], src_sum, tgt_sum)
                         record((src, tgt), "identity", backend.suffix_nll(tgt, block, b.suffix(tgt)))
                     for name, sp in spaces.items():
-                        out = sp.translate(own[src].to(_space_device(sp)), src, tgt)  # [B, P, L_j, D_j]
-                        out = out.map(lambda t: t.float().cpu())
+                        if (name, src) not in latents:
+                            latents[(name, src)] = sp.encode(own[src].to(space_device(sp)), src)  # [B, P, Q]
+                        out = sp.decode(latents[(name, src)], tgt).map(lambda t: t.float().cpu())  # [B, P, L_j, D_j]
                         record((src, tgt), name, backend.suffix_nll(tgt, out, b.suffix(tgt)))
     finally:
         for name, sp in spaces.items():
@@ -295,7 +293,7 @@ def make_eval_fn(
     backend: PoolBackend,
     batches: Sequence[Batch],
     paths: Sequence[PathT],
-    space: nn.Module,
+    space: SharedSpace,
     *,
     first_tokens: int = 16,
 ) -> Callable[[int], dict[str, float]]:

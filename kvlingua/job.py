@@ -9,7 +9,6 @@ the same :func:`train_batches`, :func:`build_space` and :func:`finish`.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -25,7 +24,7 @@ from kvlingua.evaluate import EvalConfig, evaluate, make_eval_fn
 from kvlingua.models import load_frozen
 from kvlingua.paths import PathSampler
 from kvlingua.pool import PoolMember, save_pool
-from kvlingua.report import plot_history
+from kvlingua.report import write_report
 from kvlingua.space import SharedSpace
 from kvlingua.tracking import NullTracker, Tracker, space_tracker
 from kvlingua.train import Batch, TrainConfig, TrainState, fit
@@ -46,6 +45,14 @@ def check_run_settings(prefix_len: int, suffix_len: int, batch_size: int, spaces
         raise ValueError("batch_size must be >= 2 (the content control rolls the batch)")
     if eval_split not in ("train", "validation", "test"):
         raise ValueError(f"eval_split must be train, validation or test, got {eval_split!r}")
+
+
+def check_langs(langs: dict[str, str] | None, models: Iterable[str]) -> None:
+    """With parallel text (``langs``), every model needs a language."""
+    if langs is not None:
+        missing = sorted(set(models) - set(langs))
+        if missing:
+            raise ValueError(f"langs: no language given for model(s) {missing}")
 
 
 def check_space_steps(space_steps: dict[str, int] | None, spaces: dict) -> None:
@@ -104,10 +111,7 @@ class TrainJob:
             raise ValueError("models: a pool needs at least one model")
         check_run_settings(self.prefix_len, self.suffix_len, self.batch_size, self.spaces, self.eval_split)
         check_space_steps(self.space_steps, self.spaces)
-        if self.langs is not None:
-            missing = sorted(set(self.models) - set(self.langs))
-            if missing:
-                raise ValueError(f"langs: no language given for model(s) {missing}")
+        check_langs(self.langs, self.models)
 
     @property
     def names(self) -> list[str]:
@@ -118,6 +122,11 @@ class TrainJob:
         base = base or self.train
         steps = (self.space_steps or {}).get(space)
         return base if steps is None else replace(base, steps=steps)
+
+    @property
+    def max_steps(self) -> int:
+        """Steps of the longest-training space (batches a run may draw)."""
+        return max(self.train_for(name).steps for name in self.spaces)
 
     @property
     def seq_len(self) -> int:
@@ -216,42 +225,38 @@ def pool_members(job: TrainJob, backend: PoolBackend) -> list[PoolMember]:
 
 
 def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
-           histories: dict[str, list[dict]], tracker: Tracker | None = None,
-           train_wall_s: dict[str, float] | None = None) -> dict:
-    """Evaluate every space beside the baselines, write the pool(s), table, JSON and plot.
+           states: dict[str, TrainState], tracker: Tracker | None = None) -> dict:
+    """Evaluate every space beside the baselines; write the report (table, JSON, plot), pool(s),
+    histories and ``timing.json`` (each space's steps and training seconds, for equal-wall-time
+    comparisons).
 
-    ``train_wall_s``: seconds each space's training took (a resumed space: since the resume),
-    written to ``timing.json`` beside the steps, for equal-wall-time comparisons.
     Returns a dict with ``markdown`` (the evaluation table), ``timing`` and the paths written.
     """
     tracker = tracker or NullTracker()
     out = Path(job.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     for s in spaces.values():
         s.eval()
     result = evaluate(backend, eval_batches(job), allowed_paths(job), spaces, first_tokens=job.eval.first_tokens)
-    files = {"eval_json": out / "eval.json", "eval_md": out / "eval.md"}
-    result.to_json(files["eval_json"])
-    markdown = result.to_markdown()
-    files["eval_md"].write_text(markdown)
+    histories = {name: state.history for name, state in states.items()}
+    job_dict = to_dict(job)
+    report = write_report(out, result, histories, title=f"kvlingua run {job.name}", config=job_dict)
+    files = {"eval_json": report["json"], "eval_md": report["markdown"]}
+    if "plot" in report:  # train.eval_every > 0
+        files["plot"] = report["plot"]
     main = main_space(job.spaces)
-    if any(rec.get("kind") == "eval" for h in histories.values() for rec in h):  # train.eval_every > 0
-        files["plot"] = plot_history(histories, out / "eval_nll.png", references=result)
     members = pool_members(job, backend)
     for name, space in spaces.items():
         pool_dir = out / ("pool" if name == main else f"pool-{name}")
-        extra = {"run": job.name, "space_name": name, "job": to_dict(job)}
+        extra = {"run": job.name, "space_name": name, "job": job_dict}
         save_pool(pool_dir, space, members, tokenizer_dir=job.tokenizer, extra=extra)
         files[f"pool_{name}"] = pool_dir
     (out / "histories.json").write_text(json.dumps(histories, indent=1))
-    timing = {name: {"steps": job.train_for(name).steps, **({"train_wall_s": round(train_wall_s[name], 1)}
-                                                            if train_wall_s and name in train_wall_s else {})}
-              for name in spaces}
+    timing = {name: {"steps": state.step, "train_wall_s": round(state.train_s, 1)} for name, state in states.items()}
     files["timing"] = out / "timing.json"
     files["timing"].write_text(json.dumps(timing, indent=1))
     for f in files.values():
         tracker.log_artifact(f)
-    return {"markdown": markdown, "timing": timing, "files": {k: str(v) for k, v in files.items()},
+    return {"markdown": result.to_markdown(), "timing": timing, "files": {k: str(v) for k, v in files.items()},
             "eval": result.to_dict()}
 
 
@@ -263,12 +268,12 @@ def run_local(job: TrainJob, tracker: Tracker | None = None, progress: bool = Tr
         backend = LocalBackend({name: load_frozen(path) for name, path in job.models.items()})
     summaries = {m: backend.summary(m) for m in job.models}
     held_out = eval_batches(job)[: max(1, job.eval.batches // 4)]
-    spaces, histories, wall = {}, {}, {}
+    spaces, states = {}, {}
     for name in job.spaces:
         space = build_space(job, name, summaries)
-        start = time.perf_counter()
-        state = fit(space, backend, train_batches(job), job.train_for(name), tracker=space_tracker(tracker, name, main_space(job.spaces)),
-                    eval_fn=make_eval_fn(backend, held_out, allowed_paths(job), space, first_tokens=job.eval.first_tokens),
-                    progress=progress)
-        spaces[name], histories[name], wall[name] = space, state.history, time.perf_counter() - start
-    return finish(job, spaces, backend, histories, tracker, train_wall_s=wall)
+        eval_fn = make_eval_fn(backend, held_out, allowed_paths(job), space, first_tokens=job.eval.first_tokens)
+        states[name] = fit(space, backend, train_batches(job), job.train_for(name),
+                           tracker=space_tracker(tracker, name, main_space(job.spaces)), eval_fn=eval_fn,
+                           progress=progress)
+        spaces[name] = space
+    return finish(job, spaces, backend, states, tracker)

@@ -169,6 +169,11 @@ class SharedSpace(nn.Module):
         """Path ``source -> target``: ``OUT_target(IN_source(block))``; ``[B,S,L_i,D_i] -> [B,S,L_j,D_j]``."""
         return self.decode(self.encode(block, source), target)
 
+    @property
+    def stack_removable(self) -> bool:
+        """Whether :meth:`without_stack` applies: a translator with both a stack and a short path."""
+        return self.cfg.adapter == "translator" and self.cfg.stack and self.cfg.short_path
+
     def without_stack(self) -> "SharedSpace":
         """A copy whose translators skip their cross-attention stack and keep only the short path.
 

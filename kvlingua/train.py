@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -96,6 +97,11 @@ class Batch:
     def suffix(self, model: str) -> Tensor:
         """``[B, S]`` suffix ids of ``model``'s text."""
         return self._ids(model)[:, self.prefix_len:]
+
+    def control_prefix(self, model: str) -> Tensor:
+        """``[B, P]`` prefix ids of *another* sequence for each row (the batch rolled by one):
+        the prefix of the evaluation's content control."""
+        return self._ids(model).roll(1, dims=0)[:, : self.prefix_len]
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,8 @@ class TrainState:
     """``LambdaLR.state_dict()`` at ``step``."""
     rng_state: Tensor | None = None
     """``torch.get_rng_state()`` at ``step`` (dropout in adapters resumes identically)."""
+    train_s: float = 0.0
+    """Wall seconds spent in ``fit`` so far, evaluations included, summed over resumes."""
 
 
 def lr_factor(step: int, total: int, warmup_frac: float) -> float:
@@ -208,7 +216,8 @@ def make_optimizer(space: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Adam
     return opt, sched
 
 
-def _space_device(space: nn.Module) -> torch.device:
+def space_device(space: nn.Module) -> torch.device:
+    """Device of the space's parameters (CPU for a space without any)."""
     p = next(space.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
@@ -222,8 +231,10 @@ def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: li
     """
     if not paths:
         raise ValueError("train_step needs at least one path")
-    device = _space_device(space)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+    device = space_device(space)
+
+    def autocast():  # a fresh context per use: one autocast object must not be entered twice
+        return (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else nullcontext())
     w = 1.0 / len(paths)
     own: dict[str, KVBlock] = {}  # model -> its block of its own prefix, computed once per batch
@@ -237,7 +248,7 @@ def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: li
 
     def latent(model: str) -> LatentBlock:
         if model not in encoded:
-            with autocast:
+            with autocast():
                 z = space.encode(own_block(model), model)  # [B, P, Q]
             leaf = z.detach().map(lambda t: t.requires_grad_(z.keys.requires_grad))
             encoded[model] = (z, leaf)
@@ -247,9 +258,8 @@ def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: li
     total = 0.0
     for src_name, tgt_name in paths:
         name = path_name((src_name, tgt_name))
-        z = latent(src_name)  # outside the block below: an autocast object must not be entered twice
-        with autocast:
-            out = space.decode(z, tgt_name)  # [B, P, L_j, D_j]
+        with autocast():
+            out = space.decode(latent(src_name), tgt_name)  # [B, P, L_j, D_j]
         if not out.keys.requires_grad:
             raise ValueError(f"path {name} produced a block without gradient: are both of its adapters frozen?")
         loss, g = suffix_lm_loss(backend, out, tgt_name, batch.suffix(tgt_name))
@@ -324,12 +334,11 @@ def fit(
     if missing:
         raise ValueError(f"space members {missing} are not in the backend's pool {backend.names()}")
     sampler = PathSampler(space.names, cfg.paths_per_step, cfg.seed, cfg.paths, cfg.trainable)
-    names = trainable_names(space, cfg)
-    params = space.parameters_of(names)
+    opt, sched = make_optimizer(space, cfg)
+    params = opt.param_groups[0]["params"]  # the trainable models' adapters
     space.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt, sched = make_optimizer(space, cfg)
     if state.optimizer_state is not None:
         opt.load_state_dict(state.optimizer_state)
     if state.scheduler_state is not None:
@@ -349,6 +358,7 @@ def fit(
 
     if eval_fn is not None and cfg.eval_every and state.step == 0:
         run_eval()
+    began, spent_before = time.perf_counter(), state.train_s
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and is_main), desc="train Σ", unit="step")
     batch_iter = iter(batches)
     space.train()
@@ -380,6 +390,7 @@ def fit(
                 tracker.log_metrics(metrics, state.step)
         if eval_fn is not None and cfg.eval_every and (last or state.step % cfg.eval_every == 0):
             run_eval()
+        state.train_s = spent_before + time.perf_counter() - began
         if checkpoint_fn is not None and cfg.checkpoint_every and (last or state.step % cfg.checkpoint_every == 0):
             _sync_state(state, opt, sched)
             checkpoint_fn(state)
@@ -404,7 +415,7 @@ def save_checkpoint(directory: str | Path, space: nn.Module, state: TrainState) 
     save_model(space, str(d / ADAPTERS_FILE))
     torch.save({"optimizer": state.optimizer_state, "scheduler": state.scheduler_state, "rng": state.rng_state},
                d / OPTIMIZER_FILE)
-    tmp.write_text(json.dumps({"step": state.step, "history": state.history}))
+    tmp.write_text(json.dumps({"step": state.step, "history": state.history, "train_s": state.train_s}))
     os.replace(tmp, d / STATE_FILE)
     return d
 
@@ -423,4 +434,4 @@ def load_checkpoint(directory: str | Path, space: nn.Module) -> TrainState:
     extra = torch.load(d / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     meta = json.loads((d / STATE_FILE).read_text())
     return TrainState(step=int(meta["step"]), history=list(meta["history"]), optimizer_state=extra["optimizer"],
-                      scheduler_state=extra["scheduler"], rng_state=extra["rng"])
+                      scheduler_state=extra["scheduler"], rng_state=extra["rng"], train_s=float(meta.get("train_s", 0.0)))

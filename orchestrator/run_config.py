@@ -16,7 +16,8 @@ from typing import Any
 from kvlingua.config import ConfigError, from_dict, load_yaml, apply_override
 from kvlingua.data.views import DataConfig
 from kvlingua.evaluate import EvalConfig
-from kvlingua.job import TrainJob, _default_spaces, check_run_settings, check_space_fits, check_space_steps
+from kvlingua.job import (TrainJob, _default_spaces, check_langs, check_run_settings, check_space_fits,
+                          check_space_steps)
 from kvlingua.train import TrainConfig
 from kvlingua.translator import SpaceConfig
 from workers.driver import RayConfig
@@ -82,10 +83,8 @@ class RunConfig:
             raise ValueError("pool_members needs `pool`")
         check_run_settings(self.prefix_len, self.suffix_len, self.batch_size, self.spaces, self.eval_split)
         check_space_steps(self.space_steps, self.spaces)
-        if self.langs is not None and self.models is not None:
-            missing = sorted(set(self.models) - set(self.langs))
-            if missing:
-                raise ValueError(f"langs: no language given for model(s) {missing}")
+        if self.models is not None:
+            check_langs(self.langs, self.models)
 
 
 def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -129,10 +128,7 @@ def member_layers(cfg: RunConfig) -> dict[str, int]:
     unknown = sorted(set(names) - set(layers))
     if unknown:
         raise ConfigError(f"pool_members: {unknown} not in pool {cfg.pool} (members: {sorted(layers)})")
-    if cfg.langs is not None:
-        missing = sorted(set(names) - set(cfg.langs))
-        if missing:
-            raise ConfigError(f"langs: no language given for model(s) {missing}")
+    check_langs(cfg.langs, names)  # a ValueError: preflight makes it a ConfigError
     return {n: layers[n] for n in names}
 
 

@@ -96,19 +96,19 @@ def _warm_blocks(hosts: dict, jobs: list[TrainJob]) -> int:
     seen_data: set[str] = set()
     for job in jobs:
         data_key = json.dumps([to_dict(job.data), job.langs, job.prefix_len, job.suffix_len, job.batch_size,
-                               job.train.seed, job.train.steps, asdict(job.eval), job.eval_split], sort_keys=True)
+                               job.train.seed, job.max_steps, asdict(job.eval), job.eval_split], sort_keys=True)
         if data_key in seen_data:
             continue
         seen_data.add(data_key)
         batches = train_batches(job)
-        for _ in range(job.train.steps):
+        for _ in range(job.max_steps):
             b = next(batches)
             for m in job.models:
                 want(m, b.prefix(m))  # [B, P]
         for b in eval_batches(job):
             for m in job.models:
                 want(m, b.prefix(m))
-                want(m, b.ids[m].roll(1, dims=0)[:, : b.prefix_len])  # evaluate()'s control prefix
+                want(m, b.control_prefix(m))  # evaluate()'s control prefix
     refs = [hosts[m].prefix_block.remote(ids) for (m, _), ids in requests.items()]
     ray.get(refs)
     return len(requests)

@@ -32,7 +32,8 @@ from kvlingua.config import from_dict, to_dict
 from kvlingua.evaluate import evaluate, make_eval_fn
 from kvlingua.job import allowed_paths, main_space, build_space, eval_batches, train_batches
 from kvlingua.paths import path_name
-from kvlingua.tracking import MlflowTracker, NullTracker, PrefixedTracker, Tracker
+from kvlingua.report import write_report
+from kvlingua.tracking import MlflowTracker, NullTracker, Tracker, space_tracker
 from kvlingua.train import fit
 from orchestrator.run_config import RunConfig, to_job
 from tune_spaces.spaces import apply_params
@@ -104,25 +105,24 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
                 def eval_fn(step: int, inner=inner) -> dict[str, float]:
                     metrics = inner(step)
                     nll = {path_name(p): metrics[f"eval/nll/{path_name(p)}"] for p in paths}
-                    if step < job.train.steps:  # the last step is reported once, with the full evaluation
+                    if step < job.train_for(main).steps:  # the last step is reported once, with the full evaluation
                         tune.report({"step": step, "final": False, "mlflow_run_id": run_id, **path_metrics(nll)})
                     return metrics
 
-            track = tracker if name == main else PrefixedTracker(tracker, name)
-            state = fit(space, backend, train_batches(job), job.train, tracker=track, eval_fn=eval_fn,
-                        progress=False)
+            state = fit(space, backend, train_batches(job), job.train_for(name),
+                        tracker=space_tracker(tracker, name, main), eval_fn=eval_fn, progress=False)
             spaces[name], histories[name] = space, state.history
         result = evaluate(backend, eval_batches(job), paths, spaces,
                           first_tokens=job.eval.first_tokens)
-        result.to_json(out_dir / "eval.json")
-        (out_dir / "eval.md").write_text(result.to_markdown())
+        report = write_report(out_dir, result, title=f"trial {trial_id}", config=config)
         (out_dir / "histories.json").write_text(json.dumps(histories, indent=1))
         (out_dir / "params.json").write_text(json.dumps(config, indent=1))
-        tracker.log_metrics(result.metrics("final"), job.train.steps)
-        for f in ("eval.json", "eval.md"):
-            tracker.log_artifact(out_dir / f)
+        last = job.train_for(main).steps
+        tracker.log_metrics(result.metrics("final"), last)
+        for f in (report["json"], report["markdown"]):
+            tracker.log_artifact(f)
         nll = {path_name(p): result.summary_for(p, main).nll_mean for p in paths}
         status = "FINISHED"
-        tune.report({"step": job.train.steps, "final": True, "mlflow_run_id": run_id, **path_metrics(nll)})
+        tune.report({"step": last, "final": True, "mlflow_run_id": run_id, **path_metrics(nll)})
     finally:
         tracker.close(status) if isinstance(tracker, MlflowTracker) else tracker.close()

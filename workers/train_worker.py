@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from itertools import islice
 from pathlib import Path
 
@@ -104,7 +103,7 @@ def train_loop(config: dict) -> None:
     tracker: Tracker = MlflowTracker.attach(tracking["uri"], tracking["run_id"]) if is_main and tracking \
         else NullTracker()
 
-    spaces, states, done, current, wall = {}, {}, [], None, {}
+    spaces, states, done, current = {}, {}, [], None
     checkpoint = ray.train.get_checkpoint()
     resume_dir = None
     if checkpoint is not None:
@@ -139,21 +138,18 @@ def train_loop(config: dict) -> None:
             batches = BlockPrefetcher(backend, batches, config["prefetch"], step_sources(space, space_cfg), start)
         eval_fn = make_eval_fn(backend, held_out, allowed_paths(job), space,
                                first_tokens=job.eval.first_tokens) if is_main else None
-        began = time.perf_counter()
         states[name] = fit(space, backend, batches, space_cfg, tracker=space_tracker(tracker, name, main_space(job.spaces)), state=state, eval_fn=eval_fn,
                            checkpoint_fn=checkpoint_fn, grad_sync=allreduce_mean if world > 1 else None,
                            is_main=is_main, progress=config["progress"] and is_main)
-        wall[name] = time.perf_counter() - began
         done.append(name)
 
     result = {}
     if is_main:
-        histories = {name: states[name].history for name in job.spaces}
-        result = finish(job, spaces, backend, histories, tracker, train_wall_s=wall)
+        result = finish(job, spaces, backend, {name: states[name] for name in job.spaces}, tracker)
     with tempfile.TemporaryDirectory() as tmp:
         if is_main:
             _write_checkpoint(Path(tmp), spaces, states, done, None)
         ckpt = ray.train.Checkpoint.from_directory(tmp) if is_main else None
         summary = {k: v for k, v in result.items() if k != "eval"}  # the table and file paths; eval.json has the rest
-        ray.train.report({"space": "", "step": max(job.train_for(n, cfg).steps for n in job.spaces), "result": json.dumps(summary)}, checkpoint=ckpt,
+        ray.train.report({"space": "", "step": job.max_steps, "result": json.dumps(summary)}, checkpoint=ckpt,
                          checkpoint_dir_name="final")

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         if sibling != pool_dir and (sibling / "pool.json").is_file():
             spaces[sibling.name.removeprefix("pool-")] = load_pool(sibling, load_models=False).space
     if args.ablate_stack:
-        ablatable = {n: s for n, s in spaces.items() if s.cfg.adapter == "translator" and s.cfg.stack and s.cfg.short_path}
+        ablatable = {n: s for n, s in spaces.items() if s.stack_removable}
         if not ablatable:
             raise ConfigError("--ablate-stack: no space here is a translator with both a stack and a short path")
         spaces |= {f"{n}-no-stack": s.without_stack() for n, s in ablatable.items()}

@@ -74,9 +74,8 @@ def execute(cfg, *, address: str | None, in_process: bool, progress: bool) -> di
 def print_result(result: dict) -> None:
     print(result["markdown"])
     print()
-    for name, t in result.get("timing", {}).items():
-        took = f" in {t['train_wall_s']:.0f} s" if "train_wall_s" in t else ""
-        print(f"{name:>16}: {t['steps']} steps{took}")
+    for name, t in result["timing"].items():
+        print(f"{name:>16}: {t['steps']} steps in {t['train_wall_s']:.0f} s")
     for name, path in result["files"].items():
         print(f"{name:>16}: {path}")
     if result.get("tracking_uri"):
