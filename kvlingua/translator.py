@@ -316,12 +316,11 @@ class LinearAdapter(nn.Module):
     """Linear baseline: one Linear for K and one for V on layer-concatenated caches.
 
     ``(K, V)`` each ``[B, S, L_in, D_in]`` -> flattened ``[B, S, L_in*D_in]`` -> Linear ->
-    ``[B, S, L_out, D_out]``. Same constructor and call signature as :class:`LayerwiseTranslator`
-    (``model_width`` and ``cfg`` are accepted for that symmetry; only the layouts matter).
+    ``[B, S, L_out, D_out]``. Same call signature as :class:`LayerwiseTranslator`; built from the
+    two layouts alone.
     """
 
-    def __init__(self, in_layers: int, in_width: int, out_layers: int, out_width: int, model_width: int = 0,
-                 cfg: SpaceConfig | None = None):
+    def __init__(self, in_layers: int, in_width: int, out_layers: int, out_width: int):
         super().__init__()
         self.in_layers, self.in_width = in_layers, in_width
         self.out_layers, self.out_width = out_layers, out_width
@@ -341,5 +340,6 @@ class LinearAdapter(nn.Module):
 def build_adapter(in_layers: int, in_width: int, out_layers: int, out_width: int, model_width: int,
                   cfg: SpaceConfig) -> nn.Module:
     """The adapter ``cfg.adapter`` names, for the given layouts."""
-    cls = LayerwiseTranslator if cfg.adapter == "translator" else LinearAdapter
-    return cls(in_layers, in_width, out_layers, out_width, model_width, cfg)
+    if cfg.adapter == "linear":
+        return LinearAdapter(in_layers, in_width, out_layers, out_width)
+    return LayerwiseTranslator(in_layers, in_width, out_layers, out_width, model_width, cfg)

@@ -13,6 +13,7 @@ from kvlingua.translator import (
     LayerwiseTranslator,
     LinearAdapter,
     SpaceConfig,
+    build_adapter,
     slice_groups,
 )
 
@@ -59,12 +60,11 @@ def test_heads_must_divide_embed_dim():
 @pytest.mark.parametrize("cfg", [SpaceConfig(), SpaceConfig(short_path=False), SpaceConfig(stack=False),
                                  SpaceConfig(num_layers=2), SpaceConfig(adapter="linear")])
 def test_shapes_in_and_out_layouts(cfg):
-    cls = LinearAdapter if cfg.adapter == "linear" else LayerwiseTranslator
     k, v = _kv(L=4, D=16)
-    enc = cls(4, 16, 1, 64, 16, cfg)  # IN: [B,S,4,16] -> [B,S,1,64]
+    enc = build_adapter(4, 16, 1, 64, 16, cfg)  # IN: [B,S,4,16] -> [B,S,1,64]
     zk, zv = enc(k, v)
     assert zk.shape == zv.shape == (2, 7, 1, 64)
-    dec = cls(4, 16, 4, 16, 16, cfg)  # OUT: [B,S,4,64/4] -> [B,S,4,16]
+    dec = build_adapter(4, 16, 4, 16, 16, cfg)  # OUT: [B,S,4,64/4] -> [B,S,4,16]
     ok, ov = dec(zk.reshape(2, 7, 4, 16), zv.reshape(2, 7, 4, 16))
     assert ok.shape == ov.shape == (2, 7, 4, 16)
     with pytest.raises(ValueError, match=r"expects keys and values \[B, S, 4, 16\]"):
@@ -75,9 +75,8 @@ def test_shapes_in_and_out_layouts(cfg):
                                  SpaceConfig(num_layers=2, group_mode="merge"), SpaceConfig(short_path=False),
                                  SpaceConfig(adapter="linear")])
 def test_causal_over_positions(cfg):
-    cls = LinearAdapter if cfg.adapter == "linear" else LayerwiseTranslator
     torch.manual_seed(0)
-    t = cls(4, 16, 2, 24, 16, cfg)
+    t = build_adapter(4, 16, 2, 24, 16, cfg)
     _randomise(t)  # the zero-initialised stack projection must not hide a leak
     k, v = _kv(S=9)
     base_k, base_v = t(k, v)
