@@ -13,7 +13,7 @@ the text itself (re-prefill, the ``text`` hand-off) or take the source's cache t
   grouping (one layer attends to all slices of its group) depth alone saves little; the width does.
 
 Targets (DESIGN.md): default <= 1.0x re-prefill time, latency-oriented <= 0.5x. Without
-``--pool`` the models are random ``cpu-200m`` Gemma-2s and the spaces random (timings
+``--pool`` the models are random ``3.8m-l4-d256`` Gemma-2s and the spaces random (timings
 are real, NLLs are not meaningful: nothing is trained). ``--pool`` / ``--latency-pool``
 take trained pools; ``--text FILE`` gives real text (tokenized with the pool's tokenizer).
 
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--source", default=None)
     p.add_argument("--target", default=None)
     p.add_argument("--text", type=Path, default=None, help="text file for prefix + suffix (default: random ids)")
-    p.add_argument("--size", default="cpu-200m", help="size rung of the self-built random models")
+    p.add_argument("--size", default="3.8m-l4-d256", help="size rung of the self-built random models")
     p.add_argument("--prefix", type=int, default=512)
     p.add_argument("--suffix", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)

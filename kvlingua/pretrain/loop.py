@@ -37,6 +37,7 @@ from kvlingua.config import ConfigError, from_dict, to_dict
 from kvlingua.data.views import DataConfig
 from kvlingua.pretrain.context import context_use
 from kvlingua.pretrain.sizes import SIZES, gemma2_config, param_counts
+from kvlingua.schedule import epoch_order, lr_factor
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.json"
@@ -47,8 +48,8 @@ CONFIG_FILE = "pretrain_config.json"
 class PretrainConfig:
     """One pre-training (or fine-tuning) run of one pool member. Defaults: the tuned quickstart budget."""
 
-    size: str = "cpu-100m"
-    """Named size of :data:`kvlingua.pretrain.sizes.SIZES` (``cpu-100m``, ``cpu-200m``, ``cpu-400m``, ``test``)."""
+    size: str = "1.9m-l2-d256"
+    """Named size of :data:`kvlingua.pretrain.sizes.SIZES` (``1.9m-l2-d256``, ``3.8m-l4-d256``, ``7.6m-l8-d256``, ``test``)."""
     seed: int = 0
     """Seeds the initial weights and the batch order."""
     data: DataConfig = field(default_factory=lambda: DataConfig(view="en"))
@@ -61,8 +62,8 @@ class PretrainConfig:
     """Optimiser steps."""
     lr: float = 1e-2
     """Peak learning rate (1e-2 beat 3e-3 on held-out loss and context use, docs/results/pretraining.md)."""
-    warmup: float = 0.05
-    """Linear warm-up, as a fraction of ``steps``."""
+    warmup_frac: float = 0.05
+    """Linear warm-up from 0, as a fraction of ``steps`` (:func:`kvlingua.schedule.lr_factor`)."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at ``lr * min_lr_ratio``."""
     weight_decay: float = 0.1
@@ -102,8 +103,8 @@ class PretrainConfig:
         if not self.lr > 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0, grad_clip > 0; got {self.lr}, "
                              f"{self.weight_decay}, {self.grad_clip}")
-        if not 0 <= self.warmup < 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"warmup must be in [0, 1) and min_lr_ratio in [0, 1]; got {self.warmup}, "
+        if not 0 <= self.warmup_frac < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"warmup_frac must be in [0, 1) and min_lr_ratio in [0, 1]; got {self.warmup_frac}, "
                              f"{self.min_lr_ratio}")
         bad = [s for s in self.save_at if not 1 <= s <= self.steps]
         if bad:
@@ -133,23 +134,20 @@ class PretrainResult:
 
 
 def lr_at(cfg: PretrainConfig, step: int) -> float:
-    """Learning rate of optimiser step ``step`` (0-based): linear warm-up, then cosine to ``min_lr_ratio``."""
-    warm = int(cfg.warmup * cfg.steps)
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    t = (step - warm) / max(1, cfg.steps - warm)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    """Learning rate of optimiser step ``step`` (0-based): ``cfg.lr`` times the shared warm-up + cosine factor."""
+    return cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_frac, min_lr_ratio=cfg.min_lr_ratio)
 
 
 def batch_rows(seed: int, step: int, batch_size: int, n_rows: int) -> Tensor:
-    """Row indices ``[batch_size]`` of step ``step``: epochs of seeded permutations, walked in order."""
-    perms: dict[int, Tensor] = {}
+    """Row indices ``[batch_size]`` of step ``step``: the epochs' orders (:func:`kvlingua.schedule.epoch_order`)
+    laid end to end and walked in steps of ``batch_size``."""
+    orders: dict[int, Tensor] = {}
     out = []
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, i = divmod(pos, n_rows)
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(perms[epoch][i])
+        if epoch not in orders:
+            orders[epoch] = epoch_order(n_rows, seed, epoch)  # [n_rows]
+        out.append(orders[epoch][i])
     return torch.stack(out)  # [batch_size]
 
 
@@ -246,7 +244,11 @@ def is_finished(out_dir: Path, cfg: PretrainConfig) -> bool:
     out_dir = Path(out_dir)
     if not (out_dir / CONFIG_FILE).is_file():
         return False
-    stored = read_config(out_dir / CONFIG_FILE)
+    try:
+        stored = read_config(out_dir / CONFIG_FILE)
+    except ConfigError as e:  # e.g. written by an older kvlingua (renamed fields or sizes)
+        raise ConfigError(f"{out_dir} holds a run whose config this version cannot read ({e}); "
+                          "delete it or rerun with --force") from None
     if stored != cfg:
         a, b = to_dict(stored), to_dict(cfg)
         diff = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]

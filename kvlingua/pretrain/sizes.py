@@ -1,4 +1,4 @@
-"""The Gemma-2 size ladder of the pool: the paper's 100M/200M/400M at CPU scale.
+"""The Gemma-2 size ladder of the pool: the paper's 100M/200M/400M ladder at CPU scale.
 
 The paper (Table 3) keeps the width fixed and grows depth 1x/2x/4x (4, 8, 16 layers);
 every size uses GQA with one KV head, GeGLU, Gemma-2 pre+post norms and tied
@@ -6,6 +6,11 @@ embeddings. The CPU ladder here does the same at a width chosen by measurement s
 quickstart pool pre-trains in a few minutes on 2 cores (docs/results/pretraining.md).
 Gemma-2 alternates sliding-window and full-attention layers; the window is smaller
 than the training sequence so the alternation matters.
+
+A size is named by what it is: ``<non-embedding parameters>-l<layers>-d<width>``
+(``1.9m-l2-d256``: 1,902,848 non-embedding parameters, 2 layers, hidden 256); the
+embedding adds ``vocab_size * width`` (tied). The ladder was once named ``cpu-100m``/
+``cpu-200m``/``cpu-400m`` after the paper's sizes it stands in for; docs/results/ keep those names.
 """
 from __future__ import annotations
 
@@ -35,20 +40,21 @@ class Size:
 
 
 # Width 256, 4 heads of 64, MLP 4x width; depth 2/4/8 mirrors the paper's 4/8/16 (1x/2x/4x).
+# Non-embedding parameters (param_counts): 1,902,848 / 3,805,440 / 7,610,624.
 SIZES: dict[str, Size] = {
-    "cpu-100m": Size(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, head_dim=64,
-                     intermediate_size=1024, sliding_window=64),
-    "cpu-200m": Size(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, head_dim=64,
-                     intermediate_size=1024, sliding_window=64),
-    "cpu-400m": Size(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, head_dim=64,
-                     intermediate_size=1024, sliding_window=64),
+    "1.9m-l2-d256": Size(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, head_dim=64,
+                         intermediate_size=1024, sliding_window=64),
+    "3.8m-l4-d256": Size(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, head_dim=64,
+                         intermediate_size=1024, sliding_window=64),
+    "7.6m-l8-d256": Size(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, head_dim=64,
+                         intermediate_size=1024, sliding_window=64),
     "test": Size(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, head_dim=8,
                  intermediate_size=64, sliding_window=8, max_position_embeddings=256),
 }
 
 
 def gemma2_config(size: str, vocab_size: int, **overrides) -> Gemma2Config:
-    """A ``Gemma2Config`` for the named ``size`` (``cpu-100m``, ``cpu-200m``, ``cpu-400m``, ``test``).
+    """A ``Gemma2Config`` for the named ``size`` (a key of :data:`SIZES`, e.g. ``1.9m-l2-d256`` or ``test``).
 
     One KV head (GQA), GeGLU (``gelu_pytorch_tanh``), pre+post norms, tied embeddings,
     eager attention and ``query_pre_attn_scalar = head_dim``. The final logit soft-cap is

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -13,15 +14,17 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from kvlingua.cache import fingerprint
-from kvlingua.config import ConfigError, load_config
+from kvlingua.config import ConfigError, load_config, to_dict
 from kvlingua.models import load_frozen
 from kvlingua.pretrain.context import context_use
-from kvlingua.pretrain.loop import PretrainConfig, build_model, lr_at, pretrain
+from kvlingua.pretrain.loop import PretrainConfig, batch_rows, build_model, is_finished, lr_at, pretrain
 from kvlingua.pretrain.pools import MANIFEST, PoolConfig, pretrain_pool
 from kvlingua.pretrain.sizes import SIZES, gemma2_config, param_counts
+from kvlingua.schedule import epoch_order
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
+LADDER = ("1.9m-l2-d256", "3.8m-l4-d256", "7.6m-l8-d256")
 TOPICS, PER_TOPIC, T = 4, 16, 32
 VOCAB = TOPICS * PER_TOPIC + 1  # word tokens + <eos>
 
@@ -51,7 +54,7 @@ def topic_rows(n: int, seed: int) -> torch.Tensor:
 
 
 def run_cfg(**kw) -> PretrainConfig:
-    base = dict(size="test", seq_len=T, batch_size=16, steps=60, lr=1e-2, warmup=0.1, eval_rows=64,
+    base = dict(size="test", seq_len=T, batch_size=16, steps=60, lr=1e-2, warmup_frac=0.1, eval_rows=64,
                 checkpoint_every=0, context_prefix_len=8, context_first=8, threads=1)
     return PretrainConfig(**(base | kw))
 
@@ -66,13 +69,13 @@ def trained(tmp_path_factory, tok_dir):
 
 
 def test_sizes_follow_the_paper_architecture():
-    for name in ("cpu-100m", "cpu-200m", "cpu-400m", "test"):
+    for name in LADDER + ("test",):
         cfg = gemma2_config(name, 512)
         assert cfg.num_key_value_heads == 1 and cfg.tie_word_embeddings
         assert cfg.hidden_activation == "gelu_pytorch_tanh" and cfg.query_pre_attn_scalar == cfg.head_dim
         assert cfg._attn_implementation == "eager"
         assert cfg.layer_types[0] == "sliding_attention" and "full_attention" in cfg.layer_types
-    ladder = [SIZES[n] for n in ("cpu-100m", "cpu-200m", "cpu-400m")]
+    ladder = [SIZES[n] for n in LADDER]
     assert [s.num_hidden_layers for s in ladder] == [ladder[0].num_hidden_layers * k for k in (1, 2, 4)]
     assert len({s.hidden_size for s in ladder}) == 1
     assert gemma2_config("test", 64, num_hidden_layers=3).num_hidden_layers == 3
@@ -87,10 +90,39 @@ def test_param_counts_split_tied_embedding_once():
     assert counts["total"] == sum(p.numel() for p in model.parameters())  # parameters() dedups tied weights
 
 
-def test_schedule_warms_up_then_decays():
-    cfg = run_cfg(steps=100, warmup=0.1, lr=1.0, min_lr_ratio=0.1)
-    assert lr_at(cfg, 0) == pytest.approx(0.1) and lr_at(cfg, 9) == pytest.approx(1.0)
-    assert lr_at(cfg, 99) == pytest.approx(0.1, abs=1e-3) and lr_at(cfg, 50) < lr_at(cfg, 20)
+def test_schedule_warms_up_then_decays_to_the_floor():
+    # 100 steps, 10 warm-up steps (s/10), then 0.1 + 0.9 * (1 + cos(pi * (s - 10) / 90)) / 2, peak 2.0.
+    cfg = run_cfg(steps=100, warmup_frac=0.1, lr=2.0, min_lr_ratio=0.1)
+    hand = {0: 0.0, 4: 0.4, 10: 1.0, 40: 0.1 + 0.9 * 0.75, 55: 0.1 + 0.9 * 0.5, 70: 0.1 + 0.9 * 0.25}
+    for step, factor in hand.items():
+        assert lr_at(cfg, step) == pytest.approx(2.0 * factor, abs=1e-12), step
+    assert 0.2 < lr_at(cfg, 99) < 0.2 + 1e-3
+
+
+def test_batches_walk_the_epoch_orders_end_to_end():
+    # 5 rows, batches of 4: step 1 takes positions 4..7 = epoch 0's last row, then epoch 1's first three.
+    stream = torch.cat([epoch_order(5, 3, 0), epoch_order(5, 3, 1), epoch_order(5, 3, 2)])  # [15]
+    for step in range(3):
+        assert torch.equal(batch_rows(3, step, 4, 5), stream[4 * step: 4 * step + 4])
+    assert not torch.equal(epoch_order(5, 3, 0), epoch_order(5, 3, 1))  # the boundary case is not vacuous
+
+
+def test_size_names_say_what_they_are():
+    """``<non-embedding params>-l<layers>-d<width>``, the count computed by hand from the architecture."""
+    for name in LADDER:
+        m = re.fullmatch(r"(\d+\.\d)m-l(\d+)-d(\d+)", name)
+        assert m, name
+        millions, layers, width = float(m[1]), int(m[2]), int(m[3])
+        s = SIZES[name]
+        assert (s.num_hidden_layers, s.hidden_size) == (layers, width)
+        # Per layer: q and o (width x heads*head_dim), k and v (one KV head), GeGLU's 3 matrices, 4 RMSNorms;
+        # plus the final norm. Embeddings (tied) are counted apart.
+        attn = 2 * width * s.num_attention_heads * s.head_dim + 2 * width * s.head_dim
+        per_layer = attn + 3 * width * s.intermediate_size + 4 * width
+        by_hand = layers * per_layer + width
+        counts = param_counts(build_model(run_cfg(size=name), 100))
+        assert counts["non_embedding"] == by_hand and counts["embedding"] == 100 * width
+        assert round(by_hand / 1e6, 1) == millions, (name, by_hand)
 
 
 def test_pretraining_learns_the_structure(trained):
@@ -161,6 +193,17 @@ def test_bad_pretrain_configs_are_refused():
         run_cfg(context_prefix_len=30)
 
 
+@pytest.mark.parametrize("old,named", [({"warmup": 0.1}, "'warmup'"), ({"size": "cpu-100m"}, "'cpu-100m'")])
+def test_member_written_under_old_names_is_a_clear_error(tmp_path, old, named):
+    """A member directory from before the renames (``warmup``, ``cpu-100m``) is refused with a way out."""
+    stored = to_dict(run_cfg())
+    if "warmup" in old:
+        del stored["warmup_frac"]
+    (tmp_path / "pretrain_config.json").write_text(json.dumps(stored | old))
+    with pytest.raises(ConfigError, match=rf"cannot read .*{named}.*--force"):
+        is_finished(tmp_path, run_cfg())
+
+
 @pytest.mark.parametrize("kind", ["seeds", "trajectory", "experts", "sizes", "quickstart"])
 def test_pool_yamls_load_and_have_their_kind(kind):
     cfg = load_config(PoolConfig, REPO / "configs" / "pools" / f"{kind}.yaml")
@@ -169,7 +212,7 @@ def test_pool_yamls_load_and_have_their_kind(kind):
         assert len({m.pretrain.seed for m in ms}) == len(ms) >= 2
         assert len({(m.pretrain.size, repr(m.pretrain.data)) for m in ms}) == 1
     if kind == "quickstart":
-        assert len(ms) == 2 and ms[0].pretrain.size == "cpu-100m"
+        assert len(ms) == 2 and ms[0].pretrain.size == "1.9m-l2-d256"
     if kind == "trajectory":
         run, snap = ms[0], ms[1]
         assert snap.snapshot_of.member == run.name and snap.snapshot_of.step < run.pretrain.steps
