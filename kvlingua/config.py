@@ -20,7 +20,17 @@ T = TypeVar("T")
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-class ConfigError(ValueError):
+class KvlinguaError(Exception):
+    """A known, user-facing failure: bad input, a damaged or mismatched file, a missing resource.
+
+    Its message reads ``<file or key>: <what is wrong>`` and needs no traceback to be understood:
+    the ``kvlingua`` command line prints it as one line and exits non-zero. Every package's known
+    errors derive from it (:class:`ConfigError`, :class:`kvlingua.pool.PoolMismatchError`, ...);
+    an exception that does not is a bug and keeps its traceback.
+    """
+
+
+class ConfigError(KvlinguaError, ValueError):
     """A config file or dict does not match its dataclass (unknown key, wrong type, bad value)."""
 
 

@@ -1,43 +1,66 @@
-"""A trained pool on disk, and its verified loading.
+"""A trained pool on disk, its verified loading, and where a run keeps its pools.
 
 A pool directory holds::
 
-    pool.json                      {"format": 1, "space": <SpaceConfig>, "members": [...], ...extra}
+    pool.json                      {"format": 2, "space": <SpaceConfig>, "members": [...], "tokenizer": ...,
+                                    ...extra}
     adapters-<name>.safetensors    IN/OUT adapters of each model (tensor names in.* / out.*)
-    tokenizer/                     the pool's shared tokenizer (optional)
+    tokenizer/                     the pool's shared tokenizer (optional; ``"tokenizer"`` says whether)
 
 Each member entry records ``name``, ``path`` (the frozen model's ``save_pretrained``
-directory; a relative path resolves against the pool directory), ``summary`` (its
-:class:`~kvlingua.cache.ArchSummary`), ``fingerprint`` (:func:`kvlingua.cache.fingerprint`
-of its weights) and ``params`` (adapter parameter counts). :func:`load_pool` refuses a
-pool whose models or adapter files no longer match what was recorded, with a
-:class:`PoolMismatchError` naming the model and what differs.
+directory, written to survive a move: see :func:`model_path_record`), ``path_when_saved``
+(the absolute directory at save time, tried when ``path`` does not resolve), ``summary``
+(its :class:`~kvlingua.cache.ArchSummary`), ``fingerprint`` (:func:`kvlingua.cache.fingerprint`
+of its weights), ``adapter_sha256`` (SHA-256 of its adapter file) and ``params`` (adapter
+parameter counts). Format 1 files (absolute or pool-relative paths, no adapter digests)
+are still read.
+
+:func:`load_pool` refuses a pool that is damaged or no longer matches its models with a
+:class:`PoolMismatchError`, and a missing piece with a :class:`PoolNotFoundError`; both
+messages start with the file concerned (``<file>: <what is wrong>``).
+
+A training run writes one pool per trained space: the run's *main* space
+(:func:`main_space`) to ``<run>/pool``, every other space ``s`` to ``<run>/pool-<s>``
+(:func:`space_pool_dir`); :func:`read_run_pools` finds them all from the run directory
+or from any one of them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from kvlingua.cache import ArchSummary, arch_summary, fingerprint
-from kvlingua.config import ConfigError, to_dict
+from kvlingua.config import ConfigError, KvlinguaError, to_dict
+from kvlingua.home import data_home
 from kvlingua.models import load_frozen
 from kvlingua.space import SharedSpace, adapter_file, summary_from_dict
 
 POOL_FILE = "pool.json"
-POOL_FORMAT = 1
+POOL_FORMAT = 2
+"""Written format; 1 (absolute or pool-relative model paths, no adapter digests) is still read."""
+READ_FORMATS = (1, 2)
 TOKENIZER_DIR = "tokenizer"
-_RESERVED = ("format", "space", "members")
+HOME_PREFIX = "$KVLINGUA_HOME/"
+"""A recorded model path starting with this lies under :func:`kvlingua.home.data_home` where it is read."""
+_RESERVED = ("format", "space", "members", "tokenizer")
 
 
-class PoolMismatchError(ValueError):
-    """A pool directory does not match its models or its own config (names the model and what differs)."""
+class PoolMismatchError(KvlinguaError, ValueError):
+    """A pool directory is damaged or no longer matches its models (names the file and what differs)."""
+
+
+class PoolNotFoundError(KvlinguaError, FileNotFoundError):
+    """A pool directory, or a file or model it needs, is missing (names where it was looked for)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +87,7 @@ class LoadedPool:
         models: name -> frozen model (empty when loaded with ``load_models=False``).
         tokenizer: the pool's tokenizer, or ``None`` if the pool has none.
         root: the pool directory.
+        meta: the parsed ``pool.json`` (including the extra keys the writer added, e.g. ``job``).
     """
 
     space: SharedSpace
@@ -71,6 +95,132 @@ class LoadedPool:
     models: dict[str, PreTrainedModel]
     tokenizer: Any | None
     root: Path
+    meta: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- a run's pools
+def main_space(names: Iterable[str]) -> str:
+    """The space a run is about (its pool is ``<run>/pool``): ``translator`` if trained, else the first."""
+    names = list(names)
+    if not names:
+        raise ValueError("a run trains at least one space")
+    return "translator" if "translator" in names else names[0]
+
+
+def space_pool_dir(run_dir: str | Path, space: str, main: str) -> Path:
+    """Where a run keeps the pool of ``space``: ``<run>/pool`` for the main space, else ``<run>/pool-<space>``."""
+    return Path(run_dir) / ("pool" if space == main else f"pool-{space}")
+
+
+def read_run_pools(path: str | Path) -> dict[str, Path]:
+    """Every trained pool of a run that is on disk, space name -> pool directory, in the run's space order.
+
+    Args:
+        path: a run directory, or any pool directory of a run (the others are its siblings, placed by
+            :func:`space_pool_dir`). A pool with no recorded ``job`` (not written by a run) is a run of
+            its one space (``space_name``, else ``translator``); so is a pool copied away from its run
+            (its directory name is not the one its run gives it).
+
+    Raises:
+        PoolNotFoundError: ``path`` holds no ``pool.json`` and neither do ``pool/`` or ``pool-*/`` in it.
+        PoolMismatchError: a pool.json is unreadable, or a sibling holds another run's or space's pool,
+            or was trained over other models (names or fingerprints differ).
+    """
+    given = Path(path)
+    if (given / POOL_FILE).is_file():
+        pool_dir = given
+    else:
+        found = [d for d in [given / "pool", *sorted(given.glob("pool-*"))] if (d / POOL_FILE).is_file()]
+        if not found:
+            raise PoolNotFoundError(f"{given}: not a pool or run directory (no {POOL_FILE} in it, in pool/ "
+                                    f"or in pool-*/)")
+        pool_dir = found[0]
+    meta = read_pool_meta(pool_dir)
+    own = meta.get("space_name") or "translator"
+    job = meta.get("job")
+    spaces = job.get("spaces") if isinstance(job, dict) else None
+    if not isinstance(spaces, dict) or own not in spaces:
+        return {own: pool_dir}
+    main = main_space(spaces)
+    if pool_dir.name != space_pool_dir(pool_dir.parent, own, main).name:
+        return {own: pool_dir}  # copied away from its run: its siblings are not here
+    members = _member_ids(meta)
+    out = {}
+    for name in spaces:
+        d = pool_dir if name == own else space_pool_dir(pool_dir.parent, name, main)
+        if name != own and (d / POOL_FILE).is_file():
+            other = read_pool_meta(d)
+            if (other.get("run"), other.get("space_name")) != (meta.get("run"), name):
+                raise PoolMismatchError(
+                    f"{d / POOL_FILE}: holds space {other.get('space_name')!r} of run {other.get('run')!r}, but "
+                    f"run {meta.get('run')!r} ({pool_dir / POOL_FILE}) keeps its space {name!r} here")
+            if _member_ids(other) != members:
+                raise PoolMismatchError(f"{d / POOL_FILE}: its models (names, fingerprints) differ from those of "
+                                        f"{pool_dir / POOL_FILE}")
+        if (d / POOL_FILE).is_file():
+            out[name] = d
+    return out
+
+
+def _member_ids(meta: dict) -> list[tuple[Any, Any]]:
+    return [(e.get("name"), e.get("fingerprint")) for e in meta["members"]]
+
+
+# ---------------------------------------------------------------- model paths
+def model_path_record(model_dir: str | Path, pool_dir: str | Path) -> str:
+    """How ``pool.json`` records a model directory so the pool can move.
+
+    ``$KVLINGUA_HOME/<relative path>`` when the model lies under :func:`kvlingua.home.data_home`;
+    a path relative to the pool directory when the model lies beside the pool (under the pool
+    directory's parent, e.g. in the same run directory); else the absolute path.
+    """
+    model_dir, pool_dir = Path(model_dir).resolve(), Path(pool_dir).resolve()
+    home = data_home().resolve()
+    if model_dir.is_relative_to(home):
+        return HOME_PREFIX + model_dir.relative_to(home).as_posix()
+    if model_dir.is_relative_to(pool_dir.parent):
+        return Path(os.path.relpath(model_dir, pool_dir)).as_posix()
+    return str(model_dir)
+
+
+def _model_candidates(entry: dict, root: Path, models_root: str | Path | None) -> list[Path]:
+    """Directories to look for a member's model in, best first (see :func:`load_pool`)."""
+    recorded = entry["path"]
+    if models_root is not None:
+        base = Path(models_root).expanduser().resolve()
+        found = [base / Path(recorded).name, base / entry["name"]]
+    else:
+        if recorded.startswith(HOME_PREFIX):
+            first = data_home() / recorded[len(HOME_PREFIX):]
+        else:
+            first = root / recorded  # an absolute recorded path stays itself
+        found = [first.resolve()]
+        if isinstance(entry.get("path_when_saved"), str):
+            found.append(Path(entry["path_when_saved"]))
+    return list(dict.fromkeys(found))
+
+
+def _resolve_model(entry: dict, root: Path, models_root: str | Path | None) -> tuple[Path, str | None]:
+    """The member's model directory, and, when none of the candidates exists, why (a one-line message)."""
+    candidates = _model_candidates(entry, root, models_root)
+    for c in candidates:
+        if c.is_dir():
+            return c, None
+    where = f"looked in {models_root}" if models_root is not None else f"pool.json records {entry['path']!r}"
+    also = f"; also tried {', '.join(map(str, candidates[1:]))}" if len(candidates) > 1 else ""
+    hint = "" if models_root is not None else "; if the models moved, point models_root (--models-root DIR) at them"
+    return candidates[0], (f"{candidates[0]}: model {entry['name']!r}: checkpoint directory not found "
+                           f"({where}{also}{hint})")
+
+
+# ---------------------------------------------------------------- writing
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def save_pool(out_dir: str | Path, space: SharedSpace, members: list[PoolMember],
@@ -80,10 +230,11 @@ def save_pool(out_dir: str | Path, space: SharedSpace, members: list[PoolMember]
     Args:
         out_dir: the pool directory (created if needed).
         space: trained shared space; its member names, order and summaries must equal ``members``.
-        members: the pool's models in the space's order.
+        members: the pool's models in the space's order (a relative ``path`` is relative to ``out_dir``);
+            their paths are recorded with :func:`model_path_record`.
         tokenizer_dir: a tokenizer directory to copy to ``out_dir/tokenizer``.
         extra: additional JSON-serialisable top-level keys for ``pool.json`` (e.g. training metadata);
-            they may not override ``format``, ``space`` or ``members``.
+            they may not override ``format``, ``space``, ``members`` or ``tokenizer``.
 
     Returns the pool directory.
     """
@@ -97,92 +248,186 @@ def save_pool(out_dir: str | Path, space: SharedSpace, members: list[PoolMember]
     clash = sorted(set(extra or {}) & set(_RESERVED))
     if clash:
         raise ValueError(f"extra keys {clash} would overwrite reserved pool.json keys {list(_RESERVED)}")
+    try:
+        json.dumps(extra or {})
+    except TypeError as e:
+        raise ValueError(f"pool.json extra keys must be JSON-serialisable: {e}") from e
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise FileNotFoundError(f"tokenizer directory not found: {tokenizer_dir}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = space.param_counts()
-    meta = {
-        "format": POOL_FORMAT,
-        "space": to_dict(space.cfg),
-        "members": [
-            {"name": m.name, "path": str(m.path), "summary": m.summary.to_dict(), "fingerprint": m.fingerprint,
-             "params": counts[m.name]}
-            for m in members
-        ],
-        **(extra or {}),
-    }
-    try:
-        text = json.dumps(meta, indent=2) + "\n"
-    except TypeError as e:
-        raise ValueError(f"pool.json extra keys must be JSON-serialisable: {e}") from e
+    entries = []
     for m in members:
         save_file(space.adapter_state(m.name), str(out / adapter_file(m.name)))
+        model_dir = (out / m.path).resolve()  # an absolute m.path stays itself
+        entries.append({"name": m.name, "path": model_path_record(model_dir, out), "path_when_saved": str(model_dir),
+                        "summary": m.summary.to_dict(), "fingerprint": m.fingerprint,
+                        "adapter_sha256": file_sha256(out / adapter_file(m.name)), "params": counts[m.name]})
     if tokenizer_dir is not None:
-        src = Path(tokenizer_dir)
-        if not src.is_dir():
-            raise FileNotFoundError(f"tokenizer directory not found: {src}")
-        shutil.copytree(src, out / TOKENIZER_DIR, dirs_exist_ok=True)
-    (out / POOL_FILE).write_text(text)
+        shutil.copytree(Path(tokenizer_dir), out / TOKENIZER_DIR, dirs_exist_ok=True)
+    meta = {"format": POOL_FORMAT, "space": to_dict(space.cfg), "members": entries,
+            "tokenizer": TOKENIZER_DIR if tokenizer_dir is not None else None, **(extra or {})}
+    (out / POOL_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 
+# ---------------------------------------------------------------- reading
 def read_pool_meta(pool_dir: str | Path) -> dict:
-    """The parsed ``pool.json`` of ``pool_dir``, with its format checked."""
+    """The parsed ``pool.json`` of ``pool_dir``, with its format, keys and member entries checked.
+
+    Raises:
+        PoolNotFoundError: no ``pool.json`` in ``pool_dir``.
+        PoolMismatchError: not valid JSON, an unknown format, a missing key or a malformed member entry.
+    """
     root = Path(pool_dir)
     meta_file = root / POOL_FILE
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{root}: not a pool directory (no {POOL_FILE})")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != POOL_FORMAT:
-        raise PoolMismatchError(f"{meta_file}: unsupported format {meta.get('format')!r} (expected {POOL_FORMAT})")
-    for key in _RESERVED:
+        raise PoolNotFoundError(f"{root}: not a pool directory (no {POOL_FILE})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PoolMismatchError(f"{meta_file}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise PoolMismatchError(f"{meta_file}: top level must be a JSON object, got {type(meta).__name__}")
+    if meta.get("format") not in READ_FORMATS:
+        raise PoolMismatchError(f"{meta_file}: unsupported format {meta.get('format')!r} "
+                                f"(this version reads {list(READ_FORMATS)})")
+    for key in ("space", "members"):
         if key not in meta:
             raise PoolMismatchError(f"{meta_file}: missing key {key!r}")
+    if not isinstance(meta["members"], list) or not meta["members"]:
+        raise PoolMismatchError(f"{meta_file}: 'members' must be a non-empty list")
+    needed = ("name", "path", "summary", "fingerprint") + (("adapter_sha256",) if meta["format"] >= 2 else ())
+    for i, entry in enumerate(meta["members"]):
+        if not isinstance(entry, dict):
+            raise PoolMismatchError(f"{meta_file}: members[{i}] must be an object")
+        missing = [k for k in needed if k not in entry]
+        if missing:
+            raise PoolMismatchError(f"{meta_file}: members[{i}] ({entry.get('name')!r}) lacks {missing}")
+        bad = [k for k in needed if k != "summary" and not isinstance(entry[k], str)]
+        if bad:
+            raise PoolMismatchError(f"{meta_file}: members[{i}] ({entry['name']!r}): {bad} must be strings")
     return meta
 
 
-def _members(meta: dict, root: Path) -> list[PoolMember]:
-    out = []
+def _members(meta: dict, root: Path, models_root: str | Path | None) -> tuple[list[PoolMember], dict[str, str]]:
+    """Members with resolved paths, and name -> why its model directory was not found (when it was not)."""
+    members, missing = [], {}
     for entry in meta["members"]:
-        name = entry.get("name")
-        missing = [k for k in ("name", "path", "summary", "fingerprint") if k not in entry]
-        if missing:
-            raise PoolMismatchError(f"{root / POOL_FILE}: member {name!r} lacks {missing}")
-        path = Path(entry["path"])
-        path = path if path.is_absolute() else (root / path)
         try:
-            summary = summary_from_dict(entry["summary"], f"model {name!r}")
+            summary = summary_from_dict(entry["summary"], f"model {entry['name']!r}")
         except (TypeError, ValueError) as e:
-            raise PoolMismatchError(str(e)) from e
-        out.append(PoolMember(name, str(path.resolve()), summary, entry["fingerprint"]))
-    return out
+            raise PoolMismatchError(f"{root / POOL_FILE}: {e}") from e
+        path, why = _resolve_model(entry, root, models_root)
+        if why is not None:
+            missing[entry["name"]] = why
+        members.append(PoolMember(entry["name"], str(path), summary, entry["fingerprint"]))
+    return members, missing
+
+
+def _load_adapters(space: SharedSpace, meta: dict, root: Path) -> None:
+    """Each member's adapter file, its SHA-256 checked against pool.json, then its tensor names and shapes."""
+    for entry in meta["members"]:
+        name = entry["name"]
+        f = root / adapter_file(name)
+        if not f.is_file():
+            raise PoolNotFoundError(f"{f}: adapter file of model {name!r} not found")
+        recorded = entry.get("adapter_sha256")
+        if recorded is not None:
+            actual = file_sha256(f)
+            if actual != recorded:
+                raise PoolMismatchError(f"{f}: SHA-256 {actual[:12]}.. != {recorded[:12]}.. recorded in "
+                                        f"{POOL_FILE} (the adapter file of model {name!r} changed or is damaged)")
+        try:
+            space.load_adapter_file(name, f)
+        except SafetensorError as e:
+            raise PoolMismatchError(f"{f}: not a readable safetensors file ({e})") from e
+        except ValueError as e:
+            raise PoolMismatchError(f"{f}: {e}") from e
+
+
+def _load_tokenizer(meta: dict, root: Path) -> Any | None:
+    tok_dir = root / TOKENIZER_DIR
+    if meta.get("tokenizer") is None and not tok_dir.is_dir():
+        return None  # the pool was saved without one (format 1 pools say nothing: optional)
+    if not (tok_dir / "tokenizer_config.json").is_file():
+        raise PoolNotFoundError(f"{tok_dir}: the pool's tokenizer is missing (no tokenizer_config.json)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise PoolMismatchError(f"{tok_dir}: cannot load the pool's tokenizer ({e})") from e
 
 
 def verify_member(member: PoolMember, model: PreTrainedModel | None = None) -> None:
     """Check a loaded ``model`` (or, without one, its checkpoint's ``config.json``) against ``member``.
 
     Raises:
-        FileNotFoundError: the member's checkpoint directory does not exist (named with the model).
+        PoolNotFoundError: the member's checkpoint directory does not exist (named with the model).
         PoolMismatchError: architecture fields differ (``model 'seed-1': num_layers: 2 != 4``) or the
             weights' fingerprint differs (``model 'seed-2': fingerprint 1a2b.. != 9f8e.. (weights changed)``).
     """
-    if model is None and not Path(member.path).is_dir():
-        raise FileNotFoundError(f"model {member.name!r}: checkpoint directory not found: {member.path}")
-    actual = arch_summary(model if model is not None else member.path)
+    if model is None:
+        if not Path(member.path).is_dir():
+            raise PoolNotFoundError(f"{member.path}: model {member.name!r}: checkpoint directory not found")
+        try:
+            actual = arch_summary(member.path)
+        except FileNotFoundError as e:
+            raise PoolNotFoundError(f"{member.path}: model {member.name!r}: {e}") from e
+        except (OSError, ValueError) as e:
+            raise PoolMismatchError(f"{member.path}: model {member.name!r}: unreadable config.json ({e})") from e
+    else:
+        actual = arch_summary(model)
     diffs = actual.diff(member.summary)
     if diffs:
-        raise PoolMismatchError(f"model {member.name!r}: {'; '.join(diffs)} (checkpoint {member.path} != pool.json)")
+        raise PoolMismatchError(f"{member.path}: model {member.name!r}: {'; '.join(diffs)} "
+                                f"(the checkpoint differs from {POOL_FILE})")
     if model is not None:
         fp = fingerprint(model)
         if fp != member.fingerprint:
             raise PoolMismatchError(
-                f"model {member.name!r}: fingerprint {fp[:8]}.. != {member.fingerprint[:8]}.. "
-                f"(weights changed since the pool was trained; checkpoint {member.path})"
+                f"{member.path}: model {member.name!r}: fingerprint {fp[:8]}.. != {member.fingerprint[:8]}.. "
+                f"(weights changed since the pool was trained)"
             )
 
 
+def load_member_model(member: PoolMember, device: str | torch.device = "cpu", verify: bool = True
+                      ) -> PreTrainedModel:
+    """Load ``member``'s frozen model (safetensors only) and, with ``verify``, check it against the pool.
+
+    Raises:
+        PoolNotFoundError: no checkpoint directory, config.json or safetensors weights.
+        PoolMismatchError: unreadable weights, other architecture or other weights (fingerprint).
+    """
+    try:
+        model = load_frozen(member.path, device="cpu")
+    except FileNotFoundError as e:
+        raise PoolNotFoundError(f"{member.path}: model {member.name!r}: {e}") from e
+    except (OSError, SafetensorError, ValueError) as e:
+        raise PoolMismatchError(f"{member.path}: model {member.name!r}: cannot load the checkpoint ({e})") from e
+    if verify:
+        verify_member(member, model)
+    return model.to(device)
+
+
+def verify_models(members: Iterable[PoolMember]) -> None:
+    """Load each member's checkpoint in turn (CPU, one in memory at a time) and check its fingerprint."""
+    for m in members:
+        load_member_model(m)  # checked, then dropped
+
+
 def load_pool(pool_dir: str | Path, *, device: str | torch.device = "cpu", load_models: bool = True,
-              verify: bool = True, dtype: torch.dtype | None = None) -> LoadedPool:
+              verify: bool = True, dtype: torch.dtype | None = None,
+              models_root: str | Path | None = None) -> LoadedPool:
     """Load a pool directory written by :func:`save_pool`.
+
+    Each adapter file's SHA-256 is checked against ``pool.json`` (format 2) before it is read.
+    A model is looked for where ``pool.json`` records it (``$KVLINGUA_HOME/...`` under today's
+    :func:`~kvlingua.home.data_home`, a relative path against the pool directory), then where it was
+    when the pool was saved; with ``models_root``, only in ``models_root/<its directory name>`` and
+    ``models_root/<member name>``.
 
     Args:
         pool_dir: the pool directory.
@@ -193,40 +438,32 @@ def load_pool(pool_dir: str | Path, *, device: str | torch.device = "cpu", load_
         verify: check each model's architecture and weight fingerprint against ``pool.json``.
         dtype: cast the models to this dtype *after* verification (fingerprints are of the fp32
             weights as loaded); ``None`` keeps fp32. The adapters stay fp32.
+        models_root: a directory the pool's models were moved to.
 
     Raises:
-        PoolMismatchError: a model's architecture or fingerprint, or an adapter tensor's name or shape,
-            differs from what the pool records; the message names the model and what differs.
-        FileNotFoundError: the pool, an adapter file or a model checkpoint is missing (named).
+        PoolMismatchError: ``pool.json`` is unreadable, an adapter file is damaged (SHA-256, safetensors,
+            tensor names or shapes), or a model's architecture or fingerprint differs from what the pool
+            records; the message starts with the file and names the model.
+        PoolNotFoundError: the pool, an adapter file, the tokenizer or a model checkpoint is missing (named).
     """
     root = Path(pool_dir).resolve()
     meta = read_pool_meta(root)
-    members = _members(meta, root)
+    members, missing = _members(meta, root, models_root)
     try:
         space = SharedSpace.from_config_dict(meta["space"], [(m.name, m.summary) for m in members])
     except (ConfigError, ValueError) as e:
         raise PoolMismatchError(f"{root / POOL_FILE}: cannot rebuild the shared space: {e}") from e
-    for m in members:
-        try:
-            space.load_adapter_file(m.name, root / adapter_file(m.name))
-        except ValueError as e:
-            raise PoolMismatchError(str(e)) from e
+    _load_adapters(space, meta, root)
     space = space.to(device)
+    tokenizer = _load_tokenizer(meta, root)
     models: dict[str, PreTrainedModel] = {}
     for m in members:
+        if (load_models or verify) and m.name in missing:
+            raise PoolNotFoundError(missing[m.name])
         if not load_models:
             if verify:
                 verify_member(m)
             continue
-        if not Path(m.path).is_dir():
-            raise FileNotFoundError(f"model {m.name!r}: checkpoint directory not found: {m.path}")
-        model = load_frozen(m.path, device="cpu")
-        if verify:
-            verify_member(m, model)
+        model = load_member_model(m, verify=verify)
         models[m.name] = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    tokenizer = None
-    if (root / TOKENIZER_DIR).is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR), local_files_only=True)
-    return LoadedPool(space=space, members=members, models=models, tokenizer=tokenizer, root=root)
+    return LoadedPool(space=space, members=members, models=models, tokenizer=tokenizer, root=root, meta=meta)

@@ -3,6 +3,10 @@
 Each command module defines ``register(subparsers)``, which adds its parser and sets
 ``func`` (called with the parsed args; returns an exit code). Imports are lazy
 enough that ``kvlingua --help`` stays fast and nothing runs at import time.
+
+Every known failure (a :class:`kvlingua.config.KvlinguaError`, or a missing file) ends the
+command with one line on stderr, ``kvlingua <command>: error: <file>: <what is wrong>``, and
+exit code 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from kvlingua.config import ConfigError
+from kvlingua.config import KvlinguaError
 
 COMMANDS = ("quickstart", "data", "pretrain", "train", "eval", "tune", "serve")
 
@@ -32,13 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(command: str, error: BaseException) -> str:
+    """``kvlingua <command>: error: <message>``, the message's lines joined into one."""
+    message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"kvlingua {command}: error: {message or type(error).__name__}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"kvlingua {args.command}: error: {e}", file=sys.stderr)
+    except (KvlinguaError, FileNotFoundError) as e:
+        print(error_line(args.command, e), file=sys.stderr)
         return 2
 
 

@@ -14,43 +14,46 @@ def register(sub: argparse._SubParsersAction) -> None:
         "rebuilds its held-out batches and reports base, control, no-prefix, identity, linear (when the run "
         "trained one) and translator NLL per path, with content transferred.",
     )
-    p.add_argument("pool_dir", help="a trained pool directory (contains pool.json)")
+    p.add_argument("pool_dir", metavar="POOL_DIR",
+                   help="a trained pool directory (contains pool.json) or the run directory holding its pools")
     p.add_argument("--split", default=None, choices=["validation", "test"], help="held-out split (default: the run's)")
     p.add_argument("--batches", type=int, default=None, help="number of held-out batches (default: the run's)")
     p.add_argument("--ablate-stack", action="store_true",
                    help="also evaluate each translator with its cross-attention stack switched off (short path "
                    "only, same trained weights) as the condition '<space>-no-stack'")
+    p.add_argument("--models-root", default=None, metavar="DIR",
+                   help="where the pool's models are now, if they moved since training: each model is looked for "
+                   "as DIR/<its checkpoint directory name> or DIR/<its pool name> (fingerprints still checked)")
     p.add_argument("--out", default=None, help="directory for eval.json / eval.md (default: the pool's run dir)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from kvlingua.backend import LocalBackend
     from kvlingua.config import ConfigError, from_dict
     from kvlingua.evaluate import evaluate
     from kvlingua.job import TrainJob, allowed_paths, eval_batches
-    from kvlingua.pool import load_pool
+    from kvlingua.pool import POOL_FILE, TOKENIZER_DIR, load_pool, main_space, read_run_pools
 
-    pool_dir = Path(args.pool_dir)
-    meta_file = pool_dir / "pool.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{pool_dir}: not a trained pool directory (no pool.json)")
-    meta = json.loads(meta_file.read_text())
-    if "job" not in meta:
+    pools = read_run_pools(args.pool_dir)  # space name -> pool directory
+    main = main_space(pools)
+    loaded = load_pool(pools[main], models_root=args.models_root)
+    meta_file = loaded.root / POOL_FILE
+    if "job" not in loaded.meta:
         raise ConfigError(f"{meta_file}: no training job recorded; it was not written by `kvlingua train`")
-    loaded = load_pool(pool_dir)
-    job = from_dict(TrainJob, meta["job"])
+    try:
+        job = from_dict(TrainJob, loaded.meta["job"], "job")
+    except ConfigError as e:
+        raise ConfigError(f"{meta_file}: {e}") from e
     job = replace(job, models={m.name: m.path for m in loaded.members})
+    if loaded.tokenizer is not None:  # the pool's copy of the run's tokenizer travels with the pool
+        job = replace(job, tokenizer=str(loaded.root / TOKENIZER_DIR))
     if args.split:
         job = replace(job, eval_split=args.split)
     if args.batches:
         job = replace(job, eval=replace(job.eval, batches=args.batches))
-    spaces = {meta.get("space_name", "translator"): loaded.space}
-    for sibling in sorted(pool_dir.parent.glob("pool-*")):
-        if sibling != pool_dir and (sibling / "pool.json").is_file():
-            spaces[sibling.name.removeprefix("pool-")] = load_pool(sibling, load_models=False).space
+    spaces = {name: loaded.space if name == main else load_pool(d, load_models=False, verify=False).space
+              for name, d in pools.items()}
     if args.ablate_stack:
         ablatable = {n: s for n, s in spaces.items() if s.stack_removable}
         if not ablatable:
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         spaces |= {f"{n}-no-stack": s.without_stack() for n, s in ablatable.items()}
     backend = LocalBackend(loaded.models)
     result = evaluate(backend, eval_batches(job), allowed_paths(job), spaces, first_tokens=job.eval.first_tokens)
-    out = Path(args.out) if args.out else pool_dir.parent
+    out = Path(args.out) if args.out else loaded.root.parent
     out.mkdir(parents=True, exist_ok=True)
     result.to_json(out / f"eval-{job.eval_split}.json")
     markdown = result.to_markdown()

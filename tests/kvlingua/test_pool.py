@@ -1,6 +1,7 @@
-"""A trained pool on disk: round trip, and refusal of anything that no longer matches."""
+"""A trained pool on disk: round trip, relocation, and refusal of anything that no longer matches."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -11,7 +12,17 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from kvlingua.cache import arch_summary, extract_prefix, fingerprint
-from kvlingua.pool import PoolMember, PoolMismatchError, load_pool, save_pool, verify_member
+from kvlingua.pool import (
+    PoolMember,
+    PoolMismatchError,
+    PoolNotFoundError,
+    load_pool,
+    main_space,
+    read_run_pools,
+    save_pool,
+    space_pool_dir,
+    verify_member,
+)
 from kvlingua.space import SharedSpace
 from kvlingua.translator import SpaceConfig
 from tests.helpers import tiny_model
@@ -49,11 +60,15 @@ def pool(tmp_path):
 
 def test_pool_json_records_everything(pool):
     meta = json.loads((pool["root"] / "pool.json").read_text())
-    assert meta["format"] == 1 and meta["trained_steps"] == 7 and meta["space"]["q_dim"] == 32
+    assert meta["format"] == 2 and meta["trained_steps"] == 7 and meta["space"]["q_dim"] == 32
+    assert meta["tokenizer"] == "tokenizer"
     counts = pool["space"].param_counts()
     for entry, m in zip(meta["members"], pool["members"]):
-        assert entry == {"name": m.name, "path": m.path, "summary": m.summary.to_dict(),
-                         "fingerprint": m.fingerprint, "params": counts[m.name]}
+        adapter_bytes = (pool["root"] / f"adapters-{m.name}.safetensors").read_bytes()
+        assert entry == {"name": m.name, "path": m.path,  # beside the pool: recorded relative to it
+                         "path_when_saved": str((pool["tmp"] / "models" / m.name).resolve()),
+                         "summary": m.summary.to_dict(), "fingerprint": m.fingerprint,
+                         "adapter_sha256": hashlib.sha256(adapter_bytes).hexdigest(), "params": counts[m.name]}
     assert sorted(p.name for p in pool["root"].glob("adapters-*.safetensors")) == [
         "adapters-seed-1.safetensors", "adapters-seed-2.safetensors"]
     assert (pool["root"] / "tokenizer" / "tokenizer.json").is_file()
@@ -114,14 +129,178 @@ def test_different_architecture_is_refused(pool):
         load_pool(pool["root"])
 
 
+def _as_format_1(root):
+    """Rewrite pool.json as the first format wrote it: absolute paths, no adapter digests, no tokenizer key."""
+    meta = json.loads((root / "pool.json").read_text())
+    meta["format"] = 1
+    del meta["tokenizer"]
+    for entry in meta["members"]:
+        entry["path"] = entry.pop("path_when_saved")
+        del entry["adapter_sha256"]
+    (root / "pool.json").write_text(json.dumps(meta))
+
+
 def test_tampered_adapter_file_is_refused(pool):
     f = pool["root"] / "adapters-seed-1.safetensors"
     state = load_file(str(f))
     state["out.layers.1.ff_up.weight"] = torch.zeros(3, 16)
     save_file(state, str(f))
+    with pytest.raises(PoolMismatchError, match=r"adapters-seed-1.safetensors: SHA-256 [0-9a-f]{12}\.\. != "
+                                                r"[0-9a-f]{12}\.\. recorded in pool.json"):
+        load_pool(pool["root"], load_models=False)
+    _as_format_1(pool["root"])  # no digest recorded: the shape check still refuses it
     with pytest.raises(PoolMismatchError, match=r"model 'seed-1': adapter tensor 'out.layers.1.ff_up.weight' .* "
                                                 r"shape \(3, 16\), the space config needs \(16, 16\)"):
         load_pool(pool["root"], load_models=False)
+
+
+def test_changed_adapter_byte_is_refused(pool):
+    f = pool["root"] / "adapters-seed-2.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last tensor's data: names and shapes still check out
+    f.write_bytes(bytes(data))
+    with pytest.raises(PoolMismatchError, match=r"adapters-seed-2.safetensors: SHA-256 .* model 'seed-2'"):
+        load_pool(pool["root"], verify=False, load_models=False)
+
+
+def test_truncated_adapter_file_is_refused(pool):
+    f = pool["root"] / "adapters-seed-1.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(PoolMismatchError, match="adapters-seed-1.safetensors: SHA-256"):
+        load_pool(pool["root"], load_models=False)
+    _as_format_1(pool["root"])
+    with pytest.raises(PoolMismatchError, match="adapters-seed-1.safetensors: not a readable safetensors file"):
+        load_pool(pool["root"], load_models=False)
+
+
+def test_format_1_pool_still_loads(pool):
+    _as_format_1(pool["root"])
+    loaded = load_pool(pool["root"])  # absolute paths, fingerprints verified
+    assert loaded.members[1].path == str((pool["tmp"] / "models" / "seed-2").resolve())
+    assert loaded.tokenizer("the cat")["input_ids"] == [1, 2]
+
+
+def _same_translation(a, b, models):
+    ids = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(1))
+    block = extract_prefix(models["seed-1"], ids)
+    x, y = a.translate(block, "seed-1", "seed-2"), b.translate(block, "seed-1", "seed-2")
+    return torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+
+
+def test_pool_moves_with_its_models(pool):
+    moved = pool["tmp"] / "elsewhere" / "deploy"
+    shutil.copytree(pool["root"], moved / "pool")
+    shutil.copytree(pool["tmp"] / "models", moved / "models")
+    shutil.rmtree(pool["root"])
+    shutil.rmtree(pool["tmp"] / "models")
+    loaded = load_pool(moved / "pool")  # "../models/<name>" from the moved pool; fingerprints verified
+    assert [m.path for m in loaded.members] == [str((moved / "models" / n).resolve()) for n in ("seed-1", "seed-2")]
+    assert _same_translation(pool["space"], loaded.space, pool["models"])
+
+
+def test_models_under_kvlingua_home_are_recorded_relative_to_it(pool, tmp_path, monkeypatch):
+    home = tmp_path / "home-1"
+    monkeypatch.setenv("KVLINGUA_HOME", str(home))
+    shutil.copytree(pool["tmp"] / "models", home / "pools" / "tiny")
+    members = [PoolMember(m.name, str(home / "pools" / "tiny" / m.name), m.summary, m.fingerprint)
+               for m in pool["members"]]
+    root = save_pool(tmp_path / "run" / "pool", pool["space"], members)
+    meta = json.loads((root / "pool.json").read_text())
+    assert [e["path"] for e in meta["members"]] == [f"$KVLINGUA_HOME/pools/tiny/{n}" for n in ("seed-1", "seed-2")]
+    shutil.move(str(home), str(tmp_path / "home-2"))  # the whole home moves (another machine, another user)
+    monkeypatch.setenv("KVLINGUA_HOME", str(tmp_path / "home-2"))
+    loaded = load_pool(root)
+    assert loaded.members[0].path == str((tmp_path / "home-2" / "pools" / "tiny" / "seed-1").resolve())
+    assert loaded.tokenizer is None and meta["tokenizer"] is None
+    # a model neither under the home nor beside the pool keeps its absolute path
+    far = save_pool(tmp_path / "a" / "b" / "pool", pool["space"], [
+        PoolMember(m.name, str(pool["tmp"] / "models" / m.name), m.summary, m.fingerprint) for m in pool["members"]])
+    assert json.loads((far / "pool.json").read_text())["members"][0]["path"] == str(
+        (pool["tmp"] / "models" / "seed-1").resolve())
+
+
+def test_moved_models_are_found_with_models_root(pool):
+    shutil.move(str(pool["tmp"] / "models"), str(pool["tmp"] / "moved"))
+    with pytest.raises(PoolNotFoundError, match=r"models/seed-1: model 'seed-1': checkpoint directory not found "
+                                                r"\(pool.json records '../models/seed-1'.*--models-root"):
+        load_pool(pool["root"])
+    loaded = load_pool(pool["root"], models_root=pool["tmp"] / "moved")  # fingerprints verified there
+    assert loaded.members[0].path == str((pool["tmp"] / "moved" / "seed-1").resolve())
+    assert _same_translation(pool["space"], loaded.space, pool["models"])
+    with pytest.raises(PoolNotFoundError, match=r"nowhere/seed-1: model 'seed-1'.*\(looked in .*nowhere"):
+        load_pool(pool["root"], models_root=pool["tmp"] / "nowhere")
+
+
+def test_missing_tokenizer_is_named(pool):
+    shutil.rmtree(pool["root"] / "tokenizer")
+    with pytest.raises(PoolNotFoundError, match=r"pool/tokenizer: the pool's tokenizer is missing"):
+        load_pool(pool["root"], load_models=False)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{\"format\": 2, ", r"pool.json: not valid JSON \(Expecting"),
+    ("[1, 2]", "pool.json: top level must be a JSON object"),
+    ("{\"format\": 9}", r"pool.json: unsupported format 9"),
+    ("{\"format\": 2, \"space\": {}}", "pool.json: missing key 'members'"),
+])
+def test_unreadable_pool_json_is_refused(pool, text, message):
+    (pool["root"] / "pool.json").write_text(text)
+    with pytest.raises(PoolMismatchError, match=message):
+        load_pool(pool["root"])
+
+
+def test_member_entry_without_fingerprint_is_refused(pool):
+    meta = json.loads((pool["root"] / "pool.json").read_text())
+    del meta["members"][1]["fingerprint"]
+    (pool["root"] / "pool.json").write_text(json.dumps(meta))
+    with pytest.raises(PoolMismatchError, match=r"pool.json: members\[1\] \('seed-2'\) lacks \['fingerprint'\]"):
+        load_pool(pool["root"])
+
+
+def _run(tmp_path, pool, spaces=("translator", "linear"), run="r1"):
+    """A run directory as a training run lays it out: one pool per space, placed by space_pool_dir."""
+    main = main_space(spaces)
+    job = {"spaces": {name: {} for name in spaces}}
+    for name in spaces:
+        save_pool(space_pool_dir(tmp_path / run, name, main), pool["space"], pool["members"],
+                  extra={"run": run, "space_name": name, "job": job})
+    return tmp_path / run
+
+
+def test_main_space_and_its_pool_directory(tmp_path):
+    assert main_space(["linear", "translator"]) == "translator" and main_space(["linear", "big"]) == "linear"
+    assert space_pool_dir(tmp_path, "translator", "translator") == tmp_path / "pool"
+    assert space_pool_dir(tmp_path, "linear", "translator") == tmp_path / "pool-linear"
+
+
+def test_run_pools_are_found_from_the_run_or_any_of_its_pools(pool, tmp_path):
+    run = _run(tmp_path, pool, ("linear", "translator", "small"))
+    expected = {"linear": run / "pool-linear", "translator": run / "pool", "small": run / "pool-small"}
+    for given in (run, run / "pool", run / "pool-linear", run / "pool-small"):
+        assert read_run_pools(given) == expected
+    shutil.rmtree(run / "pool-small")
+    assert read_run_pools(run) == {"linear": run / "pool-linear", "translator": run / "pool"}
+    shutil.copytree(run / "pool-linear", tmp_path / "alone")  # a pool copied away from its run
+    assert read_run_pools(tmp_path / "alone") == {"linear": tmp_path / "alone"}
+    assert read_run_pools(pool["root"]) == {"translator": pool["root"]}  # not written by a run
+    with pytest.raises(PoolNotFoundError, match="not a pool or run directory"):
+        read_run_pools(tmp_path / "nowhere")
+
+
+def test_a_sibling_of_another_run_or_other_models_is_refused(pool, tmp_path):
+    run = _run(tmp_path, pool)
+    other = _run(tmp_path, pool, run="r2")
+    shutil.rmtree(run / "pool-linear")
+    shutil.copytree(other / "pool-linear", run / "pool-linear")
+    with pytest.raises(PoolMismatchError, match=r"pool-linear/pool.json: holds space 'linear' of run 'r2', but run "
+                                                r"'r1' .* keeps its space 'linear' here"):
+        read_run_pools(run / "pool")
+    meta = json.loads((run / "pool-linear" / "pool.json").read_text())
+    meta["run"] = "r1"
+    meta["members"][0]["fingerprint"] = "0" * 32
+    (run / "pool-linear" / "pool.json").write_text(json.dumps(meta))
+    with pytest.raises(PoolMismatchError, match=r"pool-linear/pool.json: its models .* differ from those of"):
+        read_run_pools(run)
 
 
 def test_save_refuses_inconsistent_input(pool, tmp_path):
