@@ -141,7 +141,7 @@ def main(argv=None) -> int:
             space, t = spaces[kind], secs[kind]
             nll = suffix_token_nll(models[target], outs[kind], suffix).mean().item()
             depth = space.cfg.num_layers or L
-            label = f"translate ({kind}: {min(depth, L)}/{L} layers, D'={space.cfg.embed_dim_factor:g}D)"
+            label = f"translate ({kind}: {min(depth, L)}/{L} layers, D'={space.cfg.embed_factor:g}D)"
             rows.append({"method": label, "ms": 1e3 * t, "ratio": t / t_pre, "suffix_nll": nll,
                          "trained": trained[kind]})
         none_nll = suffix_token_nll(models[target], None, suffix).mean().item()

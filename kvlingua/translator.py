@@ -25,24 +25,42 @@ Reading order of :class:`LayerwiseTranslator` (keys and values take the same rou
    feed-forward of width ``translation_dim_factor * D'``. Attention over positions is
    causal: position ``t`` sees positions ``<= t`` of its slices, so a translated prefix
    never depends on the future.
-3. **Output transform** (:class:`OutputTransform`): concatenate the layer outputs
+3. **Output transform** (:class:`OutputTransform`; ``per_layer``: see below): concatenate the layer outputs
    ``[B, S, G * D']`` -> LayerNorm -> Linear -> ``[B, S, L_out * D_out]``. Separate
    parameters for keys and values (the shared stack carries both; the heads let K and V
    land on their different statistics). No GELU on the final output: a cache entry can
    be negative, and GELU would bound it below by ~-0.17.
-4. **Short path**: a Linear per K/V from the flattened input ``[B, S, L_in * D_in]``
+4. **Short path** (``per_layer``: see below): a Linear per K/V from the flattened input ``[B, S, L_in * D_in]``
    straight to ``[B, S, L_out * D_out]``, added to the stack's output. When it is on, the
    stack's final projection starts at zero, so training starts as a linear translator
    and the stack adds what it learns. ``short_path`` and ``stack`` switch either path off
    (ablations); at least one stays on.
 
-Size (measured with :meth:`kvlingua.space.SharedSpace.param_counts`, defaults:
+**Output layout** (``SpaceConfig.output``). The paper's output transform (``dense``) is one
+Linear from all ``G*D'`` stack outputs to the whole ``L_out*D_out`` layout, and the short
+path one Linear from ``L_in*D_in``: at real depths that is O(L^2*D*D') parameters (1.75x
+SmolLM2-135M for IN + OUT). ``per_layer`` keeps steps 1-2 and the short-path/zero-init
+semantics, and makes steps 3-4 local in depth: the output layout is cut into one chunk
+of ``w = L_out*D_out / L_in`` per input slice (IN: Σ as ``L_i`` slices of ``Q/L_i``, the
+same cut OUT_j reads Σ with; OUT: one model layer of ``D_i``), stack layer g writes only
+the chunks of its own group (:class:`GroupOutput`), and the short path maps slice l to
+chunk l (:class:`SliceLinear`). Mixing across layers happens in the stack's query stream.
+Its default width is a bottleneck, ``D' = 0.5*D_i``. Across models with different depths
+chunk l of Σ is read by the target layer at the same relative depth.
+
+Size of IN + OUT at published shapes, ``Q = 32*L`` (``kvlingua plan configs/shapes/*.json``),
+as a share of all the model's parameters, dense -> per_layer: SmolLM2-135M 1.75 -> 0.050,
+Llama-3.2-1B 0.42 -> 0.018, Qwen2.5-0.5B 0.16 -> 0.005, Gemma-2-2B 1.70 -> 0.054,
+Mistral-7B 0.87 -> 0.024. ``output: auto`` (default) resolves to ``per_layer`` when the
+dense adapter exceeds ``max_share`` (0.1) of a member (:func:`kvlingua.plan.resolve_output`).
+
+Size of the dense adapter (measured with :meth:`kvlingua.space.SharedSpace.param_counts`, defaults:
 embed_dim_factor=2, translation_dim_factor=1, 4 heads, both paths on), as a fraction of
 the base model's non-embedding parameters:
 
-* ``cpu-100m`` rung of :mod:`kvlingua.pretrain.sizes` (2 layers, hidden 256, 1 kv head x 64,
+* ``1.9m-l2-d256`` rung of :mod:`kvlingua.pretrain.sizes` (2 layers, hidden 256, 1 kv head x 64,
   1.90M): at Q=256, IN 432k (0.23) and OUT 399k (0.21) -- the paper's "about a quarter";
-  ``cpu-200m``/``cpu-400m`` at Q=256: IN 0.23, OUT 0.23/0.29.
+  ``3.8m-l4-d256``/``7.6m-l8-d256`` at Q=256: IN 0.23, OUT 0.23/0.29.
 * tiny Gemma-2 of ``tests/helpers.py`` (2 layers, hidden 32, 1 kv head x 8, 17.7k): at Q=256,
   IN 29.8k (1.69) and OUT 22.1k (1.25), because Q=256 is wide next to L*D=16 and the output
   transform and short path scale with Q; at Q=16 both are 5.8k (0.33).
@@ -64,6 +82,9 @@ from torch import Tensor, nn
 
 ADAPTERS = ("translator", "linear")
 GROUP_MODES = ("attend", "merge")
+OUTPUTS = ("auto", "dense", "per_layer")
+EMBED_DEFAULTS = {"dense": 2.0, "per_layer": 0.5}
+"""D'/D_i of each output layout when ``embed_dim_factor`` is None (see :class:`SpaceConfig`)."""
 
 
 @dataclass(frozen=True)
@@ -74,8 +95,19 @@ class SpaceConfig:
     """Q: width of Σ per position; must be divisible by every member's number of layers L_i."""
     adapter: str = "translator"
     """``translator`` (paper §2.2 + short path) or ``linear`` (baseline: one Linear per K/V)."""
-    embed_dim_factor: float = 2.0
-    """D' = embed_dim_factor * D_i: residual width of model i's translators."""
+    output: str = "auto"
+    """Output side of a translator: ``dense`` -- the paper's one Linear from all G*D' stack outputs to the
+    whole output layout, and a dense short path (O(L^2) parameters); ``per_layer`` -- one output head per
+    stack layer writing only its own layers' slices, and a per-slice short path (O(L) parameters); ``auto``
+    -- ``per_layer`` where the dense translator's IN + OUT would exceed ``max_share`` of a member model,
+    decided by :func:`resolve_output` once the pool's model sizes are known. A space built without
+    resolving (no model sizes at hand) reads ``auto`` as ``dense``. Ignored by the linear baseline."""
+    max_share: float = 0.1
+    """``auto`` picks ``per_layer`` when some member's dense IN + OUT would hold more than this share of that
+    model's own parameters (embeddings included)."""
+    embed_dim_factor: float | None = None
+    """D' = embed_dim_factor * D_i: residual width of model i's translators; None -> the output's default:
+    2.0 for ``dense`` (the paper's), 0.5 for ``per_layer`` (a bottleneck: keeps IN + OUT near 0.05x real models)."""
     translation_dim_factor: float = 1.0
     """Feed-forward width of the cross-attention stack = translation_dim_factor * D'."""
     n_heads: int = 4
@@ -101,8 +133,12 @@ class SpaceConfig:
             raise ValueError(f"q_dim must be >= 1, got {self.q_dim}")
         if self.adapter not in ADAPTERS:
             raise ValueError(f"adapter must be one of {list(ADAPTERS)}, got {self.adapter!r}")
-        if not self.embed_dim_factor > 0:
-            raise ValueError(f"embed_dim_factor must be > 0, got {self.embed_dim_factor}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {list(OUTPUTS)}, got {self.output!r}")
+        if not self.max_share > 0:
+            raise ValueError(f"max_share must be > 0, got {self.max_share}")
+        if self.embed_dim_factor is not None and not self.embed_dim_factor > 0:
+            raise ValueError(f"embed_dim_factor must be > 0 or None, got {self.embed_dim_factor}")
         if not self.translation_dim_factor > 0:
             raise ValueError(f"translation_dim_factor must be > 0, got {self.translation_dim_factor}")
         if self.n_heads < 1:
@@ -118,9 +154,19 @@ class SpaceConfig:
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
 
+    @property
+    def output_layout(self) -> str:
+        """``dense`` or ``per_layer``: what the translators build (an unresolved ``auto`` builds ``dense``)."""
+        return "dense" if self.output == "auto" else self.output
+
+    @property
+    def embed_factor(self) -> float:
+        """The D'/D_i in effect: ``embed_dim_factor``, or the default of :attr:`output_layout`."""
+        return self.embed_dim_factor if self.embed_dim_factor is not None else EMBED_DEFAULTS[self.output_layout]
+
     def embed_dim(self, model_width: int) -> int:
         """D' for a model of cache width ``model_width`` (D_i)."""
-        return max(1, round(self.embed_dim_factor * model_width))
+        return max(1, round(self.embed_factor * model_width))
 
 
 def _init_linear(linear: nn.Linear) -> nn.Linear:
@@ -226,6 +272,37 @@ class OutputTransform(nn.Module):
         return self.proj(self.norm(x))
 
 
+class GroupOutput(nn.Module):
+    """``per_layer`` output transform: stack layer g's output -> only its own group's output slices.
+
+    ``[N, S, G*D'] -> [N, S, L_in*w]``: group g covers input slices ``a..b`` and writes output chunks
+    ``a..b`` of width ``w`` each (LayerNorm -> Linear ``D' -> (b-a)*w``, like :class:`OutputTransform`
+    per group). Parameters: ``sum_g (2*D' + D'*(b-a)*w + (b-a)*w) = G*2*D' + L_in*w*(D' + 1)``, linear in depth.
+    """
+
+    def __init__(self, d: int, bounds: list[tuple[int, int]], w: int, eps: float, zero_init: bool):
+        super().__init__()
+        self.d = d
+        self.heads = nn.ModuleList(OutputTransform(d, (b - a) * w, eps, zero_init) for a, b in bounds)
+
+    def forward(self, y: Tensor) -> Tensor:
+        N, S, _ = y.shape
+        y = y.view(N, S, len(self.heads), self.d)  # [N, S, G, D']
+        return torch.cat([head(y[:, :, g]) for g, head in enumerate(self.heads)], dim=-1)  # [N, S, L_in*w]
+
+
+class SliceLinear(nn.Module):
+    """``per_layer`` short path: a Linear per slice, ``[N, S, L, D_in] -> [N, S, L, w]`` (block-diagonal)."""
+
+    def __init__(self, n_slices: int, d_in: int, w: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_slices, d_in, w) / math.sqrt(d_in))  # [L, D_in, w]
+        self.bias = nn.Parameter(torch.zeros(n_slices, w))  # [L, w]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.einsum("nsld,ldw->nslw", x, self.weight) + self.bias  # [N, S, L, w]
+
+
 class LayerwiseTranslator(nn.Module):
     """Paper §2.2 adapter plus a short path: ``(K, V)`` each ``[B, S, L_in, D_in]`` -> each ``[B, S, L_out, D_out]``.
 
@@ -247,11 +324,18 @@ class LayerwiseTranslator(nn.Module):
         self.out_layers, self.out_width = out_layers, out_width
         d_in_flat, d_out_flat = in_layers * in_width, out_layers * out_width
         self.use_stack, self.use_short = cfg.stack, cfg.short_path
+        self.per_layer = cfg.output_layout == "per_layer"
+        if self.per_layer and d_out_flat % in_layers:
+            raise ValueError(
+                f"output 'per_layer' gives each of the {in_layers} input slices an equal share of the output "
+                f"layout ({out_layers} x {out_width} = {d_out_flat}), which they do not divide"
+            )
+        w = d_out_flat // in_layers  # per_layer: output width per input slice (IN: Q/L_i, OUT: D_i)
         if cfg.stack:
             d = cfg.embed_dim(model_width)
             if cfg.head_dim is None and d % cfg.n_heads:
                 raise ValueError(
-                    f"D' = {d} (embed_dim_factor {cfg.embed_dim_factor} x D_i {model_width}) is not divisible "
+                    f"D' = {d} (embed_dim_factor {cfg.embed_factor:g} x D_i {model_width}) is not divisible "
                     f"by n_heads={cfg.n_heads}; set head_dim explicitly or change n_heads"
                 )
             head_dim = cfg.head_dim or d // cfg.n_heads
@@ -274,11 +358,20 @@ class LayerwiseTranslator(nn.Module):
             self.layers = nn.ModuleList(
                 CrossAttentionLayer(d, cfg.n_heads, head_dim, d_ff, cfg.norm_eps) for _ in range(depth)
             )
-            self.out_k = OutputTransform(depth * d, d_out_flat, cfg.norm_eps, zero_init=cfg.short_path)
-            self.out_v = OutputTransform(depth * d, d_out_flat, cfg.norm_eps, zero_init=cfg.short_path)
+            if self.per_layer:
+                bounds = [(a * self.merge, b * self.merge) for a, b in self.groups]  # in input slices
+                self.out_k = GroupOutput(d, bounds, w, cfg.norm_eps, zero_init=cfg.short_path)
+                self.out_v = GroupOutput(d, bounds, w, cfg.norm_eps, zero_init=cfg.short_path)
+            else:
+                self.out_k = OutputTransform(depth * d, d_out_flat, cfg.norm_eps, zero_init=cfg.short_path)
+                self.out_v = OutputTransform(depth * d, d_out_flat, cfg.norm_eps, zero_init=cfg.short_path)
         if cfg.short_path:
-            self.short_k = _init_linear(nn.Linear(d_in_flat, d_out_flat))
-            self.short_v = _init_linear(nn.Linear(d_in_flat, d_out_flat))
+            if self.per_layer:
+                self.short_k = SliceLinear(in_layers, in_width, w)
+                self.short_v = SliceLinear(in_layers, in_width, w)
+            else:
+                self.short_k = _init_linear(nn.Linear(d_in_flat, d_out_flat))
+                self.short_v = _init_linear(nn.Linear(d_in_flat, d_out_flat))
 
     def stack_forward(self, x: Tensor) -> Tensor:
         """The shared cross-attention stack: ``[N, S, L_in/m, D'] -> [N, S, G * D']`` (G = depth, m = merge)."""
@@ -303,9 +396,14 @@ class LayerwiseTranslator(nn.Module):
             y_k, y_v = self.stack_forward(x).chunk(2, dim=0)  # each [B, S, G*D']
             out_k, out_v = self.out_k(y_k), self.out_v(y_v)  # each [B, S, L_out*D_out]
         if self.use_short:
-            flat = (B, S, self.in_layers * self.in_width)
-            short_k = self.short_k(keys.reshape(flat))  # [B, S, L_in*D_in] -> [B, S, L_out*D_out]
-            short_v = self.short_v(values.reshape(flat))
+            if self.per_layer:
+                flat_out = (B, S, self.out_layers * self.out_width)
+                short_k = self.short_k(keys).reshape(flat_out)  # [B, S, L_in, w] -> [B, S, L_out*D_out]
+                short_v = self.short_v(values).reshape(flat_out)
+            else:
+                flat = (B, S, self.in_layers * self.in_width)
+                short_k = self.short_k(keys.reshape(flat))  # [B, S, L_in*D_in] -> [B, S, L_out*D_out]
+                short_v = self.short_v(values.reshape(flat))
             out_k = short_k if out_k is None else out_k + short_k
             out_v = short_v if out_v is None else out_v + short_v
         shape = (B, S, self.out_layers, self.out_width)

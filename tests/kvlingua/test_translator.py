@@ -1,4 +1,4 @@
-"""The adapter module: shapes, causality, the short path, K/V parameter sharing, grouped depth."""
+"""The adapter module: shapes, causality, the short path, K/V parameter sharing, grouped depth, per-layer output."""
 from __future__ import annotations
 
 import math
@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from kvlingua.config import ConfigError, from_dict, to_dict
 from kvlingua.translator import (
     CrossAttentionLayer,
+    GroupOutput,
     LayerwiseTranslator,
     LinearAdapter,
+    OutputTransform,
     SpaceConfig,
     build_adapter,
     slice_groups,
@@ -42,6 +44,10 @@ def test_config_checks_and_strict_loading():
         SpaceConfig(embed_dim_factor=0)
     with pytest.raises(ValueError, match="num_layers"):
         SpaceConfig(num_layers=0)
+    with pytest.raises(ValueError, match="output must be one of"):
+        SpaceConfig(output="sparse")
+    with pytest.raises(ValueError, match="max_share must be > 0"):
+        SpaceConfig(max_share=0)
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(SpaceConfig, {"q_dim": 64, "qdim": 3})
     assert from_dict(SpaceConfig, {"q_dim": 64, "num_layers": 2}) == SpaceConfig(q_dim=64, num_layers=2)
@@ -57,8 +63,13 @@ def test_heads_must_divide_embed_dim():
     assert t.layers[0].q_proj.out_features == 15
 
 
+PER_LAYER = [SpaceConfig(output="per_layer"), SpaceConfig(output="per_layer", num_layers=3),
+             SpaceConfig(output="per_layer", num_layers=2, group_mode="merge"),
+             SpaceConfig(output="per_layer", short_path=False), SpaceConfig(output="per_layer", stack=False)]
+
+
 @pytest.mark.parametrize("cfg", [SpaceConfig(), SpaceConfig(short_path=False), SpaceConfig(stack=False),
-                                 SpaceConfig(num_layers=2), SpaceConfig(adapter="linear")])
+                                 SpaceConfig(num_layers=2), SpaceConfig(adapter="linear"), *PER_LAYER])
 def test_shapes_in_and_out_layouts(cfg):
     k, v = _kv(L=4, D=16)
     enc = build_adapter(4, 16, 1, 64, 16, cfg)  # IN: [B,S,4,16] -> [B,S,1,64]
@@ -73,7 +84,7 @@ def test_shapes_in_and_out_layouts(cfg):
 
 @pytest.mark.parametrize("cfg", [SpaceConfig(), SpaceConfig(num_layers=2), SpaceConfig(num_layers=3),
                                  SpaceConfig(num_layers=2, group_mode="merge"), SpaceConfig(short_path=False),
-                                 SpaceConfig(adapter="linear")])
+                                 SpaceConfig(adapter="linear"), *PER_LAYER])
 def test_causal_over_positions(cfg):
     torch.manual_seed(0)
     t = build_adapter(4, 16, 2, 24, 16, cfg)
@@ -228,3 +239,72 @@ def test_linear_adapter_is_one_matmul_per_kv():
     torch.testing.assert_close(ok, (k.reshape(2, 7, 64) @ a.k.weight.T + a.k.bias).reshape(2, 7, 2, 8))
     torch.testing.assert_close(ov, (v.reshape(2, 7, 64) @ a.v.weight.T + a.v.bias).reshape(2, 7, 2, 8))
     assert sum(p.numel() for p in a.parameters()) == 2 * (64 * 16 + 16)
+
+
+# ---------------------------------------------------------------------------------------------- per-layer output
+def test_auto_output_builds_dense_until_resolved_and_widths_follow_the_layout():
+    assert SpaceConfig().output == "auto" and SpaceConfig().output_layout == "dense"
+    assert SpaceConfig().embed_factor == 2.0 and SpaceConfig(output="per_layer").embed_factor == 0.5
+    assert SpaceConfig(output="per_layer", embed_dim_factor=3.0).embed_factor == 3.0
+    dense = build_adapter(4, 16, 4, 16, 16, SpaceConfig())
+    assert isinstance(dense.out_k, OutputTransform) and dense.embed_dim == 32
+    per = build_adapter(4, 16, 4, 16, 16, SpaceConfig(output="per_layer"))
+    assert isinstance(per.out_k, GroupOutput) and per.embed_dim == 8
+    with pytest.raises(ValueError, match="equal share of the output layout"):
+        build_adapter(4, 16, 1, 30, 16, SpaceConfig(output="per_layer"))  # 30 outputs over 4 slices
+
+
+def _per_layer_count(L: int, d_in: int, w: int, D: int) -> int:
+    """IN or OUT parameters of a full-depth per_layer translator, written out by hand.
+
+    Input slices ``L x d_in``, output chunk ``w`` per slice, model width ``D`` (D' = D/2, 4 heads of
+    D'/4, FFN D'): per slice and K/V a LayerNorm (2*d_in) and Linear (d_in*D' + D'); per stack layer
+    three LayerNorms (6*D'), q/k/v/o (4*(D'^2 + D')) and the FFN (2*D'^2 + 2*D'); per group (= slice)
+    and K/V an output LayerNorm (2*D') and Linear (D'*w + w); per slice and K/V a short Linear (d_in*w + w).
+    """
+    d = D // 2
+    per_slice_kv = (2 * d_in + d_in * d + d) + (2 * d + d * w + w) + (d_in * w + w)
+    per_stack_layer = 6 * d + 4 * (d * d + d) + 2 * d * d + 2 * d
+    return L * (2 * per_slice_kv + per_stack_layer)
+
+
+def test_per_layer_param_count_is_linear_in_depth():
+    D, w = 16, 4  # Q = w * L grows with depth, as Q = 32 * L does at real shapes
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    for L in (2, 3, 5, 8):
+        cfg = SpaceConfig(q_dim=w * L, output="per_layer")
+        assert n(build_adapter(L, D, 1, w * L, D, cfg)) == _per_layer_count(L, D, w, D)  # IN
+        assert n(build_adapter(L, w, L, D, D, cfg)) == _per_layer_count(L, w, D, D)  # OUT
+    # the paper's dense output grows faster than linearly: 4x deeper is more than 4x larger
+    dense = lambda L: n(build_adapter(L, w, L, D, D, SpaceConfig(q_dim=w * L, output="dense")))
+    assert dense(8) > 5 * dense(2)
+
+
+def test_per_layer_zero_init_stack_equals_per_slice_short_path():
+    torch.manual_seed(0)
+    t = build_adapter(4, 16, 4, 16, 16, SpaceConfig(output="per_layer"))  # OUT-like: chunk l = model layer l
+    k, v = _kv()
+    out_k, out_v = t(k, v)
+    for out, x, short in ((out_k, k, t.short_k), (out_v, v, t.short_v)):
+        for l in range(4):
+            torch.testing.assert_close(out[:, :, l], x[:, :, l] @ short.weight[l] + short.bias[l])
+    assert all(torch.count_nonzero(h.proj.weight) == 0 for h in t.out_k.heads)
+    out_k.pow(2).sum().backward()
+    assert all(h.proj.weight.grad.abs().sum() > 0 for h in t.out_k.heads)  # the stack is live
+
+
+def test_per_layer_group_writes_only_its_own_chunks():
+    """Stack only, two groups of two slices: output layers 0-1 never see input slices 2-3."""
+    torch.manual_seed(0)
+    t = build_adapter(4, 16, 4, 16, 16, SpaceConfig(output="per_layer", num_layers=2, short_path=False))
+    _randomise(t)
+    k, v = _kv()
+    base_k, _ = t(k, v)
+    k2 = k.clone()
+    k2[:, :, 3] += torch.randn(2, 7, 16)
+    out_k, _ = t(k2, v)
+    torch.testing.assert_close(out_k[:, :, :2], base_k[:, :, :2])
+    assert (out_k[:, :, 2:] - base_k[:, :, 2:]).abs().max() > 1e-3
+    k3 = k.clone()
+    k3[:, :, 0] += torch.randn(2, 7, 16)  # slice 0 seeds the query stream, which reaches every group
+    assert (t(k3, v)[0][:, :, 3] - base_k[:, :, 3]).abs().max() > 1e-3
