@@ -1,11 +1,15 @@
 """Search spaces and trial validation (no Ray cluster needed)."""
+import itertools
 import time
 
 import pytest
 
+from kvlingua.cache import ArchSummary
 from kvlingua.config import ConfigError, to_dict
+from kvlingua.paths import PathSampler
+from kvlingua.space import SharedSpace
 from orchestrator.cli import main as cli_main
-from orchestrator.run_config import RunConfig, load_run_config
+from workers.run_config import RunConfig, load_run_config
 from tests.tune_spaces.tiny_run import make_tiny_run, write_sweep
 from tune_spaces.spaces import SPACES, apply_params, expand, grid_of, resolve_space, validate_trials
 from tune_spaces.sweep import plan
@@ -18,16 +22,80 @@ def tiny(tmp_path_factory):
     return root, make_tiny_run(root)
 
 
-def test_registry_has_the_paper_spaces():
-    assert set(SPACES) >= {"paper_grid", "paths_per_step", "recon_weight", "adapter_size", "debug"}
-    assert grid_of(SPACES["paper_grid"](2)[0]) == {"train.lr": [1e-3, 1e-4, 1e-5], "batch_size": [8, 16, 32]}
-    assert grid_of(SPACES["recon_weight"](2)[0]) == {"train.recon_weight": [0.0, 0.5, 1.0]}
-    # {1, 2, 4, N²} capped at N²: 2 models -> 4 paths at most; 3 models -> 9
+# The paper's sweeps and ablations (§3, Fig. 6, Table 2, the adapter-size ablation), written from the paper.
+# Batch sizes are the paper's 256/512/1024 scaled to CPU by 1/32.
+PAPER = {
+    "paper_grid": {"train.lr": {1e-3, 1e-4, 1e-5}, "batch_size": {b // 32 for b in (256, 512, 1024)}},
+    "recon_weight": {"train.recon_weight": {0.0, 0.5, 1.0}},
+    "adapter_size": {"spaces.translator.embed_dim_factor": {0.5, 1.0, 2.0, 4.0},
+                     "spaces.translator.translation_dim_factor": {1.0, 2.0}},
+}
+THREE = ("a", "b", "c")
+
+
+def _field(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def _trials(base: dict, space: str) -> list[tuple[dict, RunConfig]]:
+    """Each trial's parameters and its validated run config, for a 3-model pool."""
+    grid, _ = resolve_space(space, len(THREE))
+    return list(zip(expand(grid), validate_trials(RunConfig, base, grid)))
+
+
+@pytest.fixture(scope="module")
+def base3(tiny):
+    """The tiny run's config as a dict, with a third model (a second copy of ``a``)."""
+    _, base_yaml = tiny
+    base = to_dict(load_run_config(base_yaml))
+    base["models"] = base["models"] | {"c": base["models"]["a"]}
+    return base
+
+
+@pytest.mark.parametrize("space", sorted(PAPER))
+def test_paper_spaces_cover_the_papers_values_in_the_right_fields(base3, space):
+    trials = _trials(base3, space)
+    expected = PAPER[space]
+    # Every combination of the paper's values once, and each trial's config carries its values where the loop reads them.
+    combos = {tuple(params[k] for k in expected) for params, _ in trials}
+    assert combos == set(itertools.product(*expected.values())) and len(trials) == len(combos)
+    for params, cfg in trials:
+        assert {k: _field(cfg, k) for k in expected} == params
+        assert list(cfg.models) == list(THREE)
+
+
+def test_paths_per_step_for_three_models_is_1_2_4_all(base3):
+    """Paper Fig. 6 (3 seed models): 1, 2, 4 and all 9 paths (i->i included) per step."""
+    all_paths = set(itertools.product(THREE, repeat=2))
+    trials = _trials(base3, "paths_per_step")
+    assert sorted(cfg.train.paths_per_step for _, cfg in trials) == [1, 2, 4, len(all_paths)] == [1, 2, 4, 9]
+    for _, cfg in trials:  # the sampler trains that many distinct paths a step; the largest trains every path
+        step = PathSampler(THREE, cfg.train.paths_per_step, seed=cfg.train.seed).sample(0)
+        assert len(set(step)) == cfg.train.paths_per_step and set(step) <= all_paths
+    assert set(PathSampler(THREE, 9).sample(0)) == all_paths
+    # With 2 models there are only 4 paths: nothing above 4 is a trial.
     assert grid_of(SPACES["paths_per_step"](2)[0]) == {"train.paths_per_step": [1, 2, 4]}
-    assert grid_of(SPACES["paths_per_step"](3)[0]) == {"train.paths_per_step": [1, 2, 4, 9]}
-    assert len(expand(grid_of(SPACES["debug"](2)[0]))) >= 2
-    sizes = grid_of(SPACES["adapter_size"](2)[0])
-    assert set(sizes) == {"spaces.translator.embed_dim_factor", "spaces.translator.translation_dim_factor"}
+
+
+def test_adapter_size_trials_change_the_translator(base3):
+    """Both axes of the adapter-size ablation reach the translator: more width, more parameters."""
+    arch = ArchSummary("gemma2", num_layers=2, n_kv_heads=1, head_dim=8, vocab_size=300, hidden_size=32)
+    size = {}
+    for params, cfg in _trials(base3, "adapter_size"):
+        space = SharedSpace({m: arch for m in THREE}, cfg.spaces["translator"])
+        size[(params["spaces.translator.embed_dim_factor"], params["spaces.translator.translation_dim_factor"])] = \
+            sum(space.param_counts()["a"].values())
+    for ffn in (1.0, 2.0):
+        by_width = [size[(e, ffn)] for e in (0.5, 1.0, 2.0, 4.0)]
+        assert by_width == sorted(set(by_width)), by_width
+    assert all(size[(e, 2.0)] > size[(e, 1.0)] for e in (0.5, 1.0, 2.0, 4.0))
+
+
+def test_debug_space_has_two_valid_trials(base3):
+    assert len({cfg.train.lr for _, cfg in _trials(base3, "debug")}) == 2
 
 
 def test_expand_is_the_cartesian_product():
