@@ -14,7 +14,7 @@ from pathlib import Path
 from ray import serve
 
 from kvlingua.config import to_dict
-from kvlingua.pool import load_pool
+from kvlingua.pool import load_pool, verify_models
 from serve_apps.ingress import PoolIngress
 from serve_apps.model_server import PoolModelServer
 from serve_apps.options import ServeOptions
@@ -23,12 +23,18 @@ from serve_apps.options import ServeOptions
 def build_app(pool_dir: str | Path, options: ServeOptions = ServeOptions()) -> serve.Application:
     """The Serve application for ``pool_dir``; checks the pool here so a bad one fails before deploying.
 
+    With ``options.verify`` every model is loaded here once, in turn, to check its weight fingerprint
+    (a replica that failed the same check would surface as a failed deployment, not as a clear error).
+    ``options.models_root`` says where the models are if they moved since training.
+
     Raises:
-        FileNotFoundError: ``pool_dir`` is not a pool directory.
-        kvlingua.pool.PoolMismatchError: a model checkpoint no longer matches ``pool.json``.
+        kvlingua.pool.PoolNotFoundError: ``pool_dir`` is not a pool directory, or a file or model is missing.
+        kvlingua.pool.PoolMismatchError: the pool is damaged or a model checkpoint no longer matches ``pool.json``.
     """
     root = Path(pool_dir).resolve()
-    pool = load_pool(root, load_models=False, verify=options.verify)
+    pool = load_pool(root, load_models=False, verify=options.verify, models_root=options.models_root)
+    if options.verify:
+        verify_models(pool.members)
     opts = to_dict(options)
     models = {}
     for m in pool.members:

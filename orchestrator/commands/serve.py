@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="longest prompt accepted (default: 512)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="largest max_new_tokens a request may ask for")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--models-root", default=None, metavar="DIR",
+                   help="where the pool's models are now, if they moved since training: each model is looked for "
+                   "as DIR/<its checkpoint directory name> or DIR/<its pool name> (fingerprints still checked)")
     p.set_defaults(func=run)
 
 
@@ -31,18 +34,17 @@ def _interrupt(signum, frame):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from kvlingua.config import ConfigError
+    from kvlingua.pool import read_pool_meta
     from serve_apps.options import ServeOptions
 
-    if not (Path(args.pool_dir) / "pool.json").is_file():
-        raise FileNotFoundError(f"{args.pool_dir}: not a pool directory (no pool.json)")
     try:
         options = ServeOptions(num_replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                               max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
+                               max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                               models_root=args.models_root)
     except ValueError as e:
         raise ConfigError(f"serve options: {e}") from e
+    read_pool_meta(args.pool_dir)  # not a pool: refused before Ray is imported
 
     import serve_apps  # noqa: F401  (Ray's environment before ``import ray``)
     import ray
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     from serve_apps.app import build_app
 
-    app = build_app(args.pool_dir, options)
+    app = build_app(args.pool_dir, options)  # the pool and its models checked before Ray starts
     # Ctrl-C and SIGTERM both end the loop below (SIGINT is ignored in background jobs unless reset).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
