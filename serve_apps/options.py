@@ -30,6 +30,8 @@ class ServeOptions:
     """Weights dtype of the frozen models: float32, bfloat16 or float16."""
     verify: bool = True
     """Check every model's architecture and weight fingerprint against ``pool.json`` at start-up."""
+    models_root: str | None = None
+    """Where the pool's models are if they moved since training (see :func:`kvlingua.pool.load_pool`)."""
 
     def __post_init__(self) -> None:
         for name in ("num_replicas", "max_ongoing_requests", "max_prompt_tokens", "max_new_tokens", "torch_threads"):
