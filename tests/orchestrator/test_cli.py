@@ -63,3 +63,35 @@ def test_pool_and_models_are_exclusive(capsys, tmp_path):
     cfg.write_text("name: x\ntrain: {steps: 1}\n")
     assert main(["train", str(cfg)]) == 2
     assert "exactly one of `pool`" in capsys.readouterr().err
+
+
+def test_a_multi_line_error_is_one_line(capsys, tmp_path):
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text("name: x\ntrain: {steps: 1\n")  # the YAML parser's message spans several lines
+    assert main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"kvlingua train: error: {cfg}: not valid YAML")
+
+
+def test_known_errors_share_one_base_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    from kvlingua.cache import CacheAPIError
+    from kvlingua.config import ConfigError, KvlinguaError
+    from kvlingua.data.corpus import CorpusError
+    from kvlingua.pool import PoolMismatchError, PoolNotFoundError
+
+    known = (ConfigError, PoolMismatchError, PoolNotFoundError, CacheAPIError, CorpusError)
+    assert all(issubclass(cls, KvlinguaError) for cls in known)
+    import orchestrator.commands.eval as eval_cmd
+
+    for raised, code in ((CorpusError("/data/corpus: truncated"), 2), (RuntimeError("a bug"), None)):
+        def fail(args, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(eval_cmd, "run", fail)
+        if code is None:
+            with pytest.raises(RuntimeError, match="a bug"):
+                main(["eval", "somewhere"])
+        else:
+            assert main(["eval", "somewhere"]) == code
+            assert capsys.readouterr().err == "kvlingua eval: error: /data/corpus: truncated\n"

@@ -8,6 +8,8 @@ def test_serve_defaults_bind_loopback(tmp_path):
     args = build_parser().parse_args(["serve", str(tmp_path)])
     assert (args.host, args.port, args.replicas, args.num_gpus) == ("127.0.0.1", 8000, 1, 0.0)
     assert build_parser().parse_args(["serve", str(tmp_path), "--replicas", "3", "--port", "9001"]).replicas == 3
+    assert args.models_root is None
+    assert build_parser().parse_args(["serve", str(tmp_path), "--models-root", "/m"]).models_root == "/m"
 
 
 def test_serve_refuses_a_directory_without_pool_json(tmp_path, capsys):
