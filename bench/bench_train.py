@@ -37,6 +37,7 @@ import torch
 from kvlingua.backend import LocalBackend, PoolBackend
 from kvlingua.cache import arch_summary
 from kvlingua.models import load_frozen
+from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace
 from kvlingua.train import Batch, TrainConfig, fit
 from kvlingua.translator import SpaceConfig
@@ -57,7 +58,10 @@ class StepClock:
     def log_artifact(self, path) -> None:
         pass
 
-    def close(self) -> None:
+    def handle(self) -> None:
+        return None
+
+    def close(self, status: str = "FINISHED") -> None:
         pass
 
 
@@ -97,7 +101,7 @@ def measure(backend: PoolBackend, settings: dict, prefetch: int = 0) -> float:
 
         batches = BlockPrefetcher(backend, batches, prefetch, step_sources(space, TrainConfig(**s["train"])))
     clock = StepClock()
-    fit(space, backend, batches, TrainConfig(**s["train"]), tracker=clock, progress=False)
+    fit(space, backend, batches, TrainConfig(**s["train"]), runtime=Runtime(tracker=clock, progress=False))
     first, last = s["warmup"], s["train"]["steps"]
     tokens = (last - first) * s["batch"] * (s["prefix"] + s["suffix"])
     return tokens / (clock.times[last] - clock.times[first])
@@ -122,7 +126,8 @@ def run_on_ray(placement: str, settings: dict, prefetch: int) -> float:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from workers.host import HostOptions, spawn_hosts
+    from workers.config import HostOptions
+    from workers.host import spawn_hosts
 
     hosts = {}
     config = dict(settings, placement=placement, prefetch=prefetch, host_prefix="bench-host-", namespace="kvlingua")

@@ -33,8 +33,9 @@ from kvlingua.paths import PathT, path_name
 from kvlingua.space import LatentBlock, SharedSpace, identity_translate
 from kvlingua.train import Batch, space_device
 
-REFERENCES = ("base", "control", "no-prefix")
-"""Conditions that do not depend on the source model or on any space."""
+TARGET_ONLY = ("base", "control", "no-prefix")
+"""Conditions measured on the target alone (its own cache, another text's cache, none): they depend
+on neither the source model nor any space, and are the references of *content transferred*."""
 SPANS = ("all", "first")
 """``all``: every predicted suffix token; ``first``: the first ``first_tokens`` of them."""
 
@@ -47,9 +48,12 @@ class EvalConfig:
     """Held-out batches to evaluate (each of the training batch size; at least 2 sequences each)."""
     first_tokens: int = 16
     """Length of the early-suffix span, where the prefix matters most."""
+    curve_batches: int = 2
+    """The first this many held-out batches (at most ``batches``) are evaluated every
+    ``train.eval_every`` steps for the training curves; the final table uses all ``batches``."""
 
     def __post_init__(self) -> None:
-        for name in ("batches", "first_tokens"):
+        for name in ("batches", "first_tokens", "curve_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -230,9 +234,9 @@ def evaluate(
         raise ValueError("evaluate needs at least one path")
     if first_tokens < 1:
         raise ValueError(f"first_tokens must be >= 1, got {first_tokens}")
-    reserved = [n for n in spaces if n in (*REFERENCES, "identity")]
+    reserved = [n for n in spaces if n in (*TARGET_ONLY, "identity")]
     if reserved:
-        raise ValueError(f"space names {reserved} clash with built-in conditions {[*REFERENCES, 'identity']}")
+        raise ValueError(f"space names {reserved} clash with built-in conditions {[*TARGET_ONLY, 'identity']}")
     paths = [tuple(p) for p in paths]
     pool = backend.names()
     unknown = sorted({m for p in paths for m in p if m not in pool})
@@ -285,7 +289,7 @@ def evaluate(
         for name, sp in spaces.items():
             sp.train(modes[name])
     present = {c for row in per_batch["all"].values() for c in row}
-    order = [*(REFERENCES if references else ()), "identity", *spaces]
+    order = [*(TARGET_ONLY if references else ()), "identity", *spaces]
     return EvalResult(paths, [c for c in order if c in present], first_tokens, per_batch)
 
 
@@ -315,7 +319,7 @@ def make_eval_fn(
         for span in SPANS:
             for name, row in res.per_batch[span].items():
                 row.update(refs.per_batch[span][name])
-        res.conditions = [*REFERENCES, "space"]
+        res.conditions = [*TARGET_ONLY, "space"]
         out = {}
         for path in res.paths:
             name = path_name(path)
@@ -323,7 +327,7 @@ def make_eval_fn(
             out[f"eval/nll/{name}"] = s.nll_mean
             out[f"eval/nll_first/{name}"] = s.first_mean
             out[f"eval/content/{name}"] = s.content
-            for ref in REFERENCES:
+            for ref in TARGET_ONLY:
                 out[f"eval/nll/{name}/{ref}"] = res.summary_for(path, ref).nll_mean
         return out
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from kvlingua.evaluate import REFERENCES, EvalResult
+from kvlingua.evaluate import TARGET_ONLY, EvalResult
 
 _NLL = "eval/nll/"
 
@@ -36,7 +36,7 @@ def _parse_curves(history: Sequence[dict]) -> tuple[dict[tuple[str, str, str | N
             src, arrow, tgt = path.partition("->")
             if not arrow:
                 continue
-            if cond in REFERENCES:
+            if cond in TARGET_ONLY:
                 refs[(tgt, cond)] = float(value)
             else:
                 curves.setdefault((src, tgt, cond or None), []).append((int(rec["step"]), float(value)))

@@ -20,6 +20,10 @@ _BAD_CHARS = re.compile(r"[^/\w.\- :]")
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
 
+TrackerHandle = dict
+"""What another process needs to write into the same run (picklable): ``{"uri", "run_id", "prefix"}``."""
+
+
 class Tracker(Protocol):
     """Where a run's config, metrics and files go."""
 
@@ -32,8 +36,11 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path) -> None:
         """Attach a file (a report, a plot) to the run."""
 
-    def close(self) -> None:
-        """Finish the run."""
+    def handle(self) -> TrackerHandle | None:
+        """How another process (a Ray Train rank) writes into this run (:func:`attach`); None: it can't."""
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Finish the run (``FINISHED``, ``FAILED`` or ``KILLED``) if this tracker owns it."""
 
 
 class NullTracker:
@@ -48,7 +55,10 @@ class NullTracker:
     def log_artifact(self, path: str | Path) -> None:
         pass
 
-    def close(self) -> None:
+    def handle(self) -> TrackerHandle | None:
+        return None
+
+    def close(self, status: str = "FINISHED") -> None:
         pass
 
 
@@ -67,13 +77,45 @@ class PrefixedTracker:
     def log_artifact(self, path: str | Path) -> None:
         self.inner.log_artifact(path)
 
-    def close(self) -> None:
-        self.inner.close()
+    def handle(self) -> TrackerHandle | None:
+        inner = self.inner.handle()
+        return None if inner is None else {**inner, "prefix": "/".join(filter(None, [inner.get("prefix"), self.prefix]))}
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.inner.close(status)
 
 
 def space_tracker(tracker: Tracker, space: str, main: str) -> Tracker:
     """The tracker a space's training logs to: the run's own for the main space, prefixed for the others."""
     return tracker if space == main else PrefixedTracker(tracker, space)
+
+
+def attach(handle: TrackerHandle | None) -> Tracker:
+    """A tracker writing into the run ``handle`` names (from :meth:`Tracker.handle`), without owning it:
+    ``close`` leaves the run open for its owner. ``None``: a :class:`NullTracker`."""
+    if handle is None:
+        return NullTracker()
+    tracker = MlflowTracker(handle["uri"], run_id=handle["run_id"])
+    return PrefixedTracker(tracker, handle["prefix"]) if handle.get("prefix") else tracker
+
+
+def open_tracker(enabled: bool, uri: str | None, experiment: str, run_dir: str | Path, run_name: str,
+                 parent: TrackerHandle | None = None, tags: Mapping[str, str] | None = None) -> Tracker:
+    """The tracker of a new run: an MLflow run (``uri``, default :func:`default_tracking_uri` of ``run_dir``),
+    nested under ``parent`` if given, or a :class:`NullTracker` when tracking is off."""
+    if not enabled:
+        return NullTracker()
+    return MlflowTracker(uri or default_tracking_uri(run_dir), experiment, run_name=run_name,
+                         parent_run_id=parent["run_id"] if parent else None, tags=tags)
+
+
+def end_if_running(handle: TrackerHandle, status: str = "KILLED") -> None:
+    """End the run ``handle`` names if it is still running (a Tune trial that ASHA cut off)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=handle["uri"])
+    if client.get_run(handle["run_id"]).info.status == "RUNNING":
+        client.set_terminated(handle["run_id"], status=status)
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -110,58 +152,49 @@ class MlflowTracker:
 
     Args:
         tracking_uri: MLflow store, e.g. ``default_tracking_uri(run_dir)`` or ``http://127.0.0.1:5000``.
-        experiment: experiment name; created if missing.
+        experiment: experiment name; created if missing. Not needed with ``run_id``.
         run_name: display name of the run.
         parent_run_id: make this a nested run under that run (Tune trials under a sweep).
         tags: extra run tags.
         artifact_location: where a newly created experiment stores artifacts; default
             ``<db dir>/mlartifacts`` for a SQLite store, else the server's default.
+        run_id: write into this existing run instead of creating one (a Ray Train rank writing
+            into the driver's run); ``close`` then leaves the run open for its owner.
     """
 
     def __init__(
         self,
         tracking_uri: str,
-        experiment: str,
+        experiment: str | None = None,
         run_name: str | None = None,
         parent_run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
         artifact_location: str | None = None,
+        run_id: str | None = None,
     ):
-        if not experiment:
-            raise ValueError("MlflowTracker needs a non-empty experiment name")
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._owner = run_id is None
+        if run_id is not None:
+            self.run_id: str = self.client.get_run(run_id).info.run_id  # raises if the run does not exist
+            return
+        if not experiment:
+            raise ValueError("MlflowTracker needs a non-empty experiment name")
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             location = artifact_location or _default_artifact_location(tracking_uri)
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
-            self.experiment_id = exp.experiment_id
+            experiment_id = exp.experiment_id
         run_tags = {str(k): str(v) for k, v in (tags or {}).items()}
         if parent_run_id is not None:
             run_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, tags=run_tags, run_name=run_name)
-        self.run_id: str = run.info.run_id
-        self._closed = False
+        self.run_id = self.client.create_run(experiment_id, tags=run_tags, run_name=run_name).info.run_id
 
-    @classmethod
-    def attach(cls, tracking_uri: str, run_id: str) -> "MlflowTracker":
-        """Write into an existing run that someone else owns (e.g. the driver's run, from a Ray Train rank).
-
-        ``close`` on the returned tracker leaves the run open: its owner ends it.
-        """
-        from mlflow import MlflowClient
-
-        self = cls.__new__(cls)
-        self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        run = self.client.get_run(run_id)  # raises if the run does not exist
-        self.experiment_id = run.info.experiment_id
-        self.run_id = run_id
-        self._closed = True
-        return self
+    def handle(self) -> TrackerHandle:
+        return {"uri": self.tracking_uri, "run_id": self.run_id, "prefix": ""}
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -188,7 +221,7 @@ class MlflowTracker:
             self.client.log_artifact(self.run_id, str(p))
 
     def close(self, status: str = "FINISHED") -> None:
-        """End the run (``FINISHED``, ``FAILED`` or ``KILLED``); closing twice is harmless."""
-        if not self._closed:
+        """End the run (``FINISHED``, ``FAILED`` or ``KILLED``) if this tracker created it; twice is harmless."""
+        if self._owner:
             self.client.set_terminated(self.run_id, status=status)
-            self._closed = True
+            self._owner = False

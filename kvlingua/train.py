@@ -22,7 +22,6 @@ process (:class:`~kvlingua.backend.LocalBackend`) or behind Ray actors.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -41,7 +40,8 @@ from kvlingua.cache import KVBlock
 from kvlingua.losses import reconstruction_loss, suffix_lm_loss
 from kvlingua.paths import PathSampler, PathT, path_name
 from kvlingua.space import LatentBlock, SharedSpace
-from kvlingua.tracking import NullTracker, Tracker
+from kvlingua.runtime import Runtime
+from kvlingua.schedule import warmup_cosine
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -61,7 +61,8 @@ class Batch:
     prefix_len: int
     """P: prefix positions read by the source model."""
     key: str = ""
-    """Stable name of the batch (``"train/000017"``) for block caching; may be empty."""
+    """Name of the batch in messages (``"train/P64S64/bs16/w1r0/b00017"``); may be empty. Source blocks
+    are cached by the digest of their ids (:func:`kvlingua.blockstore.ids_digest`), not by this name."""
 
     def __post_init__(self) -> None:
         if not self.ids:
@@ -126,8 +127,9 @@ class TrainConfig:
     """fp32, or bf16 autocast of the adapters (frozen models keep their own dtype)."""
     eval_every: int = 0
     """Call ``eval_fn`` every this many steps (and at the start and the end); 0: never."""
-    checkpoint_every: int = 0
-    """Call ``checkpoint_fn`` every this many steps (and at the end); 0: never."""
+    checkpoint_every: int = 50
+    """Checkpoint every this many steps and at the end (``checkpoint_fn``): in process into
+    ``<run>/checkpoints``, on Ray through Ray Train; 0: never."""
     log_every: int = 10
     """Record training metrics every this many steps (and at the last step); 0: last step only."""
     seed: int = 0
@@ -186,16 +188,6 @@ class TrainState:
     """Wall seconds spent in ``fit`` so far, evaluations included, summed over resumes."""
 
 
-def lr_factor(step: int, total: int, warmup_frac: float) -> float:
-    """Multiplier of the peak lr at optimiser step ``step``: linear 0 -> 1 over ``round(warmup_frac*total)``
-    steps, then cosine 1 -> 0 reached at ``step == total``."""
-    warmup = round(warmup_frac * total)
-    if step < warmup:
-        return step / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def trainable_names(space: nn.Module, cfg: TrainConfig) -> list[str]:
     """Models whose adapters train under ``cfg`` (checked against the space's members)."""
     names = list(space.names)
@@ -212,8 +204,7 @@ def make_optimizer(space: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Adam
     if not params:
         raise ValueError("the trainable adapters have no parameters")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup_frac))
-    return opt, sched
+    return opt, warmup_cosine(opt, cfg.steps, cfg.warmup_frac)
 
 
 def space_device(space: nn.Module) -> torch.device:
@@ -294,17 +285,17 @@ def fit(
     batches: Iterable[Batch],
     cfg: TrainConfig,
     *,
-    tracker: Tracker | None = None,
+    runtime: Runtime | None = None,
     state: TrainState | None = None,
     eval_fn: Callable[[int], dict] | None = None,
     checkpoint_fn: Callable[[TrainState], None] | None = None,
-    grad_sync: Callable[[list[nn.Parameter]], None] | None = None,
-    is_main: bool = True,
-    progress: bool = True,
 ) -> TrainState:
     """Train the space's adapters until ``cfg.steps`` optimiser steps are done.
 
     Leaves ``requires_grad`` on for the trainable models' adapters and off for the rest.
+    An adapter that no path of a step used gets no gradient on that step, so AdamW leaves
+    it exactly as it was (no momentum, no weight decay): with sampled paths, or while a new
+    member joins a trained pool, what a step did not train does not move.
 
     Args:
         space: the SharedSpace (its ``names`` are the models paths are drawn from).
@@ -312,29 +303,28 @@ def fit(
         batches: yields one :class:`Batch` per step, starting at step ``state.step``
             (a resumed run must be given the batches from that step on).
         cfg: hyper-parameters.
-        tracker: gets training (and eval) metrics from the main process only.
+        runtime: rank, world size, gradient sync, and the rank-aware tracker and progress bar
+            (:class:`~kvlingua.runtime.Runtime`); default: one in-process rank, no tracking.
         state: resume from this state (``load_checkpoint``); None starts at step 0.
-        eval_fn: ``eval_fn(step) -> metrics``, called on every rank at the start of a fresh
-            run, every ``eval_every`` steps and at the end (under ``no_grad``, space in eval
-            mode); its metrics go to ``state.history`` with ``kind="eval"``.
-        checkpoint_fn: called on every rank with the synced state every ``checkpoint_every``
-            steps and at the end.
-        grad_sync: called with the trainable parameters after backward, before clipping
-            (DDP all-reduce). Every trainable parameter has a gradient by then (zeros for
-            adapters no sampled path used), so all ranks reduce the same tensors.
-        is_main: whether this is rank 0 (tracking and the progress bar).
-        progress: show a tqdm bar (loss per path, steps/s) on the main process.
+        eval_fn: ``eval_fn(step) -> metrics``, called at the start of a fresh run, every
+            ``eval_every`` steps and at the end (under ``no_grad``, space in eval mode); its
+            metrics go to ``state.history`` with ``kind="eval"`` and to the tracker.
+        checkpoint_fn: called with the synced state every ``checkpoint_every`` steps and at the end.
 
     Returns:
         The final :class:`TrainState` with optimiser, scheduler and RNG state.
     """
-    tracker = tracker or NullTracker()
+    runtime = runtime or Runtime()
+    tracker = runtime.tracker
     state = state if state is not None else TrainState()
     missing = [m for m in space.names if m not in backend.names()]
     if missing:
         raise ValueError(f"space members {missing} are not in the backend's pool {backend.names()}")
     sampler = PathSampler(space.names, cfg.paths_per_step, cfg.seed, cfg.paths, cfg.trainable)
     opt, sched = make_optimizer(space, cfg)
+    # (model, "in"|"out") -> that adapter's parameters, for the trainable models
+    adapter_params = {(m, side): list(space.adapters(m)[side].parameters())
+                      for m in trainable_names(space, cfg) for side in ("in", "out")}
     params = opt.param_groups[0]["params"]  # the trainable models' adapters
     space.requires_grad_(False)
     for p in params:
@@ -353,13 +343,13 @@ def fit(
             metrics = {k: float(v) for k, v in eval_fn(state.step).items()}
         space.train(was_training)
         state.history.append({"step": state.step, "kind": "eval", **metrics})
-        if is_main and metrics:
+        if metrics:
             tracker.log_metrics(metrics, state.step)
 
     if eval_fn is not None and cfg.eval_every and state.step == 0:
         run_eval()
     began, spent_before = time.perf_counter(), state.train_s
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not (progress and is_main), desc="train Σ", unit="step")
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not runtime.progress, desc="train Σ", unit="step")
     batch_iter = iter(batches)
     space.train()
     while state.step < cfg.steps:
@@ -368,13 +358,20 @@ def fit(
         except StopIteration:
             raise ValueError(f"batches ran out at step {state.step} of {cfg.steps}") from None
         opt.zero_grad(set_to_none=True)
-        metrics = train_step(space, backend, batch, sampler.sample(state.step), cfg)
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if grad_sync is not None:
-            grad_sync(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        paths = sampler.sample(state.step)
+        metrics = train_step(space, backend, batch, paths, cfg)
+        if runtime.grad_sync is not None:  # every rank reduces the same tensors: zeros where a rank has none
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            runtime.grad_sync(params)
+        # path i->j runs IN_i and OUT_j; the paths, and so this set, are the same on every rank
+        used = {(i, "in") for i, _ in paths} | {(j, "out") for _, j in paths}
+        for key, ps in adapter_params.items():
+            if key not in used:
+                for p in ps:
+                    p.grad = None  # AdamW skips a parameter without a gradient: it does not move
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.grad_clip)
         metrics["lr"] = opt.param_groups[0]["lr"]
         metrics["grad_norm"] = float(grad_norm)
         opt.step()
@@ -386,8 +383,7 @@ def fit(
         bar.update(1)  # one redraw per step, with this step's losses
         if last or (cfg.log_every and state.step % cfg.log_every == 0):
             state.history.append({"step": state.step, "kind": "train", **metrics})
-            if is_main:
-                tracker.log_metrics(metrics, state.step)
+            tracker.log_metrics(metrics, state.step)
         if eval_fn is not None and cfg.eval_every and (last or state.step % cfg.eval_every == 0):
             run_eval()
         state.train_s = spent_before + time.perf_counter() - began

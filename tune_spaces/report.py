@@ -22,17 +22,9 @@ from typing import Any
 
 from tune_spaces.results import read_csv
 
-REFERENCES = ("base", "control", "identity", "linear")
-"""Conditions drawn as dashed reference lines when present in the table."""
+DASHED = ("base", "control", "identity", "linear")
+"""Conditions drawn as dashed lines beside the main space's curve when present in the table."""
 LOG_KEYS = ("train.lr",)
-
-
-def _main_space(rows: Sequence[Mapping[str, Any]]) -> str:
-    spaces = {c.split("/")[1] for r in rows for c in r if c.startswith("nll/")} - {"base", "control", "no-prefix",
-                                                                                   "identity"}
-    if not spaces:
-        raise ValueError("no finished trial with evaluation columns (nll/<space>/<path>) in the results")
-    return "translator" if "translator" in spaces else sorted(spaces - {"linear"} or spaces)[0]
 
 
 def _paths(rows: Sequence[Mapping[str, Any]], cond: str) -> list[str]:
@@ -54,7 +46,7 @@ def ablation_table(rows: Sequence[Mapping[str, Any]], key: str, main: str) -> di
         col = f"nll/{main}/{p}"
         curves[p] = [min((r[col] for r in done if r.get(key) == x and col in r), default=math.nan) for x in xs]
     refs = {}
-    for cond in REFERENCES:
+    for cond in DASHED:
         if cond == main:
             continue
         per_path = {p: _mean([r.get(f"nll/{cond}/{p}", math.nan) for r in done]) for p in paths}
@@ -115,7 +107,7 @@ def write_ablation_report(sweep_dir: str | Path, out_dir: str | Path | None = No
     out = Path(out_dir) if out_dir is not None else sweep_dir
     summary = json.loads((sweep_dir / "sweep.json").read_text())
     rows = read_csv(sweep_dir / "results.csv")
-    main = _main_space(rows)
+    main = summary["main_space"]
     keys = [k for k, values in summary["grid"].items() if len(values) > 1]
     parts = [f"## Ablations of sweep `{summary['name']}` (space `{summary['space']}`)\n",
              f"{sum(r.get('status') == 'finished' for r in rows)} finished trials; source KV blocks extracted "

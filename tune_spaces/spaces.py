@@ -2,7 +2,7 @@
 
 A space is a function ``space(n_models) -> (param_space, tune_config_kwargs)``:
 
-* ``param_space`` maps dotted :class:`~orchestrator.run_config.RunConfig` paths
+* ``param_space`` maps dotted :class:`~workers.run_config.RunConfig` paths
   (``"train.lr"``, ``"batch_size"``, ``"spaces.translator.embed_dim_factor"``) to
   ``tune.grid_search([...])`` values; a trial's config is the base run config with each
   key set to the trial's value;

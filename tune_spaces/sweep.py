@@ -33,14 +33,15 @@ from ray import tune
 
 from kvlingua.blockstore import BlockStore, ids_digest
 from kvlingua.config import ConfigError, from_dict, to_dict
-from kvlingua.job import TrainJob, eval_batches, main_space, train_batches
-from orchestrator.run_config import RunConfig, load_run_config, resolve_models, to_job
+from kvlingua.job import TrainJob, eval_batches, train_batches
+from kvlingua.tracking import TrackerHandle, attach, end_if_running
 from tune_spaces.results import best_row, to_markdown, trial_row, write_best_config, write_csv
 from tune_spaces.spaces import apply_params, resolve_space, validate_trials
 from tune_spaces.sweep_config import SweepConfig
 from tune_spaces.trial import TrialContext, run_trial
-from workers.driver import NAMESPACE, connect
+from workers.driver import NAMESPACE, check_resources, connect
 from workers.host import spawn_hosts
+from workers.run_config import RunConfig, load_run_config, resolve_models, to_job
 
 EXPERIMENT = "tune"
 """Tune experiment directory name inside the sweep directory."""
@@ -114,29 +115,13 @@ def _warm_blocks(hosts: dict, jobs: list[TrainJob]) -> int:
     return len(requests)
 
 
-def _check_resources(cfg: SweepConfig, n_hosts: int, host_cpus: float, host_gpus: float) -> None:
-    have = ray.cluster_resources()
-    need_cpu = n_hosts * host_cpus + cfg.trial_cpus
-    need_gpu = n_hosts * host_gpus + cfg.trial_gpus
-    if need_cpu > have.get("CPU", 0) + 1e-9 or need_gpu > have.get("GPU", 0) + 1e-9:
-        raise ConfigError(f"the Ray cluster ({have.get('CPU', 0):g} CPUs, {have.get('GPU', 0):g} GPUs) cannot hold "
-                          f"{n_hosts} model hosts ({host_cpus:g} CPU, {host_gpus:g} GPU each) beside one trial "
-                          f"({cfg.trial_cpus:g} CPU, {cfg.trial_gpus:g} GPU); lower trial_cpus/trial_gpus or "
-                          "ray.host_num_cpus/host_num_gpus in the base config")
-
-
-def _parent_run(cfg: SweepConfig, base: RunConfig, sweep_dir: Path, state: dict) -> tuple[str | None, str | None]:
-    """The sweep's MLflow run (created once, reused on resume): ``(tracking_uri, run_id)``."""
-    if not base.tracking.enabled:
-        return None, None
-    if state.get("parent_run_id"):
-        return state["tracking_uri"], state["parent_run_id"]
-    from kvlingua.tracking import MlflowTracker
-
-    uri = base.tracking.uri or f"sqlite:///{sweep_dir}/mlflow.db"
-    parent = MlflowTracker(uri, base.tracking.experiment, run_name=cfg.name, tags={"kvlingua.sweep": cfg.name})
+def _parent_run(cfg: SweepConfig, base: RunConfig, sweep_dir: Path, state: dict) -> TrackerHandle | None:
+    """The sweep's tracked run (created once, reused on resume); None when tracking is off."""
+    if state.get("parent") or not base.tracking.enabled:
+        return state.get("parent")
+    parent = base.tracking.open(sweep_dir, cfg.name, tags={"kvlingua.sweep": cfg.name})
     parent.log_params({"sweep": to_dict(cfg)})
-    return uri, parent.run_id
+    return parent.handle()
 
 
 def _tuner(cfg: SweepConfig, trainable, grid: dict, kwargs: dict, sweep_dir: Path, resume: bool,
@@ -191,10 +176,13 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True, 
     state = json.loads(state_file.read_text()) if resume and state_file.is_file() else {}
     block_dir = Path(cfg.block_dir).resolve() if cfg.block_dir else sweep_dir / "blocks"
     connect(cfg.address)
-    host_opts = replace(base.ray.host_options(), block_dir=str(block_dir))
-    _check_resources(cfg, len(models), host_opts.num_cpus, host_opts.num_gpus)
-    uri, parent_id = _parent_run(cfg, base, sweep_dir, state)
-    state.update(tracking_uri=uri, parent_run_id=parent_id, extractions=int(state.get("extractions", 0)))
+    host_opts = replace(base.ray.host, block_dir=str(block_dir))
+    check_resources([("model host", len(models), host_opts.ray_resources()),
+                     ("trial", 1, {"CPU": cfg.trial_cpus, "GPU": cfg.trial_gpus})],
+                    f"sweep {cfg.name!r} ({len(models)} model hosts beside one trial; lower trial_cpus/trial_gpus "
+                    "or ray.host in the base config)")
+    parent = _parent_run(cfg, base, sweep_dir, state)
+    state.update(parent=parent, extractions=int(state.get("extractions", 0)))
     state_file.write_text(json.dumps(state, indent=1, default=str) + "\n")  # a hard kill can still be resumed
     host_prefix = f"tune-{cfg.name}-{uuid.uuid4().hex[:8]}-"
     t_hosts = time.perf_counter()
@@ -206,7 +194,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True, 
         t_warm = time.perf_counter() - t_warm
         ctx = TrialContext(sweep=cfg.name, sweep_dir=str(sweep_dir), base=p["base_dict"], models=models,
                            host_prefix=host_prefix, namespace=NAMESPACE, torch_threads=cfg.torch_threads,
-                           tracking_uri=uri, experiment=base.tracking.experiment, parent_run_id=parent_id)
+                           parent=parent, experiment=base.tracking.experiment)
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                         {"cpu": cfg.trial_cpus, "gpu": cfg.trial_gpus})
         kwargs = dict(p["tune_kwargs"], max_steps=max(j.train.steps for j in jobs))
@@ -224,17 +212,18 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True, 
     expected = len(jobs) * (cfg.num_samples or p["tune_kwargs"].get("num_samples", 1))
     complete = len(rows) == expected and all(r["status"] != "unfinished" for r in rows)
     summary = {
-        "name": cfg.name, "space": cfg.space, "grid": p["grid"], "metric": metric, "complete": complete,
+        "name": cfg.name, "space": cfg.space, "main_space": base.main_space, "grid": p["grid"], "metric": metric,
+        "complete": complete,
         "trials": len(rows), "expected_trials": expected, "pool_size": len(models),
         "distinct_blocks": distinct, "extractions": extractions, "blocks": len(BlockStore(block_dir)),
-        "tracking_uri": uri, "parent_run_id": parent_id, "seconds": {
+        "parent": parent, "seconds": {
             "total": time.perf_counter() - t0, "plan": t_plan, "start_hosts": t_hosts, "warm_blocks": t_warm,
             "tune_fit": t_fit},
     }
     summary["files"] = _write_outputs(cfg, p, rows, metric, summary, sweep_dir)
     summary["best"] = summary["files"].pop("best_params", None)
     state_file.write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    _close_mlflow(uri, parent_id, run_ids, complete, summary["files"])
+    _close_tracking(parent, run_ids, complete, summary["files"])
     return summary
 
 
@@ -261,7 +250,7 @@ def _rows(grid_result, params: list[str], metric: str, sweep_dir: Path, asha: bo
 def _write_outputs(cfg: SweepConfig, p: dict, rows: list[dict], metric: str, summary: dict,
                    sweep_dir: Path) -> dict[str, Any]:
     params = list(p["grid"])
-    main = main_space(p["base"].spaces)
+    main = p["base"].main_space
     header = (f"## Sweep `{cfg.name}`: space `{cfg.space}`, {summary['trials']} trials "
               f"({'complete' if summary['complete'] else 'INTERRUPTED: resume with --resume'})\n\n"
               f"Source KV blocks extracted: {summary['extractions']} (pool of {summary['pool_size']} × "
@@ -282,18 +271,15 @@ def _write_outputs(cfg: SweepConfig, p: dict, rows: list[dict], metric: str, sum
     return files
 
 
-def _close_mlflow(uri: str | None, parent_id: str | None, run_ids: dict[str, str], complete: bool,
-                  files: dict) -> None:
+def _close_tracking(parent: TrackerHandle | None, run_ids: dict[str, str], complete: bool, files: dict) -> None:
     """Attach the tables to the sweep run; end it, and end trial runs cut off by ASHA."""
-    if uri is None:
+    if parent is None:
         return
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
+    tracker = attach(parent)
     for key in ("csv", "markdown", "best_yaml"):
         if key in files:
-            client.log_artifact(parent_id, files[key])
+            tracker.log_artifact(files[key])
     for run_id, status in run_ids.items():
-        if status in ("stopped", "unfinished") and client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, status="KILLED")
-    client.set_terminated(parent_id, status="FINISHED" if complete else "KILLED")
+        if status in ("stopped", "unfinished"):
+            end_if_running({**parent, "run_id": run_id}, "KILLED")
+    end_if_running(parent, "FINISHED" if complete else "KILLED")

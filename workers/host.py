@@ -1,15 +1,30 @@
-"""``ModelHost``: a Ray actor that holds one frozen pool model.
+"""``ModelHost``: a Ray actor that holds one frozen pool model, and the wire format of its tensors.
 
 Each frozen model lives in exactly one actor (its own GPU(s) on a GPU cluster, a
 fraction of a CPU here). The actor wraps :class:`kvlingua.backend.LocalBackend` for
 that one model, so the math exists once; only plain contiguous CPU tensors cross the
-actor boundary (through the object store, zero-copy), never a transformers ``Cache``:
+actor boundary, never a transformers ``Cache``:
 
-* :meth:`ModelHost.prefix_block`: ``[B, P]`` ids -> ``(keys, values, n_kv_heads)``,
-  keys/values ``[B, P, L, D]`` fp32;
+* :meth:`ModelHost.prefix_block`: ``[B, P]`` ids -> a :class:`WireBlock` (keys/values
+  ``[B, P, L, D]`` fp32);
 * :meth:`ModelHost.suffix_loss_and_grad`: a (translated) block and ``[B, S]`` suffix
   ids -> ``(loss, grad_keys, grad_values)``; frozen weights never leave the host;
 * :meth:`ModelHost.suffix_nll`: per-token NLL ``[B, S-1]`` for evaluation.
+
+**The wire.** Every tensor crosses as a :class:`WireTensor`: its bytes as a NumPy
+array, which Ray pickles out of band, so the sender's one copy is the write into the
+object store and a receiver on the same node maps the stored bytes without copying.
+That buffer is *read-only* (other readers share it). :func:`tensor_from_wire` makes a
+tensor over it (``copy=False``) only where the receiver provably never writes into it
+(source blocks read by ``IN_i``; the host's inputs, read by the frozen model), and a
+private copy (``copy=True``) wherever the tensor is handed to code that may write it:
+gradients given to ``autograd.backward`` (which may adopt a gradient tensor as a
+parameter's ``.grad`` and accumulate into it in place), losses and NLLs returned to
+callers. ``tests/workers/test_host.py`` checks both claims (bytes in the store and
+tensor version counters unchanged after use). We do not send ``torch.Tensor`` objects
+through Ray: its zero-copy tensor reducer (``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS``)
+warns on every use (``ZeroCopyTensorsWarning``) and hands read-only buffers to torch
+as writable ones.
 
 Several trainer ranks may share a host: the actor is threaded (``max_concurrency``).
 Torch inference and ``autograd.grad`` on per-call graphs are thread-safe; the model
@@ -22,10 +37,12 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import workers  # noqa: F401  (Ray environment before ``import ray``)
+import numpy as np
 import ray
 import torch
 from torch import Tensor
@@ -34,47 +51,80 @@ from kvlingua.backend import LocalBackend
 from kvlingua.blockstore import BlockStore, CachingBackend
 from kvlingua.cache import KVBlock, fingerprint
 from kvlingua.models import load_frozen
+from workers.config import HostOptions
 
-BlockTuple = tuple[Tensor, Tensor, int]
-"""A KV block on the wire: ``(keys [B, P, L, D], values [B, P, L, D], n_kv_heads)``."""
+@dataclass(frozen=True)
+class WireTensor:
+    """A CPU tensor as it crosses Ray: its bytes, dtype and shape (no ``torch.Tensor`` inside)."""
 
-
-def block_to_wire(block: KVBlock) -> BlockTuple:
-    """A block as contiguous, detached CPU tensors (what crosses the object store)."""
-    return (block.keys.detach().cpu().contiguous(), block.values.detach().cpu().contiguous(), block.n_kv_heads)
-
-
-def block_from_wire(wire: BlockTuple) -> KVBlock:
-    keys, values, n_kv_heads = wire
-    return KVBlock(keys, values, int(n_kv_heads))
+    data: np.ndarray
+    """``[nbytes]`` uint8, the tensor's bytes in row-major order (read-only after ``ray.get``)."""
+    dtype: str
+    """torch dtype name, e.g. ``"float32"``."""
+    shape: tuple[int, ...]
+    """The tensor's shape."""
 
 
 @dataclass(frozen=True)
-class HostOptions:
-    """Resources and fault tolerance of one ``ModelHost`` actor."""
+class WireBlock:
+    """A :class:`~kvlingua.cache.KVBlock` as it crosses Ray."""
 
-    num_cpus: float = 0.25
-    """CPUs reserved per host (a fraction is fine on a small machine)."""
-    num_gpus: float = 0.0
-    """GPUs per host (models run on ``cuda`` when > 0)."""
-    max_concurrency: int = 4
-    """Calls a host serves at once (several trainer ranks share one host)."""
-    max_restarts: int = 3
-    """Restarts of a dead host before calls to it fail."""
-    max_task_retries: int = 3
-    """Retries of a call interrupted by a host's death."""
-    torch_threads: int = 1
-    """Intra-op torch threads inside the host process."""
-    block_dir: str | None = None
-    """Block store directory for source blocks (``None``: extract every time)."""
+    keys: WireTensor
+    """``[B, P, L, D]``."""
+    values: WireTensor
+    """``[B, P, L, D]``."""
+    n_kv_heads: int
+    """Heads the width ``D`` splits into."""
 
-    def __post_init__(self) -> None:
-        if self.num_cpus < 0 or self.num_gpus < 0:
-            raise ValueError(f"num_cpus and num_gpus must be >= 0, got {self.num_cpus}, {self.num_gpus}")
-        if self.max_concurrency < 1 or self.torch_threads < 1:
-            raise ValueError("max_concurrency and torch_threads must be >= 1")
-        if self.max_restarts < -1 or self.max_task_retries < -1:
-            raise ValueError("max_restarts and max_task_retries must be >= -1 (-1: unlimited)")
+
+_READONLY_WARNING = "The given NumPy array is not writable"
+_from_numpy_lock = threading.Lock()
+
+
+def tensor_to_wire(t: Tensor) -> WireTensor:
+    """``t`` as a :class:`WireTensor`; no copy when ``t`` is already a contiguous CPU tensor."""
+    t = t.detach().cpu().contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy()  # [nbytes], a view of t's memory
+    return WireTensor(data, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+
+
+def tensor_from_wire(wire: WireTensor, copy: bool) -> Tensor:
+    """The tensor of ``wire``: a view of the received bytes (``copy=False``) or a private copy.
+
+    ``copy=False`` is for receivers that never write into the tensor (not in place, not
+    through autograd): the bytes may be a read-only buffer of the object store shared
+    with other readers. Use ``copy=True`` for anything handed to code that may write it.
+    """
+    data = wire.data
+    if copy:
+        data = data.copy()
+    if data.flags.writeable:
+        flat = torch.from_numpy(data)
+    else:
+        # A read-only object-store buffer: torch has no read-only tensors and warns (once per
+        # process, for every later caller too). Silenced here and only here, because every
+        # copy=False caller is shown never to write (module docstring, tests/workers/test_host.py).
+        # catch_warnings swaps process-wide state: the lock keeps the host's threads from
+        # interleaving their save/restore.
+        with _from_numpy_lock, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_READONLY_WARNING, category=UserWarning)
+            flat = torch.from_numpy(data)
+    return flat.view(getattr(torch, wire.dtype)).reshape(wire.shape)
+
+
+def as_tensor(x: Tensor | WireTensor, copy: bool) -> Tensor:
+    """A received argument as a tensor: wire tensors are rebuilt, tensors pass unchanged."""
+    return tensor_from_wire(x, copy) if isinstance(x, WireTensor) else x
+
+
+def block_to_wire(block: KVBlock) -> WireBlock:
+    """A block as it crosses the object store (no copy for contiguous CPU keys/values)."""
+    return WireBlock(tensor_to_wire(block.keys), tensor_to_wire(block.values), int(block.n_kv_heads))
+
+
+def block_from_wire(wire: WireBlock, copy: bool = False) -> KVBlock:
+    """The block of ``wire``; ``copy=False`` views the received bytes (see :func:`tensor_from_wire`)."""
+    return KVBlock(tensor_from_wire(wire.keys, copy), tensor_from_wire(wire.values, copy), wire.n_kv_heads)
 
 
 class ModelHost:
@@ -123,24 +173,30 @@ class ModelHost:
             out.update(extractions=self._backend.extractions, hits=self._backend.hits)
         return out
 
-    def prefix_block(self, input_ids: Tensor) -> BlockTuple:
-        """``[B, P]`` ids -> ``(keys, values, n_kv_heads)``, keys/values ``[B, P, L, D]`` fp32 CPU."""
+    def prefix_block(self, input_ids: Tensor | WireTensor) -> WireBlock:
+        """``[B, P]`` ids -> the block, keys/values ``[B, P, L, D]`` fp32."""
         self._count("prefix_block")
-        return block_to_wire(self._backend.prefix_block(self.name, input_ids))
+        ids = as_tensor(input_ids, copy=True)  # [B, P]; ids are tiny, a private copy costs nothing
+        return block_to_wire(self._backend.prefix_block(self.name, ids))
 
-    def suffix_loss_and_grad(self, keys: Tensor, values: Tensor, n_kv_heads: int,
-                             suffix_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Suffix loss after the block and its gradient: ``(loss [], grad_keys, grad_values [B, P, L, D])``."""
+    def suffix_loss_and_grad(self, block: WireBlock,
+                             suffix_ids: Tensor | WireTensor) -> tuple[WireTensor, WireTensor, WireTensor]:
+        """Suffix loss after the block and its gradient: ``(loss [], grad_keys, grad_values [B, P, L, D])``.
+
+        The block is read in place (no copy): the backend detaches it into autograd leaves
+        that ``autograd.grad`` differentiates (it never accumulates into them), and the cache
+        built over it concatenates new positions into fresh tensors.
+        """
         self._count("suffix_loss_and_grad")
-        loss, grad = self._backend.suffix_loss_and_grad(self.name, KVBlock(keys, values, n_kv_heads), suffix_ids)
-        return loss, grad.keys.contiguous(), grad.values.contiguous()
+        loss, grad = self._backend.suffix_loss_and_grad(self.name, block_from_wire(block, copy=False),
+                                                        as_tensor(suffix_ids, copy=True))
+        return tensor_to_wire(loss), tensor_to_wire(grad.keys), tensor_to_wire(grad.values)
 
-    def suffix_nll(self, keys: Tensor | None, values: Tensor | None, n_kv_heads: int,
-                   suffix_ids: Tensor) -> Tensor:
-        """Per-token NLL ``[B, S-1]`` of the suffix after the block (``keys=None``: no prefix)."""
+    def suffix_nll(self, block: WireBlock | None, suffix_ids: Tensor | WireTensor) -> WireTensor:
+        """Per-token NLL ``[B, S-1]`` of the suffix after the block (``None``: no prefix); read-only use of the block."""
         self._count("suffix_nll")
-        block = None if keys is None else KVBlock(keys, values, n_kv_heads)
-        return self._backend.suffix_nll(self.name, block, suffix_ids)
+        kv = None if block is None else block_from_wire(block, copy=False)
+        return tensor_to_wire(self._backend.suffix_nll(self.name, kv, as_tensor(suffix_ids, copy=True)))
 
 
 def spawn_hosts(models: dict[str, str], options: HostOptions = HostOptions(), name_prefix: str | None = None,
@@ -166,7 +222,7 @@ def spawn_hosts(models: dict[str, str], options: HostOptions = HostOptions(), na
     for name, path in models.items():
         opts = dict(num_cpus=options.num_cpus, num_gpus=options.num_gpus, max_concurrency=options.max_concurrency,
                     max_restarts=options.max_restarts, max_task_retries=options.max_task_retries,
-                    runtime_env={"env_vars": env})
+                    resources=dict(options.resources or {}), runtime_env={"env_vars": env})
         if name_prefix is not None:
             opts["name"] = f"{name_prefix}{name}"
             if namespace is not None:

@@ -1,27 +1,25 @@
-"""The per-rank Ray Train loop: :func:`kvlingua.train.fit` against the pool, checkpointed.
+"""The per-rank Ray Train loop: :func:`kvlingua.run.train_spaces` with this rank's runtime.
 
-Every rank holds all adapters of every shared space (they are small) and reads its
-own shard of the batches. After each backward, ``grad_sync`` all-reduces the adapter
-gradients across ranks (one flat buffer, mean) — correct with sampled paths, where
-some adapters get no gradient on a step (``fit`` gives them zeros so every rank
-reduces the same tensors), and simpler than a DDP wrapper around a module that is
-never called as a whole.
+What Ray adds to the in-process run, and nothing else:
 
-The frozen pool is reached through ``ModelHost`` actors (``placement="hosted"``, a
-``RayBackend`` with a bounded block prefetcher) or loaded inside the worker
-(``placement="colocated"``, a ``LocalBackend``). The job's spaces train one after
-the other with the same loop. Every ``checkpoint_every`` steps rank 0 writes every
-space trained so far to a checkpoint reported through ``ray.train.report``; after a
-worker failure Ray Train restarts the group and :func:`train_loop` resumes from the
-last checkpoint, continuing the step count. Rank 0 logs metrics and, when all
-spaces are trained, runs :func:`kvlingua.job.finish` (evaluation, pool directory,
-table and plot) and reports its result.
+* the backend: the frozen pool behind the driver's ``ModelHost`` actors
+  (``placement="hosted"``, a ``RayBackend`` whose source blocks a bounded prefetcher
+  requests ahead) or loaded inside the worker (``"colocated"``, a ``LocalBackend``);
+* the runtime: this rank's shard of the batches, the gradient all-reduce across ranks
+  (one flat buffer, mean: simpler than a DDP wrapper around a module never called as a
+  whole), and the driver's MLflow run on rank 0;
+* checkpoints: every ``train.checkpoint_every`` steps rank 0 writes every space trained
+  so far (:func:`kvlingua.run.save_spaces`) and reports it through ``ray.train.report``;
+  after a worker failure Ray Train restarts the group and the spaces resume from the
+  last checkpoint, continuing the step count.
+
+When all spaces are trained, rank 0 runs :func:`kvlingua.run.finish` (evaluation, pool
+directory, table and plot) and reports its result.
 """
 from __future__ import annotations
 
 import json
 import tempfile
-from itertools import islice
 from pathlib import Path
 
 import workers  # noqa: F401  (Ray environment before ``import ray``)
@@ -33,18 +31,16 @@ from torch import nn
 
 from kvlingua.backend import LocalBackend, PoolBackend
 from kvlingua.config import from_dict
-from kvlingua.evaluate import make_eval_fn
-from kvlingua.job import TrainJob, main_space, allowed_paths, build_space, eval_batches, finish, train_batches
+from kvlingua.job import TrainJob
 from kvlingua.models import load_frozen
 from kvlingua.paths import PathSampler
+from kvlingua.run import finish, save_spaces, train_spaces
+from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace
-from kvlingua.tracking import MlflowTracker, NullTracker, Tracker, space_tracker
-from kvlingua.train import TrainConfig, TrainState, fit, load_checkpoint, save_checkpoint
+from kvlingua.tracking import attach
+from kvlingua.train import TrainConfig, TrainState
 from workers.backend import RayBackend
 from workers.streaming import BlockPrefetcher
-
-PROGRESS_FILE = "progress.json"
-"""In a checkpoint: ``{"done": [finished spaces], "current": space or null}``."""
 
 
 def allreduce_mean(params: list[nn.Parameter]) -> None:
@@ -79,77 +75,45 @@ def step_sources(space: SharedSpace, cfg: TrainConfig):
     return sources
 
 
-def _write_checkpoint(root: Path, spaces: dict[str, SharedSpace], states: dict[str, TrainState],
-                      done: list[str], current: str | None) -> None:
-    for name in [*done, *([current] if current else [])]:
-        save_checkpoint(root / name, spaces[name], states[name])
-    (root / PROGRESS_FILE).write_text(json.dumps({"done": done, "current": current}))
+def report(metrics: dict, spaces: dict[str, SharedSpace] | None, states: dict[str, TrainState], name: str,
+           is_main: bool) -> None:
+    """``ray.train.report`` on every rank; rank 0 attaches a checkpoint of ``states`` (all spaces so far)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if is_main:
+            save_spaces(tmp, spaces, states)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train worker function. ``config``: ``job`` (``to_dict(TrainJob)``), ``train`` (the loop's
-    ``TrainConfig`` as a dict), ``placement``, ``prefetch``, ``torch_threads``, ``host_prefix``,
-    ``namespace``, ``tracking`` (``{"uri", "run_id"}`` or None), ``progress``."""
+    """Ray Train worker function. ``config``: ``job`` (``to_dict(TrainJob)``), ``placement``, ``prefetch``,
+    ``torch_threads``, ``host_prefix``, ``namespace``, ``tracking`` (the driver's tracker handle or None),
+    ``progress``."""
     job = from_dict(TrainJob, config["job"])
-    cfg = from_dict(TrainConfig, config["train"])
     torch.set_num_threads(config["torch_threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    is_main = rank == 0
     device = torch.device("cuda", ctx.get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     backend = make_backend(job, config, device)
-    summaries = {m: backend.summary(m) for m in job.models}
-    tracking = config.get("tracking")
-    tracker: Tracker = MlflowTracker.attach(tracking["uri"], tracking["run_id"]) if is_main and tracking \
-        else NullTracker()
-
-    spaces, states, done, current = {}, {}, [], None
+    runtime = Runtime.for_rank(rank, world, attach(config["tracking"]), allreduce_mean, config["progress"])
     checkpoint = ray.train.get_checkpoint()
-    resume_dir = None
-    if checkpoint is not None:
-        resume_dir = Path(checkpoint.to_directory())
-        progress = json.loads((resume_dir / PROGRESS_FILE).read_text())
-        done, current = list(progress["done"]), progress["current"]
+    resume_from = Path(checkpoint.to_directory()) if checkpoint is not None else None
 
-    held_out = eval_batches(job)[: max(1, job.eval.batches // 4)] if is_main else []
-    for name in job.spaces:
-        space = build_space(job, name, summaries).to(device)
-        spaces[name] = space
-        state = None
-        if resume_dir is not None and (name in done or name == current):
-            state = load_checkpoint(resume_dir / name, space)
-        if name in done:
-            states[name] = state
-            continue
+    def save(name: str, spaces: dict[str, SharedSpace], states: dict[str, TrainState]) -> None:
+        state = states[name]
+        report({"space": name, "step": state.step}, spaces, states, f"{name}-{state.step:07d}", runtime.is_main)
 
-        def checkpoint_fn(s: TrainState, name: str = name) -> None:
-            states[name] = s
-            metrics = {"space": name, "step": s.step}
-            with tempfile.TemporaryDirectory() as tmp:
-                if is_main:
-                    _write_checkpoint(Path(tmp), spaces, states, list(done), name)
-                ckpt = ray.train.Checkpoint.from_directory(tmp) if is_main else None
-                ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"{name}-{s.step:07d}")
+    wrap = None
+    if isinstance(backend, RayBackend) and config["prefetch"] > 0:
+        def wrap(space, cfg, batches, start):
+            return BlockPrefetcher(backend, batches, config["prefetch"], step_sources(space, cfg), start)
 
-        space_cfg = job.train_for(name, cfg)
-        start = state.step if state is not None else 0
-        batches = islice(train_batches(job, rank=rank, world_size=world), start, None)
-        if isinstance(backend, RayBackend) and config["prefetch"] > 0:
-            batches = BlockPrefetcher(backend, batches, config["prefetch"], step_sources(space, space_cfg), start)
-        eval_fn = make_eval_fn(backend, held_out, allowed_paths(job), space,
-                               first_tokens=job.eval.first_tokens) if is_main else None
-        states[name] = fit(space, backend, batches, space_cfg, tracker=space_tracker(tracker, name, main_space(job.spaces)), state=state, eval_fn=eval_fn,
-                           checkpoint_fn=checkpoint_fn, grad_sync=allreduce_mean if world > 1 else None,
-                           is_main=is_main, progress=config["progress"] and is_main)
-        done.append(name)
-
+    spaces, states = train_spaces(job, backend, runtime, device=device, resume_from=resume_from,
+                                  save=save if job.train.checkpoint_every else None, wrap_batches=wrap)
     result = {}
-    if is_main:
-        result = finish(job, spaces, backend, {name: states[name] for name in job.spaces}, tracker)
-    with tempfile.TemporaryDirectory() as tmp:
-        if is_main:
-            _write_checkpoint(Path(tmp), spaces, states, done, None)
-        ckpt = ray.train.Checkpoint.from_directory(tmp) if is_main else None
-        summary = {k: v for k, v in result.items() if k != "eval"}  # the table and file paths; eval.json has the rest
-        ray.train.report({"space": "", "step": job.max_steps, "result": json.dumps(summary)}, checkpoint=ckpt,
-                         checkpoint_dir_name="final")
+    if runtime.is_main:
+        result = finish(job, spaces, backend, states, runtime.tracker)
+        result.pop("eval")  # the table and file paths; eval.json has the rest
+    report({"space": "", "step": job.max_steps, "result": json.dumps(result)}, spaces, states, "final",
+           runtime.is_main)

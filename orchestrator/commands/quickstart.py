@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from kvlingua.config import ConfigError, parse_override
     from kvlingua.data.corpus import prepare_corpus
     from orchestrator.commands.train import execute, print_result
-    from orchestrator.run_config import load_run_config
+    from workers.run_config import load_run_config
 
     config = Path(args.config) if args.config else CONFIGS / ("quickstart-smoke.yaml" if args.smoke else "quickstart.yaml")
     if not config.is_file():

@@ -35,39 +35,31 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def tracker_for(cfg, run_dir):
-    """The run's tracker: MLflow (sqlite in the run dir by default) or a do-nothing one."""
-    from kvlingua.tracking import MlflowTracker, NullTracker
-
-    if not cfg.tracking.enabled:
-        return NullTracker(), None
-    uri = cfg.tracking.uri or f"sqlite:///{run_dir}/mlflow.db"
-    return MlflowTracker(uri, cfg.tracking.experiment, run_name=cfg.name), uri
-
-
 def execute(cfg, *, address: str | None, in_process: bool, progress: bool) -> dict:
-    """Run a validated :class:`RunConfig` end to end; returns :func:`kvlingua.job.finish`'s dict."""
+    """Run a validated :class:`~workers.run_config.RunConfig` end to end; returns :func:`kvlingua.run.finish`'s dict."""
     from kvlingua.config import to_dict
-    from kvlingua.job import run_local
-    from orchestrator.run_config import resolve_models, run_dir_of, to_job
+    from workers.run_config import resolve_models, run_dir_of, to_job
 
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    models = resolve_models(cfg, progress=progress)
-    job = to_job(cfg, models)
-    tracker, uri = tracker_for(cfg, run_dir)
+    job = to_job(cfg, resolve_models(cfg, progress=progress))
+    tracker = cfg.tracking.open(run_dir, cfg.name)
+    status = "FAILED"
     try:
         tracker.log_params(to_dict(cfg))
         if in_process:
+            from kvlingua.run import run_local
+
             result = run_local(job, tracker=tracker, progress=progress)
         else:
             from workers.driver import train_distributed
 
             ray_cfg = cfg.ray if address is None else replace(cfg.ray, address=address)
             result = train_distributed(job, ray_cfg, tracker=tracker, progress=progress)
+        status = "FINISHED"
     finally:
-        tracker.close()
-    result["tracking_uri"] = uri
+        tracker.close(status)
+    result["tracking_uri"] = (tracker.handle() or {}).get("uri")
     return result
 
 
@@ -83,7 +75,7 @@ def print_result(result: dict) -> None:
 
 
 def load(args):
-    from orchestrator.run_config import load_run_config
+    from workers.run_config import load_run_config
 
     overrides = dict(parse_override(o) for o in args.override)
     return load_run_config(args.config, overrides)

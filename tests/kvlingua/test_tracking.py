@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvlingua.tracking import MlflowTracker, NullTracker, default_tracking_uri, flatten_params, metric_key
+from kvlingua.tracking import (MlflowTracker, NullTracker, PrefixedTracker, attach, default_tracking_uri,
+                               flatten_params, metric_key, open_tracker)
 
 
 def test_flatten_params_nests_with_dots():
@@ -17,18 +18,42 @@ def test_metric_key_is_mlflow_legal():
     assert metric_key("c>d(e)") == "c_d_e_"
 
 
-def test_default_uri_is_absolute_sqlite(tmp_path):
-    uri = default_tracking_uri(tmp_path)
-    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert uri.startswith("sqlite:////")
+def test_open_tracker_writes_into_the_run_dirs_sqlite_store(tmp_path, monkeypatch):
+    """The default store is ``<run_dir>/mlflow.db``, whatever the working directory; off gives no run."""
+    from mlflow import MlflowClient
 
-
-def test_null_tracker_accepts_everything(tmp_path):
-    t = NullTracker()
-    t.log_params({"a": {"b": 1}})
-    t.log_metrics({"loss": 1.0}, step=0)
-    t.log_artifact(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    t = open_tracker(True, None, "kvl-test", "runs/r1", "r1")
+    t.log_metrics({"loss": 1.5}, step=3)
     t.close()
+    assert (run_dir / "mlflow.db").is_file()
+    run = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}").get_run(t.handle()["run_id"])
+    assert run.data.metrics == {"loss": 1.5} and run.info.run_name == "r1"
+    off = open_tracker(False, None, "kvl-test", tmp_path / "other", "r2")
+    off.log_metrics({"loss": 1.0}, step=0)
+    assert off.handle() is None and not (tmp_path / "other").exists()
+
+
+def test_attached_tracker_writes_into_the_owners_run_and_leaves_it_open(tmp_path):
+    """What a Ray Train rank does with the driver's handle: same run, prefix kept, never closes it."""
+    from mlflow import MlflowClient
+
+    uri = default_tracking_uri(tmp_path)
+    owner = MlflowTracker(uri, "kvl-test", run_name="driver")
+    rank0 = attach(PrefixedTracker(owner, "linear").handle())
+    rank0.log_metrics({"loss/a->b": 2.0}, step=4)
+    rank0.close("FAILED")
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(owner.run_id)
+    assert run.info.status == "RUNNING"
+    assert run.data.metrics == {"linear/loss/a_to_b": 2.0}
+    owner.close()
+    assert client.get_run(owner.run_id).info.status == "FINISHED"
+    assert isinstance(attach(NullTracker().handle()), NullTracker)
+    with pytest.raises(Exception):
+        attach({"uri": uri, "run_id": "0" * 32, "prefix": ""})  # no such run
 
 
 def test_mlflow_tracker_writes_params_metrics_artifact(tmp_path, monkeypatch):
@@ -69,7 +94,8 @@ def test_mlflow_tracker_writes_params_metrics_artifact(tmp_path, monkeypatch):
     assert not (tmp_path / "mlruns").exists()
     # a second tracker on the same experiment reuses it
     again = MlflowTracker(uri, "kvl-test")
-    assert again.experiment_id == t.experiment_id
+    assert client.get_run(again.run_id).info.experiment_id == run.info.experiment_id
+    assert len(client.search_experiments()) == 2  # "Default" and kvl-test
     again.close()
 
 

@@ -10,7 +10,7 @@ from ray import tune
 
 from kvlingua.blockstore import ids_digest
 from kvlingua.job import eval_batches, train_batches
-from orchestrator.run_config import load_run_config, resolve_models, to_job
+from workers.run_config import load_run_config, resolve_models, to_job
 from tests.tune_spaces.tiny_run import make_tiny_run, write_sweep
 from tune_spaces.report import write_ablation_report
 from tune_spaces.sweep import run_sweep
@@ -83,12 +83,12 @@ def test_debug_sweep_table_nested_runs_and_blocks_extracted_once(tiny):
     assert f"Source KV blocks extracted: {n}" in open(summary["files"]["markdown"]).read()
 
     # every trial is an MLflow run nested under the sweep's run
-    client, runs = child_runs(summary["tracking_uri"], summary["parent_run_id"])
+    client, runs = child_runs(summary["parent"]["uri"], summary["parent"]["run_id"])
     assert len(runs) == 2
     assert {r.data.tags["kvlingua.trial_id"] for r in runs} == {r["trial_id"] for r in rows}
     assert all(r.info.status == "FINISHED" and "final/nll/a->b/translator".replace("->", "_to_") in r.data.metrics
                for r in runs)
-    assert client.get_run(summary["parent_run_id"]).info.status == "FINISHED"
+    assert client.get_run(summary["parent"]["run_id"]).info.status == "FINISHED"
 
     # the best config is a valid run YAML with the best trial's lr
     best = load_run_config(summary["files"]["best_yaml"])
@@ -127,9 +127,9 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(tiny):
     assert second["complete"] and second["trials"] == 2
     rows = list(csv.DictReader(open(second["files"]["csv"])))
     assert all(r["status"] == "finished" for r in rows)
-    assert second["parent_run_id"] == first["parent_run_id"]
+    assert second["parent"] == first["parent"]
     # the trial finished before the interruption ran exactly once; every trial finished exactly once
-    _, runs = child_runs(second["tracking_uri"], second["parent_run_id"])
+    _, runs = child_runs(second["parent"]["uri"], second["parent"]["run_id"])
     finished = [r.data.tags["kvlingua.trial_id"] for r in runs if r.info.status == "FINISHED"]
     assert sorted(finished) == sorted(r["trial_id"] for r in rows)
     assert [r.data.tags["kvlingua.trial_id"] for r in runs].count(done_first[0]["trial_id"]) == 1

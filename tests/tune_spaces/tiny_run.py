@@ -53,7 +53,7 @@ def make_tiny_run(root: Path, steps: int = 4, eval_every: int = 2, batch_size: i
         "train": {"steps": steps, "lr": 1e-3, "eval_every": eval_every, "log_every": eval_every},
         "spaces": {"translator": {"q_dim": 16, "n_heads": 2}, "linear": {"q_dim": 16, "adapter": "linear"}},
         "eval": {"batches": 2, "first_tokens": 4},
-        "ray": {"host_num_cpus": 0.25},
+        "ray": {"host": {"num_cpus": 0.25}},
         "tracking": {"uri": f"sqlite:///{root.resolve()}/mlflow.db", "experiment": "tune-test"},
     }
     path = root / "base.yaml"

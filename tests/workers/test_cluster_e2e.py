@@ -101,9 +101,9 @@ def test_ray_job_submit_kvlingua_train(head_cluster, tmp_path):
         "name": "e2e", "models": job.models, "tokenizer": job.tokenizer, "run_dir": str(run_dir),
         "data": {"source": job.data.source, "view": "text"}, "prefix_len": 8, "suffix_len": 8, "batch_size": 4,
         "spaces": {"translator": {"q_dim": 24, "n_heads": 2, "embed_dim_factor": 1.0}},
-        "train": {"steps": 4, "lr": 3e-3, "warmup_frac": 0.0, "log_every": 1, "eval_every": 4},
+        "train": {"steps": 4, "lr": 3e-3, "warmup_frac": 0.0, "log_every": 1, "eval_every": 4, "checkpoint_every": 2},
         "eval": {"batches": 2, "first_tokens": 4},
-        "ray": {"num_workers": 1, "worker_num_cpus": 0.5, "host_num_cpus": 0.25, "checkpoint_every": 2},
+        "ray": {"num_workers": 1, "worker_num_cpus": 0.5, "host": {"num_cpus": 0.25}},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "e2e"},
     }
     cfg_file = tmp_path / "e2e.yaml"

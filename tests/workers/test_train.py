@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.workers.conftest import make_tiny_job
-from workers.driver import ClusterResourceError, RayConfig, train_distributed
+from workers.config import HostOptions, RayConfig
+from workers.driver import ClusterResourceError, train_distributed
 
 pytestmark = pytest.mark.ray
 
@@ -74,9 +75,9 @@ def _run_with(fault, ray, job, cfg: RayConfig, **kwargs) -> tuple[dict, list]:
 @pytest.fixture(scope="module")
 def colocated(ray_local, job_root):
     """The reference: colocated placement, 2 ranks, no faults."""
-    return train_distributed(make_tiny_job(job_root, steps=STEPS, name="colocated"),
+    return train_distributed(make_tiny_job(job_root, steps=STEPS, name="colocated", checkpoint_every=CKPT),
                              RayConfig(placement="colocated", num_workers=2, worker_num_cpus=0.5,
-                                       checkpoint_every=CKPT, storage_path=str(job_root / "storage-col")),
+                                       storage_path=str(job_root / "storage-col")),
                              progress=False)
 
 
@@ -97,11 +98,11 @@ def test_hosted_with_host_killed_matches_colocated_and_tracks(ray_local, job_roo
     uri = f"sqlite:///{job_root / 'mlflow.db'}"
     tracker = MlflowTracker(uri, "kvlingua-test", run_name="hosted")
     tracker.log_params({"placement": "hosted"})
-    cfg = RayConfig(num_workers=2, worker_num_cpus=0.5, host_num_cpus=0.25, checkpoint_every=CKPT,
-                    max_failures=0, storage_path=str(job_root / "storage-hosted"))
+    cfg = RayConfig(num_workers=2, worker_num_cpus=0.5, host=HostOptions(num_cpus=0.25), max_failures=0,
+                    storage_path=str(job_root / "storage-hosted"))
     try:
-        hosted, log = _run_with(_kill_host_when_training, ray_local, make_tiny_job(job_root, steps=STEPS,
-                                                                                     name="hosted"), cfg,
+        hosted, log = _run_with(_kill_host_when_training, ray_local,
+                                make_tiny_job(job_root, steps=STEPS, name="hosted", checkpoint_every=CKPT), cfg,
                                 tracker=tracker)
     finally:
         tracker.close()
@@ -122,10 +123,10 @@ def test_hosted_with_host_killed_matches_colocated_and_tracks(ray_local, job_roo
 
 @pytest.mark.slow
 def test_worker_failure_resumes_from_checkpoint(ray_local, job_root, colocated):
-    cfg = RayConfig(num_workers=2, worker_num_cpus=0.5, host_num_cpus=0.25, checkpoint_every=CKPT,
-                    max_failures=1, storage_path=str(job_root / "storage-resume"))
+    cfg = RayConfig(num_workers=2, worker_num_cpus=0.5, host=HostOptions(num_cpus=0.25), max_failures=1,
+                    storage_path=str(job_root / "storage-resume"))
     resumed, log = _run_with(_kill_worker_after_checkpoint, ray_local,
-                             make_tiny_job(job_root, steps=STEPS, name="resumed"), cfg)
+                             make_tiny_job(job_root, steps=STEPS, name="resumed", checkpoint_every=CKPT), cfg)
     assert log == ["worker"]
     _check_same_losses(resumed, colocated)  # nothing lost before the failure, same losses after it
 
@@ -134,7 +135,29 @@ def test_missing_resources_fail_fast(ray_local, job_root):
     job = make_tiny_job(job_root, name="too-big")
     t0 = time.monotonic()
     with pytest.raises(ClusterResourceError, match=r"CPU: need 16.5, cluster has 2"):
-        train_distributed(job, RayConfig(num_workers=8, worker_num_cpus=2.0, host_num_cpus=0.25), progress=False)
+        train_distributed(job, RayConfig(num_workers=8, worker_num_cpus=2.0, host=HostOptions(num_cpus=0.25)),
+                          progress=False)
     with pytest.raises(ClusterResourceError, match=r"GPU: need 2"):
         train_distributed(job, RayConfig(use_gpu=True, num_workers=2, worker_num_cpus=0.5), progress=False)
     assert time.monotonic() - t0 < 10
+
+
+def test_in_process_equals_ray_train_step_by_step(ray_local, job_root):
+    """The same job through ``run_local`` and through Ray Train (colocated, one worker): the same route,
+    so the same losses at every step and the same final table."""
+    from kvlingua.run import run_local
+
+    local = run_local(make_tiny_job(job_root, steps=STEPS, name="inproc", checkpoint_every=CKPT), progress=False)
+    on_ray = train_distributed(make_tiny_job(job_root, steps=STEPS, name="one-rank", checkpoint_every=CKPT),
+                               RayConfig(placement="colocated", num_workers=1, worker_num_cpus=1.0,
+                                         storage_path=str(job_root / "storage-one")), progress=False)
+    a, b = _train_losses(local), _train_losses(on_ray)
+    assert [s for s, _ in a] == list(range(1, STEPS + 1)) == [s for s, _ in b]
+    assert all(abs(la - lb) < 1e-6 for (_, la), (_, lb) in zip(a, b)), (a, b)
+    ea = json.loads(Path(local["files"]["eval_json"]).read_text())["paths"]
+    eb = json.loads(Path(on_ray["files"]["eval_json"]).read_text())["paths"]
+    assert ea.keys() == eb.keys()
+    for path in ea:
+        assert ea[path]["translator"]["nll_mean"] == pytest.approx(eb[path]["translator"]["nll_mean"], abs=1e-5)
+    # in process, the checkpoints of the job are kept for a rerun to resume from
+    assert Path(local["files"]["eval_json"]).with_name("checkpoints").joinpath("translator", "train_state.json").is_file()

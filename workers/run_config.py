@@ -2,10 +2,14 @@
 
 ``RunConfig`` mirrors ``configs/*.yaml`` field for field. It either names a pool
 YAML to pre-train first (``pool:``, as the paper pre-trains its own pool) or
-explicit checkpoint directories (``models:``, for your own models), plus the data,
-the shared spaces, the loop, evaluation, Ray placement and tracking. Everything is
-validated on load, before any compute; :func:`to_job` resolves it into the
-backend-independent :class:`kvlingua.job.TrainJob`.
+explicit checkpoint directories (``models:``, for your own models); the data, the
+shared spaces, the loop and evaluation are the fields of :class:`kvlingua.job.JobSpec`
+(inherited, with their checks); then Ray placement (:class:`workers.config.RayConfig`)
+and tracking. Everything is validated on load, before any compute, and without
+importing Ray; :func:`to_job` resolves it into the backend-independent
+:class:`kvlingua.job.TrainJob`. The Tune sweeps and the CLI both read run configs
+from here (``tune_spaces`` and ``orchestrator`` depend on ``workers``, never the
+other way round).
 """
 from __future__ import annotations
 
@@ -13,14 +17,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from kvlingua.config import ConfigError, from_dict, load_yaml, apply_override
-from kvlingua.data.views import DataConfig
-from kvlingua.evaluate import EvalConfig
-from kvlingua.job import (TrainJob, _default_spaces, check_langs, check_run_settings, check_space_fits,
-                          check_space_steps)
-from kvlingua.train import TrainConfig
-from kvlingua.translator import SpaceConfig
-from workers.driver import RayConfig
+from kvlingua.config import ConfigError, apply_override, from_dict, load_yaml
+from kvlingua.tracking import Tracker, TrackerHandle, open_tracker
+from kvlingua.job import JobSpec, TrainJob, check_langs, check_space_fits
+from workers.config import RayConfig
 
 
 @dataclass(frozen=True)
@@ -34,15 +34,21 @@ class TrackingConfig:
     experiment: str = "kvlingua"
     """MLflow experiment name."""
 
+    def open(self, run_dir: str | Path, run_name: str, parent: TrackerHandle | None = None,
+             tags: dict[str, str] | None = None) -> Tracker:
+        """A new tracked run for ``run_dir`` (nested under ``parent``), or a do-nothing tracker when off."""
+        return open_tracker(self.enabled, self.uri, self.experiment, run_dir, run_name, parent=parent, tags=tags)
 
-@dataclass(frozen=True)
-class RunConfig:
-    """A Σ-training run: which pool, which data, which spaces, how to train, where to run."""
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig(JobSpec):
+    """A Σ-training run: which pool, which data, which spaces, how to train, where to run.
+
+    The data, lengths, spaces, loop and evaluation fields are :class:`~kvlingua.job.JobSpec`'s.
+    """
 
     name: str
     """Run name: run directory ``runs/<name>`` and MLflow run name."""
-    train: TrainConfig
-    """Training loop settings."""
     pool: str | None = None
     """Pool YAML (``configs/pools/*.yaml``) to pre-train (or reuse) first; relative to this config file."""
     pool_members: tuple[str, ...] | None = None
@@ -53,36 +59,17 @@ class RunConfig:
     """Tokenizer directory; None = the tokenizer saved with the first model."""
     run_dir: str | None = None
     """Where results go; None = ``runs/<name>`` under the current directory."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Corpus and view for prefix/suffix chunks."""
-    langs: dict[str, str] | None = None
-    """Parallel text: model -> its language (e.g. experts); None = one shared stream."""
-    prefix_len: int = 64
-    """P: prefix tokens."""
-    suffix_len: int = 64
-    """S: suffix tokens."""
-    batch_size: int = 16
-    """Sequences per step per training rank."""
-    spaces: dict[str, SpaceConfig] = field(default_factory=_default_spaces)
-    """Named shared spaces trained with the same loop: translator and baselines."""
-    space_steps: dict[str, int] | None = None
-    """Per-space override of ``train.steps``, e.g. ``{linear: 900}`` for an equal-wall-time baseline."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    """Held-out evaluation."""
-    eval_split: str = "validation"
-    """Held-out split."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Ray placement and resources."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow tracking."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if (self.pool is None) == (self.models is None):
             raise ValueError("give exactly one of `pool` (a pool YAML to pre-train) or `models` (checkpoint dirs)")
         if self.pool_members is not None and self.pool is None:
             raise ValueError("pool_members needs `pool`")
-        check_run_settings(self.prefix_len, self.suffix_len, self.batch_size, self.spaces, self.eval_split)
-        check_space_steps(self.space_steps, self.spaces)
         if self.models is not None:
             check_langs(self.langs, self.models)
 
@@ -168,8 +155,4 @@ def resolve_models(cfg: RunConfig, progress: bool = True) -> dict[str, str]:
 def to_job(cfg: RunConfig, models: dict[str, str]) -> TrainJob:
     """The backend-independent job for ``cfg`` once its models exist."""
     tokenizer = cfg.tokenizer or next(iter(models.values()))
-    return TrainJob(
-        name=cfg.name, models=models, tokenizer=tokenizer, out_dir=str(run_dir_of(cfg)), train=cfg.train,
-        data=cfg.data, langs=cfg.langs, prefix_len=cfg.prefix_len, suffix_len=cfg.suffix_len,
-        batch_size=cfg.batch_size, spaces=cfg.spaces, space_steps=cfg.space_steps, eval=cfg.eval, eval_split=cfg.eval_split,
-    )
+    return TrainJob.from_spec(cfg, name=cfg.name, models=models, tokenizer=tokenizer, out_dir=str(run_dir_of(cfg)))

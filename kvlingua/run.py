@@ -1,0 +1,204 @@
+"""Train and evaluate the spaces of one job: the one route every entry point takes.
+
+:func:`train_spaces` builds each shared space of a :class:`~kvlingua.job.TrainJob`,
+resumes it from a checkpoint if one is given, and trains it with
+:func:`kvlingua.train.fit` against any :class:`~kvlingua.backend.PoolBackend`;
+:func:`finish` evaluates every trained space beside the baselines and writes the
+run's files. The entry points are thin callers:
+
+* in process — :func:`run_local` (``kvlingua train --in-process``);
+* Ray Train — ``workers.train_worker.train_loop`` (a rank's backend, shard, gradient
+  all-reduce and checkpoint reports);
+* Ray Tune — ``tune_spaces.trial.run_trial`` (a trial reports its curve to Tune).
+
+A checkpoint directory holds one sub-directory per space
+(:func:`kvlingua.train.save_checkpoint`); a space whose checkpoint reached its last
+step is not trained again. In process, checkpoints go to ``<out_dir>/checkpoints``
+every ``train.checkpoint_every`` steps, with the job they belong to, so an interrupted
+run resumes where it stopped when it is started again with the same settings.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from kvlingua.backend import LocalBackend, PoolBackend
+from kvlingua.config import to_dict
+from kvlingua.evaluate import evaluate, make_eval_fn
+from kvlingua.job import TrainJob, allowed_paths, build_space, eval_batches, train_batches
+from kvlingua.models import load_frozen
+from kvlingua.pool import PoolMember, save_pool, space_pool_dir
+from kvlingua.report import write_report
+from kvlingua.runtime import Runtime
+from kvlingua.space import SharedSpace
+from kvlingua.tracking import NullTracker, Tracker
+from kvlingua.train import Batch, TrainConfig, TrainState, fit, load_checkpoint, save_checkpoint
+
+BatchWrapper = Callable[[SharedSpace, TrainConfig, Iterable[Batch], int], Iterable[Batch]]
+"""``(space, cfg, batches, start_step) -> batches``: e.g. a prefetcher of the sources' blocks."""
+Saver = Callable[[str, dict[str, SharedSpace], dict[str, TrainState]], None]
+"""``save(space in training, spaces, states)``: checkpoints every space trained so far (``states`` has
+the one in training too, at its current step)."""
+JOB_FILE = "job.json"
+"""In an in-process checkpoint directory: the job it belongs to."""
+
+
+def space_order(job: TrainJob) -> list[str]:
+    """The job's spaces in training order: the main space first, then the others as the job lists them."""
+    main = job.main_space
+    return [main, *(n for n in job.spaces if n != main)]
+
+
+def save_spaces(root: str | Path, spaces: Mapping[str, SharedSpace], states: Mapping[str, TrainState]) -> Path:
+    """Checkpoint every space that has a state into ``root/<space>/``."""
+    root = Path(root)
+    for name, state in states.items():
+        save_checkpoint(root / name, spaces[name], state)
+    return root
+
+
+def load_space(root: str | Path | None, name: str, space: SharedSpace) -> TrainState | None:
+    """Resume ``space`` from ``root/<name>/`` (weights loaded into it); None when there is no checkpoint of it."""
+    if root is None or not (Path(root) / name).is_dir():
+        return None
+    return load_checkpoint(Path(root) / name, space)
+
+
+def train_spaces(
+    job: TrainJob,
+    backend: PoolBackend,
+    runtime: Runtime | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    resume_from: str | Path | None = None,
+    save: Saver | None = None,
+    wrap_batches: BatchWrapper | None = None,
+    on_eval: Callable[[str, int, dict[str, float]], None] | None = None,
+) -> tuple[dict[str, SharedSpace], dict[str, TrainState]]:
+    """Train every space of ``job`` (:func:`space_order`) with the same loop and data.
+
+    Args:
+        job: the run.
+        backend: the frozen pool (in process, behind Ray actors, ...).
+        runtime: this rank (tracker, progress, gradient sync); default one in-process rank.
+        device: where the adapters live.
+        resume_from: a checkpoint directory (:func:`save_spaces`) to resume from.
+        save: called every ``train.checkpoint_every`` steps and at each space's end.
+        wrap_batches: wraps each space's batch stream (e.g. prefetching source blocks).
+        on_eval: ``on_eval(space, step, metrics)`` after each curve evaluation (rank 0 only).
+
+    Returns:
+        ``(spaces, states)``, both keyed by space name in :func:`space_order`.
+    """
+    runtime = runtime or Runtime()
+    summaries = {m: backend.summary(m) for m in job.models}
+    curve = eval_batches(job)[: min(job.eval.curve_batches, job.eval.batches)] if runtime.is_main else []
+    spaces: dict[str, SharedSpace] = {}
+    states: dict[str, TrainState] = {}
+    for name in space_order(job):
+        space = build_space(job, name, summaries).to(device)
+        spaces[name] = space
+        cfg = job.train_for(name)
+        state = load_space(resume_from, name, space)
+        if state is not None and state.step >= cfg.steps:
+            states[name] = state
+            continue
+        start = state.step if state is not None else 0
+        batches: Iterable[Batch] = islice(train_batches(job, rank=runtime.rank, world_size=runtime.world_size),
+                                          start, None)
+        if wrap_batches is not None:
+            batches = wrap_batches(space, cfg, batches, start)
+        eval_fn = None
+        if runtime.is_main and cfg.eval_every:
+            curve_fn = make_eval_fn(backend, curve, allowed_paths(job), space, first_tokens=job.eval.first_tokens)
+
+            def eval_fn(step: int, curve_fn=curve_fn, name=name) -> dict[str, float]:
+                metrics = curve_fn(step)
+                if on_eval is not None:
+                    on_eval(name, step, metrics)
+                return metrics
+
+        checkpoint_fn = None
+        if save is not None:
+            def checkpoint_fn(s: TrainState, name=name) -> None:
+                states[name] = s
+                save(name, spaces, states)
+
+        states[name] = fit(space, backend, batches, cfg, runtime=runtime.for_space(name, job.main_space),
+                           state=state, eval_fn=eval_fn, checkpoint_fn=checkpoint_fn)
+    return spaces, states
+
+
+def pool_members(job: TrainJob, backend: PoolBackend) -> list[PoolMember]:
+    """Pool members with the architecture summaries and weight fingerprints the backend already has."""
+    return [PoolMember(name, str(Path(path).resolve()), backend.summary(name), backend.fingerprint(name))
+            for name, path in job.models.items()]
+
+
+def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
+           states: dict[str, TrainState], tracker: Tracker | None = None) -> dict:
+    """Evaluate every space beside the baselines; write the report (table, JSON, plot), pool(s),
+    histories and ``timing.json`` (each space's steps and training seconds, for equal-wall-time
+    comparisons).
+
+    Returns a dict with ``markdown`` (the evaluation table), ``timing``, ``eval`` (the
+    :class:`~kvlingua.evaluate.EvalResult`) and ``files`` (the paths written).
+    """
+    tracker = tracker or NullTracker()
+    out = Path(job.out_dir)
+    result = evaluate(backend, eval_batches(job), allowed_paths(job), spaces, first_tokens=job.eval.first_tokens)
+    histories = {name: state.history for name, state in states.items()}
+    job_dict = to_dict(job)
+    report = write_report(out, result, histories, title=f"kvlingua run {job.name}", config=job_dict)
+    files = {"eval_json": report["json"], "eval_md": report["markdown"]}
+    if "plot" in report:  # train.eval_every > 0
+        files["plot"] = report["plot"]
+    main = job.main_space
+    members = pool_members(job, backend)
+    for name, space in spaces.items():
+        pool_dir = space_pool_dir(out, name, main)
+        extra = {"run": job.name, "space_name": name, "job": job_dict}
+        save_pool(pool_dir, space, members, tokenizer_dir=job.tokenizer, extra=extra)
+        files[f"pool_{name}"] = pool_dir
+    (out / "histories.json").write_text(json.dumps(histories, indent=1))
+    timing = {name: {"steps": state.step, "train_wall_s": round(state.train_s, 1)} for name, state in states.items()}
+    files["timing"] = out / "timing.json"
+    files["timing"].write_text(json.dumps(timing, indent=1))
+    for f in files.values():
+        tracker.log_artifact(f)
+    return {"markdown": result.to_markdown(), "timing": timing, "files": {k: str(v) for k, v in files.items()},
+            "eval": result}
+
+
+def local_checkpoints(job: TrainJob) -> tuple[Path | None, Saver]:
+    """The in-process checkpoint directory ``<out_dir>/checkpoints``: where to resume from (None when it
+    holds another job's checkpoints, or none) and the saver that writes there."""
+    root = Path(job.out_dir) / "checkpoints"
+    job_json = json.dumps(to_dict(job), sort_keys=True)
+    resume = root if (root / JOB_FILE).is_file() and (root / JOB_FILE).read_text() == job_json else None
+
+    def save(_: str, spaces: dict[str, SharedSpace], states: dict[str, TrainState]) -> None:
+        save_spaces(root, spaces, states)
+        (root / JOB_FILE).write_text(job_json)
+
+    return resume, save
+
+
+def run_local(job: TrainJob, tracker: Tracker | None = None, progress: bool = True,
+              backend: PoolBackend | None = None) -> dict:
+    """Train every space of ``job`` in this process (a :class:`LocalBackend` unless given), then :func:`finish`.
+
+    Resumes from ``<out_dir>/checkpoints`` when an earlier run of the same job left checkpoints there.
+    """
+    tracker = tracker or NullTracker()
+    if backend is None:
+        backend = LocalBackend({name: load_frozen(path) for name, path in job.models.items()})
+    resume, save = local_checkpoints(job)
+    runtime = Runtime(tracker=tracker, progress=progress)
+    spaces, states = train_spaces(job, backend, runtime, resume_from=resume,
+                                  save=save if job.train.checkpoint_every else None)
+    return finish(job, spaces, backend, states, tracker)
