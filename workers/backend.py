@@ -2,14 +2,20 @@
 
 The training loop (:func:`kvlingua.train.fit`) cannot tell this backend from the
 in-process ``LocalBackend``: it asks for source blocks and for suffix losses with
-block gradients, and the calls go to the host actor of the model named. Blocks
-cross as ``(keys, values, n_kv_heads)`` tuples of contiguous CPU tensors.
+block gradients, and the calls go to the host actor of the model named.
 
 Source blocks can be requested ahead of use (:meth:`RayBackend.submit_prefix`, used
 by :class:`workers.streaming.BlockPrefetcher`): ``prefix_block`` then takes the block
 that is already in flight (or done) for the same model and ids instead of asking
-again. Blocks fetched zero-copy are read-only views of the object store; the loop
-only reads them (autograd never writes into its inputs).
+again.
+
+Tensors cross as :class:`workers.host.WireTensor` (see ``workers/host.py``). Source
+blocks are views of the object store's read-only bytes, not copies: the loop only
+reads them (they are the input of ``IN_i``, and autograd never writes into a tensor
+that does not require grad); ``tests/workers/test_host.py`` checks their version
+counters after training steps. Losses, gradients and NLLs are private copies: a
+gradient handed to ``autograd.backward`` may become a parameter's ``.grad`` and be
+accumulated into in place.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from torch import Tensor
 
 from kvlingua.blockstore import ids_digest
 from kvlingua.cache import ArchSummary, KVBlock, check_block_fits
-from workers.host import block_from_wire, block_to_wire
+from workers.host import block_from_wire, block_to_wire, tensor_from_wire, tensor_to_wire
 
 
 class RayBackend:
@@ -63,7 +69,7 @@ class RayBackend:
         Returns ``(key, ref)``; drop an unused request with :meth:`forget`.
         """
         key = (self._check(model), ids_digest(input_ids))
-        ref = self.hosts[model].prefix_block.remote(input_ids.detach().cpu().contiguous())
+        ref = self.hosts[model].prefix_block.remote(tensor_to_wire(input_ids))
         with self._lock:
             self._pending[key].append(ref)
         return key, ref
@@ -99,29 +105,28 @@ class RayBackend:
             if queue is not None and not queue:
                 del self._pending[key]
         if ref is None:
-            ref = self.hosts[model].prefix_block.remote(input_ids.detach().cpu().contiguous())
-        return block_from_wire(ray.get(ref))
+            ref = self.hosts[model].prefix_block.remote(tensor_to_wire(input_ids))
+        return block_from_wire(ray.get(ref), copy=False)  # read-only view: the loop never writes a source block
 
     # -- target side -----------------------------------------------------------------------
     def suffix_loss_and_grad(self, model: str, block: KVBlock, suffix_ids: Tensor) -> tuple[Tensor, KVBlock]:
         """Loss of ``[B, S]`` suffix ids after ``block`` and d loss / d block, computed on the host."""
         check_block_fits(block, self.summary(model), model)
-        keys, values, n_kv_heads = block_to_wire(block.map(lambda t: t.float()))
-        loss, gk, gv = ray.get(
-            self.hosts[model].suffix_loss_and_grad.remote(keys, values, n_kv_heads, suffix_ids.detach().cpu().contiguous())
-        )
-        return loss, KVBlock(gk, gv, n_kv_heads)
+        wire = block_to_wire(block.map(lambda t: t.float()))  # [B, P, L, D] fp32; no copy when it already is
+        loss, gk, gv = ray.get(self.hosts[model].suffix_loss_and_grad.remote(wire, tensor_to_wire(suffix_ids)))
+        # private copies: the caller hands the gradient to autograd.backward (see the module docstring)
+        return tensor_from_wire(loss, copy=True), KVBlock(tensor_from_wire(gk, copy=True),
+                                                          tensor_from_wire(gv, copy=True), block.n_kv_heads)
 
     def suffix_nll(self, model: str, block: KVBlock | None, suffix_ids: Tensor) -> Tensor:
         """Per-token NLL ``[B, S-1]`` of the suffix after ``block`` (``None``: no prefix)."""
         self._check(model)
-        if block is None:
-            keys = values = None
-            n_kv_heads = self.summary(model).n_kv_heads
-        else:
+        wire = None
+        if block is not None:
             check_block_fits(block, self.summary(model), model)
-            keys, values, n_kv_heads = block_to_wire(block.map(lambda t: t.float()))
-        return ray.get(self.hosts[model].suffix_nll.remote(keys, values, n_kv_heads, suffix_ids.detach().cpu().contiguous()))
+            wire = block_to_wire(block.map(lambda t: t.float()))
+        nll = ray.get(self.hosts[model].suffix_nll.remote(wire, tensor_to_wire(suffix_ids)))
+        return tensor_from_wire(nll, copy=True)  # [B, S-1], the caller's to keep
 
     def stats(self) -> dict[str, dict]:
         """Per-host call counters (see ``ModelHost.stats``)."""

@@ -95,7 +95,10 @@ def tensor_from_wire(wire: WireTensor, copy: bool) -> Tensor:
     through autograd): the bytes may be a read-only buffer of the object store shared
     with other readers. Use ``copy=True`` for anything handed to code that may write it.
     """
+    dtype = getattr(torch, wire.dtype)
     data = wire.data
+    if data.size == 0:  # no bytes to share (an empty array may arrive with stride 0, which torch cannot view)
+        return torch.empty(wire.shape, dtype=dtype)
     if copy:
         data = data.copy()
     if data.flags.writeable:
@@ -109,7 +112,7 @@ def tensor_from_wire(wire: WireTensor, copy: bool) -> Tensor:
         with _from_numpy_lock, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_READONLY_WARNING, category=UserWarning)
             flat = torch.from_numpy(data)
-    return flat.view(getattr(torch, wire.dtype)).reshape(wire.shape)
+    return flat.view(dtype).reshape(wire.shape)
 
 
 def as_tensor(x: Tensor | WireTensor, copy: bool) -> Tensor:

@@ -1,4 +1,8 @@
-"""ModelHost actors and RayBackend against the in-process LocalBackend."""
+"""ModelHost actors and RayBackend against the in-process LocalBackend; the tensor wire format."""
+import contextlib
+import warnings
+
+import numpy as np
 import pytest
 import torch
 
@@ -7,7 +11,8 @@ from kvlingua.cache import KVBlock, extract_prefix
 from kvlingua.models import load_frozen
 from tests.helpers import VOCAB
 from workers.backend import RayBackend
-from workers.host import HostOptions, spawn_hosts
+from workers.config import HostOptions
+from workers.host import ModelHost, block_from_wire, block_to_wire, spawn_hosts, tensor_from_wire, tensor_to_wire
 from workers.streaming import BlockPrefetcher
 
 pytestmark = pytest.mark.ray
@@ -106,10 +111,10 @@ def test_killed_host_restarts_and_call_is_retried(ray_local, hosts, pool_dirs):
     pid = ray.get(hosts["a"].info.remote())["pid"]
     refs = [remote.submit_prefix("a", _ids(200 + i)[:, :6])[1] for i in range(6)]
     ray.kill(hosts["a"], no_restart=False)
-    blocks = ray.get(refs)
+    blocks = [block_from_wire(w) for w in ray.get(refs)]
     model = load_frozen(pool_dirs["a"])
-    for i, (k, v, h) in enumerate(blocks):
-        torch.testing.assert_close(k, extract_prefix(model, _ids(200 + i)[:, :6]).keys)
+    for i, block in enumerate(blocks):
+        torch.testing.assert_close(block.keys, extract_prefix(model, _ids(200 + i)[:, :6]).keys)
     assert ray.get(hosts["a"].info.remote())["pid"] != pid
 
 
@@ -122,3 +127,124 @@ def test_host_block_store_extracts_once(hosts, block_dir):
     after = remote.stats()["b"]
     assert after["extractions"] - before["extractions"] == 1 and after["hits"] - before["hits"] == 1
     assert (block_dir / remote.fingerprint("b") / "p6").is_dir()
+
+
+# -- the wire: zero-copy, exact, silent, and nothing writes into the object store -------------
+@contextlib.contextmanager
+def transport_warnings_are_errors():
+    """Ray's ZeroCopyTensorsWarning and torch's read-only-array warning raise inside the block.
+
+    torch reports the read-only warning once per process; ``set_warn_always`` makes it report
+    every time, so an earlier test cannot have used it up.
+    """
+    from ray._private.tensor_serialization_utils import ZeroCopyTensorsWarning
+
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", category=ZeroCopyTensorsWarning)
+            warnings.filterwarnings("error", message="The given (NumPy array|buffer) is not writable")
+            yield
+    finally:
+        torch.set_warn_always(always)
+
+
+def _through_store(ray, obj):
+    """``obj`` as a receiver on this node gets it: out of the object store, numpy buffers read-only."""
+    return ray.get(ray.put(obj))
+
+
+def test_the_readonly_warning_would_be_caught():
+    """The guard is live: torch over a read-only array raises inside it (so the tests below can fail)."""
+    ro = np.zeros(4, dtype=np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(UserWarning, match="not writable"), transport_warnings_are_errors():
+        torch.from_numpy(ro)
+
+
+def test_wire_round_trip_is_exact_zero_copy_and_silent(ray_local):
+    g = torch.Generator().manual_seed(0)
+    sent = [torch.randn(2, 70, 3, 96, generator=g),  # 161 KB: goes through the object store, not inline
+            torch.randn(2, 5, 2, 8, generator=g).bfloat16(), torch.randint(0, VOCAB, (2, 9), generator=g),
+            torch.tensor(2.5), torch.zeros(0, 3), torch.rand(4, 4, generator=g) > 0.5,
+            torch.randn(6, 4, generator=g).t()]  # non-contiguous: sent as a contiguous copy
+    with transport_warnings_are_errors():
+        wires = _through_store(ray_local, [tensor_to_wire(t) for t in sent])
+        views = [tensor_from_wire(w, copy=False) for w in wires]
+        copies = [tensor_from_wire(w, copy=True) for w in wires]
+    for t, w, view, own in zip(sent, wires, views, copies):
+        assert view.dtype == own.dtype == t.dtype and view.shape == own.shape == t.shape
+        assert torch.equal(view, t) and torch.equal(own, t)
+    big = wires[0].data
+    assert not big.flags.writeable  # the read-only object-store buffer the test is about
+    assert views[0].data_ptr() == big.ctypes.data  # a view of the stored bytes, no copy
+    assert copies[0].data_ptr() != big.ctypes.data
+    copies[0].add_(1.0)  # a private copy is the caller's to write
+    assert torch.equal(views[0], sent[0])
+
+
+def test_host_round_trip_is_silent_and_never_writes_the_store(ray_local, hosts, local, pool_dirs):
+    """Host code over read-only store buffers (in process, where warnings are visible), then the real
+    actors: no transport warning, results equal to the in-process backend, stored bytes unchanged."""
+    ids = _ids(3)
+    src = local.prefix_block("b", ids[:, :6])
+    block = src.map(lambda t: t * 0.9)  # a "translated" block [B, 6, L_b, D_b]
+    host = ModelHost("b", pool_dirs["b"])
+    with transport_warnings_are_errors():
+        wire = _through_store(ray_local, block_to_wire(block))
+        suffix = _through_store(ray_local, tensor_to_wire(ids[:, 6:]))
+        loss, gk, gv = _through_store(ray_local, host.suffix_loss_and_grad(wire, suffix))
+        nll = _through_store(ray_local, host.suffix_nll(wire, suffix))
+        got = block_from_wire(_through_store(ray_local, host.prefix_block(tensor_to_wire(ids[:, :6]))))
+    assert not wire.keys.data.flags.writeable
+    assert torch.equal(block_from_wire(wire).keys, block.keys) and torch.equal(block_from_wire(wire).values, block.values)
+    ref_loss, ref_grad = local.suffix_loss_and_grad("b", block, ids[:, 6:])
+    assert torch.equal(tensor_from_wire(loss, copy=True), ref_loss)
+    assert torch.equal(tensor_from_wire(gk, copy=True), ref_grad.keys)
+    assert torch.equal(tensor_from_wire(gv, copy=True), ref_grad.values)
+    assert torch.equal(tensor_from_wire(nll, copy=True), local.suffix_nll("b", block, ids[:, 6:]))
+    assert torch.equal(got.keys, src.keys) and torch.equal(got.values, src.values)
+
+    remote = RayBackend(hosts)
+    ref = ray_local.put(block_to_wire(block))
+    with transport_warnings_are_errors():
+        loss, gk, gv = ray_local.get(hosts["b"].suffix_loss_and_grad.remote(ref, tensor_to_wire(ids[:, 6:])))
+        r_loss, r_grad = remote.suffix_loss_and_grad("b", block, ids[:, 6:])
+        r_nll = remote.suffix_nll("b", block, ids[:, 6:])
+        r_src = remote.prefix_block("b", ids[:, :6])
+    stored = block_from_wire(ray_local.get(ref))
+    assert torch.equal(stored.keys, block.keys) and torch.equal(stored.values, block.values)  # the host wrote nothing
+    assert (tensor_from_wire(gk, copy=True) - ref_grad.keys).abs().max() < 1e-5
+    assert abs(float(r_loss) - float(ref_loss)) < 1e-5 and (r_grad.values - ref_grad.values).abs().max() < 1e-5
+    assert (r_nll - local.suffix_nll("b", block, ids[:, 6:])).abs().max() < 1e-5
+    assert (r_src.keys - src.keys).abs().max() < 1e-6
+
+
+def test_training_never_writes_the_source_blocks_it_reads_in_place(ray_local, hosts, local):
+    """Source blocks are zero-copy views of the store: after Σ steps through them, their version
+    counters (bumped by any in-place write, also through views) and their values are unchanged."""
+    from kvlingua.space import SharedSpace
+    from kvlingua.train import Batch, TrainConfig, fit
+    from kvlingua.translator import SpaceConfig
+
+    class Recording(RayBackend):
+        def __init__(self, hosts):
+            super().__init__(hosts)
+            self.sources = []
+
+        def prefix_block(self, model, input_ids):
+            block = super().prefix_block(model, input_ids)
+            self.sources.append((model, input_ids.clone(), block, block.keys._version, block.values._version))
+            return block
+
+    backend = Recording(hosts)
+    torch.manual_seed(0)
+    space = SharedSpace({n: backend.summary(n) for n in backend.names()}, SpaceConfig(q_dim=12, n_heads=2))
+    batches = (Batch.same_text(_ids(300 + i, b=2, n=12), backend.names(), 6) for i in range(2))
+    with transport_warnings_are_errors():
+        state = fit(space, backend, batches, TrainConfig(steps=2, lr=1e-2, warmup_frac=0.0, log_every=1))
+    assert state.step == 2 and len(backend.sources) >= 2
+    for model, ids, block, kv, vv in backend.sources:
+        assert not block.keys.is_inference() and (block.keys._version, block.values._version) == (kv, vv)
+        assert (block.keys - local.prefix_block(model, ids).keys).abs().max() < 1e-6
