@@ -104,3 +104,34 @@ def test_eval_cli_ablates_the_trained_stack(smoke_run, tmp_path, capsys):
     assert row["translator"]["nll_mean"] == pytest.approx(trained["nll_mean"], abs=1e-5)
     assert row["translator-no-stack"]["nll_mean"] != row["translator"]["nll_mean"]
     assert "translator-no-stack" in capsys.readouterr().out
+
+
+def test_in_process_train_equals_the_ray_run_and_a_rerun_resumes(smoke_run, tmp_path):
+    """`kvlingua train --in-process`: no Ray, the same route, so the same table as the Ray run; run again
+    with the same settings, it resumes from its finished checkpoints instead of training again."""
+    import sys
+
+    from orchestrator.commands.quickstart import CONFIGS
+
+    _, ray_dir, home = smoke_run
+    run_dir = tmp_path / "inproc"
+    argv = ["train", str(CONFIGS / "quickstart-smoke.yaml"), "--in-process", "--no-progress",
+            "-o", f"run_dir={run_dir}", "-o", "space_steps={linear: 4}"]
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KVLINGUA_HOME", str(home))
+    try:
+        ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+        assert main(argv) == 0
+        assert ray_before or not ("ray" in sys.modules and sys.modules["ray"].is_initialized())
+        first = json.loads((run_dir / "eval.json").read_text())
+        timing = json.loads((run_dir / "timing.json").read_text())
+        assert (run_dir / "checkpoints" / "translator" / "train_state.json").is_file()
+        assert main(argv) == 0  # resumes: every space's checkpoint is at its last step
+    finally:
+        mp.undo()
+    on_ray = json.loads((ray_dir / "eval.json").read_text())["paths"]
+    for path, row in first["paths"].items():
+        for cond in ("base", "control", "translator", "linear"):
+            assert row[cond]["nll_mean"] == pytest.approx(on_ray[path][cond]["nll_mean"], abs=1e-5), (path, cond)
+    assert json.loads((run_dir / "eval.json").read_text())["paths"] == first["paths"]
+    assert json.loads((run_dir / "timing.json").read_text()) == timing  # no second training
