@@ -17,7 +17,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from kvlingua.cache import ArchSummary, KVBlock, arch_summary, as_past_key_values, check_block_fits, extract_prefix, fingerprint
+from kvlingua.cache import (
+    ArchSummary,
+    KVBlock,
+    arch_summary,
+    as_past_key_values,
+    cache_kwargs,
+    check_block_fits,
+    check_same_vocab,
+    extract_prefix,
+    fingerprint,
+)
 
 
 class PoolBackend(Protocol):
@@ -53,7 +63,7 @@ def suffix_token_nll(model: PreTrainedModel, block: KVBlock | None, suffix_ids: 
     ``block=None`` it is read cold from position 0. Differentiable w.r.t. the block.
     """
     cache = as_past_key_values(block) if block is not None else None
-    out = model(input_ids=suffix_ids, past_key_values=cache, use_cache=cache is not None)
+    out = model(input_ids=suffix_ids, use_cache=cache is not None, **cache_kwargs(model, cache))
     logits = out.logits[:, :-1].float()  # [B, S-1, V]
     targets = suffix_ids[:, 1:]  # [B, S-1]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view_as(targets)
@@ -65,6 +75,9 @@ class LocalBackend:
     Args:
         models: name -> frozen causal LM (the pool, in order).
         device: where the models run; blocks are returned on CPU in fp32.
+
+    Raises:
+        ValueError: no models, or two models with different vocabularies (named, with both sizes).
     """
 
     def __init__(self, models: dict[str, PreTrainedModel], device: str | torch.device = "cpu"):
@@ -73,6 +86,7 @@ class LocalBackend:
         self.models = models
         self.device = torch.device(device)
         self._summaries = {n: arch_summary(m) for n, m in models.items()}
+        check_same_vocab(self._summaries)
 
     def names(self) -> list[str]:
         return list(self.models)

@@ -5,16 +5,23 @@ A :class:`KVBlock` holds keys and values of one model for a batch of prefixes, e
 This is the layout the paper's adapters read and write. Blocks cross process
 boundaries as plain contiguous tensors, never as transformers ``Cache`` objects.
 
+* :func:`cache_kwargs` names the cache argument of a model's forward (``cache`` from
+  transformers 5.24, ``past_key_values`` before); every forward that takes a cache uses it.
 * :func:`extract_prefix` runs a causal LM over prefix ids and returns its block, with
-  full length on sliding-window layers.
-* :func:`as_past_key_values` turns a block back into a ``DynamicCache`` to feed a suffix;
-  gradients flow from a suffix loss into the block's tensors.
+  full length on sliding-window layers. Prefixes are unpadded: a block has no mask.
+* :func:`block_from_cache` reads a ``Cache`` into a block; :func:`as_past_key_values` and
+  :func:`append_block` write a block into one to feed a suffix; gradients flow from a
+  suffix loss into the block's tensors.
 * :func:`arch_summary` and :func:`fingerprint` describe a model (or a checkpoint
-  directory) so adapters can refuse a model they were not trained for.
+  directory) so adapters can refuse a model they were not trained for;
+  :func:`check_block_fits`, :func:`check_same_layout` and :func:`check_same_vocab`
+  compare layouts and vocabularies.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,10 +29,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
+
+from kvlingua.config import KvlinguaError
 
 
-class CacheAPIError(TypeError):
+class CacheAPIError(KvlinguaError, TypeError):
     """A model does not expose its KV cache through the standard transformers ``Cache`` API."""
 
 
@@ -50,6 +59,15 @@ class ArchSummary:
     def width(self) -> int:
         """D = n_kv_heads * head_dim: per-layer cache width of a KV block."""
         return self.n_kv_heads * self.head_dim
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        """``(num_layers, n_kv_heads, head_dim)``: two models can share a KV block iff these are equal."""
+        return (self.num_layers, self.n_kv_heads, self.head_dim)
+
+    def describe(self) -> str:
+        """The layout in words: ``2 layers x 1 kv heads x 8 (D=8)``."""
+        return f"{self.num_layers} layers x {self.n_kv_heads} kv heads x {self.head_dim} (D={self.width})"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,6 +121,11 @@ class KVBlock:
     def head_dim(self) -> int:
         return self.width // self.n_kv_heads
 
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        """``(num_layers, n_kv_heads, head_dim)``, comparable with :attr:`ArchSummary.layout`."""
+        return (self.num_layers, self.n_kv_heads, self.head_dim)
+
     def map(self, fn) -> "KVBlock":
         """Apply ``fn`` to keys and values (e.g. ``lambda t: t.to(device)``)."""
         return KVBlock(fn(self.keys), fn(self.values), self.n_kv_heads)
@@ -110,38 +133,8 @@ class KVBlock:
     def to(self, *args, **kwargs) -> "KVBlock":
         return self.map(lambda t: t.to(*args, **kwargs))
 
-    def float(self) -> "KVBlock":
-        return self.map(Tensor.float)
-
-    def cpu(self) -> "KVBlock":
-        return self.map(Tensor.cpu)
-
     def detach(self) -> "KVBlock":
         return self.map(Tensor.detach)
-
-    def contiguous(self) -> "KVBlock":
-        return self.map(Tensor.contiguous)
-
-    def requires_grad_(self, flag: bool = True) -> "KVBlock":
-        self.keys.requires_grad_(flag)
-        self.values.requires_grad_(flag)
-        return self
-
-    def index(self, idx: Tensor | slice) -> "KVBlock":
-        """Select batch rows (``idx`` indexes dim 0)."""
-        return self.map(lambda t: t[idx])
-
-    @staticmethod
-    def cat(blocks: list["KVBlock"], dim: int = 0) -> "KVBlock":
-        """Concatenate blocks along batch (0) or positions (1)."""
-        return KVBlock(
-            torch.cat([b.keys for b in blocks], dim),
-            torch.cat([b.values for b in blocks], dim),
-            blocks[0].n_kv_heads,
-        )
-
-    def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() * 2
 
 
 def _config_of(model_or_config: Any):
@@ -198,15 +191,57 @@ def fingerprint(model: PreTrainedModel | torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+@functools.cache
+def _cache_argument(model_cls: type) -> str:
+    """``"cache"`` if ``model_cls.forward`` takes that argument (transformers >= 5.24), else ``"past_key_values"``.
+
+    Read from the signature (``inspect`` follows transformers' ``deprecate_kwarg`` wrapper to the
+    real forward), once per model class.
+    """
+    params = inspect.signature(model_cls.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Cache | None) -> dict[str, Cache | None]:
+    """The keyword argument that passes ``cache`` to ``model``'s forward: ``model(ids, **cache_kwargs(model, c))``.
+
+    transformers 5.24 renamed the forward argument (and the output field) ``past_key_values`` to
+    ``cache`` and deprecated the old name; this picks the one the installed version takes.
+    """
+    return {_cache_argument(type(model)): cache}
+
+
+def returned_cache(model: torch.nn.Module, output: Any) -> Any:
+    """The cache a forward of ``model`` returned (``output.cache``, or ``output.past_key_values`` before 5.24)."""
+    return getattr(output, _cache_argument(type(model)))
+
+
 def _cache_layers(cache: Any) -> list:
     layers = getattr(cache, "layers", None)
     if layers is None or not all(hasattr(l, "keys") and hasattr(l, "values") for l in layers):
         raise CacheAPIError(
-            f"model returned past_key_values of type {type(cache).__name__}, which is not a "
+            f"model returned a cache of type {type(cache).__name__}, which is not a "
             "transformers Cache with per-layer .keys/.values; kvlingua needs a causal LM "
             "that uses the standard Cache API (DynamicCache)"
         )
     return layers
+
+
+def block_from_cache(cache: Cache, n_kv_heads: int) -> KVBlock:
+    """The block a transformers ``Cache`` holds: keys/values ``[B, S, L, D]`` (public ``cache.layers`` API).
+
+    Raises :class:`CacheAPIError` if ``cache`` has no per-layer ``.keys``/``.values`` or its layers
+    hold different numbers of positions (e.g. a sliding-window cache built with a config).
+    """
+    layers = _cache_layers(cache)
+    keys, values = [], []
+    for layer in layers:
+        B, H, S, hd = layer.keys.shape  # [B, H, S, hd]
+        keys.append(layer.keys.transpose(1, 2).reshape(B, S, H * hd))  # [B, S, D]
+        values.append(layer.values.transpose(1, 2).reshape(B, S, H * hd))
+    if len({k.shape[1] for k in keys}) > 1:
+        raise CacheAPIError(f"cache layers hold different numbers of positions: {[k.shape[1] for k in keys]}")
+    return KVBlock(torch.stack(keys, dim=2), torch.stack(values, dim=2), n_kv_heads)  # [B, S, L, D]
 
 
 @torch.no_grad()
@@ -215,8 +250,10 @@ def extract_prefix(model: PreTrainedModel, input_ids: Tensor, attention_mask: Te
 
     Args:
         model: a transformers causal LM using the standard ``Cache`` API.
-        input_ids: ``[B, S]`` prefix token ids.
-        attention_mask: optional ``[B, S]`` (1 = real token).
+        input_ids: ``[B, S]`` prefix token ids, every position real text.
+        attention_mask: optional ``[B, S]``; accepted only when all ones. A KV block carries no
+            mask (the translator, :func:`as_past_key_values` and the suffix loss read every
+            position as text), so padded prefixes are refused rather than silently read as text.
 
     Returns:
         KVBlock with keys/values ``[B, S, L, D]`` on the model's device and dtype. An
@@ -225,36 +262,78 @@ def extract_prefix(model: PreTrainedModel, input_ids: Tensor, attention_mask: Te
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+        if not bool((attention_mask != 0).all()):
+            raise ValueError(
+                "extract_prefix got a padded prefix (zeros in attention_mask), but a KV block has no "
+                "mask: the pad positions would be read as text. Give equal-length unpadded prefixes "
+                "(pack the text into fixed-length chunks, or extract each sequence on its own)"
+            )
     summary = arch_summary(model)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        past_key_values=DynamicCache(),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    layers = _cache_layers(out.past_key_values)
-    if len(layers) != summary.num_layers:
-        raise CacheAPIError(f"cache has {len(layers)} layers, config says {summary.num_layers}")
-    B, S = input_ids.shape
-    keys, values = [], []
-    for layer in layers:
-        k, v = layer.keys, layer.values  # [B, H, S, hd]
-        if k.shape[2] != S:
-            raise CacheAPIError(f"cache layer holds {k.shape[2]} positions, expected {S}")
-        keys.append(k.transpose(1, 2).reshape(B, S, summary.width))  # [B, S, H*hd]
-        values.append(v.transpose(1, 2).reshape(B, S, summary.width))
-    return KVBlock(torch.stack(keys, dim=2), torch.stack(values, dim=2), summary.n_kv_heads)  # [B, S, L, D]
+    cache = DynamicCache()
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+    block = block_from_cache(returned_cache(model, out), summary.n_kv_heads)  # [B, S, L, D]
+    if block.num_layers != summary.num_layers:
+        raise CacheAPIError(f"cache has {block.num_layers} layers, config says {summary.num_layers}")
+    if block.seq_len != input_ids.shape[1] or block.width != summary.width:
+        raise CacheAPIError(
+            f"cache holds {block.seq_len} positions x width {block.width}, expected "
+            f"{input_ids.shape[1]} x {summary.width}"
+        )
+    return block
 
 
 def check_block_fits(block: KVBlock, summary: ArchSummary, who: str = "model") -> None:
     """Raise ``ValueError`` naming what differs if ``block`` cannot be a cache of that model."""
-    if block.num_layers != summary.num_layers or block.width != summary.width or block.n_kv_heads != summary.n_kv_heads:
+    if block.layout != summary.layout:
         raise ValueError(
             f"KV block of {block.num_layers} layers x width {block.width} ({block.n_kv_heads} kv heads) "
             f"does not fit {who}: {summary.num_layers} layers x width {summary.width} "
             f"({summary.n_kv_heads} kv heads)"
         )
+
+
+def check_same_layout(source: ArchSummary, target: ArchSummary, source_name: str = "source",
+                      target_name: str = "target", what: str = "identity translation") -> None:
+    """Raise ``ValueError`` naming both layouts unless a block of ``source`` can be read by ``target`` as is."""
+    if source.layout != target.layout:
+        raise ValueError(
+            f"{what} needs equal cache layouts; {source_name} has {source.describe()}, "
+            f"{target_name} has {target.describe()}"
+        )
+
+
+def check_same_vocab(summaries: dict[str, ArchSummary]) -> None:
+    """Raise ``ValueError`` naming two models and both sizes unless every model has the same ``vocab_size``.
+
+    Pool members read and write the same token ids; members with different vocabularies would
+    train on ids that mean different tokens (or are out of range) without any error.
+    """
+    if not summaries:
+        return
+    (first, ref), *rest = summaries.items()
+    for name, summary in rest:
+        if summary.vocab_size != ref.vocab_size:
+            raise ValueError(
+                f"pool models must share one vocabulary, but {first!r} has vocab_size {ref.vocab_size} and "
+                f"{name!r} has vocab_size {summary.vocab_size}"
+            )
+
+
+def append_block(cache: Cache, block: KVBlock) -> Cache:
+    """Append ``block``'s positions (keys/values ``[B, S, L, D]``) to ``cache`` layer by layer; returns ``cache``.
+
+    Gradients flow from anything computed with the cache back into ``block.keys`` and ``block.values``.
+    """
+    B, S, L, D = block.keys.shape
+    H, hd = block.n_kv_heads, block.head_dim
+    for l in range(L):
+        k = block.keys[:, :, l, :].reshape(B, S, H, hd).transpose(1, 2)  # [B, H, S, hd]
+        v = block.values[:, :, l, :].reshape(B, S, H, hd).transpose(1, 2)
+        cache.update(k, v, l)
+    return cache
 
 
 def as_past_key_values(block: KVBlock, model: PreTrainedModel | None = None) -> DynamicCache:
@@ -266,11 +345,4 @@ def as_past_key_values(block: KVBlock, model: PreTrainedModel | None = None) -> 
     """
     if model is not None:
         check_block_fits(block, arch_summary(model))
-    B, S, L, D = block.keys.shape
-    H, hd = block.n_kv_heads, block.head_dim
-    cache = DynamicCache()
-    for l in range(L):
-        k = block.keys[:, :, l, :].reshape(B, S, H, hd).transpose(1, 2)  # [B, H, S, hd]
-        v = block.values[:, :, l, :].reshape(B, S, H, hd).transpose(1, 2)
-        cache.update(k, v, l)
-    return cache
+    return append_block(DynamicCache(), block)

@@ -1,15 +1,26 @@
 """KV-block I/O checked against independent full-sequence forwards."""
+import inspect
+import warnings
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from kvlingua.backend import LocalBackend, suffix_token_nll
 from kvlingua.cache import (
+    ArchSummary,
     CacheAPIError,
     KVBlock,
+    append_block,
     arch_summary,
     as_past_key_values,
+    block_from_cache,
+    cache_kwargs,
     check_block_fits,
+    check_same_layout,
+    check_same_vocab,
     extract_prefix,
     fingerprint,
 )
@@ -27,7 +38,7 @@ def test_injected_prefix_matches_full_forward(kind):
         full = model(ids).logits  # [B, 20, V], independent of any cache
         block = extract_prefix(model, ids[:, :12])
         assert block.keys.shape == (3, 12, 2, 2 * 8)  # [B, P, L, D] with D = kv_heads * head_dim
-        suffix = model(ids[:, 12:], past_key_values=as_past_key_values(block, model)).logits
+        suffix = model(ids[:, 12:], **cache_kwargs(model, as_past_key_values(block, model))).logits
     assert (suffix - full[:, 12:]).abs().max() < 1e-4
 
 
@@ -42,7 +53,7 @@ def test_sliding_window_layers_keep_full_prefix():
 def test_gradients_reach_injected_block():
     model = tiny_model("gemma2")
     ids = torch.randint(0, VOCAB, (2, 16))
-    block = extract_prefix(model, ids[:, :8]).requires_grad_(True)
+    block = extract_prefix(model, ids[:, :8]).map(lambda t: t.requires_grad_(True))
     loss = suffix_token_nll(model, block, ids[:, 8:]).mean()
     loss.backward()
     assert block.keys.grad is not None and block.keys.grad.abs().sum() > 0
@@ -106,10 +117,11 @@ class _LegacyTupleCacheLM(nn.Module):
         super().__init__()
         self.inner, self.config = inner, inner.config
 
-    def forward(self, input_ids, past_key_values=None, **kw):
-        out = self.inner(input_ids, past_key_values=past_key_values, **kw)
-        out.past_key_values = tuple((l.keys, l.values) for l in out.past_key_values.layers)
-        return out
+    def forward(self, input_ids, cache=None, past_key_values=None, **kw):
+        kv = cache if cache is not None else past_key_values
+        out = self.inner(input_ids, **cache_kwargs(self.inner, kv), **kw)
+        legacy = tuple((l.keys, l.values) for l in kv.layers)
+        return SimpleNamespace(logits=out.logits, cache=legacy, past_key_values=legacy)
 
 
 def test_non_standard_cache_api_is_refused():
@@ -134,3 +146,73 @@ def test_block_rejects_mismatched_tensors():
         KVBlock(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 5), 1)
     with pytest.raises(ValueError, match="divisible"):
         KVBlock(torch.zeros(1, 2, 3, 5), torch.zeros(1, 2, 3, 5), 2)
+
+
+def test_cache_kwargs_names_the_argument_the_installed_forward_takes():
+    model = tiny_model("llama")
+    params = inspect.signature(type(model).forward).parameters
+    (name,) = cache_kwargs(model, None)
+    assert name in params  # independent: the forward's own signature
+    assert name == ("cache" if "cache" in params else "past_key_values")
+
+    class OldForward(nn.Module):  # a forward from before the rename
+        def forward(self, input_ids, past_key_values=None):
+            return input_ids
+
+    assert list(cache_kwargs(OldForward(), None)) == ["past_key_values"]
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation warning from our call
+        with torch.no_grad():
+            model(ids[:, 3:], **cache_kwargs(model, as_past_key_values(extract_prefix(model, ids[:, :3]))))
+
+
+def test_padded_prefix_is_refused_and_an_all_ones_mask_changes_nothing():
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    same = extract_prefix(model, ids, mask)
+    plain = extract_prefix(model, ids)
+    assert torch.equal(same.keys, plain.keys) and torch.equal(same.values, plain.values)
+    mask[1, :2] = 0  # left padding
+    with pytest.raises(ValueError, match="padded prefix.*unpadded"):
+        extract_prefix(model, ids, mask)
+    with pytest.raises(ValueError, match="must match"):
+        extract_prefix(model, ids, mask[:, :3])
+
+
+def test_block_from_cache_and_append_block_round_trip_in_pieces():
+    model = tiny_model("llama", layers=3, kv_heads=2)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    block = extract_prefix(model, ids)  # [2, 9, 3, 16]
+    cache = DynamicCache()
+    append_block(cache, block.map(lambda t: t[:, :4]))
+    append_block(cache, block.map(lambda t: t[:, 4:]))
+    layer = cache.layers[1]
+    H, hd = 2, 8
+    # independent: layer 1 of the cache, [B, H, S, hd], is the block's layer-1 slice split into heads
+    torch.testing.assert_close(layer.keys, block.keys[:, :, 1].reshape(2, 9, H, hd).transpose(1, 2), rtol=0, atol=0)
+    back = block_from_cache(cache, 2)
+    assert torch.equal(back.keys, block.keys) and torch.equal(back.values, block.values)
+    with pytest.raises(CacheAPIError, match="standard Cache API"):
+        block_from_cache(((block.keys, block.values),), 2)
+
+
+def _summary(vocab: int, layers: int = 2, kv: int = 1, hd: int = 8) -> ArchSummary:
+    return ArchSummary("llama", layers, kv, hd, vocab, 32)
+
+
+def test_check_same_vocab_names_both_models_and_sizes():
+    check_same_vocab({"a": _summary(128), "b": _summary(128, layers=4)})
+    check_same_vocab({})
+    with pytest.raises(ValueError, match=r"'a' has vocab_size 128 and 'c' has vocab_size 300"):
+        check_same_vocab({"a": _summary(128), "b": _summary(128), "c": _summary(300)})
+    with pytest.raises(ValueError, match=r"'x' has vocab_size 128 and 'y' has vocab_size 256"):
+        LocalBackend({"x": tiny_model("llama"), "y": tiny_model("gemma2", vocab=256)})
+
+
+def test_check_same_layout_compares_layers_heads_and_head_width():
+    check_same_layout(_summary(128), _summary(999))  # vocabulary is not part of the layout
+    for other in (_summary(128, layers=3), _summary(128, kv=2, hd=4), _summary(128, hd=16)):
+        with pytest.raises(ValueError, match=r"'s' has 2 layers x 1 kv heads x 8 \(D=8\), 't' has"):
+            check_same_layout(_summary(128), other, "'s'", "'t'")

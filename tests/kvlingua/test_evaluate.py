@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlingua.backend import LocalBackend
-from kvlingua.cache import as_past_key_values, extract_prefix
+from kvlingua.cache import as_past_key_values, cache_kwargs, extract_prefix
 from kvlingua.evaluate import EvalConfig, EvalResult, content_transferred, evaluate, make_eval_fn
 from kvlingua.report import plot_history, write_report
 from kvlingua.space import SharedSpace
@@ -42,7 +42,7 @@ def setup():
 def nll_after(model, cache, suffix):
     """Per-token NLL [B, S-1] of suffix[:, 1:] read after ``cache`` (None: from position 0)."""
     with torch.no_grad():
-        logits = model(input_ids=suffix, past_key_values=cache, use_cache=cache is not None).logits
+        logits = model(input_ids=suffix, use_cache=cache is not None, **cache_kwargs(model, cache)).logits
     return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), suffix[:, 1:].reshape(-1),
                            reduction="none").view(suffix.shape[0], -1)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kvlingua.backend import LocalBackend
-from kvlingua.cache import KVBlock, as_past_key_values, extract_prefix
+from kvlingua.cache import KVBlock, as_past_key_values, cache_kwargs, extract_prefix
 from kvlingua.losses import reconstruction_loss, suffix_lm_loss
 from kvlingua.space import SharedSpace
 from kvlingua.translator import SpaceConfig
@@ -51,7 +51,7 @@ def test_gradient_through_seam_equals_direct_autograd(pool):
     space.zero_grad(set_to_none=True)
     # direct: one autograd graph through adapters and the frozen model
     out = space.translate(extract_prefix(models["a"], ids[:, :P]), "a", "b")
-    logits = models["b"](input_ids=ids[:, P:], past_key_values=as_past_key_values(out), use_cache=True).logits
+    logits = models["b"](input_ids=ids[:, P:], **cache_kwargs(models["b"], as_past_key_values(out)), use_cache=True).logits
     direct_loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, P + 1:].reshape(-1))
     direct_loss.backward()
     direct = {k: p.grad for k, p in space.named_parameters() if p.grad is not None}
@@ -65,7 +65,7 @@ def test_reconstruction_loss_is_mean_squared_error():
     g = torch.Generator().manual_seed(0)
     a = KVBlock(torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 4, 8, generator=g), 1)
     b = KVBlock(torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 4, 8, generator=g), 1)
-    a.requires_grad_(True)
+    a.map(lambda t: t.requires_grad_(True))
     loss = reconstruction_loss(a, b)
     n = a.keys.numel()
     expected = (((a.keys - b.keys) ** 2).sum() + ((a.values - b.values) ** 2).sum()) / (2 * n)
@@ -83,7 +83,7 @@ def test_backend_gradient_of_wrong_shape_is_refused(pool):
     class Broken:
         def suffix_loss_and_grad(self, model, block, suffix_ids):
             loss, grad = backend.suffix_loss_and_grad(model, block, suffix_ids)
-            return loss, grad.index(slice(0, 1))
+            return loss, grad.map(lambda t: t[:1])
 
     block = backend.prefix_block("a", ids[:, :P])
     with pytest.raises(ValueError, match="gradient of shape"):
