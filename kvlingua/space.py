@@ -6,30 +6,26 @@ out into model ``j``'s layout ``[B, S, L_j, D_j]``; ``translate`` is ``decode(en
 for a path ``i -> j`` (``i == j``, the cyclic path, is legal). Parameters grow linearly
 with the pool: 2 adapters per model, never one per pair.
 
-On disk (``save_pretrained``): ``space.json`` (config + member architecture summaries, in
-pool order) and one ``adapters-<name>.safetensors`` per model (tensor names ``in.*`` and
-``out.*``). Loading is strict: every tensor's name and shape is checked against the space
-rebuilt from the config, and a mismatch is an error naming the model and the tensor.
+On disk a space is part of a pool directory (:mod:`kvlingua.pool`, ``pool.json``): one
+``adapters-<name>.safetensors`` per model (tensor names ``in.*`` and ``out.*``), loaded by
+:meth:`SharedSpace.load_adapter_file`, which checks every tensor's name and shape against
+the space rebuilt from the config and names the model and the tensor on a mismatch.
 """
 from __future__ import annotations
 
-import copy
-import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from kvlingua.cache import ArchSummary, KVBlock, check_block_fits
-from kvlingua.config import from_dict, to_dict
-from kvlingua.translator import LayerwiseTranslator, SpaceConfig, build_adapter
+from kvlingua.cache import ArchSummary, KVBlock, check_block_fits, check_same_layout
+from kvlingua.config import from_dict
+from kvlingua.translator import SpaceConfig, build_adapter
 
-SPACE_FILE = "space.json"
-SPACE_FORMAT = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
@@ -175,21 +171,22 @@ class SharedSpace(nn.Module):
         return self.cfg.adapter == "translator" and self.cfg.stack and self.cfg.short_path
 
     def without_stack(self) -> "SharedSpace":
-        """A copy whose translators skip their cross-attention stack and keep only the short path.
+        """A space whose translators keep only their trained short path (config ``stack: false``).
 
-        The ablation of a *trained* translator: same weights, stack switched off, so the
-        difference in NLL is what the stack contributes. For evaluation only (the copy's
-        config still says ``stack: true``; do not save it as a space).
+        The ablation of a *trained* translator: same short-path weights, no stack, so the
+        difference in NLL is what the stack contributes. The copy is a space in its own
+        right (its config, parameters and parameter counts say ``stack: false``). The
+        global random state is left untouched.
         """
         if self.cfg.adapter != "translator" or not self.cfg.stack:
             raise ValueError("without_stack needs a translator space with a cross-attention stack")
         if not self.cfg.short_path:
             raise ValueError("this translator has no short path: without its stack nothing would remain")
-        twin = copy.deepcopy(self)
-        for module in twin.modules():
-            if isinstance(module, LayerwiseTranslator):
-                module.use_stack = False
-        return twin
+        with torch.device("meta"):  # no initialisation, no random numbers drawn: every tensor is assigned below
+            twin = SharedSpace(dict(self.members), replace(self.cfg, stack=False))
+        state = self.state_dict()
+        twin.load_state_dict({k: state[k].detach().clone() for k in twin.state_dict()}, strict=True, assign=True)
+        return twin.train(self.training).requires_grad_(any(p.requires_grad for p in self.parameters()))
 
     # -- files ----------------------------------------------------------------------------
     def adapter_state(self, name: str) -> dict[str, Tensor]:
@@ -223,41 +220,11 @@ class SharedSpace(nn.Module):
                 )
         self.adapters(name).load_state_dict(state, strict=True)
 
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        """Write ``space.json`` and one ``adapters-<name>.safetensors`` per model into ``out_dir``."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format": SPACE_FORMAT,
-            "space": to_dict(self.cfg),
-            "members": [{"name": n, "summary": self.members[n].to_dict()} for n in self.names],
-        }
-        for n in self.names:
-            save_file(self.adapter_state(n), str(out / adapter_file(n)))
-        (out / SPACE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-
     @classmethod
     def from_config_dict(cls, space: dict, members: list[tuple[str, ArchSummary]]) -> "SharedSpace":
         """A freshly initialised space from a ``to_dict(cfg)`` mapping and ``(name, summary)`` pairs."""
         cfg = from_dict(SpaceConfig, space, "space")
         return cls(dict(members), cfg)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "SharedSpace":
-        """Load a space written by :meth:`save_pretrained`; shapes are checked tensor by tensor."""
-        root = Path(path)
-        meta_file = root / SPACE_FILE
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{root}: not a shared-space directory (no {SPACE_FILE})")
-        meta = json.loads(meta_file.read_text())
-        if meta.get("format") != SPACE_FORMAT:
-            raise ValueError(f"{meta_file}: unsupported format {meta.get('format')!r} (expected {SPACE_FORMAT})")
-        members = [(m["name"], summary_from_dict(m["summary"], f"{meta_file} model {m['name']!r}"))
-                   for m in meta["members"]]
-        space = cls.from_config_dict(meta["space"], members).to(map_location)
-        for name, _ in members:
-            space.load_adapter_file(name, root / adapter_file(name), map_location)
-        return space
 
 
 def identity_translate(block: KVBlock, source: ArchSummary, target: ArchSummary) -> KVBlock:
@@ -266,11 +233,5 @@ def identity_translate(block: KVBlock, source: ArchSummary, target: ArchSummary)
     Raises ``ValueError`` naming both layouts when source and target caches differ in shape.
     """
     check_block_fits(block, source, "the source model")
-    if (source.num_layers, source.n_kv_heads, source.head_dim) != (target.num_layers, target.n_kv_heads,
-                                                                     target.head_dim):
-        raise ValueError(
-            f"identity translation needs equal cache layouts; source has {source.num_layers} layers x "
-            f"{source.n_kv_heads} kv heads x {source.head_dim} (D={source.width}), target has "
-            f"{target.num_layers} layers x {target.n_kv_heads} kv heads x {target.head_dim} (D={target.width})"
-        )
+    check_same_layout(source, target)
     return KVBlock(block.keys, block.values, target.n_kv_heads)

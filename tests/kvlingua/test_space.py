@@ -1,7 +1,7 @@
 """The shared space Σ on a heterogeneous pool: shapes, paths, files, growth, and that it can learn."""
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from kvlingua.backend import suffix_token_nll
 from kvlingua.cache import ArchSummary, KVBlock, arch_summary, extract_prefix
-from kvlingua.space import LatentBlock, SharedSpace, identity_translate
+from kvlingua.space import LatentBlock, SharedSpace, adapter_file, identity_translate
 from kvlingua.translator import SpaceConfig
 from tests.helpers import tiny_model
 
@@ -126,7 +126,14 @@ def test_without_stack_equals_a_zeroed_stack_output(summaries, blocks):
     space = _space(summaries)
     _randomise(space)  # a "trained" translator: the stack contributes
     b = blocks["gem"]
-    ablated = space.without_stack().translate(b, "gem", "lla")
+    rng = torch.get_rng_state()
+    twin = space.without_stack()
+    assert torch.equal(torch.get_rng_state(), rng)  # building the copy draws no random numbers
+    assert twin.cfg == replace(space.cfg, stack=False) and space.cfg.stack  # the copy says what it is
+    bare = _space(summaries, stack=False)  # a space built without a stack has exactly the copy's tensors
+    assert twin.state_dict().keys() == bare.state_dict().keys() and twin.param_counts() == bare.param_counts()
+    assert all(torch.equal(t, space.state_dict()[k]) for k, t in twin.state_dict().items())
+    ablated = twin.translate(b, "gem", "lla")
     assert not torch.allclose(ablated.keys, space.translate(b, "gem", "lla").keys, atol=1e-3)
     with torch.no_grad():
         for name in space.names:
@@ -152,14 +159,19 @@ def test_identity_baseline(summaries, blocks):
         identity_translate(blocks["gem"], gem, summaries["lla"])
 
 
-def test_save_and_load_translate_bit_identically(tmp_path, summaries, blocks):
+def _save_adapters(space: SharedSpace, out) -> None:
+    """The adapter files a pool directory holds (``kvlingua.pool`` writes them the same way)."""
+    for n in space.names:
+        save_file(space.adapter_state(n), str(out / adapter_file(n)))
+
+
+def test_adapter_files_load_into_a_fresh_space_bit_identically(tmp_path, summaries, blocks):
     space = _space(summaries)
     _randomise(space)
-    space.save_pretrained(tmp_path / "sp")
-    meta = json.loads((tmp_path / "sp" / "space.json").read_text())
-    assert [m["name"] for m in meta["members"]] == ["gem", "lla"] and meta["space"]["q_dim"] == Q
-    loaded = SharedSpace.from_pretrained(tmp_path / "sp")
-    assert loaded.names == space.names and loaded.members == space.members and loaded.cfg == space.cfg
+    _save_adapters(space, tmp_path)
+    loaded = _space(summaries, seed=5)
+    for n in loaded.names:
+        loaded.load_adapter_file(n, tmp_path / adapter_file(n))
     for src, tgt in (("gem", "lla"), ("lla", "lla")):
         a, b = space.translate(blocks[src], src, tgt), loaded.translate(blocks[src], src, tgt)
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
@@ -167,21 +179,21 @@ def test_save_and_load_translate_bit_identically(tmp_path, summaries, blocks):
 
 def test_tampered_adapter_file_is_refused(tmp_path, summaries):
     space = _space(summaries)
-    space.save_pretrained(tmp_path)
+    _save_adapters(space, tmp_path)
     f = tmp_path / "adapters-lla.safetensors"
     state = load_file(str(f))
     state["in.short_k.weight"] = state["in.short_k.weight"][:, :8].contiguous()
     save_file(state, str(f))
     with pytest.raises(ValueError, match=r"model 'lla': adapter tensor 'in.short_k.weight' .* shape \(32, 8\), "
                                          r"the space config needs \(32, 64\)"):
-        SharedSpace.from_pretrained(tmp_path)
+        space.load_adapter_file("lla", f)
     del state["in.short_k.weight"]
     save_file(state, str(f))
     with pytest.raises(ValueError, match=r"model 'lla'.*missing tensors \['in.short_k.weight'\]"):
-        SharedSpace.from_pretrained(tmp_path)
+        space.load_adapter_file("lla", f)
     f.unlink()
     with pytest.raises(FileNotFoundError, match="model 'lla': adapter file not found"):
-        SharedSpace.from_pretrained(tmp_path)
+        space.load_adapter_file("lla", f)
 
 
 def test_add_member_leaves_existing_adapters_untouched(summaries, blocks):
