@@ -14,8 +14,10 @@ would after reading the whole prompt. With greedy decoding the ``text`` hand-off
 reproduces the target's own ``model.generate(do_sample=False)``.
 
 :func:`mixed_generate` switches models mid-sequence (the paper's mixed language
-modelling): at each switch the *whole* cache so far (prompt and generated tokens) is
-translated into the next model, which then continues. Every request builds its own
+modelling). Each model keeps its own cache for the positions it computed; at a switch the
+next model's cache is brought up to date by translating each segment it has not read yet
+once, from the model that computed it (never a cache that already holds translated
+positions, so no untrained chain A→Σ→B→Σ→C is ever run). Every request builds its own
 caches and its own ``torch.Generator``; nothing is shared between requests.
 
 Shapes: ``[1, P]`` prompt ids; KV blocks ``[1, S, L, D]``. Generation runs one sequence
@@ -30,9 +32,18 @@ from typing import Iterator, Literal, Protocol, Sequence
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
 
-from kvlingua.cache import KVBlock, arch_summary, as_past_key_values, check_block_fits, extract_prefix
+from kvlingua.cache import (
+    KVBlock,
+    append_block,
+    arch_summary,
+    block_from_cache,
+    cache_kwargs,
+    check_block_fits,
+    check_same_layout,
+    extract_prefix,
+)
 
 Handoff = Literal["latent", "text", "identity"]
 HANDOFFS: tuple[str, ...] = ("latent", "text", "identity")
@@ -109,13 +120,21 @@ class GenerationResult:
 
 @dataclass
 class Switch:
-    """One model switch of a mixed schedule: the whole cache so far is translated."""
+    """One translated segment of a mixed schedule: positions ``[start, end)`` computed by ``source``,
+    translated once into ``target``'s cache."""
 
     source: str
     target: str
-    positions: int
-    """Positions of the translated cache (prompt + generated tokens already read)."""
+    start: int
+    """First translated position (0 is the first prompt token)."""
+    end: int
+    """One past the last translated position."""
     translate_s: float
+
+    @property
+    def positions(self) -> int:
+        """Positions translated (``end - start``)."""
+        return self.end - self.start
 
 
 @dataclass
@@ -126,6 +145,7 @@ class MixedResult:
     models: list[str]
     """Name of the model that produced each token (same length as ``tokens``)."""
     switches: list[Switch]
+    """Every segment translation, in order (a switch to a model can translate several segments)."""
     prompt_tokens: int
     prefill_s: float
     decode_s: float
@@ -189,29 +209,25 @@ def next_token(logits: Tensor, params: GenerationParams, generator: torch.Genera
     return int(pick)
 
 
-def cache_block(cache: DynamicCache, n_kv_heads: int) -> KVBlock:
-    """The ``[1, S, L, D]`` block held by a ``DynamicCache`` (public ``cache.layers`` API)."""
-    keys, values = [], []
-    for layer in cache.layers:
-        B, H, S, hd = layer.keys.shape  # [B, H, S, hd]
-        keys.append(layer.keys.transpose(1, 2).reshape(B, S, H * hd))  # [B, S, D]
-        values.append(layer.values.transpose(1, 2).reshape(B, S, H * hd))
-    return KVBlock(torch.stack(keys, 2), torch.stack(values, 2), n_kv_heads)  # [B, S, L, D]
+def extend_cache(model: PreTrainedModel, cache: Cache, block: KVBlock | None) -> Cache:
+    """Append ``block`` (``[1, S, L, D]``, checked against ``model``, cast to its device and dtype) to ``cache``."""
+    if block is None or block.seq_len == 0:
+        return cache
+    check_block_fits(block, arch_summary(model))
+    p = next(model.parameters())
+    return append_block(cache, block.to(p.device, p.dtype))
 
 
 def model_cache(model: PreTrainedModel, block: KVBlock | None) -> DynamicCache:
     """A fresh cache for ``model`` holding ``block`` (cast to the model's device and dtype)."""
-    if block is None or block.seq_len == 0:
-        return DynamicCache()
-    p = next(model.parameters())
-    return as_past_key_values(block.to(p.device, p.dtype), model)
+    return extend_cache(model, DynamicCache(), block)
 
 
 @torch.no_grad()
-def decode(model: PreTrainedModel, cache: DynamicCache, first_input: int, params: GenerationParams,
-           generator: torch.Generator, max_new_tokens: int | None = None,
-           stop_ids: set[int] = frozenset()) -> Iterator[int]:
-    """Yield up to ``max_new_tokens`` tokens, feeding ``first_input`` first and then each new token.
+def sample_tokens(model: PreTrainedModel, cache: Cache, first_input: int, params: GenerationParams,
+                  generator: torch.Generator, max_new_tokens: int | None = None,
+                  stop_ids: set[int] = frozenset()) -> Iterator[int]:
+    """Yield up to ``max_new_tokens`` sampled tokens, feeding ``first_input`` first and then each new token.
 
     ``cache`` (mutated in place) holds the positions before ``first_input``. When the
     iterator finishes, ``cache`` covers every fed token: the prompt and all yielded
@@ -221,7 +237,7 @@ def decode(model: PreTrainedModel, cache: DynamicCache, first_input: int, params
     limit = params.max_new_tokens if max_new_tokens is None else max_new_tokens
     token = first_input
     for step in range(limit):
-        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
+        out = model(input_ids=torch.tensor([[token]], device=device), use_cache=True, **cache_kwargs(model, cache))
         token = next_token(out.logits[0, -1], params, generator)  # logits [1, 1, V]
         yield token
         if params.stop_at_eos and token in stop_ids:
@@ -261,14 +277,10 @@ def translate_block(space: Translator, block: KVBlock, source: str, target: str,
 
 def check_identity(source_summary, target_summary, source: str, target: str) -> None:
     """Raise :class:`HandoffError` unless both cache layouts are equal (identity hand-off)."""
-    if (source_summary.num_layers, source_summary.n_kv_heads, source_summary.head_dim) != (
-            target_summary.num_layers, target_summary.n_kv_heads, target_summary.head_dim):
-        raise HandoffError(
-            f"identity handoff needs equal cache layouts, but {source!r} has {source_summary.num_layers} layers x "
-            f"{source_summary.n_kv_heads} kv heads x head_dim {source_summary.head_dim} and {target!r} has "
-            f"{target_summary.num_layers} x {target_summary.n_kv_heads} x {target_summary.head_dim}; "
-            "use handoff='latent' or 'text'"
-        )
+    try:
+        check_same_layout(source_summary, target_summary, repr(source), repr(target), "identity handoff")
+    except ValueError as e:
+        raise HandoffError(f"{e}; use handoff='latent' or 'text'") from None
 
 
 def _model(models: dict[str, PreTrainedModel], name: str, role: str) -> PreTrainedModel:
@@ -319,8 +331,8 @@ def handoff_generate(models: dict[str, PreTrainedModel], space: Translator | Non
         block = translate_block(space, block, source, target, tgt_model)
     t2 = time.perf_counter()
     cache = model_cache(tgt_model, block)
-    tokens = list(decode(tgt_model, cache, int(prompt[0, -1]), params, generator,
-                         stop_ids=eos_ids(tgt_model, tokenizer)))
+    tokens = list(sample_tokens(tgt_model, cache, int(prompt[0, -1]), params, generator,
+                                stop_ids=eos_ids(tgt_model, tokenizer)))
     t3 = time.perf_counter()
     finished = "eos" if params.stop_at_eos and tokens and tokens[-1] in eos_ids(tgt_model, tokenizer) else "length"
     return GenerationResult(
@@ -335,12 +347,15 @@ def mixed_generate(models: dict[str, PreTrainedModel], space: Translator, prompt
                    tokenizer=None) -> MixedResult:
     """Generate with a model schedule ``[(model, max_new_tokens), ...]``, switching models mid-sequence.
 
-    The first model prefills ``prompt[:-1]``. At each switch to a different model the
-    whole cache so far (``[1, S, L_a, D_a]``: prompt and generated tokens already read) is
-    translated through Σ into the next model (``[1, S, L_b, D_b]``), which reads the
-    pending token and continues. Consecutive segments of the same model keep its cache.
-    ``params.max_new_tokens`` is ignored; the schedule sets the lengths. One request-wide
-    generator draws every sample, so a fixed seed fixes the whole output.
+    The first model prefills ``prompt[:-1]``. Every model keeps its own cache, in its own
+    layout, for the positions it computed. When a model takes over, each segment it has
+    not read yet is translated once, from the model that computed it
+    (``OUT_next(IN_owner(owner's own KV of those positions))``, ``[1, n, L_o, D_o] ->
+    [1, n, L_b, D_b]``) and appended to its cache; it then reads the pending token and
+    continues. A translated position is never translated again, so every path run is a
+    trained one (owner -> reader). ``params.max_new_tokens`` is ignored; the schedule sets
+    the lengths. One request-wide generator draws every sample, so a fixed seed fixes the
+    whole output.
     """
     if not schedule:
         raise HandoffError("schedule is empty; give at least one (model, max_new_tokens) segment")
@@ -349,27 +364,32 @@ def mixed_generate(models: dict[str, PreTrainedModel], space: Translator, prompt
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise HandoffError(f"schedule[{i}] ({name!r}): max_new_tokens must be an integer >= 1, got {n!r}")
     prompt = as_prompt(prompt_ids)  # [1, P]
-    first = models[schedule[0][0]]
+    first_name = schedule[0][0]
+    first = models[first_name]
     generator, seed = make_generator(params.seed, next(first.parameters()).device)
 
     t0 = time.perf_counter()
-    current, cache = schedule[0][0], model_cache(first, prefill(first, prompt))
+    caches: dict[str, Cache] = {first_name: model_cache(first, prefill(first, prompt))}  # [0, P-1) read by first
     prefill_s = time.perf_counter() - t0
+    owners_of: list[str] = [first_name] * (prompt.shape[1] - 1)  # which model computed each cached position
+    read = {first_name: prompt.shape[1] - 1}  # positions each model's cache holds
     pending, tokens, owners, switches = int(prompt[0, -1]), [], [], []
     finished, decode_s = "length", 0.0
     for name, n in schedule:
         model = models[name]
-        if name != current:
+        cache = caches.setdefault(name, DynamicCache())
+        for owner, start, end in _segments(owners_of, read.get(name, 0)):
             t = time.perf_counter()
-            block = cache_block(cache, arch_summary(models[current]).n_kv_heads)  # [1, S, L_a, D_a]
-            moved = translate_block(space, block, current, name, model)  # [1, S, L_b, D_b]
-            cache = model_cache(model, moved)
-            switches.append(Switch(current, name, block.seq_len, time.perf_counter() - t))
-            current = name
+            own = block_from_cache(caches[owner], arch_summary(models[owner]).n_kv_heads)  # [1, S_o, L_o, D_o]
+            piece = own.map(lambda x: x[:, start:end])  # [1, end-start, L_o, D_o]: positions the owner computed
+            extend_cache(model, cache, translate_block(space, piece, owner, name, model))  # += [1, end-start, L, D]
+            switches.append(Switch(owner, name, start, end, time.perf_counter() - t))
         stops = eos_ids(model, tokenizer)
         t = time.perf_counter()
-        new = list(decode(model, cache, pending, params, generator, max_new_tokens=n, stop_ids=stops))
+        new = list(sample_tokens(model, cache, pending, params, generator, max_new_tokens=n, stop_ids=stops))
         decode_s += time.perf_counter() - t
+        owners_of += [name] * len(new)  # read: the pending token and every new one but the last
+        read[name] = len(owners_of)
         tokens += new
         owners += [name] * len(new)
         pending = new[-1]
@@ -379,3 +399,14 @@ def mixed_generate(models: dict[str, PreTrainedModel], space: Translator, prompt
     return MixedResult(tokens=tokens, models=owners, switches=switches, prompt_tokens=prompt.shape[1],
                        prefill_s=prefill_s, decode_s=decode_s, finish_reason=finished, seed=seed,
                        text=_decode_text(tokenizer, tokens))
+
+
+def _segments(owners: list[str], start: int) -> list[tuple[str, int, int]]:
+    """Maximal runs ``(owner, start, end)`` of equal owners in ``owners[start:]``, as absolute positions."""
+    runs: list[tuple[str, int, int]] = []
+    for pos in range(start, len(owners)):
+        if runs and runs[-1][0] == owners[pos]:
+            runs[-1] = (owners[pos], runs[-1][1], pos + 1)
+        else:
+            runs.append((owners[pos], pos, pos + 1))
+    return runs

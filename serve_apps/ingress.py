@@ -4,8 +4,9 @@ Latent hand-off ``source -> target``: the source deployment prefills the prompt 
 encodes its cache into Σ (``IN_source``); the resulting response is passed straight to
 the target deployment, which decodes it (``OUT_target``) and generates. ``text``: the
 target re-reads the prompt; ``identity``: the raw source cache (equal layouts only).
-Mixed schedules run segment by segment, each model exporting its whole cache into Σ for
-the next. Every bad request is a :class:`RequestError` (HTTP 4xx naming what is wrong)
+Mixed schedules run segment by segment: each model exports the positions it computed, raw
+(for its own later segments) and encoded into Σ once (for every other model), and each
+next model rebuilds its cache from those pieces, so no position is translated twice. Every bad request is a :class:`RequestError` (HTTP 4xx naming what is wrong)
 raised before any model work starts.
 """
 from __future__ import annotations
@@ -185,13 +186,18 @@ class PoolIngress:
         seed = _seed(req.seed)
         params = dict(max_new_tokens=total, temperature=req.temperature, top_p=req.top_p, seed=seed,
                       stop_at_eos=not req.ignore_eos)
-        pending, state, handoff = ids[-1], None, None
+        pending, state = ids[-1], None
+        history: list[tuple[str, dict]] = []  # (model that computed them, its export) per segment, in order
         tokens, owners, switches = [], [], []
         prefill_s = translate_s = decode_s = 0.0
         finished = "length"
         for k, (name, n) in enumerate(merged):
             last = k == len(merged) - 1
-            out = await self.handles[name].segment.remote(ids, pending, n, params, state, handoff, not last)
+            context = None if k == 0 else [out["own"] if owner == name else out["latent"] for owner, out in history]
+            read = max((i + 1 for i, (owner, _) in enumerate(history) if owner == name), default=0)
+            switches += [SwitchInfo(source=owner, target=name, positions=out["positions"])  # newly translated
+                         for owner, out in history[read:]]
+            out = await self.handles[name].segment.remote(ids, pending, n, params, state, context, not last)
             tokens += out["tokens"]
             owners += [name] * len(out["tokens"])
             prefill_s += out["prefill_s"]
@@ -200,9 +206,8 @@ class PoolIngress:
             if out["eos"]:
                 finished = "eos"
                 break
-            pending, state, handoff = out["tokens"][-1], out["generator_state"], out.get("handoff")
-            if handoff is not None:
-                switches.append(SwitchInfo(source=name, target=merged[k + 1][0], positions=handoff["positions"]))
+            pending, state = out["tokens"][-1], out["generator_state"]
+            history.append((name, out))
         return MixedResponse(text=self._text(tokens), tokens=tokens, models=owners, switches=switches,
                              prompt_tokens=len(ids), new_tokens=len(tokens), finish_reason=finished, seed=seed,
                              timings=_timings(prefill_s, translate_s, decode_s))

@@ -6,7 +6,9 @@ A replica holds one frozen model and the shared space's adapters. It can
   (``export_block``, for the identity hand-off);
 * take a handed-over cache (a Σ block, decoded with ``OUT_self``, or a raw block), or
   re-read the prompt itself, and decode from it (``generate``, ``stream``);
-* run one segment of a mixed schedule and export its whole cache into Σ (``segment``).
+* run one segment of a mixed schedule: rebuild its cache from the segments so far (its own
+  raw, the others' in Σ, each encoded once by the model that computed it) and export the
+  positions it computed, raw and into Σ (``segment``).
 
 Caches cross deployments as dicts of plain contiguous CPU tensors (``keys``/``values``,
 ``[1, S, Q]`` in Σ or ``[1, S, L, D]`` raw), never as transformers ``Cache`` objects.
@@ -20,17 +22,17 @@ from typing import Any, Iterator
 
 import torch
 
-from kvlingua.cache import KVBlock, check_block_fits
+from kvlingua.cache import KVBlock, block_from_cache, check_block_fits
 from kvlingua.config import from_dict
 from kvlingua.generate import (
     GenerationParams,
     as_prompt,
-    cache_block,
-    decode,
     eos_ids,
     make_generator,
+    extend_cache,
     model_cache,
     prefill,
+    sample_tokens,
 )
 from kvlingua.models import load_frozen
 from kvlingua.pool import PoolMismatchError, load_pool, verify_member
@@ -97,6 +99,17 @@ class PoolModelServer:
         return {"kind": "latent", "keys": _cpu(z.keys), "values": _cpu(z.values)}
 
     # ------------------------------------------------------------ hand-off in
+    def _payload_block(self, payload: Payload) -> KVBlock | None:
+        """A handed-over cache in this model's layout ``[1, S, L, D]``: Σ payloads are decoded (``OUT_self``)."""
+        if payload["kind"] == "latent":
+            latent = LatentBlock(payload["keys"], payload["values"])  # [1, S, Q]
+            return None if latent.keys.shape[1] == 0 else self.space.decode(latent, self.name)  # [1, S, L, D]
+        if payload["kind"] == "block":
+            block = KVBlock(payload["keys"], payload["values"], payload["n_kv_heads"])  # [1, S, L, D]
+            check_block_fits(block, self.summary, f"model {self.name!r}")
+            return block
+        raise ValueError(f"unknown hand-off kind {payload['kind']!r}; expected 'latent' or 'block'")
+
     @torch.no_grad()
     def _start(self, prompt: torch.Tensor, handoff: Payload | None) -> tuple[Any, dict[str, float]]:
         """A fresh cache for this request: re-read ``prompt[:-1]`` (None) or take a handed-over one."""
@@ -106,15 +119,7 @@ class PoolModelServer:
             return model_cache(self.model, block), {"prefill_s": time.perf_counter() - t0, "translate_s": 0.0}
         times = {"prefill_s": handoff["prefill_s"], "translate_s": handoff["translate_s"]}
         t0 = time.perf_counter()
-        if handoff["kind"] == "latent":
-            latent = LatentBlock(handoff["keys"], handoff["values"])  # [1, S, Q]
-            block = None if latent.keys.shape[1] == 0 else self.space.decode(latent, self.name)  # [1, S, L, D]
-        elif handoff["kind"] == "block":
-            block = KVBlock(handoff["keys"], handoff["values"], handoff["n_kv_heads"])  # [1, S, L, D]
-            check_block_fits(block, self.summary, f"model {self.name!r}")
-        else:
-            raise ValueError(f"unknown hand-off kind {handoff['kind']!r}; expected 'latent' or 'block'")
-        cache = model_cache(self.model, block)
+        cache = model_cache(self.model, self._payload_block(handoff))
         times["translate_s"] += time.perf_counter() - t0
         return cache, times
 
@@ -126,7 +131,7 @@ class PoolModelServer:
         stops = eos_ids(self.model)
         t0 = time.perf_counter()
         tokens: list[int] = []
-        for token in decode(self.model, cache, int(prompt[0, -1]), p, generator, stop_ids=stops):
+        for token in sample_tokens(self.model, cache, int(prompt[0, -1]), p, generator, stop_ids=stops):
             tokens.append(token)
             yield {"token": token}
         finished = "eos" if p.stop_at_eos and tokens and tokens[-1] in stops else "length"
@@ -145,27 +150,42 @@ class PoolModelServer:
     # ------------------------------------------------------------ mixed schedules
     @torch.no_grad()
     def segment(self, prompt_ids: list[int], pending: int, max_new_tokens: int, params: dict,
-                generator_state: torch.Tensor | None, handoff: Payload | None, export: bool) -> dict:
+                generator_state: torch.Tensor | None, context: list[Payload] | None, export: bool) -> dict:
         """One segment of a mixed schedule (see :func:`kvlingua.generate.mixed_generate`).
 
-        Reads ``pending`` after the handed-over cache (``None``: prefill ``prompt[:-1]`` here,
-        with ``pending = prompt[-1]``), decodes up to ``max_new_tokens`` with the request's
-        generator (state passed along), and with ``export`` encodes the *whole* cache so far
-        into Σ for the next model.
+        ``context`` holds every cached position so far as segments in order: this model's own
+        (``kind: block``, raw) and the other models' (``kind: latent``, encoded once by the model
+        that computed them); ``None`` prefills ``prompt[:-1]`` here, with ``pending = prompt[-1]``.
+        Reads ``pending``, decodes up to ``max_new_tokens`` with the request's generator (state
+        passed along), and with ``export`` returns the positions it computed as ``own`` (raw,
+        for its own later segments) and ``latent`` (``IN_self``, for every other model).
         """
         p = GenerationParams(**params)
         generator, _ = make_generator(p.seed, self.model.device)
         if generator_state is not None:
             generator.set_state(generator_state)
-        cache, times = self._start(as_prompt(prompt_ids), handoff)
+        times = {"prefill_s": 0.0, "translate_s": 0.0}
+        t0 = time.perf_counter()
+        if context is None:
+            cache = model_cache(self.model, prefill(self.model, as_prompt(prompt_ids)))  # [0, P-1)
+            times["prefill_s"] = time.perf_counter() - t0
+        else:
+            cache = model_cache(self.model, None)
+            for payload in context:
+                extend_cache(self.model, cache, self._payload_block(payload))  # += [1, n, L, D]
+            times["translate_s"] = time.perf_counter() - t0
+        start = 0 if context is None else cache.get_seq_length()
         stops = eos_ids(self.model)
         t0 = time.perf_counter()
-        tokens = list(decode(self.model, cache, pending, p, generator, max_new_tokens=max_new_tokens, stop_ids=stops))
+        tokens = list(sample_tokens(self.model, cache, pending, p, generator, max_new_tokens=max_new_tokens, stop_ids=stops))
         out = {"tokens": tokens, "eos": bool(p.stop_at_eos and tokens[-1] in stops), "decode_s": time.perf_counter() - t0,
                "generator_state": generator.get_state(), **times}
         if export and not out["eos"]:
             t1 = time.perf_counter()
-            block = cache_block(cache, self.summary.n_kv_heads)  # [1, S, L, D]: every token read so far
-            out["handoff"] = self._latent_payload(block)
-            out["handoff"].update(prefill_s=0.0, translate_s=time.perf_counter() - t1, positions=block.seq_len)
+            own = block_from_cache(cache, self.summary.n_kv_heads).map(lambda t: t[:, start:])  # [1, n, L, D]: computed here
+            out["own"] = {"kind": "block", "keys": _cpu(own.keys), "values": _cpu(own.values),
+                          "n_kv_heads": own.n_kv_heads}
+            out["latent"] = self._latent_payload(own)  # [1, n, Q]
+            out["positions"] = own.seq_len
+            out["translate_s"] += time.perf_counter() - t1
         return out

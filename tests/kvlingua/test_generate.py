@@ -4,14 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvlingua.cache import arch_summary, as_past_key_values, extract_prefix
+from kvlingua.cache import KVBlock, arch_summary, as_past_key_values, block_from_cache, cache_kwargs, extract_prefix
 from kvlingua.generate import (
     GenerationParams,
     HandoffError,
-    cache_block,
     handoff_generate,
     mixed_generate,
-    model_cache,
 )
 from kvlingua.space import SharedSpace
 from kvlingua.translator import SpaceConfig
@@ -38,7 +36,7 @@ PROMPT = torch.tensor([[5, 17, 99, 3, 42, 8, 77, 31, 64, 12]])  # [1, P]
 
 def reference(model, prompt, n, block=None):
     """``model.generate`` greedy continuation of ``prompt``, optionally after a given prefix block."""
-    kw = {"past_key_values": as_past_key_values(block)} if block is not None else {}
+    kw = cache_kwargs(model, as_past_key_values(block)) if block is not None else {}
     out = model.generate(prompt, do_sample=False, max_new_tokens=n, **kw)
     return out[0, prompt.shape[1]:].tolist()
 
@@ -126,39 +124,57 @@ def test_eos_stops_generation(pool):
     assert res.tokens == first[:first.index(first[1]) + 1] and res.finish_reason == "eos"
 
 
-def test_cache_block_round_trips(pool):
-    models, _ = pool
-    block = extract_prefix(models["c"], PROMPT)  # [1, P, 4, 16]
-    back = cache_block(model_cache(models["c"], block), 2)
-    assert torch.equal(back.keys, block.keys) and torch.equal(back.values, block.values)
-
-
 class RecordingSpace:
-    """Delegates to a real space and records every translated block."""
+    """Delegates to a real space and records every block it is asked to translate."""
 
     def __init__(self, space):
         self.space, self.calls = space, []
 
     def translate(self, block, source, target):
-        self.calls.append((source, target, block.seq_len, block.num_layers))
+        self.calls.append((source, target, block))
         return self.space.translate(block, source, target)
 
 
-def test_mixed_schedule_translates_the_whole_cache_at_each_switch(pool):
+def cat(*blocks: KVBlock) -> KVBlock:
+    """Blocks joined along positions: ``[1, S1, L, D] + [1, S2, L, D] -> [1, S1+S2, L, D]``."""
+    return KVBlock(torch.cat([b.keys for b in blocks], 1), torch.cat([b.values for b in blocks], 1), blocks[0].n_kv_heads)
+
+
+@torch.no_grad()
+def own_kv(model, past: KVBlock, ids) -> KVBlock:
+    """``model``'s own KV of ``ids`` ``[1, n]`` read after the cache ``past``: one plain forward."""
+    cache = as_past_key_values(past)
+    model(ids, use_cache=True, **cache_kwargs(model, cache))
+    return block_from_cache(cache, arch_summary(model).n_kv_heads).map(lambda t: t[:, past.seq_len:])
+
+
+def test_mixed_schedule_translates_each_segment_once_from_the_model_that_computed_it(pool):
     models, space = pool
     rec = RecordingSpace(space)
-    res = mixed_generate(models, rec, PROMPT, [("a", 3), ("c", 4), ("c", 2), ("b", 3)])
-    P = PROMPT.shape[1]
-    assert res.models == ["a"] * 3 + ["c"] * 6 + ["b"] * 3 and len(res.tokens) == 12
-    # the cache holds every read token: the prompt and the tokens generated so far, minus the pending one
-    assert rec.calls == [("a", "c", P - 1 + 3, 2), ("c", "b", P - 1 + 9, 4)]
-    assert [(s.source, s.target, s.positions) for s in res.switches] == [("a", "c", P + 2), ("c", "b", P + 8)]
-    # independent: each segment equals generate() after the translated cache of the full text so far
-    assert res.tokens[:3] == reference(models["a"], PROMPT, 3)
-    seq = torch.cat([PROMPT, torch.tensor([res.tokens[:3]])], 1)  # [1, P+3]
+    res = mixed_generate(models, rec, PROMPT, [("a", 3), ("c", 4), ("b", 3), ("a", 2)])
+    assert res.models == ["a"] * 3 + ["c"] * 4 + ["b"] * 3 + ["a"] * 2 and len(res.tokens) == 12
+    seq = torch.cat([PROMPT, torch.tensor([res.tokens])], 1)  # [1, P+12]
+    # positions: a computed [0, 12) (prompt[:-1], then the pending prompt token and 2 new ones), c [12, 16), b [16, 19)
+    want = [("a", "c", 0, 12), ("a", "b", 0, 12), ("c", "b", 12, 16), ("c", "a", 12, 16), ("b", "a", 16, 19)]
+    assert [(s.source, s.target, s.start, s.end) for s in res.switches] == want
+    assert [(src, tgt, blk.seq_len) for src, tgt, blk in rec.calls] == [(s, t, e - b) for s, t, b, e in want]
+    # independent: each translated block is its owner's own KV of those positions (never an already translated one)
     with torch.no_grad():
-        moved = space.translate(extract_prefix(models["a"], seq[:, :-1]), "a", "c")
-    assert res.tokens[3:9] == reference(models["c"], seq, 6, moved)
+        a12 = extract_prefix(models["a"], seq[:, :12])  # [1, 12, 2, 8]: a read only text
+        c4 = own_kv(models["c"], space.translate(a12, "a", "c"), seq[:, 12:16])  # [1, 4, 4, 16]
+        b3 = own_kv(models["b"], cat(space.translate(a12, "a", "b"), space.translate(c4, "c", "b")), seq[:, 16:19])
+    for (src, _, blk), ref in zip(rec.calls, [a12, a12, c4, c4, b3]):
+        torch.testing.assert_close(blk.keys, ref.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(blk.values, ref.values, atol=1e-5, rtol=1e-4)
+    # independent: each segment is generate() after the cache built from those pieces
+    with torch.no_grad():
+        for_c = space.translate(a12, "a", "c")
+        for_b = cat(space.translate(a12, "a", "b"), space.translate(c4, "c", "b"))
+        for_a = cat(a12, space.translate(c4, "c", "a"), space.translate(b3, "b", "a"))  # a keeps its own [0, 12)
+    assert res.tokens[:3] == reference(models["a"], PROMPT, 3)
+    assert res.tokens[3:7] == reference(models["c"], seq[:, :13], 4, for_c)
+    assert res.tokens[7:10] == reference(models["b"], seq[:, :17], 3, for_b)
+    assert res.tokens[10:] == reference(models["a"], seq[:, :20], 2, for_a)
 
 
 def test_mixed_with_one_model_equals_plain_generation(pool):

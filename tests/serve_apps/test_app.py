@@ -101,16 +101,20 @@ def test_handoffs_equal_the_in_process_computation(server, local, source, target
 
 def test_mixed_schedule_equals_in_process_mixed_generate(server, local):
     ids = local.tokenizer.encode(PROMPT)
-    sched = [("a", 3), ("c", 4), ("c", 1), ("b", 3)]
+    sched = [("a", 3), ("c", 4), ("c", 1), ("b", 3), ("a", 2), ("b", 2)]
     want = mixed_generate(local.models, local.space, ids, sched,
                           GenerationParams(temperature=1.0, seed=9, stop_at_eos=False))
     body = {"prompt": PROMPT, "schedule": [{"model": m, "max_new_tokens": n} for m, n in sched],
             "temperature": 1.0, "seed": 9, "ignore_eos": True}
     got = post(server, body, "/v1/generate/mixed")
-    assert got["tokens"] == want.tokens and got["models"] == want.models == ["a"] * 3 + ["c"] * 5 + ["b"] * 3
+    assert got["tokens"] == want.tokens
+    assert got["models"] == want.models == ["a"] * 3 + ["c"] * 5 + ["b"] * 3 + ["a"] * 2 + ["b"] * 2
     P = len(ids)
+    # each segment is translated once into each model that reads it, from the model that computed it
+    a1, c1, b1, a2 = P - 1 + 3, 5, 3, 2
     assert [(s["source"], s["target"], s["positions"]) for s in got["switches"]] == [
-        ("a", "c", P - 1 + 3), ("c", "b", P - 1 + 8)]
+        (s.source, s.target, s.positions) for s in want.switches] == [
+        ("a", "c", a1), ("a", "b", a1), ("c", "b", c1), ("c", "a", c1), ("b", "a", b1), ("a", "b", a2)]
 
 
 def test_fixed_seed_same_output_other_seed_differs(server):
