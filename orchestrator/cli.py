@@ -16,7 +16,7 @@ import sys
 
 from kvlingua.config import KvlinguaError
 
-COMMANDS = ("quickstart", "data", "pretrain", "train", "eval", "tune", "serve")
+COMMANDS = ("quickstart", "data", "fetch", "pretrain", "train", "eval", "tune", "serve", "plan")
 
 
 def _available(name: str) -> bool:

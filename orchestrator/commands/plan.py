@@ -1,0 +1,109 @@
+"""``kvlingua plan``: adapter sizes, FLOPs and step memory of a run or of model configs, before any compute."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from kvlingua.translator import OUTPUTS
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "plan", help="adapter parameters, bytes, FLOPs per token and step memory, from configs alone",
+        description="Print, per model, the IN/OUT adapters' parameters and bytes, their FLOPs per token against "
+                    "the model's own prefill, and the memory of one training step, computed on the meta device "
+                    "from configs (no weights read, nothing allocated). Give a run config (YAML), or model "
+                    "config.json files / checkpoint directories (e.g. configs/shapes/*.json), each planned alone.")
+    parser.add_argument("paths", nargs="+", type=Path, help="a run config .yaml, or config.json files / checkpoint dirs")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a run-config field (dotted key), as for `kvlingua train`")
+    parser.add_argument("--q-dim", type=int, default=None,
+                        help="Σ width for model configs (default 32 x the model's layers)")
+    parser.add_argument("--output", choices=OUTPUTS, default="auto",
+                        help="translator output layout for model configs (default auto: per_layer past max_share)")
+    parser.add_argument("--batch-size", type=int, default=None, help="model configs: batch of a step (default 16)")
+    parser.add_argument("--prefix-len", type=int, default=None, help="model configs: prefix positions (default 64)")
+    parser.add_argument("--suffix-len", type=int, default=None, help="model configs: suffix tokens (default 64)")
+    parser.add_argument("--bf16", action="store_true", help="count frozen weights at 2 bytes a parameter")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlingua.plan import PlanError
+
+    try:
+        if len(args.paths) == 1 and args.paths[0].suffix in (".yaml", ".yml"):
+            return _plan_run(args)
+        if any(p.suffix in (".yaml", ".yml") for p in args.paths):
+            raise PlanError("give one run config (.yaml) alone, or model config.json files / checkpoint dirs")
+        return _plan_models(args)
+    except (PlanError, ValueError) as e:
+        print(f"kvlingua plan: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _workload(args: argparse.Namespace, **defaults):
+    from kvlingua.plan import Workload
+
+    given = {"batch_size": args.batch_size, "prefix_len": args.prefix_len, "suffix_len": args.suffix_len}
+    fields = {k: v if v is not None else defaults.get(k, getattr(Workload, k)) for k, v in given.items()}
+    return Workload(**fields, model_bytes=2 if args.bf16 else 4)
+
+
+def _plan_models(args: argparse.Namespace) -> int:
+    from kvlingua.plan import Q_PER_LAYER, format_plan, load_model_config, plan_pool
+    from kvlingua.translator import SpaceConfig
+
+    work = _workload(args)
+    rows = []
+    for path in args.paths:
+        config = load_model_config(path)
+        q_dim = args.q_dim or Q_PER_LAYER * config.get_text_config().num_hidden_layers
+        cfg, plans = plan_pool({_model_name(path): config}, SpaceConfig(q_dim=q_dim, output=args.output), work)
+        rows += [(cfg, p) for p in plans]
+    print(format_plan(rows, work))
+    return 0
+
+
+def _model_name(path: Path) -> str:
+    """``qwen2_5-0_5b`` for ``configs/shapes/qwen2.5-0.5b.json``, a checkpoint's directory name (a pool model name)."""
+    if path.is_dir():
+        name = path.resolve().name
+    else:
+        name = path.resolve().parent.name if path.name == "config.json" else path.stem
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
+
+
+def _member_configs(cfg) -> dict:
+    """name -> transformers config of every model a run config uses (checkpoints' config.json, or the pool's sizes)."""
+    from kvlingua.config import load_config
+    from kvlingua.plan import load_model_config
+    from kvlingua.pretrain.pools import PoolConfig
+    from kvlingua.pretrain.sizes import gemma2_config
+
+    if cfg.models is not None:
+        return {name: load_model_config(path) for name, path in cfg.models.items()}
+    pool = load_config(PoolConfig, cfg.pool)
+    runs = {m.name: m.pretrain for m in pool.members if m.pretrain is not None}
+    configs = {}
+    for m in pool.members:
+        run = m.pretrain if m.pretrain is not None else runs[m.snapshot_of.member]
+        configs[m.name] = (load_model_config(run.init_from) if run.init_from is not None
+                           else gemma2_config(run.size, pool.vocab_size))
+    return {n: configs[n] for n in (cfg.pool_members or configs)}
+
+
+def _plan_run(args: argparse.Namespace) -> int:
+    from kvlingua.config import parse_override
+    from kvlingua.plan import format_plan, plan_pool
+    from workers.run_config import load_run_config
+
+    cfg = load_run_config(args.paths[0], dict(parse_override(o) for o in args.override))
+    configs = _member_configs(cfg)
+    work = _workload(args, batch_size=cfg.batch_size, prefix_len=cfg.prefix_len, suffix_len=cfg.suffix_len)
+    for i, (space_name, space) in enumerate(cfg.spaces.items()):
+        resolved, plans = plan_pool(configs, space, work)
+        print(("\n" if i else "") + format_plan([(resolved, p) for p in plans], work, title=f"space {space_name}: "))
+    return 0
