@@ -164,9 +164,9 @@ class ModelHost:
             self._calls[what] += 1
 
     def info(self) -> dict:
-        """Name, architecture summary (as a dict), weight fingerprint, device and process id."""
+        """Name, architecture summary (as a dict), weight fingerprint, device, process id and Ray node id."""
         return {"name": self.name, "summary": self._summary.to_dict(), "fingerprint": self._fingerprint,
-                "device": self.device, "pid": os.getpid()}
+                "device": self.device, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
     def stats(self) -> dict:
         """Calls served since this process started; block-store extractions/hits if a store is used."""
