@@ -275,9 +275,7 @@ def evaluate(
                     for cond, nll in refs.get(tgt, {}).items():
                         record((src, tgt), cond, nll)
                     src_sum, tgt_sum = backend.summary(src), backend.summary(tgt)
-                    same = (src_sum.num_layers, src_sum.n_kv_heads, src_sum.head_dim) == (
-                        tgt_sum.num_layers, tgt_sum.n_kv_heads, tgt_sum.head_dim)
-                    if identity and same:
+                    if identity and src_sum.layout == tgt_sum.layout:
                         block = identity_translate(own[src], src_sum, tgt_sum)
                         record((src, tgt), "identity", backend.suffix_nll(tgt, block, b.suffix(tgt)))
                     for name, sp in spaces.items():

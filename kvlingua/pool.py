@@ -39,7 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from kvlingua.cache import ArchSummary, arch_summary, fingerprint
+from kvlingua.cache import ArchSummary, arch_summary, check_same_vocab, fingerprint
 from kvlingua.config import ConfigError, KvlinguaError, to_dict
 from kvlingua.home import data_home
 from kvlingua.models import load_frozen
@@ -450,6 +450,7 @@ def load_pool(pool_dir: str | Path, *, device: str | torch.device = "cpu", load_
     meta = read_pool_meta(root)
     members, missing = _members(meta, root, models_root)
     try:
+        check_same_vocab({m.name: m.summary for m in members})
         space = SharedSpace.from_config_dict(meta["space"], [(m.name, m.summary) for m in members])
     except (ConfigError, ValueError) as e:
         raise PoolMismatchError(f"{root / POOL_FILE}: cannot rebuild the shared space: {e}") from e

@@ -95,12 +95,14 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
 def member_layers(cfg: RunConfig) -> dict[str, int]:
     """Layer count of every model the run uses, read without training or loading anything."""
     if cfg.models is not None:
-        from kvlingua.cache import arch_summary
+        from kvlingua.cache import arch_summary, check_same_vocab
 
         try:
-            return {name: arch_summary(path).num_layers for name, path in cfg.models.items()}
+            summaries = {name: arch_summary(path) for name, path in cfg.models.items()}
         except FileNotFoundError as e:
             raise ConfigError(f"models: {e}") from e
+        check_same_vocab(summaries)  # a ValueError: preflight makes it a ConfigError
+        return {name: s.num_layers for name, s in summaries.items()}
     from kvlingua.config import load_config
     from kvlingua.pretrain.pools import PoolConfig
     from kvlingua.pretrain.sizes import SIZES
@@ -120,7 +122,7 @@ def member_layers(cfg: RunConfig) -> dict[str, int]:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Checks that need the pool's shapes (Q divisible by every L), before anything is trained."""
+    """Checks that need the pool's shapes (Q divisible by every L; one vocabulary), before anything is trained."""
     try:
         check_space_fits(cfg.spaces, member_layers(cfg))
     except ValueError as e:
