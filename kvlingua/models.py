@@ -1,10 +1,30 @@
 """Loading frozen pool models from local checkpoint directories (safetensors only)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars ("Loading weights", "Writing model shards") inside the block.
+
+    kvlingua loads and saves small local checkpoints many times per run (every host, every worker,
+    every pool member); a bar per load buries the run's own output. The previous setting comes back
+    afterwards, so a caller that wants the bars elsewhere keeps them.
+    """
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
@@ -30,11 +50,12 @@ def load_frozen(path: str | Path, device: str | torch.device = "cpu", dtype: tor
             f"{p}: no *.safetensors weights; kvlingua loads only safetensors checkpoints "
             "(convert pickled .bin weights with save_pretrained(safe_serialization=True))"
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        str(p),
-        local_files_only=True,
-        use_safetensors=True,
-        attn_implementation="eager",
-        dtype=dtype or torch.float32,
-    )
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(p),
+            local_files_only=True,
+            use_safetensors=True,
+            attn_implementation="eager",
+            dtype=dtype or torch.float32,
+        )
     return freeze(model.to(device))

@@ -146,7 +146,7 @@ def _source_split(cfg: DataConfig, split: str):
         files = _local_files(cfg.source)
         builders = {_FILE_BUILDERS[p.suffix] for p in files}
         if len(builders) > 1:
-            raise ValueError(f"DataConfig.source {cfg.source!r}: mixes file kinds {sorted(builders)}; use one kind")
+            raise ConfigError(f"DataConfig.source {cfg.source!r}: mixes file kinds {sorted(builders)}; use one kind")
         builder = builders.pop()
         by_split = {s: [str(p) for p in files if p.stem == s or p.parent.name == s] for s in SPLITS}
         if by_split["train"]:  # files named (or in folders named) train / validation / test
@@ -158,7 +158,7 @@ def _source_split(cfg: DataConfig, split: str):
     if set(loaded) == {"train"}:
         return loaded["train"], True
     if split not in loaded:
-        raise ValueError(f"DataConfig.source {cfg.source!r}: has splits {sorted(loaded)}, not {split!r}")
+        raise ConfigError(f"DataConfig.source {cfg.source!r}: has splits {sorted(loaded)}, not {split!r}")
     return loaded[split], False
 
 
@@ -180,7 +180,7 @@ def documents(cfg: DataConfig, split: str) -> list[str]:
         return _mixed(chapters, cfg.mix, cfg.seed)
     table, carve = _source_split(cfg, split)
     if cfg.text_field not in table.column_names:
-        raise ValueError(f"DataConfig.text_field {cfg.text_field!r} is not a column of {cfg.source!r}; "
+        raise ConfigError(f"DataConfig.text_field {cfg.text_field!r} is not a column of {cfg.source!r}; "
                          f"columns are {table.column_names}")
     docs = [t.strip() for t in table[cfg.text_field] if isinstance(t, str) and t.strip()]
     return [t for t in docs if _carve(t) == split] if carve else docs

@@ -35,6 +35,7 @@ from transformers import Gemma2ForCausalLM, PreTrainedModel
 
 from kvlingua.config import ConfigError, from_dict, to_dict
 from kvlingua.data.views import DataConfig
+from kvlingua.models import quiet_transformers
 from kvlingua.pretrain.context import context_use
 from kvlingua.pretrain.sizes import SIZES, gemma2_config, param_counts
 from kvlingua.schedule import epoch_order, lr_factor
@@ -196,7 +197,8 @@ def held_out_loss(model: PreTrainedModel, chunks: Tensor, batch_size: int = 16) 
 def save_member(model: PreTrainedModel, out_dir: Path, tokenizer, cfg: PretrainConfig) -> None:
     """``save_pretrained`` (safetensors) + tokenizer + ``pretrain_config.json`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+    with quiet_transformers():
+        model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     (out_dir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=1))
 

@@ -216,3 +216,17 @@ def test_check_same_layout_compares_layers_heads_and_head_width():
     for other in (_summary(128, layers=3), _summary(128, kv=2, hd=4), _summary(128, hd=16)):
         with pytest.raises(ValueError, match=r"'s' has 2 layers x 1 kv heads x 8 \(D=8\), 't' has"):
             check_same_layout(_summary(128), other, "'s'", "'t'")
+
+
+def test_loading_a_checkpoint_prints_nothing(tmp_path, capfd):
+    """A run loads every model many times (hosts, workers, members): no per-load progress bar."""
+    from kvlingua.models import load_frozen
+    from transformers.utils import logging as hf_logging
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    capfd.readouterr()
+    was = hf_logging.is_progress_bar_enabled()
+    model = load_frozen(tmp_path / "m")
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "") and not model.training
+    assert hf_logging.is_progress_bar_enabled() == was  # the caller's setting comes back
