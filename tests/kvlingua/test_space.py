@@ -210,18 +210,30 @@ def test_add_member_leaves_existing_adapters_untouched(summaries, blocks):
 
 
 def test_param_counts_grow_linearly_with_the_pool(summaries):
+    """Two adapters per model, never N²: a pool of n copies holds n × one model's adapters, and a member
+    that joins adds exactly its own pair (what a one-member space of it holds), leaving the others as they were."""
     gem = summaries["gem"]
-    counts = [SharedSpace({f"m{i}": gem for i in range(n)}, SpaceConfig(q_dim=Q)).param_counts() for n in (1, 2, 4)]
-    per = counts[0]["m0"]
-    for n, c in zip((1, 2, 4), counts):
-        assert len(c) == n and all(v == per for v in c.values())
-    space = _space(summaries)
-    pc = space.param_counts()
-    for n in space.names:
-        for k in ("in", "out"):
-            assert pc[n][k] == sum(p.numel() for p in space.adapters(n)[k].parameters())
-    assert sum(v for c in pc.values() for v in c.values()) == sum(p.numel() for p in space.parameters())
-    assert sum(p.numel() for p in space.parameters_of(["gem"])) == pc["gem"]["in"] + pc["gem"]["out"]
+    one = SharedSpace({"m0": gem}, SpaceConfig(q_dim=Q))
+    per = sum(p.numel() for p in one.parameters())
+    for n in (2, 4):
+        space = SharedSpace({f"m{i}": gem for i in range(n)}, SpaceConfig(q_dim=Q))
+        assert sum(p.numel() for p in space.parameters()) == n * per
+    space = _space({"gem": gem})
+    before = space.param_counts()["gem"]
+    space.add_member("lla", summaries["lla"])
+    alone = sum(p.numel() for p in SharedSpace({"lla": summaries["lla"]}, SpaceConfig(q_dim=Q)).parameters())
+    assert space.param_counts()["gem"] == before
+    assert sum(space.param_counts()["lla"].values()) == alone
+    assert sum(p.numel() for p in space.parameters()) == per + alone
+
+
+def test_linear_param_counts_match_the_hand_formula(summaries):
+    """The linear adapters by hand: IN_m maps L·D -> Q and OUT_m maps L·(Q/L) -> L·D, one Linear (weight + bias)
+    for keys and one for values."""
+    space = _space(summaries, adapter="linear")
+    for name, (L, D) in {"gem": (2, 8), "lla": (4, 16)}.items():
+        assert (summaries[name].num_layers, summaries[name].width) == (L, D)
+        assert space.param_counts()[name] == {"in": 2 * (L * D * Q + Q), "out": 2 * (Q * L * D + L * D)}
 
 
 def test_it_learns_a_reconstruction(models, summaries):
