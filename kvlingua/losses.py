@@ -6,9 +6,15 @@
   :class:`~kvlingua.backend.PoolBackend`, which returns the loss together with its
   gradient with respect to the block; :func:`suffix_lm_loss` hands that gradient to
   autograd so it flows on into the adapters that produced the block.
-* **Reconstruction**: mean squared error between the translated block and the
-  target's own block of the same text (weight 0 by default; the paper finds it
-  unnecessary next to the suffix loss).
+* **Reconstruction** (paper §2.3.1): ``‖OUT_j(IN_i(KV_i)) − KV_j‖²``, the squared
+  Euclidean distance between the translated cache and the target's own cache of the
+  same text. The paper sums it over the cache; here the squared norm is taken over each
+  position's whole cache entry (keys and values of every layer, ``2·L_j·D_j`` numbers)
+  and averaged over batch and positions, the way the suffix cross-entropy is averaged
+  over tokens, so a weight means the same thing at any batch size or prefix length
+  (Table 2's weights 0, 0.5 and 1 trade a per-token squared distance against a
+  per-token cross-entropy). Weight 0 by default: the paper finds it unnecessary next
+  to the suffix loss.
 """
 from __future__ import annotations
 
@@ -47,7 +53,10 @@ def suffix_lm_loss(backend: PoolBackend, block: KVBlock, target: str, suffix_ids
 
 
 def reconstruction_loss(block: KVBlock, reference: KVBlock) -> Tensor:
-    """``||block - reference||²`` as a mean over elements, averaged over keys and values.
+    """``‖block − reference‖²`` per position (keys and values, every layer), mean over batch and positions.
+
+    ``= (Σ (K − K_ref)² + Σ (V − V_ref)²) / (B·P)``: the paper's squared norm of the cache
+    difference, per token.
 
     Args:
         block: translated block ``[B, P, L, D]`` (differentiable).
@@ -62,4 +71,7 @@ def reconstruction_loss(block: KVBlock, reference: KVBlock) -> Tensor:
             f"and {tuple(reference.keys.shape)}"
         )
     ref = reference.map(lambda t: t.to(block.keys.device, torch.float32))
-    return 0.5 * (F.mse_loss(block.keys.float(), ref.keys) + F.mse_loss(block.values.float(), ref.values))
+    tokens = block.keys.shape[0] * block.keys.shape[1]  # B·P
+    sq = (F.mse_loss(block.keys.float(), ref.keys, reduction="sum")
+          + F.mse_loss(block.values.float(), ref.values, reduction="sum"))
+    return sq / tokens

@@ -15,7 +15,7 @@ Views of the bible (one document = one chapter in one language, verses joined by
   a seeded random choice of chapters; all documents are then shuffled with the seed.
   A chapter may appear in several languages (all within the same split).
 * ``parallel``: every chapter in all three languages (en, es, ru per chapter); aligned
-  tensors come from :func:`parallel_chunks`.
+  tensors come from :func:`parallel_chunks` (prefix and suffix cut at one verse boundary).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from kvlingua.home import data_home
 VIEWS = ("en", "es", "ru", "mixed", "parallel", "text")
 _BIBLE_VIEWS = ("en", "es", "ru", "mixed", "parallel")
 _FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bumped when packing changes, so stale token caches are not reused."""
 
 
@@ -253,16 +253,20 @@ def token_chunks(cfg: DataConfig, tokenizer, split: str, seq_len: int) -> torch.
     return _cached("chunks", key, build)["ids"]
 
 
-def parallel_chunks(cfg: DataConfig, tokenizer, split: str, seq_len: int,
+def parallel_chunks(cfg: DataConfig, tokenizer, split: str, prefix_len: int, suffix_len: int,
                     langs: Sequence[str]) -> dict[str, torch.LongTensor]:
-    """Aligned passages of the bible: ``{lang: [N, seq_len]}``; row n is the same passage in every language.
+    """Aligned passages of the bible: ``{lang: [N, P+S]}``; row n is the same passage in every language,
+    cut into prefix and suffix at the **same verse boundary** in every language.
 
-    A passage is a run of consecutive verses (crossing chapter ends, never book ends or
-    a gap left by another split) just long enough that every language has ``seq_len``
-    tokens; each language's row holds the first ``seq_len`` tokens of its text, and the
-    next passage starts at the next verse. So every row starts on the same verse in all
-    languages and the rows cover the split's text once (the shortest tokenisation fully,
-    longer ones cut at the end of each row). Leftover verses at a run's end are dropped.
+    A passage is a run of consecutive verses (crossing chapter ends, never book ends or a
+    gap left by another split) in two parts: *prefix verses*, just enough that every language
+    has ``prefix_len`` tokens, then *suffix verses*, just enough that every language has
+    ``suffix_len`` tokens. Each language's row is the **last** ``prefix_len`` tokens of its
+    prefix verses followed by the **first** ``suffix_len`` tokens of its suffix verses, so
+    every prefix ends, and every suffix starts, on the same verse boundary: no verse is in
+    both a prefix (of any language) and a suffix (of any language) of one row, whichever
+    language needs more tokens per verse. The next passage starts at the next verse.
+    Leftover verses at a run's end are dropped.
     """
     _check_split(split)
     if cfg.source != "bible":
@@ -270,42 +274,64 @@ def parallel_chunks(cfg: DataConfig, tokenizer, split: str, seq_len: int,
     langs = list(langs)
     if not langs or set(langs) - set(LANGS) or len(set(langs)) != len(langs):
         raise ValueError(f"langs must be distinct languages among {list(LANGS)}, got {langs}")
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    if prefix_len < 1 or suffix_len < 1:
+        raise ValueError(f"prefix_len and suffix_len must be positive, got {prefix_len} and {suffix_len}")
     key = {"tok": tokenizer_hash(tokenizer), "src": _source_fingerprint(cfg), "split": split,
-           "seq_len": seq_len, "langs": langs}
-    return _cached("parallel", key, lambda: _build_parallel(tokenizer, split, seq_len, langs))
+           "prefix_len": prefix_len, "suffix_len": suffix_len, "langs": langs, "cut": "verse-boundary"}
+    return _cached("parallel", key, lambda: _build_parallel(tokenizer, split, prefix_len, suffix_len, langs))
 
 
-def passages(split: str, tokenizer, seq_len: int, langs: Sequence[str]) -> list[list[tuple[int, int, int]]]:
-    """The verse keys ``(book, chapter, verse)`` of each row of :func:`parallel_chunks`, in order."""
-    return [keys for keys, _ in _passage_ids(tokenizer, split, seq_len, list(langs))]
+VerseKey = tuple[int, int, int]
+"""``(book, chapter, verse)``."""
 
 
-def _passage_ids(tokenizer, split: str, seq_len: int, langs: list[str]):
+def passages(split: str, tokenizer, prefix_len: int, suffix_len: int,
+             langs: Sequence[str]) -> list[tuple[list[VerseKey], list[VerseKey]]]:
+    """``(prefix verse keys, suffix verse keys)`` of each row of :func:`parallel_chunks`, in order."""
+    return [(pre, suf) for pre, suf, _ in _passage_ids(tokenizer, split, prefix_len, suffix_len, list(langs))]
+
+
+def _passage_ids(tokenizer, split: str, prefix_len: int, suffix_len: int, langs: list[str]):
     table = load_split(split).to_dict()
     keys = list(zip(table["book"], table["chapter"], table["verse"]))
     # Each verse is encoded with its leading space, as it reads inside a passage.
     ids = {lang: _encode(tokenizer, [" " + t for t in table[lang]]) for lang in langs}
-    out, start = [], 0
-    while start < len(keys):
+
+    def follows(k: int) -> bool:  # verse k continues the run of verse k-1 (same book, same or next chapter)
+        (b0, c0, _), (b1, c1, _) = keys[k - 1], keys[k]
+        return b1 == b0 and c1 in (c0, c0 + 1)
+
+    def take(start: int, need: int) -> tuple[int, dict[str, list[int]], bool]:
+        """Verses from ``start`` until every language has ``need`` tokens: (end, tokens, complete)."""
         got = {lang: [] for lang in langs}
         end = start
-        while end < len(keys) and any(len(got[lang]) < seq_len for lang in langs):
-            if end > start:
-                (b0, c0, _), (b1, c1, _) = keys[end - 1], keys[end]
-                if b1 != b0 or c1 not in (c0, c0 + 1):  # another book, or a chapter of another split between
-                    break
+        while end < len(keys) and any(len(got[lang]) < need for lang in langs):
+            if end > start and not follows(end):
+                break
             for lang in langs:
                 got[lang].extend(ids[lang][end])
             end += 1
-        if all(len(got[lang]) >= seq_len for lang in langs):
-            out.append((keys[start:end], {lang: got[lang][:seq_len] for lang in langs}))
+        return end, got, all(len(got[lang]) >= need for lang in langs)
+
+    out, start = [], 0
+    while start < len(keys):
+        mid, pre, ok = take(start, prefix_len)
+        if not ok:
+            start = mid
+            continue
+        if mid >= len(keys) or not follows(mid):  # the suffix must continue the same run
+            start = mid
+            continue
+        end, suf, ok = take(mid, suffix_len)
+        if ok:
+            row = {lang: pre[lang][-prefix_len:] + suf[lang][:suffix_len] for lang in langs}
+            out.append((keys[start:mid], keys[mid:end], row))
         start = end
     return out
 
 
-def _build_parallel(tokenizer, split: str, seq_len: int, langs: list[str]) -> dict[str, torch.Tensor]:
-    rows = _passage_ids(tokenizer, split, seq_len, langs)
-    return {lang: torch.tensor([r[lang] for _, r in rows], dtype=torch.long).reshape(len(rows), seq_len)  # [N, seq_len]
+def _build_parallel(tokenizer, split: str, prefix_len: int, suffix_len: int, langs: list[str]) -> dict[str, torch.Tensor]:
+    rows = _passage_ids(tokenizer, split, prefix_len, suffix_len, langs)
+    n, seq = len(rows), prefix_len + suffix_len
+    return {lang: torch.tensor([r[lang] for _, _, r in rows], dtype=torch.long).reshape(n, seq)  # [N, P+S]
             for lang in langs}

@@ -61,17 +61,19 @@ def test_gradient_through_seam_equals_direct_autograd(pool):
     assert max(d.abs().max().item() for d in direct.values()) > 1e-4  # the comparison is not vacuous
 
 
-def test_reconstruction_loss_is_mean_squared_error():
+def test_reconstruction_loss_is_the_papers_squared_norm_per_token():
     g = torch.Generator().manual_seed(0)
     a = KVBlock(torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 4, 8, generator=g), 1)
     b = KVBlock(torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 4, 8, generator=g), 1)
     a.map(lambda t: t.requires_grad_(True))
     loss = reconstruction_loss(a, b)
-    n = a.keys.numel()
-    expected = (((a.keys - b.keys) ** 2).sum() + ((a.values - b.values) ** 2).sum()) / (2 * n)
-    assert torch.allclose(loss, expected)
+    # ‖OUT_j(IN_i(KV_i)) − KV_j‖² of each position's whole cache entry (2 × L × D numbers), mean over B × P
+    dk, dv = (a.keys - b.keys).detach(), (a.values - b.values).detach()
+    per_token = [float(torch.linalg.vector_norm(torch.cat([dk[i, t].flatten(), dv[i, t].flatten()]))) ** 2
+                 for i in range(2) for t in range(3)]
+    assert loss.item() == pytest.approx(sum(per_token) / len(per_token), rel=1e-5)
     loss.backward()
-    assert torch.allclose(a.keys.grad, (a.keys - b.keys).detach() / n)
+    assert torch.allclose(a.keys.grad, 2 * (a.keys - b.keys).detach() / 6)
     assert float(reconstruction_loss(b, b)) == 0.0
     with pytest.raises(ValueError, match="equal shape"):
         reconstruction_loss(a, KVBlock(torch.zeros(2, 3, 2, 8), torch.zeros(2, 3, 2, 8), 1))

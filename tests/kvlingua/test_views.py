@@ -105,28 +105,46 @@ def test_token_chunks_pack_documents_with_eos_and_are_cached(home, tok):
     assert len(list((home / "tokens").glob("chunks-*.safetensors"))) == 2
 
 
-def test_parallel_chunks_rows_are_the_same_passage(home, tok):
+KEY = re.compile(r"v(\d+)\.(\d+)\.(\d+)\s")
+"""A whole verse key of the fake corpus (every verse starts with ``v<book>.<chapter>.<verse> ``)."""
+
+
+def verse_keys(tok, ids) -> list[tuple[int, int, int]]:
+    """The verse keys written in decoded token ids (independent of how rows were cut)."""
+    return [tuple(map(int, k)) for k in KEY.findall(tok.decode(ids) + " ")]
+
+
+def test_parallel_chunks_cut_prefix_and_suffix_at_one_verse_boundary(home, tok):
     langs = ["en", "ru", "es"]
-    chunks = parallel_chunks(DataConfig(view="parallel"), tok, "train", 24, langs)
-    keys = passages("train", tok, 24, langs)
-    n = len(keys)
-    assert n > 20 and all(chunks[lang].shape == (n, 24) for lang in langs)
-    for i in range(n):
-        texts = {lang: tok.decode(chunks[lang][i]) for lang in langs}
-        found = {lang: re.findall(r"v(\d+)\.(\d+)\.(\d+)", t) for lang, t in texts.items()}
-        first = {lang: tuple(map(int, f[0])) for lang, f in found.items()}
-        assert len(set(first.values())) == 1, texts  # every language starts on the same verse
-        assert first["en"] == keys[i][0]
-        for lang in langs:  # the verse keys that fit are consecutive verses of the passage
-            assert [tuple(map(int, k)) for k in found[lang]] == keys[i][: len(found[lang])]
-        assert len({k[0] for k in keys[i]}) == 1  # never across books
+    P, S = 12, 16
+    chunks = parallel_chunks(DataConfig(view="parallel"), tok, "train", P, S, langs)
+    cut = passages("train", tok, P, S, langs)
+    n = len(cut)
+    assert n > 20 and all(chunks[lang].shape == (n, P + S) for lang in langs)
+    for i, (pre_keys, suf_keys) in enumerate(cut):
+        found_pre = {lang: verse_keys(tok, chunks[lang][i, :P]) for lang in langs}
+        found_suf = {lang: verse_keys(tok, chunks[lang][i, P:]) for lang in langs}
+        # No leak: no verse is read in any language's prefix and continued in any language's suffix.
+        in_prefixes = {k for keys in found_pre.values() for k in keys}
+        in_suffixes = {k for keys in found_suf.values() for k in keys}
+        assert not in_prefixes & in_suffixes, (i, {lang: tok.decode(chunks[lang][i]) for lang in langs})
+        # Every suffix starts on the same verse in every language: the first verse after the prefix verses.
+        first = {lang: tuple(map(int, KEY.match(tok.decode(chunks[lang][i, P:]).lstrip() + " ").groups()))
+                 for lang in langs}
+        assert set(first.values()) == {suf_keys[0]}
+        # The prefix text ends with the last prefix verse (its key is read in the language that needs fewest
+        # tokens), and the cut keys are consecutive verses of one book.
+        assert pre_keys[-1] in in_prefixes or any(len(v) == 0 for v in found_pre.values())
+        assert all(k in pre_keys for k in in_prefixes) and all(k in suf_keys for k in in_suffixes)
+        assert len({k[0] for k in pre_keys + suf_keys}) == 1
     split_chapters = {(b, c) for b, c in zip(load_split("train")["book"], load_split("train")["chapter"])}
-    assert all(k[:2] in split_chapters for row in keys for k in row)
-    assert len({k for row in keys for k in row}) == sum(map(len, keys))  # no verse used twice
-    again = parallel_chunks(DataConfig(view="parallel"), tok, "train", 24, langs)
+    assert all(k[:2] in split_chapters for pre, suf in cut for k in pre + suf)
+    used = [k for pre, suf in cut for k in pre + suf]
+    assert len(set(used)) == len(used)  # no verse used twice
+    again = parallel_chunks(DataConfig(view="parallel"), tok, "train", P, S, langs)
     assert all(torch.equal(again[lang], chunks[lang]) for lang in langs)
     with pytest.raises(ValueError, match="distinct languages"):
-        parallel_chunks(DataConfig(), tok, "train", 24, ["en", "fr"])
+        parallel_chunks(DataConfig(), tok, "train", P, S, ["en", "fr"])
 
 
 def test_local_text_and_jsonl_sources_go_through_token_chunks(home, tok, tmp_path):
