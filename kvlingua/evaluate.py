@@ -14,7 +14,16 @@ cache built in one of these ways (all NLLs are per suffix token, via
 Each NLL is averaged per batch, then reported as mean ± std over the held-out batches,
 over the whole suffix and over its first ``first_tokens`` tokens. The headline number
 is *content transferred* = (NLL_control − NLL) / (NLL_control − NLL_base): 0 is no
-better than a wrong-content cache, 1 is as good as the target's own cache.
+better than a wrong-content cache, 1 is as good as the target's own cache. It is
+reported only where there is content to transfer: where base beats control by more
+than ``content_min_se`` standard errors of their paired per-batch difference; elsewhere
+the ratio divides noise by noise and the table says "n/a" with the gap.
+
+Every condition and path of one evaluation is scored on the same held-out batches, so
+two conditions compare *paired*: :func:`paired_difference` gives the mean per-batch
+difference and its standard error, the unit every verdict of the paper report uses.
+Which rows are held out does not depend on the training batch size
+(:class:`EvalConfig` ``batch_size``; :func:`kvlingua.job.eval_batches`).
 """
 from __future__ import annotations
 
@@ -49,14 +58,33 @@ class EvalConfig:
     first_tokens: int = 16
     """Length of the early-suffix span, where the prefix matters most."""
     curve_batches: int = 2
-    """The first this many held-out batches (at most ``batches``) are evaluated every
-    ``train.eval_every`` steps for the training curves; the final table uses all ``batches``."""
+    """Batches of the ``curve_split`` evaluated every ``train.eval_every`` steps for the training
+    curves (and trial selection); the final table uses ``batches`` batches of the run's ``eval_split``."""
+    batch_size: int | None = None
+    """Held-out sequences per batch; None: the run's training ``batch_size``. Held-out rows are the first
+    ``batches × batch_size`` of a fixed permutation of the split, so runs that share this number are scored
+    on the same text whatever their training batch size: set it in every run of a comparison that varies
+    ``batch_size`` (the paper configs always do)."""
+    curve_split: str = "validation"
+    """Split of the training curves, early stopping and trial selection (never ``test``)."""
+    content_min_se: float = 3.0
+    """Content transferred is reported only where control − base exceeds this many standard errors of
+    their paired per-batch difference; elsewhere it is NaN ("n/a" with the gap in tables)."""
 
     def __post_init__(self) -> None:
         for name in ("batches", "first_tokens", "curve_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 2):
+            raise ValueError(f"batch_size must be an integer >= 2 (the content control rolls the batch) or null, "
+                             f"got {self.batch_size!r}")
+        if self.curve_split not in ("train", "validation"):
+            raise ValueError(f"curve_split must be train or validation (curves and selection never see the test "
+                             f"split), got {self.curve_split!r}")
+        if not self.content_min_se >= 0:
+            raise ValueError(f"content_min_se must be >= 0, got {self.content_min_se}")
 
 
 def content_transferred(nll: float, control: float, base: float) -> float:
@@ -68,6 +96,25 @@ def content_transferred(nll: float, control: float, base: float) -> float:
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     t = torch.tensor(values, dtype=torch.float64)
     return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean of ``a[k] − b[k]`` over held-out batches and its standard error (std / sqrt(n); NaN for n = 1).
+
+    ``a`` and ``b`` are per-batch values of two conditions measured on the same batches.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"a paired difference needs two equally long, non-empty series; got {len(a)} and {len(b)}")
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)  # [n]
+    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else math.nan
+    return float(d.mean()), se
+
+
+def content_gap_is_clear(gap: float, gap_se: float, min_se: float) -> bool:
+    """Whether control − base (``gap`` ± ``gap_se``) is a clear margin: > ``min_se`` standard errors and > 0."""
+    if math.isnan(gap) or gap <= 0:
+        return False
+    return min_se == 0 or (not math.isnan(gap_se) and gap > min_se * gap_se)
 
 
 @dataclass(frozen=True)
@@ -86,6 +133,10 @@ class ConditionSummary:
     """Content transferred over the whole suffix (1 for base, 0 for control)."""
     content_first: float
     """Content transferred over the first tokens."""
+    gap: float = math.nan
+    """NLL_control − NLL_base on this path's target (all suffix tokens), mean over batches."""
+    gap_se: float = math.nan
+    """Standard error of that paired difference."""
 
 
 @dataclass
@@ -100,6 +151,14 @@ class EvalResult:
     """Length of the ``first`` span."""
     per_batch: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     """span -> path name -> condition -> mean NLL of each held-out batch (identity may be absent)."""
+    trained: list[PathT] | None = None
+    """Paths the spaces were trained on; the others are zero-shot (None: every evaluated path)."""
+    content_min_se: float = 3.0
+    """Content transferred only where control − base > this many standard errors (else NaN)."""
+
+    def is_trained(self, path: PathT) -> bool:
+        """Whether ``path`` was trained (False: evaluated zero-shot)."""
+        return self.trained is None or tuple(path) in {tuple(p) for p in self.trained}
 
     @property
     def num_batches(self) -> int:
@@ -118,15 +177,18 @@ class EvalResult:
             raise KeyError(f"path {name} was not evaluated; evaluated paths: {list(self.per_batch['all'])}")
         if condition not in self.per_batch["all"][name]:
             raise KeyError(f"condition {condition!r} was not measured on {name}; have {self.conditions_of(path)}")
-        stats = {}
+        stats, gaps = {}, {}
         for span in SPANS:
             row = self.per_batch[span][name]
             mean, std = _mean_std(row[condition])
-            ct = (content_transferred(mean, _mean_std(row["control"])[0], _mean_std(row["base"])[0])
-                  if "control" in row and "base" in row else math.nan)
-            stats[span] = (mean, std, ct)
+            ct, gap, gap_se = math.nan, math.nan, math.nan
+            if "control" in row and "base" in row:
+                gap, gap_se = paired_difference(row["control"], row["base"])
+                if content_gap_is_clear(gap, gap_se, self.content_min_se):
+                    ct = content_transferred(mean, _mean_std(row["control"])[0], _mean_std(row["base"])[0])
+            stats[span], gaps[span] = (mean, std, ct), (gap, gap_se)
         return ConditionSummary(stats["all"][0], stats["all"][1], stats["first"][0], stats["first"][1],
-                                stats["all"][2], stats["first"][2])
+                                stats["all"][2], stats["first"][2], *gaps["all"])
 
     def metrics(self, prefix: str = "eval") -> dict[str, float]:
         """Flat metrics: ``{prefix}/nll/i->j/cond``, ``{prefix}/nll_first/...``, ``{prefix}/content/...``."""
@@ -147,12 +209,22 @@ class EvalResult:
         clean = lambda x: None if isinstance(x, float) and math.isnan(x) else x  # noqa: E731
         paths = {}
         for path in self.paths:
-            row = {"source": path[0], "target": path[1]}
+            row = {"source": path[0], "target": path[1], "trained": self.is_trained(path)}
             for cond in self.conditions_of(path):
                 row[cond] = {k: clean(v) for k, v in asdict(self.summary_for(path, cond)).items()}
             paths[path_name(path)] = row
         return {"first_tokens": self.first_tokens, "batches": self.num_batches, "conditions": list(self.conditions),
+                "content_min_se": self.content_min_se,
+                "trained": None if self.trained is None else [list(p) for p in self.trained],
                 "paths": paths, "per_batch": self.per_batch}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "EvalResult":
+        """Read back :meth:`to_dict` (e.g. ``eval.json``)."""
+        paths = [(r["source"], r["target"]) for r in d["paths"].values()]
+        trained = None if d.get("trained") is None else [tuple(p) for p in d["trained"]]
+        return cls(paths, list(d["conditions"]), int(d["first_tokens"]), d["per_batch"], trained,
+                   float(d.get("content_min_se", 3.0)))
 
     def to_json(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` as JSON; returns the path."""
@@ -174,7 +246,7 @@ class EvalResult:
             parts.append("|" + "---|" * len(head))
             for path in self.paths:
                 have = set(self.conditions_of(path))
-                cells = [path_name(path)]
+                cells = [path_name(path) + ("" if self.is_trained(path) else " (zero-shot)")]
                 for c in self.conditions:
                     if c in have:
                         s = self.summary_for(path, c)
@@ -186,13 +258,18 @@ class EvalResult:
                     if c in have:
                         s = self.summary_for(path, c)
                         ct = s.content if span == "all" else s.content_first
-                        cells.append("—" if math.isnan(ct) else f"{ct:.2f}")
+                        cells.append(f"{ct:.2f}" if not math.isnan(ct)
+                                     else f"n/a (gap {s.gap:.3f} ± {s.gap_se:.3f})" if span == "all" else "n/a")
                     else:
                         cells.append("—")
                 parts.append("| " + " | ".join(cells) + " |")
             parts.append("")
         parts.append("Content transferred = (NLL_control − NLL) / (NLL_control − NLL_base): 0 is a wrong-content "
-                     "cache, 1 the target's own cache. Control = the target's own cache of another sequence's prefix.")
+                     "cache, 1 the target's own cache. Control = the target's own cache of another sequence's prefix. "
+                     f"n/a: base does not beat control by more than {self.content_min_se:g} standard errors of their "
+                     "paired per-batch difference (the gap control − base ± its standard error is shown).")
+        if self.trained is not None and any(not self.is_trained(p) for p in self.paths):
+            parts.append(" (zero-shot): a path no training step used.")
         return "\n".join(parts) + "\n"
 
 
@@ -210,6 +287,8 @@ def evaluate(
     first_tokens: int = 16,
     identity: bool = True,
     references: bool = True,
+    trained: Sequence[PathT] | None = None,
+    content_min_se: float = 3.0,
 ) -> EvalResult:
     """Suffix NLL of every path under every condition on held-out ``batches``.
 
@@ -224,6 +303,8 @@ def evaluate(
         identity: also measure the identity map where source and target layouts match.
         references: measure base/control/no-prefix (needed for content transferred;
             only :func:`make_eval_fn` turns it off to reuse earlier references).
+        trained: the paths the spaces were trained on (the others are marked zero-shot); None: all.
+        content_min_se: see :class:`EvalConfig`.
 
     Returns:
         :class:`EvalResult`.
@@ -288,7 +369,8 @@ def evaluate(
             sp.train(modes[name])
     present = {c for row in per_batch["all"].values() for c in row}
     order = [*(TARGET_ONLY if references else ()), "identity", *spaces]
-    return EvalResult(paths, [c for c in order if c in present], first_tokens, per_batch)
+    return EvalResult(paths, [c for c in order if c in present], first_tokens, per_batch,
+                      None if trained is None else [tuple(p) for p in trained], content_min_se)
 
 
 def make_eval_fn(

@@ -72,9 +72,15 @@ class JobSpec:
     space_steps: dict[str, int] | None = None
     """Per-space override of ``train.steps`` (e.g. ``{linear: 900}``: an equal-wall-time baseline)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
-    """Held-out evaluation settings."""
-    eval_split: str = "validation"
-    """Split used for held-out evaluation."""
+    """Held-out evaluation settings (the curves use ``eval.curve_split``)."""
+    eval_split: str = "test"
+    """Split of the final evaluation table, the numbers a run reports; curves, early stopping and
+    trial selection use ``eval.curve_split`` (validation) instead."""
+    start_from: str | None = None
+    """A trained pool directory (``<run>/pool``) to extend (paper §5): its space and adapters are loaded and
+    frozen, every job model it lacks joins with fresh adapters (:meth:`SharedSpace.add_member`), and only
+    ``train.trainable`` (which must name only new members) trains, on ``train.paths``. Needs exactly one space,
+    configured as the pool's. The final table evaluates all N² paths, each marked trained or zero-shot."""
 
     def __post_init__(self) -> None:
         if not self.spaces:
@@ -85,6 +91,11 @@ class JobSpec:
             raise ValueError("batch_size must be >= 2 (the content control rolls the batch)")
         if self.eval_split not in ("train", "validation", "test"):
             raise ValueError(f"eval_split must be train, validation or test, got {self.eval_split!r}")
+        if self.start_from is not None:
+            if len(self.spaces) != 1:
+                raise ValueError(f"start_from extends one trained space; name exactly one space, got {sorted(self.spaces)}")
+            if self.train.trainable is None:
+                raise ValueError("start_from: set train.trainable to the new member(s); the pool's adapters stay frozen")
         for name, steps in (self.space_steps or {}).items():
             if name not in self.spaces:
                 raise ValueError(f"space_steps: {name!r} is not one of the spaces {sorted(self.spaces)}")
@@ -142,26 +153,32 @@ class TrainJob(JobSpec):
 
 
 def load_chunks(job: TrainJob, split: str) -> dict[str, torch.Tensor]:
-    """Token chunks per model, each ``[N, P+S]``; row n is the same passage for every model."""
+    """Token chunks per model, each ``[N, P+S]``; row n is the same passage for every model.
+
+    Parallel text is cut at one verse boundary in every language (prefix verses, then suffix
+    verses; :func:`kvlingua.data.views.parallel_chunks`), so no suffix repeats what any prefix said.
+    """
     tok = load_tokenizer(job.tokenizer)
     if job.langs is None:
         ids = token_chunks(job.data, tok, split, job.seq_len)  # [N, P+S]
         return {name: ids for name in job.models}
     langs = sorted(set(job.langs.values()))
-    per_lang = parallel_chunks(job.data, tok, split, job.seq_len, langs)  # lang -> [N, P+S]
+    per_lang = parallel_chunks(job.data, tok, split, job.prefix_len, job.suffix_len, langs)  # lang -> [N, P+S]
     return {name: per_lang[job.langs[name]] for name in job.models}
 
 
-def _rows_to_batches(chunks: dict[str, torch.Tensor], rows: torch.Tensor, job: TrainJob, key: str) -> list[Batch]:
-    """Cut ``rows`` into full batches of ``job.batch_size`` (remainder dropped)."""
-    n = len(rows) // job.batch_size
+def _rows_to_batches(chunks: dict[str, torch.Tensor], rows: torch.Tensor, job: TrainJob, key: str,
+                     batch_size: int | None = None) -> list[Batch]:
+    """Cut ``rows`` into full batches of ``batch_size`` (default ``job.batch_size``; remainder dropped)."""
+    batch_size = batch_size or job.batch_size
+    n = len(rows) // batch_size
     if n == 0:
         raise ValueError(
-            f"{key}: {len(rows)} sequences of {job.seq_len} tokens are fewer than one batch of {job.batch_size}"
+            f"{key}: {len(rows)} sequences of {job.seq_len} tokens are fewer than one batch of {batch_size}"
         )
     out = []
     for b in range(n):
-        idx = rows[b * job.batch_size : (b + 1) * job.batch_size]
+        idx = rows[b * batch_size : (b + 1) * batch_size]
         out.append(Batch({m: c[idx] for m, c in chunks.items()}, job.prefix_len, key=f"{key}/b{b:05d}"))
     return out
 
@@ -192,28 +209,87 @@ EVAL_ROW_SEED = 0
 """Seed of the fixed permutation that picks the held-out rows (independent of the train seed)."""
 
 
-def eval_batches(job: TrainJob) -> list[Batch]:
-    """``job.eval.batches`` held-out batches, the same for every run of the job.
+def eval_batches(job: TrainJob, split: str | None = None, batches: int | None = None) -> list[Batch]:
+    """``batches`` (default ``job.eval.batches``) held-out batches of ``split`` (default ``job.eval_split``,
+    the final table's split), the same for every run of the job and every training batch size.
 
-    Rows are drawn by a fixed permutation of the whole split rather than taken in
-    order: consecutive rows of the packed stream are neighbouring passages of one
-    chapter, so the content control (each row read after the batch's *previous*
-    row's prefix, see :func:`kvlingua.evaluate.evaluate`) would read related text.
-    Spread over the split, the control's prefix is an unrelated passage.
+    The rows are the first ``batches × eval.batch_size`` of a fixed permutation of the whole
+    split (seed :data:`EVAL_ROW_SEED`), then cut into batches of ``eval.batch_size``: which text is
+    held out depends on the split, the lengths and that count only, never on the training
+    batch size or seed, so every condition and trial of a comparison is scored on the same rows.
+    Rows are spread over the split rather than taken in order: consecutive rows of the
+    packed stream are neighbouring passages of one chapter, so the content control (each
+    row read after the batch's *previous* row's prefix, see :func:`kvlingua.evaluate.evaluate`)
+    would read related text. Spread over the split, the control's prefix is an unrelated passage.
+
+    Raises ``ValueError`` when the split has fewer rows than asked for.
     """
-    chunks = load_chunks(job, job.eval_split)
+    split = split or job.eval_split
+    batches = batches or job.eval.batches
+    size = job.eval.batch_size or job.batch_size
+    chunks = load_chunks(job, split)
     n = next(iter(chunks.values())).shape[0]
+    want = batches * size
+    if n < want:
+        raise ValueError(f"the {split} split has {n} sequences of {job.seq_len} tokens; held-out evaluation asks "
+                         f"for {batches} batches of {size} (lower eval.batches or eval.batch_size)")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(EVAL_ROW_SEED))  # [n]
-    rows = perm[: job.eval.batches * job.batch_size]
-    return _rows_to_batches(chunks, rows, job, f"{job.eval_split}/P{job.prefix_len}S{job.suffix_len}/bs{job.batch_size}/spread")
+    return _rows_to_batches(chunks, perm[:want], job, f"{split}/P{job.prefix_len}S{job.suffix_len}/eb{size}/spread",
+                            batch_size=size)
 
 
-def build_space(job: TrainJob, name: str, summaries: dict[str, ArchSummary]) -> SharedSpace:
-    """A fresh shared space ``name`` of the job over its models (pool order), seeded by the train seed."""
+def curve_batches(job: TrainJob) -> list[Batch]:
+    """The held-out batches of the training curves: ``eval.curve_batches`` of ``eval.curve_split`` (validation)."""
+    return eval_batches(job, job.eval.curve_split, job.eval.curve_batches)
+
+
+def build_space(job: TrainJob, name: str, summaries: dict[str, ArchSummary],
+                fingerprints: dict[str, str] | None = None) -> SharedSpace:
+    """The shared space ``name`` of the job over its models (pool order), seeded by the train seed.
+
+    Fresh, or with ``job.start_from`` the trained pool's space with every new job model added
+    (fresh adapters, same seed). The pool's members must be job models with the recorded layout
+    and, when ``fingerprints`` (model -> weight digest) are given, the recorded weights; only new
+    members may be trainable.
+    """
     torch.manual_seed(job.train.seed)
-    return SharedSpace({m: summaries[m] for m in job.models}, job.spaces[name])
+    if job.start_from is None:
+        return SharedSpace({m: summaries[m] for m in job.models}, job.spaces[name])
+    from kvlingua.config import to_dict
+    from kvlingua.pool import load_pool
+
+    pool = load_pool(job.start_from, load_models=False, verify=False)
+    old = {m.name: m for m in pool.members}
+    missing = sorted(set(old) - set(job.models))
+    if missing:
+        raise ValueError(f"start_from {job.start_from}: pool member(s) {missing} are not models of this job "
+                         f"{job.names}")
+    for m in old.values():
+        if m.summary.layout != summaries[m.name].layout:
+            raise ValueError(f"start_from {job.start_from}: model {m.name!r} has another cache layout than the pool's")
+        if fingerprints is not None and fingerprints.get(m.name) != m.fingerprint:
+            raise ValueError(f"start_from {job.start_from}: model {m.name!r} has other weights than the pool's "
+                             "(fingerprint differs)")
+    if to_dict(pool.space.cfg) != to_dict(job.spaces[name]):
+        raise ValueError(f"start_from {job.start_from}: spaces.{name} must equal the pool's space config "
+                         f"{to_dict(pool.space.cfg)}")
+    frozen = sorted(set(job.train.trainable or ()) & set(old))
+    if frozen:
+        raise ValueError(f"start_from {job.start_from}: train.trainable names pool member(s) {frozen}; only new "
+                         "members train when extending a pool")
+    space = pool.space
+    for m in job.models:
+        if m not in old:
+            space.add_member(m, summaries[m])
+    return space
 
 
 def allowed_paths(job: TrainJob) -> list[tuple[str, str]]:
-    """All (source, target) paths the job trains and evaluates."""
+    """All (source, target) paths the job trains on."""
     return PathSampler(job.names, None, job.train.seed, job.train.paths, job.train.trainable).allowed
+
+
+def all_paths(job: TrainJob) -> list[tuple[str, str]]:
+    """Every (source, target) path of the pool, N² of them: what the final table evaluates
+    (the paths outside :func:`allowed_paths` are marked zero-shot)."""
+    return [(i, j) for i in job.names for j in job.names]

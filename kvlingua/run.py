@@ -29,7 +29,7 @@ import torch
 from kvlingua.backend import LocalBackend, PoolBackend
 from kvlingua.config import to_dict
 from kvlingua.evaluate import evaluate, make_eval_fn
-from kvlingua.job import TrainJob, allowed_paths, build_space, eval_batches, train_batches
+from kvlingua.job import TrainJob, all_paths, allowed_paths, build_space, curve_batches, eval_batches, train_batches
 from kvlingua.models import load_frozen
 from kvlingua.pool import PoolMember, save_pool, space_pool_dir
 from kvlingua.report import write_report
@@ -96,11 +96,12 @@ def train_spaces(
     """
     runtime = runtime or Runtime()
     summaries = {m: backend.summary(m) for m in job.models}
-    curve = eval_batches(job)[: min(job.eval.curve_batches, job.eval.batches)] if runtime.is_main else []
+    curve = curve_batches(job) if runtime.is_main else []  # validation: curves never see the test split
+    fingerprints = {m: backend.fingerprint(m) for m in job.models} if job.start_from else None
     spaces: dict[str, SharedSpace] = {}
     states: dict[str, TrainState] = {}
     for name in space_order(job):
-        space = build_space(job, name, summaries).to(device)
+        space = build_space(job, name, summaries, fingerprints).to(device)
         spaces[name] = space
         cfg = job.train_for(name)
         state = load_space(resume_from, name, space)
@@ -114,7 +115,7 @@ def train_spaces(
             batches = wrap_batches(space, cfg, batches, start)
         eval_fn = None
         if runtime.is_main and cfg.eval_every:
-            curve_fn = make_eval_fn(backend, curve, allowed_paths(job), space, first_tokens=job.eval.first_tokens)
+            curve_fn = make_eval_fn(backend, curve, all_paths(job), space, first_tokens=job.eval.first_tokens)
 
             def eval_fn(step: int, curve_fn=curve_fn, name=name) -> dict[str, float]:
                 metrics = curve_fn(step)
@@ -141,16 +142,17 @@ def pool_members(job: TrainJob, backend: PoolBackend) -> list[PoolMember]:
 
 def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
            states: dict[str, TrainState], tracker: Tracker | None = None) -> dict:
-    """Evaluate every space beside the baselines; write the report (table, JSON, plot), pool(s),
-    histories and ``timing.json`` (each space's steps and training seconds, for equal-wall-time
-    comparisons).
+    """Evaluate every space beside the baselines on all N² paths of ``job.eval_split`` (the paths no
+    step trained marked zero-shot); write the report (table, JSON, plot), pool(s), histories and
+    ``timing.json`` (each space's steps and training seconds, for equal-wall-time comparisons).
 
     Returns a dict with ``markdown`` (the evaluation table), ``timing``, ``eval`` (the
     :class:`~kvlingua.evaluate.EvalResult`) and ``files`` (the paths written).
     """
     tracker = tracker or NullTracker()
     out = Path(job.out_dir)
-    result = evaluate(backend, eval_batches(job), allowed_paths(job), spaces, first_tokens=job.eval.first_tokens)
+    result = evaluate(backend, eval_batches(job), all_paths(job), spaces, first_tokens=job.eval.first_tokens,
+                      trained=allowed_paths(job), content_min_se=job.eval.content_min_se)
     histories = {name: state.history for name, state in states.items()}
     job_dict = to_dict(job)
     report = write_report(out, result, histories, title=f"kvlingua run {job.name}", config=job_dict)

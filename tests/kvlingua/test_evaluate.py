@@ -1,8 +1,10 @@
 """Evaluation: NLL per condition against hand computation through the models, content transferred, tables, plots."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 
 from kvlingua.backend import LocalBackend
 from kvlingua.cache import as_past_key_values, cache_kwargs, extract_prefix
-from kvlingua.evaluate import EvalConfig, EvalResult, content_transferred, evaluate, make_eval_fn
+from kvlingua.evaluate import EvalConfig, EvalResult, content_transferred, evaluate, make_eval_fn, paired_difference
 from kvlingua.report import plot_history, write_report
 from kvlingua.space import SharedSpace
 from kvlingua.train import Batch
@@ -84,7 +86,53 @@ def test_numbers_equal_hand_computation(setup, path):
         assert s.first_std == pytest.approx(float(first_means.std()), abs=1e-5), cond
     ctrl, base, nll = [sum(float(h[c].mean()) for h in per_batch) / len(per_batch)
                        for c in ("control", "base", "translator")]
-    assert result.summary_for(path, "translator").content == pytest.approx((ctrl - nll) / (ctrl - base), abs=1e-4)
+    gaps = [float(h["control"].mean() - h["base"].mean()) for h in per_batch]
+    gap_se = statistics.stdev(gaps) / math.sqrt(len(gaps))
+    s = result.summary_for(path, "translator")
+    assert s.gap == pytest.approx(ctrl - base, abs=1e-5) and s.gap_se == pytest.approx(gap_se, abs=1e-5)
+    ungated = dataclasses.replace(result, content_min_se=0.0).summary_for(path, "translator").content
+    if ctrl - base > 0:
+        assert ungated == pytest.approx((ctrl - nll) / (ctrl - base), abs=1e-4)
+    else:
+        assert math.isnan(ungated)  # no gap at all: nothing to transfer
+    if ctrl - base > 3 * gap_se:
+        assert s.content == pytest.approx((ctrl - nll) / (ctrl - base), abs=1e-4)
+    else:
+        assert math.isnan(s.content)
+
+
+def synthetic(control: list[float], base: list[float], nll: list[float], min_se: float = 3.0) -> EvalResult:
+    """An EvalResult of one path with given per-batch NLLs (first span = all span)."""
+    row = {"base": base, "control": control, "no-prefix": control, "translator": nll}
+    return EvalResult([("a", "b")], ["base", "control", "no-prefix", "translator"], 4,
+                      {"all": {"a->b": row}, "first": {"a->b": row}}, trained=[], content_min_se=min_se)
+
+
+def test_content_is_reported_only_where_base_clearly_beats_control():
+    # gap per batch = 0.5 ± tiny noise: a clear margin, the ratio is reported
+    clear = synthetic([3.5, 3.51, 3.49, 3.5], [3.0, 3.0, 3.0, 3.0], [3.25, 3.25, 3.25, 3.25])
+    s = clear.summary_for(("a", "b"), "translator")
+    assert s.content == pytest.approx(0.5) and s.gap == pytest.approx(0.5)
+    assert s.gap_se == pytest.approx(statistics.stdev([0.5, 0.51, 0.49, 0.5]) / 2)
+    # the same mean gap drowned in batch-to-batch noise: n/a, the gap shown instead of an exploding ratio
+    noisy = synthetic([4.5, 2.51, 4.49, 2.5], [3.0, 3.0, 3.0, 3.0], [3.25, 3.25, 3.25, 3.25])
+    s = noisy.summary_for(("a", "b"), "translator")
+    assert s.gap == pytest.approx(0.5) and math.isnan(s.content)
+    row = next(line for line in noisy.to_markdown().splitlines() if line.startswith("| a->b"))
+    assert f"n/a (gap 0.500 ± {s.gap_se:.3f})" in row and "(zero-shot)" in row
+    assert math.isnan(synthetic([3.0] * 4, [3.5] * 4, [3.2] * 4, 0.0).summary_for(("a", "b"), "translator").content)
+    again = EvalResult.from_dict(json.loads(json.dumps(noisy.to_dict())))
+    assert again.to_markdown() == noisy.to_markdown() and not again.is_trained(("a", "b"))
+
+
+def test_paired_difference_against_hand_computation():
+    a, b = [1.0, 2.0, 4.0], [0.5, 1.0, 1.0]
+    d = [0.5, 1.0, 3.0]
+    mean, se = paired_difference(a, b)
+    assert mean == pytest.approx(sum(d) / 3) and se == pytest.approx(statistics.stdev(d) / math.sqrt(3))
+    assert math.isnan(paired_difference([1.0], [0.0])[1])
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([1.0], [1.0, 2.0])
 
 
 def test_identity_only_where_layouts_match(setup):
@@ -100,10 +148,11 @@ def test_content_transferred_formula(setup):
     assert content_transferred(5.0, control=4.0, base=2.0) == -0.5
     assert math.isnan(content_transferred(3.0, control=2.0, base=2.0))
     *_, result = setup
+    ungated = dataclasses.replace(result, content_min_se=0.0)
     for path in result.paths:
-        assert result.summary_for(path, "base").content == pytest.approx(1.0)
-        assert result.summary_for(path, "control").content == pytest.approx(0.0)
-        assert result.summary_for(path, "base").content_first == pytest.approx(1.0)
+        if ungated.summary_for(path, "base").gap > 0:
+            assert ungated.summary_for(path, "base").content == pytest.approx(1.0)
+            assert ungated.summary_for(path, "control").content == pytest.approx(0.0)
 
 
 def test_markdown_and_json_hold_every_path_and_condition(setup, tmp_path):
@@ -122,7 +171,7 @@ def test_markdown_and_json_hold_every_path_and_condition(setup, tmp_path):
     data = json.loads(result.to_json(tmp_path / "r" / "eval.json").read_text())
     assert set(data["paths"]) == {"a->b", "c->a", "b->b"}
     assert data["batches"] == 2 and data["first_tokens"] == FIRST
-    assert set(data["paths"]["a->b"]) == {"source", "target", *result.conditions}
+    assert set(data["paths"]["a->b"]) == {"source", "target", "trained", *result.conditions}
     assert "identity" not in data["paths"]["c->a"]
     s = result.summary_for(("c", "a"), "linear")
     assert data["paths"]["c->a"]["linear"]["nll_mean"] == pytest.approx(s.nll_mean)
@@ -156,9 +205,9 @@ def test_eval_fn_and_figure(setup, tmp_path):
         s = result.summary_for(path, "linear")
         name = f"{path[0]}->{path[1]}"
         assert m[f"eval/nll/{name}"] == pytest.approx(s.nll_mean, abs=1e-6)
-        assert m[f"eval/content/{name}"] == pytest.approx(s.content, abs=1e-5)
+        assert m[f"eval/content/{name}"] == pytest.approx(s.content, abs=1e-5, nan_ok=True)
         assert m[f"eval/nll/{name}/base"] == pytest.approx(result.summary_for(path, "base").nll_mean, abs=1e-6)
-    assert eval_fn(5) == m  # references cached, space unchanged
+    assert eval_fn(5) == pytest.approx(m, nan_ok=True)  # references cached, space unchanged
 
     history = [{"step": s, "kind": "eval", **{k: v + 1.0 / (s + 1) for k, v in m.items()}} for s in (0, 10, 20)]
     history.insert(1, {"step": 5, "kind": "train", "loss": 3.0})

