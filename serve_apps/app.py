@@ -49,7 +49,8 @@ def build_app(pool_dir: str | Path, options: ServeOptions = ServeOptions()) -> s
     ingress = serve.deployment(
         serve.ingress()(PoolIngress),
         name="ingress",
-        max_ongoing_requests=max(64, 4 * options.max_ongoing_requests),
+        # room above the ingress's own cap, so the cap (503 + Retry-After) answers instead of Serve queueing
+        max_ongoing_requests=options.max_pending_requests + 16,
         ray_actor_options={"num_cpus": options.ingress_num_cpus},
     )
     return ingress.bind(str(root), opts, models)

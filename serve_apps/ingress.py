@@ -1,24 +1,44 @@
 """The HTTP ingress: validates requests, tokenizes, and routes caches between model deployments.
 
-Latent hand-off ``source -> target``: the source deployment prefills the prompt and
-encodes its cache into Σ (``IN_source``); the resulting response is passed straight to
-the target deployment, which decodes it (``OUT_target``) and generates. ``text``: the
-target re-reads the prompt; ``identity``: the raw source cache (equal layouts only).
+Latent hand-off ``source -> target``: the source deployment prefills the first ``h``
+prompt tokens (default: all but the last) and encodes its cache into Σ (``IN_source``);
+the resulting response is passed straight to the target deployment, which decodes it
+(``OUT_target``), reads the rest of the prompt itself and generates. ``text``: the target
+re-reads the prompt; ``identity``: the raw source cache (equal layouts only).
+
+**Context store.** ``POST /v1/contexts`` has the source prefill a context and encode it
+into Σ once; the latent ``[1, C, Q]`` is kept here (:class:`kvlingua.store.ContextStore`,
+keyed by token digest, source fingerprint and adapter digest, LRU within
+``ServeOptions.store_bytes``). A request naming the context (or, with a latent hand-off
+from that source, whose prompt starts with its tokens) sends the stored latent to the
+target, which decodes it once and keeps the result (``OUT_target`` once per target).
+
+**Limits.** A latent hand-off outside what the pool was trained for
+(:mod:`serve_apps.limits`) falls back to text, saying why; with ``strict`` it is refused.
+Every call to a model has the request's deadline (``request_timeout_s``: 504 past it,
+503 at once when the model has no running replica).
+
 Mixed schedules run segment by segment: each model exports the positions it computed, raw
 (for its own later segments) and encoded into Σ once (for every other model), and each
-next model rebuilds its cache from those pieces, so no position is translated twice. Every bad request is a :class:`RequestError` (HTTP 4xx naming what is wrong)
-raised before any model work starts.
+next model rebuilds its cache from those pieces, so no position is translated twice. Every
+bad request is a :class:`RequestError` (HTTP 4xx naming what is wrong) raised before any
+model work starts.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from kvlingua.config import from_dict
 from kvlingua.generate import check_identity
 from kvlingua.pool import load_pool
+from kvlingua.store import ContextKey, ContextStore, StoredContext, StoreFullError, adapters_digest, token_digest
+from serve_apps.limits import TrainedLimits
+from serve_apps.metrics import ServeMetrics
 from serve_apps.options import ServeOptions
 from serve_apps.schemas import (
     GenerateRequest,
@@ -31,23 +51,48 @@ from serve_apps.schemas import (
     Timings,
 )
 
+HEALTH_TTL_S = 2.0  # replica states are re-read from the Serve controller at most this often
+
 
 class RequestError(Exception):
-    """A request the server refuses: HTTP ``status`` with a message naming the problem."""
+    """A request the server refuses: HTTP ``status`` with a message naming the problem.
 
-    def __init__(self, status: int, message: str):
+    ``param`` (the offending field) and ``code`` (a short machine-readable reason) fill
+    OpenAI's error shape; ``headers`` go on the response (e.g. ``Retry-After``).
+    """
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers
 
 
 @dataclass
 class Prepared:
-    """A validated generation request, ready to route."""
+    """A validated generation request, ready to route.
 
-    req: GenerateRequest
+    ``ids`` is the whole prompt (a named context's tokens first); the source hands over its
+    first ``positions`` tokens, the target reads the rest.
+    """
+
+    target: str
+    source: str | None
+    handoff: str
+    """Hand-off asked for (``none`` without a source)."""
+    handoff_used: str
+    """Hand-off used: ``handoff``, or ``text`` after a fallback."""
+    reason: str | None
+    """Why ``handoff_used`` differs from ``handoff``."""
     ids: list[int]
+    positions: int
     params: dict[str, Any]
+    context: StoredContext | None = None
+    route: str = ""
+    started: float = field(default_factory=time.monotonic)
 
 
 def _seed(seed: int | None) -> int:
@@ -66,9 +111,10 @@ class PoolIngress:
         pool_dir: the trained pool directory.
         options: ``to_dict(ServeOptions)``.
         models: pool name -> handle of that model's deployment.
+        mirror_metrics: also record metrics with ``ray.serve.metrics`` (inside a Serve replica).
     """
 
-    def __init__(self, pool_dir: str, options: dict, models: dict[str, Any]):
+    def __init__(self, pool_dir: str, options: dict, models: dict[str, Any], mirror_metrics: bool = True):
         self.opts = from_dict(ServeOptions, options)
         pool = load_pool(pool_dir, load_models=False, verify=False)
         self.members = {m.name: m for m in pool.members}
@@ -76,11 +122,59 @@ class PoolIngress:
         self.tokenizer = pool.tokenizer
         self.vocab = min(m.summary.vocab_size for m in pool.members)
         self.handles = models
+        self.limits = TrainedLimits.from_meta(pool.meta)
+        self.adapters = adapters_digest(e.get("adapter_sha256", "") for e in pool.meta["members"])
+        self.store = ContextStore(self.opts.store_bytes)
+        self.metrics = ServeMetrics(mirror=mirror_metrics)
+        self.pending = 0
+        self._states: dict[str, str] = {}
+        self._states_at = -1e9
+        self.created = int(time.time())
 
     def __serve_build_asgi_app__(self):
         from serve_apps.api import make_api
 
         return make_api(self)
+
+    # ------------------------------------------------------------ health
+    async def replica_states(self) -> dict[str, str]:
+        """Model name -> ``RUNNING`` (a replica answers), or the deployment's state (``UPDATING`` while a
+        replica waits for resources, ``UNHEALTHY``, ...), read from the Serve controller."""
+        if time.monotonic() - self._states_at < HEALTH_TTL_S:
+            return self._states
+        from ray import serve
+
+        app = serve.get_replica_context().app_name
+        status = await asyncio.to_thread(serve.status)
+        deployments = status.applications[app].deployments
+        states = {}
+        for name in self.members:
+            d = deployments.get(f"model-{name}")
+            running = d.replica_states.get("RUNNING", 0) if d is not None else 0
+            states[name] = "RUNNING" if running else (str(d.status.value) if d is not None else "MISSING")
+        self._states, self._states_at = states, time.monotonic()
+        return states
+
+    async def _check_running(self, name: str) -> None:
+        state = (await self.replica_states()).get(name, "RUNNING")
+        if state != "RUNNING":
+            raise RequestError(503, f"model {name!r} has no running replica (deployment state: {state}); "
+                                    "see GET /healthz", code="model_unavailable", headers={"Retry-After": "5"})
+
+    def _left(self, p: Prepared) -> float:
+        return max(self.opts.request_timeout_s - (time.monotonic() - p.started), 0.001)
+
+    async def _call(self, p: Prepared, name: str, response) -> Any:
+        """Await a model call within the request's deadline (504 past it)."""
+        async def wait():
+            return await response
+
+        try:
+            return await asyncio.wait_for(wait(), self._left(p))
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise RequestError(504, f"no answer from model {name!r} within {self.opts.request_timeout_s:g} s "
+                                    "(request_timeout_s)", code="timeout") from None
 
     # ------------------------------------------------------------ validation
     def model_list(self) -> ModelList:
@@ -91,85 +185,240 @@ class PoolIngress:
 
     def _model(self, name: str, field: str) -> str:
         if name not in self.members:
-            raise RequestError(404, f"{field}: unknown model {name!r}; this pool serves {sorted(self.members)}")
+            raise RequestError(404, f"{field}: unknown model {name!r}; this pool serves {sorted(self.members)}",
+                               param=field, code="model_not_found")
         return name
 
-    def _ids(self, prompt: str | list[int]) -> list[int]:
+    def encode(self, text: str, field: str = "prompt", special: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestError(400, f"{field}: this pool has no tokenizer; send token ids", param=field)
+        if len(text) > self.opts.max_prompt_chars:
+            raise RequestError(400, f"{field}: {len(text)} characters; this server reads at most "
+                                    f"{self.opts.max_prompt_chars}", param=field, code="prompt_too_long")
+        return list(self.tokenizer.encode(text, add_special_tokens=special))
+
+    def _ids(self, prompt: str | list[int], field: str = "prompt", allow_empty: bool = False) -> list[int]:
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError(400, "prompt: this pool has no tokenizer; send the prompt as a list of token ids")
-            ids = list(self.tokenizer.encode(prompt))
+            ids = self.encode(prompt, field)
         else:
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < self.vocab]
             if bad:
-                raise RequestError(400, f"prompt: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab})")
-        if not ids:
-            raise RequestError(400, "prompt: empty; give at least one token of text")
-        if len(ids) > self.opts.max_prompt_tokens:
-            raise RequestError(400, f"prompt: {len(ids)} tokens; this server accepts at most "
-                                    f"{self.opts.max_prompt_tokens} (max_prompt_tokens)")
+                raise RequestError(400, f"{field}: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab})",
+                                   param=field, code="invalid_token")
+        if not ids and not allow_empty:
+            raise RequestError(400, f"{field}: empty; give at least one token of text", param=field)
         return ids
+
+    def _check_length(self, ids: list[int], field: str = "prompt") -> None:
+        if len(ids) > self.opts.max_prompt_tokens:
+            raise RequestError(400, f"{field}: {len(ids)} tokens; this server accepts at most "
+                                    f"{self.opts.max_prompt_tokens} (max_prompt_tokens)", param=field,
+                               code="prompt_too_long")
 
     def _n(self, n: int, field: str) -> int:
         if n > self.opts.max_new_tokens:
-            raise RequestError(400, f"{field}: {n} exceeds this server's limit of {self.opts.max_new_tokens}")
+            raise RequestError(400, f"{field}: {n} exceeds this server's limit of {self.opts.max_new_tokens}",
+                               param=field)
         return n
 
+    def plan(self, *, target: str, source: str | None, handoff: str, strict: bool, ids: list[int],
+             context_id: str | None, handoff_tokens: int | None, use_store: bool, params: dict,
+             route: str, field_prefix: str = "") -> Prepared:
+        """Check models, context, hand-off and limits; decide what the source hands over. Raises :class:`RequestError`."""
+        f = field_prefix
+        self._model(target, "model" if f else "target")
+        if source is not None:
+            self._model(source, f"{f}source")
+        ctx = None
+        if context_id is not None:
+            ctx = self.store.get(context_id)
+            if ctx is None:
+                raise RequestError(404, f"{f}context_id: no stored context {context_id!r} (never stored, deleted or "
+                                        "evicted); see GET /v1/contexts", param=f"{f}context_id",
+                                   code="context_not_found")
+            if source is not None and source != ctx.source:
+                raise RequestError(400, f"{f}context_id: context {context_id!r} was read by {ctx.source!r}, not "
+                                        f"{source!r}; leave source unset or name {ctx.source!r}", param=f"{f}source")
+            if handoff != "latent" or handoff_tokens is not None:
+                raise RequestError(400, f"{f}context_id: a stored context is handed over in Σ: use handoff 'latent' "
+                                        "and no handoff_tokens", param=f"{f}handoff")
+            source = ctx.source
+            ids = ctx.token_ids + ids
+        if not ids:
+            raise RequestError(400, "prompt: empty; give at least one token of text", param="prompt")
+        self._check_length(ids)
+        if source is None:
+            return Prepared(target, None, "none", "none", None, ids, 0, params, None, route)
+        if ctx is None and handoff == "latent" and use_store and handoff_tokens is None and len(self.store):
+            ctx = self.store.match(ids, self.members[source].fingerprint, self.adapters)
+        positions = len(ids) - 1
+        if ctx is not None:
+            positions = min(ctx.positions, positions)
+        elif handoff_tokens is not None:
+            if handoff_tokens > positions:
+                raise RequestError(400, f"{f}handoff_tokens: {handoff_tokens}, but the prompt has {len(ids)} tokens "
+                                        "and the target must read at least the last", param=f"{f}handoff_tokens")
+            positions = handoff_tokens
+        used, reason = handoff, None
+        if handoff == "latent":
+            reason = self.limits.why_not_latent(source, target, positions)
+            if reason is not None:
+                if strict:
+                    raise RequestError(400, f"{f}handoff: latent refused: {reason} (strict); drop strict to fall "
+                                            "back to text", param=f"{f}handoff", code="outside_trained_limits")
+                used, ctx = "text", None
+        elif handoff == "identity":
+            try:
+                check_identity(self.members[source].summary, self.members[target].summary, source, target)
+            except ValueError as e:
+                raise RequestError(400, f"{f}handoff: {e}", param=f"{f}handoff") from e
+        return Prepared(target, source, handoff, used, reason, ids, positions, params, ctx, route)
+
     def prepare(self, req: GenerateRequest) -> Prepared:
-        """Check model names, hand-off, prompt and limits; raises :class:`RequestError`."""
-        self._model(req.target, "target")
-        if req.source is not None:
-            self._model(req.source, "source")
-            if req.handoff == "identity":
-                try:
-                    check_identity(self.members[req.source].summary, self.members[req.target].summary,
-                                   req.source, req.target)
-                except ValueError as e:
-                    raise RequestError(400, f"handoff: {e}") from e
+        """A ``/v1/generate`` request checked and planned; raises :class:`RequestError`."""
         params = dict(max_new_tokens=self._n(req.max_new_tokens, "max_new_tokens"), temperature=req.temperature,
                       top_p=req.top_p, seed=_seed(req.seed), stop_at_eos=not req.ignore_eos)
-        return Prepared(req, self._ids(req.prompt), params)
+        ids = self._ids(req.prompt, allow_empty=req.context_id is not None)
+        return self.plan(target=req.target, source=req.source, handoff=req.handoff, strict=req.strict, ids=ids,
+                         context_id=req.context_id, handoff_tokens=req.handoff_tokens, use_store=req.use_store,
+                         params=params, route="/v1/generate")
 
     # ------------------------------------------------------------ routing
     def _handoff(self, p: Prepared):
-        """The source's exported cache (a pending response), or None when the target re-reads the prompt."""
-        if p.req.source is None or p.req.handoff == "text":
+        """What the target starts from: a stored context's latent, the source's export (a pending response),
+        or None when the target re-reads the prompt."""
+        if p.handoff_used in ("none", "text"):
             return None
-        source = self.handles[p.req.source]
-        if p.req.handoff == "latent":
-            return source.export_latent.remote(p.ids)
-        return source.export_block.remote(p.ids)
+        if p.context is not None:
+            c = p.context
+            return {"kind": "latent", "keys": c.keys, "values": c.values, "context_id": c.key.id,
+                    "positions": p.positions, "prefill_s": 0.0, "translate_s": 0.0}
+        source = self.handles[p.source]
+        head = p.ids[:p.positions + 1]  # the source reads head[:-1] = the first ``positions`` tokens
+        if p.handoff_used == "latent":
+            return source.export_latent.remote(head)
+        return source.export_block.remote(head)
 
     def _response(self, p: Prepared, done: dict) -> GenerateResponse:
         tokens = done["tokens"]
         return GenerateResponse(
-            source=p.req.source, target=p.req.target, handoff=p.req.handoff if p.req.source else "none",
-            text=self._text(tokens), tokens=tokens, prompt_tokens=len(p.ids), new_tokens=len(tokens),
+            source=p.source, target=p.target, handoff=p.handoff, handoff_used=p.handoff_used,
+            handoff_reason=p.reason, context_id=p.context.key.id if p.context else None,
+            text=self.text(tokens), tokens=tokens, prompt_tokens=len(p.ids), new_tokens=len(tokens),
             finish_reason=done["finish_reason"], seed=done["seed"],
             timings=_timings(done["prefill_s"], done["translate_s"], done["decode_s"]),
         )
 
-    def _text(self, tokens: list[int]) -> str | None:
+    def text(self, tokens: list[int]) -> str | None:
         return self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None
 
+    def _record(self, p: Prepared, done: dict) -> None:
+        self.metrics.observe("translate_seconds", p.route, done.get("translate_s", 0.0))
+        if "first_token_s" in done:
+            self.metrics.observe("time_to_first_token_seconds", p.route, done["first_token_s"])
+        self.metrics.store(self.store.hits, self.store.misses, self.store.bytes, len(self.store))
+
+    async def run(self, p: Prepared) -> dict:
+        """Generate without streaming; the target's final dict (tokens, finish_reason, seed, timings)."""
+        await self._check_running(p.target)
+        if p.source is not None and p.handoff_used not in ("text", "none") and p.context is None:
+            await self._check_running(p.source)
+        done = await self._call(p, p.target, self.handles[p.target].generate.remote(p.ids, p.params, self._handoff(p)))
+        self._record(p, done)
+        return done
+
     async def generate(self, p: Prepared) -> GenerateResponse:
-        done = await self.handles[p.req.target].generate.remote(p.ids, p.params, self._handoff(p))
-        return self._response(p, done)
+        return self._response(p, await self.run(p))
+
+    async def events(self, p: Prepared) -> AsyncIterator[dict]:
+        """The target's stream: ``{"token": id}`` per token, then the final dict.
+
+        The first event is awaited within the request's deadline (504 before anything is sent);
+        the whole stream within ``stream_timeout_s`` (past it the final dict says
+        ``finish_reason: "length"`` and ``stopped: "stream_timeout"``).
+        """
+        await self._check_running(p.target)
+        gen = self.handles[p.target].options(stream=True).stream.remote(p.ids, p.params, self._handoff(p))
+        it = gen.__aiter__()
+        try:
+            first = await asyncio.wait_for(it.__anext__(), self._left(p))
+        except asyncio.TimeoutError:
+            gen.cancel()
+            raise RequestError(504, f"no token from model {p.target!r} within {self.opts.request_timeout_s:g} s "
+                                    "(request_timeout_s)", code="timeout") from None
+        self.metrics.observe("time_to_first_token_seconds", p.route, time.monotonic() - p.started)
+        return self._rest(p, gen, it, first)
+
+    async def _rest(self, p: Prepared, gen, it, first: dict) -> AsyncIterator[dict]:
+        tokens, ev = [], first
+        stream_end = p.started + self.opts.stream_timeout_s
+        while True:
+            if "token" not in ev:
+                ev.pop("first_token_s", None)
+                self._record(p, ev)
+                yield ev
+                return
+            tokens.append(ev["token"])
+            yield ev
+            left = stream_end - time.monotonic()
+            try:
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                ev = await asyncio.wait_for(it.__anext__(), left)
+            except asyncio.TimeoutError:
+                gen.cancel()
+                yield {"done": True, "tokens": tokens, "finish_reason": "length", "stopped": "stream_timeout",
+                       "seed": p.params["seed"], "prefill_s": 0.0, "translate_s": 0.0, "decode_s": 0.0}
+                return
 
     async def stream(self, p: Prepared) -> AsyncIterator[str]:
         """Server-sent events: ``data: {"token", "text"}`` per token, then ``event: done`` with the result."""
-        events = self.handles[p.req.target].options(stream=True).stream.remote(p.ids, p.params, self._handoff(p))
-        try:
-            async for ev in events:
-                if "token" in ev:
-                    piece = self._text([ev["token"]])
-                    yield f"data: {json.dumps({'token': ev['token'], 'text': piece})}\n\n"
-                else:
-                    yield f"event: done\ndata: {self._response(p, ev).model_dump_json()}\n\n"
-        except Exception as e:  # the stream has started: report in-band, the status line is already sent
-            yield f"event: error\ndata: {json.dumps({'detail': f'{type(e).__name__}: {e}'})}\n\n"
+        events = await self.events(p)
 
+        async def sse():
+            try:
+                async for ev in events:
+                    if "token" in ev:
+                        yield f"data: {json.dumps({'token': ev['token'], 'text': self.text([ev['token']])})}\n\n"
+                    else:
+                        yield f"event: done\ndata: {self._response(p, ev).model_dump_json()}\n\n"
+            except Exception as e:  # the stream has started: report in-band, the status line is already sent
+                yield f"event: error\ndata: {json.dumps({'detail': f'{type(e).__name__}: {e}'})}\n\n"
+
+        return sse()
+
+    # ------------------------------------------------------------ context store
+    async def add_context(self, model: str, ids: list[int]) -> StoredContext:
+        """Have ``model`` read ``ids`` and keep its Σ latent; an equal context already stored is reused."""
+        self._model(model, "model")
+        self._check_length(ids, "text")
+        if self.opts.store_bytes == 0:
+            raise RequestError(400, "the context store is disabled on this server (store_bytes: 0)", code="store_disabled")
+        key = ContextKey(token_digest(ids), self.members[model].fingerprint, self.adapters)
+        have = self.store.peek(key.id)
+        if have is not None:
+            return have
+        await self._check_running(model)
+        p = Prepared(model, model, "latent", "latent", None, ids, len(ids), {}, None, "/v1/contexts")
+        payload = await self._call(p, model, self.handles[model].encode_context.remote(ids))
+        self.metrics.observe("translate_seconds", p.route, payload["translate_s"])
+        ctx = StoredContext(key, list(ids), model, payload["keys"], payload["values"])
+        try:
+            self.store.put(ctx)
+        except StoreFullError as e:
+            raise RequestError(400, f"text: {e} (store_bytes); store a shorter context", param="text",
+                               code="context_too_large") from None
+        self.metrics.store(self.store.hits, self.store.misses, self.store.bytes, len(self.store))
+        return ctx
+
+    def context_info(self, ctx: StoredContext) -> dict:
+        return {"id": ctx.key.id, "object": "context", "model": ctx.source, "tokens": len(ctx.token_ids),
+                "positions": ctx.positions, "bytes": ctx.nbytes, "q_dim": ctx.keys.shape[-1],
+                "key": {"token_sha256": ctx.key.tokens, "source_fingerprint": ctx.key.source,
+                        "adapters_sha256": ctx.key.adapters}}
+
+    # ------------------------------------------------------------ mixed schedules
     async def mixed(self, req: MixedRequest) -> MixedResponse:
         """Run a schedule; consecutive segments of one model are merged (its cache simply continues)."""
         merged: list[list] = []
@@ -183,9 +432,11 @@ class PoolIngress:
         total = sum(n for _, n in merged)
         self._n(total, "schedule (total max_new_tokens)")
         ids = self._ids(req.prompt)
+        self._check_length(ids)
         seed = _seed(req.seed)
         params = dict(max_new_tokens=total, temperature=req.temperature, top_p=req.top_p, seed=seed,
                       stop_at_eos=not req.ignore_eos)
+        p = Prepared(merged[0][0], None, "none", "none", None, ids, 0, params, None, "/v1/generate/mixed")
         pending, state = ids[-1], None
         history: list[tuple[str, dict]] = []  # (model that computed them, its export) per segment, in order
         tokens, owners, switches = [], [], []
@@ -197,7 +448,9 @@ class PoolIngress:
             read = max((i + 1 for i, (owner, _) in enumerate(history) if owner == name), default=0)
             switches += [SwitchInfo(source=owner, target=name, positions=out["positions"])  # newly translated
                          for owner, out in history[read:]]
-            out = await self.handles[name].segment.remote(ids, pending, n, params, state, context, not last)
+            await self._check_running(name)
+            out = await self._call(p, name, self.handles[name].segment.remote(ids, pending, n, params, state,
+                                                                              context, not last))
             tokens += out["tokens"]
             owners += [name] * len(out["tokens"])
             prefill_s += out["prefill_s"]
@@ -208,6 +461,7 @@ class PoolIngress:
                 break
             pending, state = out["tokens"][-1], out["generator_state"]
             history.append((name, out))
-        return MixedResponse(text=self._text(tokens), tokens=tokens, models=owners, switches=switches,
+        self.metrics.observe("translate_seconds", p.route, translate_s)
+        return MixedResponse(text=self.text(tokens), tokens=tokens, models=owners, switches=switches,
                              prompt_tokens=len(ids), new_tokens=len(tokens), finish_reason=finished, seed=seed,
                              timings=_timings(prefill_s, translate_s, decode_s))

@@ -4,8 +4,12 @@ A replica holds one frozen model and the shared space's adapters. It can
 
 * prefill a prompt and hand its cache out: into Σ (``export_latent``, ``IN_self``) or raw
   (``export_block``, for the identity hand-off);
-* take a handed-over cache (a Σ block, decoded with ``OUT_self``, or a raw block), or
-  re-read the prompt itself, and decode from it (``generate``, ``stream``);
+* take a handed-over cache (a Σ block, decoded with ``OUT_self``, or a raw block) of the
+  first ``positions`` prompt tokens, read the rest of the prompt itself, and decode
+  (``generate``, ``stream``); or re-read the whole prompt itself;
+* encode a whole context into Σ for the context store (``encode_context``) and keep the
+  caches it decoded from stored contexts (``OUT_self`` once per context, LRU within
+  ``ServeOptions.decoded_cache_bytes``);
 * run one segment of a mixed schedule: rebuild its cache from the segments so far (its own
   raw, the others' in Σ, each encoded once by the model that computed it) and export the
   positions it computed, raw and into Σ (``segment``).
@@ -22,7 +26,7 @@ from typing import Any, Iterator
 
 import torch
 
-from kvlingua.cache import KVBlock, block_from_cache, check_block_fits
+from kvlingua.cache import KVBlock, block_from_cache, cache_kwargs, check_block_fits, extract_prefix
 from kvlingua.config import from_dict
 from kvlingua.generate import (
     GenerationParams,
@@ -37,6 +41,7 @@ from kvlingua.generate import (
 from kvlingua.models import load_frozen
 from kvlingua.pool import PoolMismatchError, load_pool, verify_member
 from kvlingua.space import LatentBlock
+from kvlingua.store import LRUBytes, tensor_bytes
 from serve_apps.options import ServeOptions
 
 Payload = dict[str, Any]
@@ -71,6 +76,23 @@ class PoolModelServer:
         self.name = name
         self.summary = member.summary
         self.space = pool.space.eval().requires_grad_(False)
+        self.decoded: LRUBytes[KVBlock] = LRUBytes(opts.decoded_cache_bytes, lambda b: tensor_bytes(b.keys, b.values))
+        self.decoded_hits = 0
+
+    def ping(self) -> str:
+        """Liveness: answers once this replica is up."""
+        return self.name
+
+    # ------------------------------------------------------------ context store
+    @torch.no_grad()
+    def encode_context(self, ids: list[int]) -> Payload:
+        """Prefill all of ``ids`` and encode it into Σ: ``{"kind": "latent", keys/values [1, C, Q]}``."""
+        t0 = time.perf_counter()
+        block = extract_prefix(self.model, as_prompt(ids))  # [1, C, L, D]
+        t1 = time.perf_counter()
+        payload = self._latent_payload(block)
+        payload.update(prefill_s=t1 - t0, translate_s=time.perf_counter() - t1)
+        return payload
 
     # ------------------------------------------------------------ hand-off out
     @torch.no_grad()
@@ -100,10 +122,24 @@ class PoolModelServer:
 
     # ------------------------------------------------------------ hand-off in
     def _payload_block(self, payload: Payload) -> KVBlock | None:
-        """A handed-over cache in this model's layout ``[1, S, L, D]``: Σ payloads are decoded (``OUT_self``)."""
+        """A handed-over cache in this model's layout ``[1, S, L, D]``: Σ payloads are decoded (``OUT_self``).
+
+        A stored context (``context_id`` set) is decoded once and kept (LRU) for later requests.
+        """
+        key = payload.get("context_id")
+        if key is not None:
+            block = self.decoded.get(key)
+            if block is not None:
+                self.decoded_hits += 1
+                return block
         if payload["kind"] == "latent":
             latent = LatentBlock(payload["keys"], payload["values"])  # [1, S, Q]
-            return None if latent.keys.shape[1] == 0 else self.space.decode(latent, self.name)  # [1, S, L, D]
+            if latent.keys.shape[1] == 0:
+                return None
+            block = self.space.decode(latent, self.name)  # [1, S, L, D]
+            if key is not None and tensor_bytes(block.keys, block.values) <= self.decoded.budget:
+                self.decoded.put(key, block)
+            return block
         if payload["kind"] == "block":
             block = KVBlock(payload["keys"], payload["values"], payload["n_kv_heads"])  # [1, S, L, D]
             check_block_fits(block, self.summary, f"model {self.name!r}")
@@ -112,31 +148,46 @@ class PoolModelServer:
 
     @torch.no_grad()
     def _start(self, prompt: torch.Tensor, handoff: Payload | None) -> tuple[Any, dict[str, float]]:
-        """A fresh cache for this request: re-read ``prompt[:-1]`` (None) or take a handed-over one."""
+        """A fresh cache holding ``prompt[:-1]``: re-read it all (None), or take the handed-over first
+        ``handoff["positions"]`` positions (default: all it carries) and read the rest here."""
         if handoff is None:
             t0 = time.perf_counter()
             block = prefill(self.model, prompt)  # [1, P-1, L, D]
             return model_cache(self.model, block), {"prefill_s": time.perf_counter() - t0, "translate_s": 0.0}
-        times = {"prefill_s": handoff["prefill_s"], "translate_s": handoff["translate_s"]}
+        times = {"prefill_s": handoff.get("prefill_s", 0.0), "translate_s": handoff.get("translate_s", 0.0)}
         t0 = time.perf_counter()
-        cache = model_cache(self.model, self._payload_block(handoff))
+        block = self._payload_block(handoff)  # [1, C, L, D] or None
+        h = min(handoff.get("positions", block.seq_len if block is not None else 0), prompt.shape[1] - 1)
+        if block is not None and h < block.seq_len:
+            block = block.map(lambda t: t[:, :h])  # [1, h, L, D]: causal adapters, so a prefix of the decoded block
+        cache = model_cache(self.model, block)
         times["translate_s"] += time.perf_counter() - t0
+        rest = prompt[:, h:-1].to(self.model.device)  # [1, P-1-h]: read by this model after the handed-over part
+        if rest.shape[1] > 0:
+            t0 = time.perf_counter()
+            self.model(input_ids=rest, use_cache=True, **cache_kwargs(self.model, cache))
+            times["prefill_s"] += time.perf_counter() - t0
         return cache, times
 
     def _tokens(self, prompt_ids: list[int], params: dict, handoff: Payload | None) -> Iterator[dict]:
         p = GenerationParams(**params)
         prompt = as_prompt(prompt_ids)  # [1, P]
         generator, seed = make_generator(p.seed, self.model.device)
+        begin = time.perf_counter()
+        upstream = (handoff or {}).get("prefill_s", 0.0) + (handoff or {}).get("translate_s", 0.0)
         cache, times = self._start(prompt, handoff)
         stops = eos_ids(self.model)
         t0 = time.perf_counter()
         tokens: list[int] = []
+        first_token_s = None
         for token in sample_tokens(self.model, cache, int(prompt[0, -1]), p, generator, stop_ids=stops):
+            if first_token_s is None:  # the source's share (prefill, IN) + ours (OUT, reading, first step)
+                first_token_s = upstream + time.perf_counter() - begin
             tokens.append(token)
             yield {"token": token}
         finished = "eos" if p.stop_at_eos and tokens and tokens[-1] in stops else "length"
         yield {"done": True, "tokens": tokens, "finish_reason": finished, "seed": seed,
-               "decode_s": time.perf_counter() - t0, **times}
+               "decode_s": time.perf_counter() - t0, "first_token_s": first_token_s or 0.0, **times}
 
     def generate(self, prompt_ids: list[int], params: dict, handoff: Payload | None = None) -> dict:
         """Decode after a hand-off (``None``: re-read the prompt); returns tokens and timings."""

@@ -1,8 +1,9 @@
 """Request and response bodies of the HTTP API (pydantic; FastAPI derives the OpenAPI schema).
 
-Types are strict (``"5"`` is not an integer) and unknown fields are refused, so a
-malformed request is answered 422 naming the field. Limits that depend on the served
-options (prompt length, ``max_new_tokens`` ceiling) are checked by the routes (400).
+Types are strict (``"5"`` is not an integer), non-finite numbers (``NaN``, ``Infinity``)
+and unknown fields are refused, so a malformed request is answered 422 naming the field.
+Limits that depend on the served options (prompt length, ``max_new_tokens`` ceiling) are
+checked by the routes (400). The OpenAI-compatible bodies are in :mod:`serve_apps.openai_schemas`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+Handoff = Literal["latent", "text", "identity"]
+ContextId = Field(None, min_length=1, max_length=64, pattern=r"^[0-9a-f]+$",
+                  description="id of a stored context (POST /v1/contexts): the prompt continues after it")
 
 
 class Sampling(_Strict):
@@ -27,8 +33,14 @@ class GenerateRequest(Sampling):
     target: str = Field(..., description="model that writes the answer")
     prompt: str | list[int] = Field(..., description="text, or token ids of the pool's tokenizer")
     max_new_tokens: int = Field(32, ge=1, description="tokens to generate at most")
-    handoff: Literal["latent", "text", "identity"] = Field("latent", description="how the prompt's cache reaches target")
+    handoff: Handoff = Field("latent", description="how the prompt's cache reaches target")
     stream: bool = Field(False, description="answer with server-sent events, one per token")
+    strict: bool = Field(False, description="refuse (400) instead of falling back to text when a latent hand-off "
+                                            "is outside what the pool was trained for")
+    context_id: str | None = ContextId
+    handoff_tokens: int | None = Field(None, ge=1, description="leading prompt tokens the source reads and hands "
+                                                               "over; the target reads the rest (default: all but the last)")
+    use_store: bool = Field(True, description="reuse a stored context the prompt starts with (latent hand-off)")
 
 
 class Segment(_Strict):
@@ -52,6 +64,9 @@ class GenerateResponse(BaseModel):
     source: str | None
     target: str
     handoff: str
+    handoff_used: str
+    handoff_reason: str | None = None
+    context_id: str | None = None
     text: str | None
     tokens: list[int]
     prompt_tokens: int

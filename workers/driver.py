@@ -66,12 +66,17 @@ def connect(address: str | None = None) -> None:
         ray.init(include_dashboard=False, runtime_env=runtime_env)
 
 
-def check_resources(wants: list[tuple[str, int, dict[str, float]]], what: str) -> None:
+TRAIN_HINT = ("Lower the reservations (ray.num_workers, ray.worker_num_cpus, ray.host.num_cpus, "
+              "ray.host.num_gpus, ray.use_gpu), or add nodes.")
+
+
+def check_resources(wants: list[tuple[str, int, dict[str, float]]], what: str, hint: str = TRAIN_HINT) -> None:
     """Raise :class:`ClusterResourceError` naming what is short, before anything waits on resources.
 
     Args:
         wants: ``(who, how many, resources each)``, e.g. ``RayConfig.requested(n_models)``.
         what: the job, for the message (e.g. ``"this run (hosted, 2 models, 1 worker)"``).
+        hint: what to do about it, appended to the message.
     """
     have = ray.cluster_resources()
     need: dict[str, float] = {}
@@ -84,9 +89,7 @@ def check_resources(wants: list[tuple[str, int, dict[str, float]]], what: str) -
         if count and not any(all(node.get(k, 0) + 1e-9 >= v for k, v in each.items()) for node in nodes):
             short.append(f"no node can hold a {who} ({', '.join(f'{k}={v:g}' for k, v in each.items() if v)})")
     if short:
-        raise ClusterResourceError(f"the Ray cluster cannot run {what}: " + "; ".join(short)
-                                   + ". Lower the reservations (ray.num_workers, ray.worker_num_cpus, ray.host.num_cpus, "
-                                   "ray.host.num_gpus, ray.use_gpu), or add nodes.")
+        raise ClusterResourceError(f"the Ray cluster cannot run {what}: " + "; ".join(short) + ". " + hint)
 
 
 def check_run_resources(job: TrainJob, cfg: RayConfig) -> None:

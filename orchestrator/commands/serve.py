@@ -11,17 +11,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a trained pool for cross-model generation over HTTP (Ray Serve)",
         description="Deploy one Ray Serve deployment per pool model and a FastAPI ingress "
-        "(GET /v1/models, POST /v1/generate, POST /v1/generate/mixed, GET /healthz, OpenAPI at /docs). "
-        "Blocks until Ctrl-C, then shuts Serve down.",
+        "(OpenAI-compatible POST /v1/completions and /v1/chat/completions, GET /v1/models, the Σ context store "
+        "/v1/contexts, POST /v1/generate, POST /v1/generate/mixed, GET /healthz, GET /metrics, OpenAPI at /docs). "
+        "On a Ray started here, model replicas share the machine's CPUs; on a cluster (--address), the "
+        "resources are checked before deploying. Blocks until Ctrl-C, then shuts Serve down.",
     )
     p.add_argument("pool_dir", metavar="POOL_DIR", help="trained pool directory (pool.json, adapters, tokenizer/)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.add_argument("--replicas", type=int, default=1, help="replicas per model deployment (default: 1)")
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved per model replica (default: 1)")
+    p.add_argument("--num-cpus", type=float, default=None,
+                   help="CPUs reserved per model replica (default: 1, lowered on a Ray started here so every "
+                   "replica fits the machine)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (default: 0)")
     p.add_argument("--max-prompt-tokens", type=int, default=512, help="longest prompt accepted (default: 512)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="largest max_new_tokens a request may ask for")
+    p.add_argument("--request-timeout", type=float, default=60.0, metavar="S",
+                   help="deadline of a request in seconds; past it the answer is 504 (default: 60)")
+    p.add_argument("--max-pending", type=int, default=64,
+                   help="requests held at once; more are answered 503 with Retry-After (default: 64)")
+    p.add_argument("--store-mb", type=float, default=256.0,
+                   help="byte budget of the Σ context store in MiB, LRU beyond it (default: 256; 0 disables it)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--models-root", default=None, metavar="DIR",
                    help="where the pool's models are now, if they moved since training: each model is looked for "
@@ -34,34 +44,46 @@ def _interrupt(signum, frame):
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from kvlingua.config import ConfigError
     from kvlingua.pool import read_pool_meta
-    from serve_apps.options import ServeOptions
+    from serve_apps.options import ServeOptions, fit_to_machine
 
     try:
-        options = ServeOptions(num_replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                               max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                               models_root=args.models_root)
+        options = ServeOptions(num_replicas=args.replicas, num_cpus=1.0 if args.num_cpus is None else args.num_cpus,
+                               num_gpus=args.num_gpus, max_prompt_tokens=args.max_prompt_tokens,
+                               max_new_tokens=args.max_new_tokens, models_root=args.models_root,
+                               request_timeout_s=args.request_timeout, max_pending_requests=args.max_pending,
+                               store_bytes=int(args.store_mb * 2**20))
     except ValueError as e:
         raise ConfigError(f"serve options: {e}") from e
-    read_pool_meta(args.pool_dir)  # not a pool: refused before Ray is imported
+    n_models = len(read_pool_meta(args.pool_dir)["members"])  # not a pool: refused before Ray is imported
 
     import serve_apps  # noqa: F401  (Ray's environment before ``import ray``)
     import ray
     from ray import serve
 
     from serve_apps.app import build_app
+    from workers.driver import check_resources
 
-    app = build_app(args.pool_dir, options)  # the pool and its models checked before Ray starts
+    embedded = args.address is None and not os.environ.get("RAY_ADDRESS")
     # Ctrl-C and SIGTERM both end the loop below (SIGINT is ignored in background jobs unless reset).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     ray.init(address=args.address, include_dashboard=False)
     try:
+        if embedded and args.num_cpus is None:
+            options = fit_to_machine(options, n_models, ray.cluster_resources().get("CPU", 1.0))
+        check_resources(options.requested(n_models),
+                        f"this pool ({n_models} models x {options.num_replicas} replicas, "
+                        f"{options.num_cpus:g} CPU / {options.num_gpus:g} GPU each)",
+                        hint="Lower --num-cpus / --num-gpus / --replicas, or add nodes.")
+        app = build_app(args.pool_dir, options)  # the pool and its models checked before deploying
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name="kvlingua", route_prefix="/")
-        print(f"kvlingua serve: {args.pool_dir} at http://{args.host}:{args.port} (docs: /docs); Ctrl-C to stop",
-              flush=True)
+        print(f"kvlingua serve: {args.pool_dir} at http://{args.host}:{args.port} (docs: /docs; "
+              f"{n_models} models, {options.num_cpus:g} CPU per replica); Ctrl-C to stop", flush=True)
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:

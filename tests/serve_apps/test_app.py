@@ -2,57 +2,20 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import threading
 import time
 
 import pytest
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-import serve_apps  # noqa: E402,F401  (Ray's environment before ``import ray``)
-
 httpx = pytest.importorskip("httpx")
-import ray  # noqa: E402
 import torch  # noqa: E402
-from ray import serve  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from kvlingua.generate import GenerationParams, handoff_generate, mixed_generate  # noqa: E402
 from kvlingua.pool import load_pool  # noqa: E402
-from serve_apps.app import build_app  # noqa: E402
-from serve_apps.options import ServeOptions  # noqa: E402
-from tests.serve_apps.tiny_pool import build_tiny_pool  # noqa: E402
 
 pytestmark = pytest.mark.ray
 PROMPT = "the cat sat on the mat and"
-LIMITS = dict(max_prompt_tokens=64, max_new_tokens=64)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def pool_dir(tmp_path_factory):
-    return build_tiny_pool(tmp_path_factory.mktemp("served"))
-
-
-@pytest.fixture(scope="module")
-def server(pool_dir):
-    """Base URL of the app served on a free loopback port; Serve and Ray are shut down afterwards."""
-    ray.init(num_cpus=2, include_dashboard=False)
-    port = _free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(pool_dir, ServeOptions(num_cpus=0.5, **LIMITS)), name="kvlingua", route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            yield client
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +32,18 @@ def post(client, body, path="/v1/generate"):
 
 
 def test_health_models_and_openapi(server, pool_dir):
-    assert server.get("/healthz").json() == {"status": "ok", "models": ["a", "b", "c"]}
-    listed = server.get("/v1/models").json()
+    health = server.get("/healthz")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "models": ["a", "b", "c"],
+                             "replicas": {"a": "RUNNING", "b": "RUNNING", "c": "RUNNING"}}
+    listed = server.get("/v1/pool").json()
     meta = json.loads((pool_dir / "pool.json").read_text())
     assert [(m["name"], m["num_layers"], m["fingerprint"]) for m in listed["models"]] == [
         (m["name"], m["summary"]["num_layers"], m["fingerprint"]) for m in meta["members"]]
     assert listed["q_dim"] == meta["space"]["q_dim"] and listed["max_prompt_tokens"] == 64
     paths = server.get("/openapi.json").json()["paths"]
-    assert {"/healthz", "/v1/models", "/v1/generate", "/v1/generate/mixed"} <= set(paths)
+    assert {"/healthz", "/v1/models", "/v1/pool", "/v1/generate", "/v1/generate/mixed", "/v1/completions",
+            "/v1/chat/completions", "/v1/contexts", "/metrics"} <= set(paths)
 
 
 def test_text_handoff_greedy_equals_transformers_generate(server, pool_dir):
