@@ -48,6 +48,7 @@ def plot_history(
     out_png: str | Path,
     references: EvalResult | None = None,
     title: str = "Held-out suffix NLL during Σ training",
+    zero_shot: Sequence[str] = (),
 ) -> Path:
     """Plot eval NLL per path against training step, one panel per target model.
 
@@ -58,6 +59,8 @@ def plot_history(
         references: an :class:`EvalResult` to take base/control lines from when the
             history holds none.
         title: figure title.
+        zero_shot: names ``i->j`` of paths no training step used: drawn solid and thick, labelled
+            "(zero-shot)" (the paper's Figure 4), the trained paths thin and dashed.
 
     Returns:
         ``out_png`` as a Path. Raises ``ValueError`` if no history holds ``eval/nll/...``.
@@ -94,9 +97,11 @@ def plot_history(
             if t != tgt:
                 continue
             points = sorted(points)
-            label = " ".join(x for x in (run, f"{src}->{t}", cond) if x)
-            ax.plot([p[0] for p in points], [p[1] for p in points], run_style[run], color=colors[src],
-                    marker="o", markersize=3, label=label)
+            unseen = f"{src}->{t}" in set(zero_shot)
+            label = " ".join(x for x in (run, f"{src}->{t}", cond, "(zero-shot)" if unseen else "") if x)
+            style = "-" if unseen else ("--" if zero_shot else run_style[run])
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, color=colors[src],
+                    linewidth=2.5 if unseen else 1.2, marker="o", markersize=3, label=label)
         if (tgt, "base") in refs:
             ax.axhline(refs[(tgt, "base")], color="black", linestyle="--", linewidth=1, label=f"base ({tgt} own cache)")
         if (tgt, "control") in refs:

@@ -16,7 +16,7 @@ import sys
 
 from kvlingua.config import KvlinguaError
 
-COMMANDS = ("quickstart", "data", "fetch", "pretrain", "train", "eval", "tune", "serve", "plan")
+COMMANDS = ("quickstart", "data", "fetch", "pretrain", "train", "eval", "tune", "serve", "plan", "paper", "modules")
 
 
 def _available(name: str) -> bool:

@@ -40,7 +40,7 @@ from tune_spaces.spaces import apply_params, resolve_space, validate_trials
 from tune_spaces.sweep_config import SweepConfig
 from tune_spaces.trial import TrialContext, run_trial
 from workers.driver import NAMESPACE, check_resources, connect
-from workers.host import spawn_hosts
+from workers.host import spawn_hosts, tensor_to_wire
 from workers.run_config import RunConfig, load_run_config, resolve_models, to_job
 
 EXPERIMENT = "tune"
@@ -110,16 +110,17 @@ def _warm_blocks(hosts: dict, jobs: list[TrainJob]) -> int:
             for m in job.models:
                 want(m, b.prefix(m))
                 want(m, b.control_prefix(m))  # evaluate()'s control prefix
-    refs = [hosts[m].prefix_block.remote(ids) for (m, _), ids in requests.items()]
+    refs = [hosts[m].prefix_block.remote(tensor_to_wire(ids)) for (m, _), ids in requests.items()]
     ray.get(refs)
     return len(requests)
 
 
-def _parent_run(cfg: SweepConfig, base: RunConfig, sweep_dir: Path, state: dict) -> TrackerHandle | None:
-    """The sweep's tracked run (created once, reused on resume); None when tracking is off."""
+def _parent_run(cfg: SweepConfig, base: RunConfig, sweep_dir: Path, state: dict,
+                above: TrackerHandle | None = None) -> TrackerHandle | None:
+    """The sweep's tracked run (created once, reused on resume; nested under ``above``); None when tracking is off."""
     if state.get("parent") or not base.tracking.enabled:
         return state.get("parent")
-    parent = base.tracking.open(sweep_dir, cfg.name, tags={"kvlingua.sweep": cfg.name})
+    parent = base.tracking.open(sweep_dir, cfg.name, parent=above, tags={"kvlingua.sweep": cfg.name})
     parent.log_params({"sweep": to_dict(cfg)})
     return parent.handle()
 
@@ -147,8 +148,8 @@ def _tuner(cfg: SweepConfig, trainable, grid: dict, kwargs: dict, sweep_dir: Pat
                       tune_config=tune_config, run_config=run_config)
 
 
-def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True, callbacks: list | None = None
-              ) -> dict[str, Any]:
+def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True, callbacks: list | None = None,
+              parent: TrackerHandle | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep; returns the summary also written to ``<sweep_dir>/sweep.json``.
 
     Args:
@@ -156,6 +157,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True, 
         resume: restore the interrupted Tune experiment of ``cfg``'s sweep directory.
         progress: Tune's progress table.
         callbacks: extra ``tune.Callback`` objects (kept with the experiment on resume).
+        parent: a tracked run to nest the sweep's run under (e.g. ``kvlingua paper``'s).
 
     Returns:
         ``{"complete", "trials", "extractions", "blocks", "files", "best", ...}``; ``complete`` is
@@ -181,7 +183,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True, 
                      ("trial", 1, {"CPU": cfg.trial_cpus, "GPU": cfg.trial_gpus})],
                     f"sweep {cfg.name!r} ({len(models)} model hosts beside one trial; lower trial_cpus/trial_gpus "
                     "or ray.host in the base config)")
-    parent = _parent_run(cfg, base, sweep_dir, state)
+    parent = _parent_run(cfg, base, sweep_dir, state, parent)
     state.update(parent=parent, extractions=int(state.get("extractions", 0)))
     state_file.write_text(json.dumps(state, indent=1, default=str) + "\n")  # a hard kill can still be resumed
     host_prefix = f"tune-{cfg.name}-{uuid.uuid4().hex[:8]}-"

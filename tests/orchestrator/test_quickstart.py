@@ -96,7 +96,7 @@ def test_eval_cli_ablates_the_trained_stack(smoke_run, tmp_path, capsys):
         assert main(["eval", str(run_dir / "pool"), "--ablate-stack", "--out", str(tmp_path)]) == 0
     finally:
         mp.undo()
-    result = json.loads((tmp_path / "eval-validation.json").read_text())
+    result = json.loads((tmp_path / "eval-test.json").read_text())
     row = result["paths"]["seed0->seed1"]
     assert {"translator", "translator-no-stack", "linear"} <= set(row)
     # the re-evaluated translator matches the training run's own table (same held-out batches)

@@ -1,0 +1,147 @@
+"""``docs/results/paper.md``, generated from a results directory of ``kvlingua paper`` (never hand edited).
+
+Each experiment's folder ``<results>/<section>/`` holds ``result.json`` (written when the
+experiment finished): its wall time, its evaluations on the test split (label -> ``eval.json``),
+its training histories, for sweeps the group chosen per swept value on validation, and what the
+sliding window hides. :func:`write_paper_report` turns them into one Markdown page with,
+per experiment, the paper's numbers beside ours, every paired comparison (difference ± standard
+error over held-out batches), the verdict that follows (:mod:`kvlingua.paper.claims`), the wall
+time, the exact command to rerun it, and its plot beside the page.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from kvlingua.evaluate import EvalResult
+from kvlingua.paper.claims import run_check, verdict
+from kvlingua.paper.experiments import PaperExperiment
+from kvlingua.report import plot_history
+
+RESULT_FILE = "result.json"
+
+
+def read_result(results: Path, section: str) -> tuple[dict, dict[str, EvalResult], dict[str, list]] | None:
+    """``(result.json, evaluations, histories)`` of a finished experiment; None when it has not finished."""
+    f = results / section / RESULT_FILE
+    if not f.is_file():
+        return None
+    res = json.loads(f.read_text())
+    evals = {k: EvalResult.from_dict(json.loads((results / section / v).read_text())) for k, v in res["evals"].items()}
+    hists = {k: json.loads((results / section / v).read_text()) for k, v in res.get("histories", {}).items()}
+    return res, evals, hists
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else (
+        "never" if isinstance(x, float) and math.isinf(x) else f"{x:.{digits}f}")
+
+
+def _plot(exp: PaperExperiment, res: dict, evals: dict[str, EvalResult], hists: dict[str, list], png: Path) -> Path | None:
+    if exp.kind == "train":
+        main = res.get("main_space", "translator")
+        hist = {name: h for name, h in hists.get("run", {}).items() if name == main} or hists.get("run", {})
+        if not hist:
+            return None
+        zero = [f"{p[0]}->{p[1]}" for p in evals["run"].paths if not evals["run"].is_trained(p)]
+        return plot_history(hist, png, references=evals["run"], zero_shot=zero,
+                            title=f"§{exp.section} ({exp.figure}): held-out (validation) suffix NLL per path")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from kvlingua.evaluate import paired_difference
+    from kvlingua.paper.claims import _mean_over_paths
+
+    labels = list(res["groups"])
+    fig = Figure(figsize=(6, 4), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    means, ses = [], []
+    for lab in labels:
+        series = _mean_over_paths(evals[lab], "translator")
+        m, se = paired_difference(series, [0.0] * len(series))
+        means.append(m)
+        ses.append(0.0 if math.isnan(se) else se)
+    ax.errorbar(range(len(labels)), means, yerr=[2 * s for s in ses], marker="o", capsize=4, label="Σ (test, ± 2 se)")
+    base = _mean_over_paths(evals[labels[0]], "base")
+    ax.axhline(sum(base) / len(base), color="black", linestyle="--", label="base (own cache), mean over targets")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel(exp.group_by)
+    ax.set_ylabel("suffix NLL per token, mean over paths")
+    ax.set_title(f"§{exp.section} ({exp.figure})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    return png
+
+
+def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | None, md_dir: Path) -> tuple[str, str]:
+    """The Markdown of one experiment and its overall verdict."""
+    got = read_result(results, exp.section)
+    cmd = f"kvlingua paper --only {exp.section}"
+    head = [f"## §{exp.section} — {exp.title} ({exp.figure})\n", f"**Claim (paper).** {exp.claim}\n",
+            f"**Paper's numbers.** {exp.paper}\n"]
+    if got is None:
+        return "\n".join(head + [f"**Not run yet.** Run `{cmd}` (estimated {exp.estimate_min:.0f} min on 2 cores).\n"]), "not run"
+    res, evals, hists = got
+    best_of = {"best": res["best"]} if res.get("best") else None
+    curves = {"run": hists.get("run", {}).get(res.get("main_space", "translator"), [])}
+    rows, comparisons = [], []
+    for check in exp.checks:
+        cs = run_check(check, evals, curves, best_of)
+        comparisons += cs
+        for c in cs:
+            rows.append(f"| {check.label} | {c.what} | {_fmt(c.a)} | {_fmt(c.b)} | {_fmt(c.diff)} ± {_fmt(c.se)} | "
+                        f"{check.relation} {check.tol:g} | {c.outcome} |")
+    v = verdict(comparisons)
+    n = next(iter(evals.values())).num_batches
+    lines = head + [f"**Verdict: {v}.** Each row is a paired comparison over the same {n} held-out batches of the "
+                    f"test split (difference a − b ± its standard error); a row holds when the difference is within "
+                    f"the tolerance by 2 standard errors, fails when it is outside by 2 standard errors.\n",
+                    "| claim | comparison | a (NLL) | b (NLL) | a − b ± se | needs | outcome |", "|---|---|---|---|---|---|---|",
+                    *rows, ""]
+    if res.get("best"):
+        lines.append(f"Sweep groups (each the best lr on the validation curve): " +
+                     ", ".join(f"{g} → trial {t}" for g, t in res["groups"].items()) +
+                     f"; best {exp.group_by} on validation: {res['best']}.\n")
+    if res.get("window"):
+        hidden = {m: w for m, w in res["window"].items() if w["hidden"] > 0}
+        lines.append("Sliding window: every suffix token sees the whole prefix on every layer.\n" if not hidden else
+                     "Sliding window hides " + ", ".join(f"{w['hidden']:.0%} of (suffix, prefix) token pairs on "
+                                                         f"{m}'s sliding layers (window {w['window']})"
+                                                         for m, w in hidden.items()) + ".\n")
+    lines.append(f"Wall time: {res['wall_s'] / 60:.1f} min (estimated {exp.estimate_min:.0f} min). "
+                 f"Rerun alone: `{cmd}`" + (" (smoke sizes: these numbers test the code path, not the claim)"
+                                            if res.get("smoke") else "") + "\n")
+    if plot_dir is not None:
+        png = _plot(exp, res, evals, hists, plot_dir / f"{exp.section}.png")
+        if png is not None:
+            lines.append(f"![§{exp.section}]({png.relative_to(md_dir).as_posix()})\n")
+    return "\n".join(lines), v
+
+
+def write_paper_report(experiments: dict[str, PaperExperiment], results: str | Path, out_md: str | Path,
+                       command: str = "kvlingua paper") -> Path:
+    """Generate the report of every experiment (finished or not) into ``out_md``; plots in ``<out_md stem>/``."""
+    results, out_md = Path(results), Path(out_md)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    plot_dir = out_md.parent / out_md.stem
+    sections, summary = [], []
+    total = 0.0
+    for sec, exp in experiments.items():
+        text, v = experiment_section(exp, results, plot_dir, out_md.parent)
+        sections.append(text)
+        got = read_result(results, sec)
+        wall = got[0]["wall_s"] / 60 if got else math.nan
+        total += 0 if math.isnan(wall) else wall
+        summary.append(f"| §{sec} | {exp.figure} | {exp.title} | {v} | {_fmt(wall, 1)} | {exp.estimate_min:.0f} |")
+    parts = ["# The paper, reproduced at CPU scale\n",
+             f"Generated by `{command}` from `{results}`; do not edit by hand. Every number is measured on the "
+             "**test** split; curves and selection use the validation split. Verdicts follow from the paired "
+             "differences (see `kvlingua/paper/claims.py`).\n",
+             "| section | paper | experiment | verdict | wall (min) | estimate (min) |", "|---|---|---|---|---|---|",
+             *summary, "", f"Total wall time of the finished experiments: {total:.1f} min.\n", *sections]
+    out_md.write_text("\n".join(parts))
+    return out_md
