@@ -1,0 +1,408 @@
+"""The module-portability experiment (paper §6, Figure 5 / Table 4) and the pieces its commands share.
+
+:class:`ModulesConfig` names a trained pool (Σ pre-trained by ``kvlingua train`` without the
+reconstruction loss), optionally a second one trained with it over the same models, the tasks,
+the prompt tuning and meta-training. :func:`prepare` loads the pool, builds the tasks and learns
+(or reuses, :class:`~kvlingua.modules.store.ModuleStore`) every model's modules;
+:func:`condition_nll` scores a condition per meta-test task. :func:`run_experiment` scores, for
+both directions of every pair of models, on the meta-test tasks:
+
+* ``none`` — the target with no prompt; ``random`` — the target's initial (untrained) soft
+  prompt, the lower bound; ``direct`` — a soft prompt learned on the target, the upper bound;
+* ``ported/<start>`` before meta-training, Σ from each start: ``pretrained`` (the pool),
+  ``pretrained-recon`` (the second pool), ``random`` (fresh adapters);
+* ``meta/<start>`` after meta-training from each start, and its curve against the number of
+  meta-train tasks seen (with the spread over meta-test tasks);
+
+and the share of the gap recovered, ``(NLL_random - NLL_x) / (NLL_random - NLL_direct)``.
+:func:`write_report` writes the Markdown, a JSON of every number and the Figure-5 plot.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from kvlingua.backend import LocalBackend, PoolBackend
+from kvlingua.cache import KVBlock
+from kvlingua.config import ConfigError, to_dict
+from kvlingua.home import data_home
+from kvlingua.modules.meta import MetaConfig, meta_train
+from kvlingua.modules.port import MODULES_KEY
+from kvlingua.modules.prompt import PromptConfig, init_prompts, prompt_block
+from kvlingua.modules.store import ModuleStore
+from kvlingua.modules.tasks import Task, TaskConfig, corpus_tasks, held_out_ids
+from kvlingua.pool import LoadedPool, PoolMismatchError, load_pool, save_pool, TOKENIZER_DIR
+from kvlingua.runtime import Runtime
+from kvlingua.space import SharedSpace
+from kvlingua.tracking import NullTracker, PrefixedTracker, Tracker
+
+STARTS = ("pretrained", "pretrained-recon", "random")
+
+
+@dataclass(frozen=True)
+class ModulesConfig:
+    """A modules run: pool, tasks, prompt tuning, meta-training (``configs/modules/*.yaml``)."""
+
+    pool: str
+    """A trained pool directory (``kvlingua train``; Σ pre-trained without the reconstruction loss)."""
+    pool_recon: str | None = None
+    """A pool over the same models whose Σ was trained with the reconstruction loss (Table 4); optional."""
+    out_dir: str = "runs/modules"
+    """Where results, the meta-trained pool and the MLflow store go."""
+    store: str | None = None
+    """Module store directory; default ``$KVLINGUA_HOME/modules``."""
+    results: str | None = "docs/results/modules.md"
+    """Where the experiment writes its Markdown (plot and JSON beside it); None: only into ``out_dir``."""
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    """The prompt-recovery tasks."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """Prompt tuning."""
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    """Meta-training (``meta.init`` is the start of ``kvlingua modules meta-train``)."""
+    starts: tuple[str, ...] = STARTS
+    """Σ starts the experiment scores before and after meta-training (``pretrained-recon`` needs ``pool_recon``)."""
+    eval_batch: int = 64
+    """Tasks scored per forward."""
+    threads: int = 2
+    """torch threads."""
+    tracking: bool = True
+    """Record meta-training in MLflow (``<out_dir>/mlflow.db``)."""
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.starts) - set(STARTS))
+        if not self.starts or bad:
+            raise ValueError(f"starts must be among {list(STARTS)}, got {list(self.starts)}")
+        if "pretrained-recon" in self.starts and self.pool_recon is None:
+            raise ValueError("starts names 'pretrained-recon' but pool_recon is not set")
+        if self.eval_batch < 1 or self.threads < 1:
+            raise ValueError("eval_batch and threads must be >= 1")
+
+    def store_dir(self) -> Path:
+        return Path(self.store) if self.store else data_home() / "modules"
+
+
+@dataclass
+class Setup:
+    """A pool with its tasks and every model's modules of them."""
+
+    pool: LoadedPool
+    backend: LocalBackend
+    train_tasks: list[Task]
+    test_tasks: list[Task]
+    train_blocks: dict[str, KVBlock]
+    """model -> blocks of its meta-train modules ``[T_train, p, L, D]``."""
+    test_blocks: dict[str, KVBlock]
+    """model -> blocks of its meta-test modules (the *direct* prompts) ``[T_test, p, L, D]``."""
+    random_blocks: dict[str, KVBlock]
+    """model -> blocks of its initial (untrained) prompts of the meta-test tasks."""
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+
+def load_modules_pool(path: str | Path) -> LoadedPool:
+    """A pool with models and tokenizer (prompt-recovery tasks need the tokenizer)."""
+    pool = load_pool(path)
+    if pool.tokenizer is None:
+        raise PoolMismatchError(f"{pool.root}: this pool has no tokenizer; modules need one to build the tasks")
+    return pool
+
+
+@torch.no_grad()
+def blocks_of(model, prompts: Tensor, chunk: int) -> KVBlock:
+    """:func:`prompt_block` of ``[T, p, H]`` prompts, ``chunk`` at a time; fp32 CPU ``[T, p, L, D]``."""
+    parts = [prompt_block(model, prompts[s:s + chunk]).map(lambda t: t.float().cpu()) for s in range(0, len(prompts), chunk)]
+    return KVBlock(torch.cat([b.keys for b in parts]), torch.cat([b.values for b in parts]), parts[0].n_kv_heads)
+
+
+def prepare(cfg: ModulesConfig, log: Callable[[str], None] = print, roles: Sequence[str] = ("meta-train", "meta-test"),
+            pool: LoadedPool | None = None) -> Setup:
+    """Load the pool, build the tasks of ``roles`` and learn (or reuse) every model's modules of them."""
+    pool = pool or load_modules_pool(cfg.pool)
+    backend = LocalBackend(pool.models)
+    fps = {m.name: m.fingerprint for m in pool.members}
+    store = ModuleStore(cfg.store_dir())
+    tasks = {role: corpus_tasks(pool.tokenizer, cfg.tasks, role) if role in roles else [] for role in ("meta-train", "meta-test")}
+    blocks: dict[str, dict[str, KVBlock]] = {"meta-train": {}, "meta-test": {}, "random": {}}
+    for name, model in pool.models.items():
+        for role, ts in tasks.items():
+            if not ts:
+                continue
+            mods = store.learn(name, model, ts, cfg.prompt, cfg.tasks.train_len, log=log, fingerprint=fps[name])
+            blocks[role][name] = blocks_of(model, torch.stack([m.prompt for m in mods]), cfg.eval_batch)
+        if tasks["meta-test"]:
+            init = init_prompts(model, [t.name for t in tasks["meta-test"]], cfg.prompt.length, cfg.prompt.seed)
+            blocks["random"][name] = blocks_of(model, init, cfg.eval_batch)
+    log(f"store: {store.root} ({len(tasks['meta-train'])} meta-train, {len(tasks['meta-test'])} meta-test tasks "
+        f"per model)")
+    return Setup(pool, backend, tasks["meta-train"], tasks["meta-test"], blocks["meta-train"], blocks["meta-test"],
+                 blocks["random"], fps)
+
+
+@torch.no_grad()
+def condition_nll(backend: PoolBackend, target: str, blocks: KVBlock | None, tasks: Sequence[Task], chunk: int,
+                  translate: Callable[[KVBlock], KVBlock] | None = None) -> Tensor:
+    """Mean held-out NLL per task ``[T]`` of ``target`` after ``blocks`` (row t before task t; None: no prompt),
+    each chunk passed through ``translate`` first when given (a path through Σ)."""
+    held = held_out_ids(tasks)  # [T, eval_len]
+    out = []
+    for s in range(0, len(tasks), chunk):
+        block = None
+        if blocks is not None:
+            block = KVBlock(blocks.keys[s:s + chunk], blocks.values[s:s + chunk], blocks.n_kv_heads)
+            block = translate(block) if translate is not None else block
+        out.append(backend.suffix_nll(target, block, held[s:s + chunk]).mean(dim=1))  # [chunk]
+    return torch.cat(out)
+
+
+def ported_nll(space: SharedSpace, setup: Setup, source: str, target: str, chunk: int) -> Tensor:
+    """Per meta-test task NLL of ``target`` after ``source``'s modules ported through ``space``."""
+    return condition_nll(setup.backend, target, setup.test_blocks[source], setup.test_tasks, chunk,
+                         lambda b: space.translate(b, source, target))
+
+
+def directions(names: Sequence[str]) -> list[tuple[str, str]]:
+    return [(i, j) for i in names for j in names if i != j]
+
+
+def fresh_space(pool: LoadedPool, seed: int) -> SharedSpace:
+    """Σ with the pool's config and fresh (random) adapters, seeded."""
+    torch.manual_seed(seed)
+    return SharedSpace(dict(pool.space.members), pool.space.cfg)
+
+
+def start_space(start: str, cfg: ModulesConfig, pool: LoadedPool) -> SharedSpace:
+    """The Σ a start names: the pool's, the reconstruction pool's, or a fresh one."""
+    if start == "random":
+        return fresh_space(pool, cfg.meta.train.seed)
+    if start == "pretrained":
+        return pool.space
+    other = load_pool(cfg.pool_recon, load_models=False)
+    ours = [(m.name, m.fingerprint) for m in pool.members]
+    if [(m.name, m.fingerprint) for m in other.members] != ours:
+        raise PoolMismatchError(f"{other.root}: pool_recon's models (names, fingerprints) differ from {pool.root}'s")
+    return other.space
+
+
+def copy_space(space: SharedSpace) -> SharedSpace:
+    twin = SharedSpace(dict(space.members), space.cfg)
+    twin.load_state_dict(space.state_dict())
+    return twin
+
+
+def save_meta_pool(out: str | Path, space: SharedSpace, pool: LoadedPool, cfg: ModulesConfig, start: str,
+                   tasks_seen: int) -> Path:
+    """Write a meta-trained pool: the pool's models and tokenizer, the meta-trained Σ, and in ``pool.json``
+    ``modules: {prompt_len, meta_train_tasks, tasks_seen, init, from}`` (what porting checks against)."""
+    record = {"prompt_len": cfg.prompt.length, "meta_train_tasks": cfg.tasks.meta_train, "tasks_seen": tasks_seen,
+              "init": start, "from": str(pool.root), "config": to_dict(cfg)}
+    extra = {MODULES_KEY: record, **({"job": pool.meta["job"]} if "job" in pool.meta else {})}
+    tok = pool.root / TOKENIZER_DIR if pool.tokenizer is not None else None
+    return save_pool(out, space, pool.members, tokenizer_dir=tok, extra=extra)
+
+
+def run_meta_training(cfg: ModulesConfig, *, runtime: Runtime | None = None, tracker: Tracker | None = None,
+                      progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Meta-train Σ from ``cfg.meta.init`` on this rank's share of the meta-train modules (learned beforehand or
+    here); rank 0 writes ``<out_dir>/pool-meta``. ``runtime`` (a Ray Train rank's) wins over ``tracker``."""
+    runtime = runtime or Runtime(tracker=tracker or NullTracker(), progress=progress)
+    setup = prepare(cfg, log if runtime.is_main else (lambda _: None), roles=("meta-train",))
+    space = copy_space(start_space(cfg.meta.init, cfg, setup.pool))
+    state = meta_train(space, setup.backend, setup.train_blocks, setup.train_tasks, cfg.meta, runtime=runtime)
+    seen = state.step * cfg.meta.batch_size * runtime.world_size
+    last = next((r["loss"] for r in reversed(state.history) if r["kind"] == "train"), float("nan"))
+    out = Path(cfg.out_dir) / "pool-meta"
+    if runtime.is_main:
+        save_meta_pool(out, space, setup.pool, cfg, cfg.meta.init, seen)
+    return {"init": cfg.meta.init, "tasks_seen": seen, "loss": last, "pool": str(out), "steps": state.step}
+
+
+def _stats(x: Tensor) -> dict:
+    q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75]))
+    return {"mean": float(x.mean()), "std": float(x.std()) if len(x) > 1 else 0.0, "q25": float(q[0]),
+            "median": float(q[1]), "q75": float(q[2])}
+
+
+def gap_recovered(nll: float, random: float, direct: float) -> float:
+    """``(random - nll) / (random - direct)``: 0 at the random prompt, 1 at the direct prompt (NaN without a gap)."""
+    gap = random - direct
+    return (random - nll) / gap if gap > 0 else math.nan
+
+
+def run_experiment(cfg: ModulesConfig, tracker: Tracker | None = None, log: Callable[[str], None] = print,
+                   progress: bool = True) -> dict:
+    """Every condition on the meta-test tasks for both directions, meta-training from each start; writes the report."""
+    tracker = tracker or NullTracker()
+    torch.set_num_threads(cfg.threads)
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    setup = prepare(cfg, log)
+    timing["modules_s"] = time.perf_counter() - t0
+    names, chunk = setup.pool.space.names, cfg.eval_batch
+    paths = directions(names)
+    per_task: dict[str, dict[str, list[float]]] = {f"{i}->{j}": {} for i, j in paths}
+    for i, j in paths:
+        row = per_task[f"{i}->{j}"]
+        row["none"] = condition_nll(setup.backend, j, None, setup.test_tasks, chunk).tolist()
+        row["random"] = condition_nll(setup.backend, j, setup.random_blocks[j], setup.test_tasks, chunk).tolist()
+        row["direct"] = condition_nll(setup.backend, j, setup.test_blocks[j], setup.test_tasks, chunk).tolist()
+    curves: dict[str, dict[str, list[dict]]] = {}
+    t1 = time.perf_counter()
+    tasks_per_step = cfg.meta.batch_size
+    for start in cfg.starts:
+        space = copy_space(start_space(start, cfg, setup.pool))
+        space.eval()
+        with torch.no_grad():
+            for i, j in paths:
+                per_task[f"{i}->{j}"][f"ported/{start}"] = ported_nll(space, setup, i, j, chunk).tolist()
+        curve: dict[str, list[dict]] = {f"{i}->{j}": [] for i, j in paths}
+
+        def eval_fn(step: int, space=space, curve=curve) -> dict[str, float]:
+            metrics = {}
+            for i, j in paths:
+                nll = ported_nll(space, setup, i, j, chunk)
+                curve[f"{i}->{j}"].append({"tasks_seen": step * tasks_per_step, **_stats(nll)})
+                metrics[f"meta_test/ported/{i}->{j}"] = float(nll.mean())
+            return metrics
+
+        state = meta_train(space, setup.backend, setup.train_blocks, setup.train_tasks, cfg.meta,
+                           runtime=Runtime(tracker=PrefixedTracker(tracker, start), progress=progress), eval_fn=eval_fn)
+        space.eval()
+        with torch.no_grad():
+            for i, j in paths:
+                per_task[f"{i}->{j}"][f"meta/{start}"] = ported_nll(space, setup, i, j, chunk).tolist()
+        curves[start] = curve
+        if start == cfg.starts[0]:
+            save_meta_pool(Path(cfg.out_dir) / "pool-meta", space, setup.pool, cfg, start, state.step * tasks_per_step)
+    timing["meta_s"] = time.perf_counter() - t1
+    timing["total_s"] = time.perf_counter() - t0
+    result = summarize(per_task, curves, cfg, setup, timing)
+    files = write_report(result, cfg)
+    for f in files.values():
+        tracker.log_artifact(f)
+    result["files"] = {k: str(v) for k, v in files.items()}
+    return result
+
+
+def summarize(per_task: dict, curves: dict, cfg: ModulesConfig, setup: Setup, timing: dict) -> dict:
+    """Statistics per direction and condition, the gap recovered, and the curves."""
+    table = {}
+    for path, conds in per_task.items():
+        stats = {c: _stats(torch.tensor(v)) for c, v in conds.items()}
+        rnd, direct = stats["random"]["mean"], stats["direct"]["mean"]
+        for c, s in stats.items():
+            s["gap_recovered"] = gap_recovered(s["mean"], rnd, direct)
+        for curve_start, curve in curves.items():
+            for point in curve[path]:
+                point["gap_recovered"] = gap_recovered(point["mean"], rnd, direct)
+        table[path] = stats
+    return {"table": table, "curves": curves, "per_task": per_task, "timing": {k: round(v, 1) for k, v in timing.items()},
+            "tasks": {"meta_train": len(setup.train_tasks), "meta_test": len(setup.test_tasks),
+                      "test_names": [t.name for t in setup.test_tasks]},
+            "config": to_dict(cfg), "pool": str(setup.pool.root)}
+
+
+CONDITION_NAMES = {
+    "none": "no prompt",
+    "random": "random prompt (lower bound)",
+    "direct": "direct prompt on the target (upper bound)",
+    "ported/pretrained": "ported, before meta-training, Σ pre-trained (no recon)",
+    "ported/pretrained-recon": "ported, before meta-training, Σ pre-trained with recon",
+    "ported/random": "ported, before meta-training, random Σ",
+    "meta/pretrained": "ported, after meta-training from pre-trained Σ (no recon)",
+    "meta/pretrained-recon": "ported, after meta-training from pre-trained Σ with recon",
+    "meta/random": "ported, after meta-training from random Σ",
+}
+
+
+def to_markdown(result: dict, plot_name: str | None) -> str:
+    cfg = result["config"]
+    lines = ["# Module portability (paper §6): Figure 5 / Table 4 at this machine's scale", "",
+             "Generated by `kvlingua modules experiment` — do not edit by hand.", "",
+             f"Pool: `{result['pool']}`. Tasks: {result['tasks']['meta_train']} meta-train and "
+             f"{result['tasks']['meta_test']} meta-test (corpus chapters, {', '.join(cfg['tasks']['langs'])}; "
+             f"meta-train from splits {cfg['tasks']['meta_train_splits']}, meta-test from "
+             f"{cfg['tasks']['meta_test_splits']}: no shared chapter). Soft prompts: p={cfg['prompt']['length']}, "
+             f"{cfg['prompt']['steps']} steps. Meta-training: {cfg['meta']['train']['steps']} steps of "
+             f"{cfg['meta']['batch_size']} tasks. Score: mean NLL per held-out token of the target "
+             f"({cfg['tasks']['eval_len']} held-out tokens per task), mean ± std over meta-test tasks; "
+             "gap recovered = (NLL_random − NLL) / (NLL_random − NLL_direct).", ""]
+    for path, stats in result["table"].items():
+        lines += [f"## {path}", "", "| condition | NLL mean ± std | median [q25, q75] | gap recovered |",
+                  "|---|---|---|---|"]
+        for c, s in stats.items():
+            gap = "—" if math.isnan(s["gap_recovered"]) else f"{s['gap_recovered']:.2f}"
+            lines.append(f"| {CONDITION_NAMES.get(c, c)} | {s['mean']:.3f} ± {s['std']:.3f} | "
+                         f"{s['median']:.3f} [{s['q25']:.3f}, {s['q75']:.3f}] | {gap} |")
+        lines.append("")
+    lines += ["## Headline: share of the gap recovered after meta-training (target ≥ 0.6)", "",
+              "| direction | " + " | ".join(f"meta/{s}" for s in result["curves"]) + " |",
+              "|---|" + "---|" * len(result["curves"])]
+    for path, stats in result["table"].items():
+        cells = [f"{stats[f'meta/{s}']['gap_recovered']:.2f}" for s in result["curves"]]
+        lines.append(f"| {path} | " + " | ".join(cells) + " |")
+    reached = all(stats[f"meta/{s}"]["gap_recovered"] >= 0.6 for stats in result["table"].values()
+                  for s in list(result["curves"])[:1])
+    lines += ["", f"Target (≥ 0.6 on both directions, from the first start): **{'reached' if reached else 'not reached'}**.",
+              ""]
+    if plot_name:
+        lines += [f"![ported NLL against meta-train tasks seen]({plot_name})", ""]
+    t = result["timing"]
+    lines += [f"Wall time: modules {t['modules_s']:.0f} s, meta-training and scoring {t['meta_s']:.0f} s, "
+              f"total {t['total_s']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Figure 5: ported NLL (mean, band q25–q75 over meta-test tasks) against meta-train tasks seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dirs = list(result["table"])
+    fig, axes = plt.subplots(1, len(dirs), figsize=(5.5 * len(dirs), 4), squeeze=False)
+    for ax, path_name in zip(axes[0], dirs):
+        stats = result["table"][path_name]
+        for start, curve in result["curves"].items():
+            pts = curve[path_name]
+            x = [p["tasks_seen"] for p in pts]
+            line, = ax.plot(x, [p["mean"] for p in pts], marker="o", ms=3, label=f"meta-trained from {start}")
+            ax.fill_between(x, [p["q25"] for p in pts], [p["q75"] for p in pts], color=line.get_color(), alpha=0.15)
+        for cond, style in (("random", ":"), ("direct", "--"), ("none", "-.")):
+            ax.axhline(stats[cond]["mean"], color="k", ls=style, lw=1, label=CONDITION_NAMES[cond])
+        ax.set_title(path_name)
+        ax.set_xlabel("meta-train tasks seen")
+        ax.set_ylabel("held-out NLL on meta-test tasks")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(result: dict, cfg: ModulesConfig) -> dict[str, Path]:
+    """``<out_dir>/modules.{json,md,png}`` and, with ``cfg.results``, the Markdown and plot there too."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "modules.json"}
+    files["json"].write_text(json.dumps(result, indent=1))
+    targets = [out / "modules.md"] + ([Path(cfg.results)] if cfg.results else [])
+    for i, md in enumerate(targets):
+        md.parent.mkdir(parents=True, exist_ok=True)
+        png = plot(result, md.with_suffix(".png"))
+        md.write_text(to_markdown(result, png.name))
+        files[f"markdown{i or ''}"], files[f"plot{i or ''}"] = md, png
+    return files
+
+
+def check_config_pool(cfg: ModulesConfig) -> None:
+    """One line when the config's pool is not there (before anything is loaded)."""
+    if not (Path(cfg.pool) / "pool.json").is_file():
+        raise ConfigError(f"pool: {cfg.pool} is not a trained pool directory (no pool.json); train one with "
+                          f"`kvlingua train`")
