@@ -51,6 +51,12 @@ def max_body_bytes(ingress: PoolIngress) -> int:
     return max(2**20, 8 * ingress.opts.max_prompt_chars)
 
 
+def route_path(request: Request) -> str:
+    """The request's path inside this app (without the route prefix Serve mounted it under)."""
+    path, root = request.url.path, request.scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 def error_response(path: str, status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
     """``{"detail": message}`` on kvlingua routes, OpenAI's error object on the OpenAI-compatible ones."""
@@ -95,19 +101,19 @@ def make_api(ingress: PoolIngress) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, exc: RequestError) -> JSONResponse:
-        return error_response(request.url.path, exc.status, exc.message, exc.param, exc.code, exc.headers)
+        return error_response(route_path(request), exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param, errors = validation_message(exc)
-        if is_openai_path(request.url.path):
-            return error_response(request.url.path, 400, message, param, "invalid_value")
+        if is_openai_path(route_path(request)):
+            return error_response(route_path(request), 400, message, param, "invalid_value")
         return JSONResponse(status_code=422, content={"detail": errors, "message": message})
 
     @app.middleware("http")
     async def bounded(request: Request, call_next):
         """Cap on pending requests (503 + Retry-After), body size (413), request counts by route and status."""
-        path = request.url.path
+        path = route_path(request)
         if path in _UNBOUNDED:
             return await call_next(request)
         if ingress.pending >= ingress.opts.max_pending_requests:
