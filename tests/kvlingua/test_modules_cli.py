@@ -116,3 +116,12 @@ def test_every_subcommand_has_help(capsys):
             main(["modules", sub, "--help"])
         assert e.value.code == 0
         assert "usage: kvlingua modules" in capsys.readouterr().out
+
+
+def test_meta_train_in_process_writes_a_pool_that_records_its_prompt_length(smoke, capsys):
+    root, over = smoke
+    assert main(["modules", "meta-train", "configs/modules/smoke.yaml", "--in-process", "--no-progress", "--init",
+                 "random", *over, "-o", f"out_dir={root / 'meta-only'}", "-o", "meta.train.steps=2"]) == 0
+    assert "8 tasks seen" in capsys.readouterr().out  # 2 steps x 4 tasks
+    meta = load_pool(root / "meta-only" / "pool-meta", load_models=False, verify=False).meta["modules"]
+    assert (meta["init"], meta["tasks_seen"], meta["prompt_len"]) == ("random", 8, 3)
