@@ -19,7 +19,7 @@ from kvlingua.data.tokenizer import load_tokenizer
 from kvlingua.data.views import DataConfig, parallel_chunks, token_chunks
 from kvlingua.evaluate import EvalConfig
 from kvlingua.paths import PathSampler
-from kvlingua.pool import main_space
+from kvlingua.rundir import main_space
 from kvlingua.schedule import epoch_order
 from kvlingua.space import SharedSpace
 from kvlingua.train import Batch, TrainConfig

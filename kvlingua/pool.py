@@ -1,4 +1,4 @@
-"""A trained pool on disk, its verified loading, and where a run keeps its pools.
+"""A trained pool on disk and its verified loading.
 
 A pool directory holds::
 
@@ -19,10 +19,7 @@ are still read.
 :class:`PoolMismatchError`, and a missing piece with a :class:`PoolNotFoundError`; both
 messages start with the file concerned (``<file>: <what is wrong>``).
 
-A training run writes one pool per trained space: the run's *main* space
-(:func:`main_space`) to ``<run>/pool``, every other space ``s`` to ``<run>/pool-<s>``
-(:func:`space_pool_dir`); :func:`read_run_pools` finds them all from the run directory
-or from any one of them.
+Where a training run keeps its pools (one per trained space) is :mod:`kvlingua.rundir`.
 """
 from __future__ import annotations
 
@@ -96,74 +93,6 @@ class LoadedPool:
     tokenizer: Any | None
     root: Path
     meta: dict = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- a run's pools
-def main_space(names: Iterable[str]) -> str:
-    """The space a run is about (its pool is ``<run>/pool``): ``translator`` if trained, else the first."""
-    names = list(names)
-    if not names:
-        raise ValueError("a run trains at least one space")
-    return "translator" if "translator" in names else names[0]
-
-
-def space_pool_dir(run_dir: str | Path, space: str, main: str) -> Path:
-    """Where a run keeps the pool of ``space``: ``<run>/pool`` for the main space, else ``<run>/pool-<space>``."""
-    return Path(run_dir) / ("pool" if space == main else f"pool-{space}")
-
-
-def read_run_pools(path: str | Path) -> dict[str, Path]:
-    """Every trained pool of a run that is on disk, space name -> pool directory, in the run's space order.
-
-    Args:
-        path: a run directory, or any pool directory of a run (the others are its siblings, placed by
-            :func:`space_pool_dir`). A pool with no recorded ``job`` (not written by a run) is a run of
-            its one space (``space_name``, else ``translator``); so is a pool copied away from its run
-            (its directory name is not the one its run gives it).
-
-    Raises:
-        PoolNotFoundError: ``path`` holds no ``pool.json`` and neither do ``pool/`` or ``pool-*/`` in it.
-        PoolMismatchError: a pool.json is unreadable, or a sibling holds another run's or space's pool,
-            or was trained over other models (names or fingerprints differ).
-    """
-    given = Path(path)
-    if (given / POOL_FILE).is_file():
-        pool_dir = given
-    else:
-        found = [d for d in [given / "pool", *sorted(given.glob("pool-*"))] if (d / POOL_FILE).is_file()]
-        if not found:
-            raise PoolNotFoundError(f"{given}: not a pool or run directory (no {POOL_FILE} in it, in pool/ "
-                                    f"or in pool-*/)")
-        pool_dir = found[0]
-    meta = read_pool_meta(pool_dir)
-    own = meta.get("space_name") or "translator"
-    job = meta.get("job")
-    spaces = job.get("spaces") if isinstance(job, dict) else None
-    if not isinstance(spaces, dict) or own not in spaces:
-        return {own: pool_dir}
-    main = main_space(spaces)
-    if pool_dir.name != space_pool_dir(pool_dir.parent, own, main).name:
-        return {own: pool_dir}  # copied away from its run: its siblings are not here
-    members = _member_ids(meta)
-    out = {}
-    for name in spaces:
-        d = pool_dir if name == own else space_pool_dir(pool_dir.parent, name, main)
-        if name != own and (d / POOL_FILE).is_file():
-            other = read_pool_meta(d)
-            if (other.get("run"), other.get("space_name")) != (meta.get("run"), name):
-                raise PoolMismatchError(
-                    f"{d / POOL_FILE}: holds space {other.get('space_name')!r} of run {other.get('run')!r}, but "
-                    f"run {meta.get('run')!r} ({pool_dir / POOL_FILE}) keeps its space {name!r} here")
-            if _member_ids(other) != members:
-                raise PoolMismatchError(f"{d / POOL_FILE}: its models (names, fingerprints) differ from those of "
-                                        f"{pool_dir / POOL_FILE}")
-        if (d / POOL_FILE).is_file():
-            out[name] = d
-    return out
-
-
-def _member_ids(meta: dict) -> list[tuple[Any, Any]]:
-    return [(e.get("name"), e.get("fingerprint")) for e in meta["members"]]
 
 
 # ---------------------------------------------------------------- model paths

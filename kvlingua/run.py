@@ -31,7 +31,8 @@ from kvlingua.config import to_dict
 from kvlingua.evaluate import evaluate, make_eval_fn
 from kvlingua.job import TrainJob, all_paths, allowed_paths, build_space, curve_batches, eval_batches, train_batches
 from kvlingua.models import load_frozen
-from kvlingua.pool import PoolMember, save_pool, space_pool_dir
+from kvlingua.pool import PoolMember, save_pool
+from kvlingua.rundir import space_pool_dir
 from kvlingua.report import write_report
 from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace

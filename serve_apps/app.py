@@ -14,27 +14,36 @@ from pathlib import Path
 from ray import serve
 
 from kvlingua.config import to_dict
-from kvlingua.pool import load_pool, verify_models
+from kvlingua.pool import LoadedPool, load_pool, verify_models
 from serve_apps.ingress import PoolIngress
 from serve_apps.model_server import PoolModelServer
 from serve_apps.options import ServeOptions
 
 
-def build_app(pool_dir: str | Path, options: ServeOptions = ServeOptions()) -> serve.Application:
-    """The Serve application for ``pool_dir``; checks the pool here so a bad one fails before deploying.
+def check_pool(pool_dir: str | Path, options: ServeOptions = ServeOptions()) -> LoadedPool:
+    """The pool at ``pool_dir`` (adapters, no models), checked as serving needs it, before any deployment.
 
-    With ``options.verify`` every model is loaded here once, in turn, to check its weight fingerprint
-    (a replica that failed the same check would surface as a failed deployment, not as a clear error).
-    ``options.models_root`` says where the models are if they moved since training.
+    With ``options.verify`` every model is loaded once, in turn, to check its weight fingerprint (a
+    replica that failed the same check would surface as a failed deployment, not as a clear error).
+    ``options.models_root`` says where the models are if they moved since training. Needs no Ray.
 
     Raises:
         kvlingua.pool.PoolNotFoundError: ``pool_dir`` is not a pool directory, or a file or model is missing.
         kvlingua.pool.PoolMismatchError: the pool is damaged or a model checkpoint no longer matches ``pool.json``.
     """
-    root = Path(pool_dir).resolve()
-    pool = load_pool(root, load_models=False, verify=options.verify, models_root=options.models_root)
+    pool = load_pool(Path(pool_dir).resolve(), load_models=False, verify=options.verify,
+                     models_root=options.models_root)
     if options.verify:
         verify_models(pool.members)
+    return pool
+
+
+def build_app(pool_dir: str | Path, options: ServeOptions = ServeOptions(),
+              pool: LoadedPool | None = None) -> serve.Application:
+    """The Serve application for ``pool_dir``; the pool is checked here (:func:`check_pool`) unless the
+    caller already did and passes it, so a bad one fails before deploying."""
+    root = Path(pool_dir).resolve()
+    pool = pool if pool is not None else check_pool(root, options)
     opts = to_dict(options)
     models = {}
     for m in pool.members:

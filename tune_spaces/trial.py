@@ -11,9 +11,10 @@ same route as every other entry point: :func:`kvlingua.run.train_spaces` over a
 directory (table, JSON, histories, trained pools).
 
 Reports (``tune.report``): every ``train.eval_every`` steps while the main space trains
-(``step``, ``eval_nll`` = mean held-out NLL over paths, ``eval_nll/<i>-><j>``; ASHA
-decides on these), except the last step, which is reported once, after the full
-evaluation, with ``final=True``. The trial logs to an MLflow run nested under the
+(``step``, ``eval_nll`` = mean NLL over paths on the curve split, ``eval_nll/<i>-><j>``; ASHA
+decides on these), except the last step, which is reported once, after the final
+evaluation, with ``final=True``: ``eval_nll`` again on the curve split (validation: what
+the sweep selects on) and the final table's ``test_eval_nll`` beside it. The trial logs to an MLflow run nested under the
 sweep's run (``mlflow.parentRunId``).
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ import torch
 from ray import tune
 
 from kvlingua.config import from_dict, to_dict
-from kvlingua.job import allowed_paths
+from kvlingua.evaluate import evaluate
+from kvlingua.job import allowed_paths, curve_batches
 from kvlingua.paths import path_name
 from kvlingua.run import finish, train_spaces
 from kvlingua.runtime import Runtime
@@ -85,7 +87,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     paths, main, last = allowed_paths(job), job.main_space, job.train_for(job.main_space).steps
 
     def on_eval(space: str, step: int, metrics: dict[str, float]) -> None:
-        if space == main and step < last:  # the last step is reported once, with the full evaluation
+        if space == main and step < last:  # the last step is reported once, after the final evaluation
             nll = {path_name(p): metrics[f"eval/nll/{path_name(p)}"] for p in paths}
             tune.report({"step": step, "final": False, "mlflow_run_id": run_id, **path_metrics(nll)})
 
@@ -96,8 +98,13 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         result = finish(job, spaces, backend, states, tracker)
         (out_dir / "params.json").write_text(json.dumps(config, indent=1))
         tracker.log_metrics(result["eval"].metrics("final"), last)
-        nll = {path_name(p): result["eval"].summary_for(p, main).nll_mean for p in paths}
+        # Tune selects on the curve split (validation), never on the test split of the final table
+        held_out = evaluate(backend, curve_batches(job), paths, {main: spaces[main]}, first_tokens=job.eval.first_tokens,
+                            identity=False, references=False)
+        nll = {path_name(p): held_out.summary_for(p, main).nll_mean for p in paths}
+        test = {f"test_{k}": v for k, v in path_metrics(
+            {path_name(p): result["eval"].summary_for(p, main).nll_mean for p in paths}).items()}
         status = "FINISHED"
-        tune.report({"step": last, "final": True, "mlflow_run_id": run_id, **path_metrics(nll)})
+        tune.report({"step": last, "final": True, "mlflow_run_id": run_id, **path_metrics(nll), **test})
     finally:
         tracker.close(status)

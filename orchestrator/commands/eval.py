@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from kvlingua.config import ConfigError, from_dict
     from kvlingua.evaluate import evaluate
     from kvlingua.job import TrainJob, allowed_paths, eval_batches
-    from kvlingua.pool import POOL_FILE, TOKENIZER_DIR, load_pool, main_space, read_run_pools
+    from kvlingua.pool import POOL_FILE, TOKENIZER_DIR, load_pool
+    from kvlingua.rundir import main_space, read_run_pools
 
     pools = read_run_pools(args.pool_dir)  # space name -> pool directory
     main = main_space(pools)

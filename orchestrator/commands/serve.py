@@ -47,7 +47,6 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from kvlingua.config import ConfigError
-    from kvlingua.pool import read_pool_meta
     from serve_apps.options import ServeOptions, fit_to_machine
 
     try:
@@ -58,13 +57,13 @@ def run(args: argparse.Namespace) -> int:
                                store_bytes=int(args.store_mb * 2**20))
     except ValueError as e:
         raise ConfigError(f"serve options: {e}") from e
-    n_models = len(read_pool_meta(args.pool_dir)["members"])  # not a pool: refused before Ray is imported
+    from serve_apps.app import build_app, check_pool
 
-    import serve_apps  # noqa: F401  (Ray's environment before ``import ray``)
+    pool = check_pool(args.pool_dir, options)  # a bad pool or changed model is refused before Ray starts
+    n_models = len(pool.members)
+
     import ray
     from ray import serve
-
-    from serve_apps.app import build_app
     from workers.driver import check_resources
 
     embedded = args.address is None and not os.environ.get("RAY_ADDRESS")
@@ -79,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                         f"this pool ({n_models} models x {options.num_replicas} replicas, "
                         f"{options.num_cpus:g} CPU / {options.num_gpus:g} GPU each)",
                         hint="Lower --num-cpus / --num-gpus / --replicas, or add nodes.")
-        app = build_app(args.pool_dir, options)  # the pool and its models checked before deploying
+        app = build_app(args.pool_dir, options, pool=pool)
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name="kvlingua", route_prefix="/")
         print(f"kvlingua serve: {args.pool_dir} at http://{args.host}:{args.port} (docs: /docs; "

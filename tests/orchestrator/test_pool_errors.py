@@ -20,7 +20,8 @@ from kvlingua.config import to_dict
 from kvlingua.data.views import DataConfig
 from kvlingua.evaluate import EvalConfig
 from kvlingua.job import TrainJob
-from kvlingua.pool import PoolMember, main_space, save_pool, space_pool_dir
+from kvlingua.pool import PoolMember, save_pool
+from kvlingua.rundir import main_space, space_pool_dir
 from kvlingua.space import SharedSpace
 from kvlingua.train import TrainConfig
 from kvlingua.translator import SpaceConfig
@@ -39,7 +40,7 @@ def run(tmp_path, monkeypatch):
     monkeypatch.setenv("KVLINGUA_HOME", str(home))
     text = tmp_path / "text"
     text.mkdir()
-    for split in ("train", "validation"):
+    for split in ("train", "validation", "test"):
         (text / f"{split}.txt").write_text("\n\n".join(SENTENCES * 2) + "\n")
     tok = tmp_path / "tok"
     train_tiny_tokenizer(tok)
@@ -166,7 +167,7 @@ def test_moved_models_are_found_with_models_root(run, capsys):
              run["home"] / "pools" / "tiny" / "a", "checkpoint directory not found")
     assert main(["eval", str(run["run"] / "pool-linear"), "--models-root", str(run["tmp"] / "moved"),
                  "--out", str(out)]) == 0
-    result = json.loads((out / "eval-validation.json").read_text())
+    result = json.loads((out / "eval-test.json").read_text())
     assert set(result["paths"]) == {"a->a", "a->b", "b->a", "b->b"}
     for row in result["paths"].values():  # both pools of the run, found from either one
         assert {"base", "control", "translator", "linear"} <= set(row)
