@@ -92,39 +92,39 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     return cfg
 
 
-def member_layers(cfg: RunConfig) -> dict[str, int]:
-    """Layer count of every model the run uses, read without training or loading anything."""
-    if cfg.models is not None:
-        from kvlingua.cache import arch_summary, check_same_vocab
-
-        try:
-            summaries = {name: arch_summary(path) for name, path in cfg.models.items()}
-        except FileNotFoundError as e:
-            raise ConfigError(f"models: {e}") from e
-        check_same_vocab(summaries)  # a ValueError: preflight makes it a ConfigError
-        return {name: s.num_layers for name, s in summaries.items()}
+def member_configs(cfg: RunConfig) -> dict[str, Any]:
+    """name -> transformers config of every model the run uses (its checkpoint's config.json, or the size the
+    pool YAML pre-trains it at), read without training or loading any weights."""
     from kvlingua.config import load_config
+    from kvlingua.plan import load_model_config
     from kvlingua.pretrain.pools import PoolConfig
-    from kvlingua.pretrain.sizes import SIZES
+    from kvlingua.pretrain.sizes import gemma2_config
 
+    if cfg.models is not None:
+        return {name: load_model_config(path) for name, path in cfg.models.items()}
     pool = load_config(PoolConfig, cfg.pool)
     runs = {m.name: m.pretrain for m in pool.members if m.pretrain is not None}
-    layers = {}
+    configs = {}
     for m in pool.members:
         run = m.pretrain if m.pretrain is not None else runs[m.snapshot_of.member]
-        layers[m.name] = SIZES[run.size].num_hidden_layers
-    names = cfg.pool_members or tuple(layers)
-    unknown = sorted(set(names) - set(layers))
+        configs[m.name] = (load_model_config(run.init_from) if run.init_from is not None
+                           else gemma2_config(run.size, pool.vocab_size))
+    names = cfg.pool_members or tuple(configs)
+    unknown = sorted(set(names) - set(configs))
     if unknown:
-        raise ConfigError(f"pool_members: {unknown} not in pool {cfg.pool} (members: {sorted(layers)})")
-    check_langs(cfg.langs, names)  # a ValueError: preflight makes it a ConfigError
-    return {n: layers[n] for n in names}
+        raise ConfigError(f"pool_members: {unknown} not in pool {cfg.pool} (members: {sorted(configs)})")
+    return {n: configs[n] for n in names}
 
 
 def preflight(cfg: RunConfig) -> None:
     """Checks that need the pool's shapes (Q divisible by every L; one vocabulary), before anything is trained."""
+    from kvlingua.cache import arch_summary, check_same_vocab
+
     try:
-        check_space_fits(cfg.spaces, member_layers(cfg))
+        summaries = {name: arch_summary(c) for name, c in member_configs(cfg).items()}
+        check_langs(cfg.langs, summaries)
+        check_same_vocab(summaries)
+        check_space_fits(cfg.spaces, {name: s.num_layers for name, s in summaries.items()})
     except ValueError as e:
         raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from e
 

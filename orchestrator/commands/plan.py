@@ -76,32 +76,13 @@ def _model_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
 
 
-def _member_configs(cfg) -> dict:
-    """name -> transformers config of every model a run config uses (checkpoints' config.json, or the pool's sizes)."""
-    from kvlingua.config import load_config
-    from kvlingua.plan import load_model_config
-    from kvlingua.pretrain.pools import PoolConfig
-    from kvlingua.pretrain.sizes import gemma2_config
-
-    if cfg.models is not None:
-        return {name: load_model_config(path) for name, path in cfg.models.items()}
-    pool = load_config(PoolConfig, cfg.pool)
-    runs = {m.name: m.pretrain for m in pool.members if m.pretrain is not None}
-    configs = {}
-    for m in pool.members:
-        run = m.pretrain if m.pretrain is not None else runs[m.snapshot_of.member]
-        configs[m.name] = (load_model_config(run.init_from) if run.init_from is not None
-                           else gemma2_config(run.size, pool.vocab_size))
-    return {n: configs[n] for n in (cfg.pool_members or configs)}
-
-
 def _plan_run(args: argparse.Namespace) -> int:
     from kvlingua.config import parse_override
     from kvlingua.plan import format_plan, plan_pool
-    from workers.run_config import load_run_config
+    from workers.run_config import load_run_config, member_configs
 
     cfg = load_run_config(args.paths[0], dict(parse_override(o) for o in args.override))
-    configs = _member_configs(cfg)
+    configs = member_configs(cfg)
     work = _workload(args, batch_size=cfg.batch_size, prefix_len=cfg.prefix_len, suffix_len=cfg.suffix_len)
     for i, (space_name, space) in enumerate(cfg.spaces.items()):
         resolved, plans = plan_pool(configs, space, work)
