@@ -12,6 +12,8 @@ keyed by token digest, source fingerprint and adapter digest, LRU within
 ``ServeOptions.store_bytes``). A request naming the context (or, with a latent hand-off
 from that source, whose prompt starts with its tokens) sends the stored latent to the
 target, which decodes it once and keeps the result (``OUT_target`` once per target).
+Caches cross Ray as :class:`~workers.host.WireTensor` s (see :mod:`serve_apps.model_server`);
+the store keeps private copies and sends views of them.
 
 **Limits.** A latent hand-off outside what the pool was trained for
 (:mod:`serve_apps.limits`) falls back to text, saying why; with ``strict`` it is refused.
@@ -50,6 +52,7 @@ from serve_apps.schemas import (
     SwitchInfo,
     Timings,
 )
+from workers.host import tensor_from_wire, tensor_to_wire
 
 HEALTH_TTL_S = 2.0  # replica states are re-read from the Serve controller at most this often
 
@@ -292,7 +295,8 @@ class PoolIngress:
             return None
         if p.context is not None:
             c = p.context
-            return {"kind": "latent", "keys": c.keys, "values": c.values, "context_id": c.key.id,
+            return {"kind": "latent", "keys": tensor_to_wire(c.keys), "values": tensor_to_wire(c.values),
+                    "context_id": c.key.id,
                     "positions": p.positions, "prefill_s": 0.0, "translate_s": 0.0}
         source = self.handles[p.source]
         head = p.ids[:p.positions + 1]  # the source reads head[:-1] = the first ``positions`` tokens
@@ -403,7 +407,9 @@ class PoolIngress:
         p = Prepared(model, model, "latent", "latent", None, ids, len(ids), {}, None, "/v1/contexts")
         payload = await self._call(p, model, self.handles[model].encode_context.remote(ids))
         self.metrics.observe("translate_seconds", p.route, payload["translate_s"])
-        ctx = StoredContext(key, list(ids), model, payload["keys"], payload["values"])
+        # a private copy in this process (not a view pinning the object store's buffer for as long as it is kept)
+        keys, values = (tensor_from_wire(payload[k], copy=True) for k in ("keys", "values"))  # [1, C, Q]
+        ctx = StoredContext(key, list(ids), model, keys, values)
         try:
             self.store.put(ctx)
         except StoreFullError as e:

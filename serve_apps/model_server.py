@@ -14,10 +14,14 @@ A replica holds one frozen model and the shared space's adapters. It can
   raw, the others' in Σ, each encoded once by the model that computed it) and export the
   positions it computed, raw and into Σ (``segment``).
 
-Caches cross deployments as dicts of plain contiguous CPU tensors (``keys``/``values``,
-``[1, S, Q]`` in Σ or ``[1, S, L, D]`` raw), never as transformers ``Cache`` objects.
-Every call builds its own cache and its own random generator; nothing is shared between
-requests. The math lives in :mod:`kvlingua.generate` and :mod:`kvlingua.space`.
+Caches cross deployments as dicts whose ``keys``/``values`` are :class:`~workers.host.WireTensor`
+(``[1, S, Q]`` in Σ or ``[1, S, L, D]`` raw, fp32; a mixed schedule's generator state too), never
+torch tensors or transformers ``Cache`` objects: Ray's zero-copy torch reducer warns on every use
+and hands the object store's read-only buffers to torch as writable. A received cache is read in
+place (``copy=False``): ``OUT_self`` and the cache built over it only read it (the cache
+concatenates into fresh tensors); ``tests/serve_apps/test_transport.py`` checks that the stored
+bytes are unchanged. Every call builds its own cache and its own random generator; nothing is
+shared between requests. The math lives in :mod:`kvlingua.generate` and :mod:`kvlingua.space`.
 """
 from __future__ import annotations
 
@@ -43,12 +47,19 @@ from kvlingua.pool import PoolMismatchError, load_pool, verify_member
 from kvlingua.space import LatentBlock
 from kvlingua.store import LRUBytes, tensor_bytes
 from serve_apps.options import ServeOptions
+from workers.host import WireTensor, tensor_from_wire, tensor_to_wire
 
 Payload = dict[str, Any]
 
 
-def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().float().cpu().contiguous()
+def _wire(block: KVBlock | LatentBlock) -> dict:
+    """``keys``/``values`` of a block as fp32 wire tensors (no copy for contiguous fp32 CPU tensors)."""
+    return {"keys": tensor_to_wire(block.keys.float()), "values": tensor_to_wire(block.values.float())}
+
+
+def _received(payload: Payload):
+    """keys/values of a received payload as tensors over its bytes (read-only use, see the module docstring)."""
+    return tensor_from_wire(payload["keys"], copy=False), tensor_from_wire(payload["values"], copy=False)
 
 
 class PoolModelServer:
@@ -110,15 +121,14 @@ class PoolModelServer:
         """Prefill ``prompt[:-1]``: ``{"kind": "block", keys/values [1, P-1, L, D], n_kv_heads}``."""
         t0 = time.perf_counter()
         block = prefill(self.model, as_prompt(prompt_ids))  # [1, P-1, L, D]
-        return {"kind": "block", "keys": _cpu(block.keys), "values": _cpu(block.values),
-                "n_kv_heads": block.n_kv_heads, "prefill_s": time.perf_counter() - t0, "translate_s": 0.0}
+        return {"kind": "block", **_wire(block), "n_kv_heads": block.n_kv_heads,
+                "prefill_s": time.perf_counter() - t0, "translate_s": 0.0}
 
     def _latent_payload(self, block: KVBlock) -> Payload:
         if block.seq_len == 0:
             empty = torch.zeros(1, 0, self.space.cfg.q_dim)  # [1, 0, Q]
-            return {"kind": "latent", "keys": empty, "values": empty.clone()}
-        z = self.space.encode(block, self.name)  # [1, S, Q]
-        return {"kind": "latent", "keys": _cpu(z.keys), "values": _cpu(z.values)}
+            return {"kind": "latent", **_wire(LatentBlock(empty, empty))}
+        return {"kind": "latent", **_wire(self.space.encode(block, self.name))}  # [1, S, Q]
 
     # ------------------------------------------------------------ hand-off in
     def _payload_block(self, payload: Payload) -> KVBlock | None:
@@ -133,7 +143,7 @@ class PoolModelServer:
                 self.decoded_hits += 1
                 return block
         if payload["kind"] == "latent":
-            latent = LatentBlock(payload["keys"], payload["values"])  # [1, S, Q]
+            latent = LatentBlock(*_received(payload))  # [1, S, Q]
             if latent.keys.shape[1] == 0:
                 return None
             block = self.space.decode(latent, self.name)  # [1, S, L, D]
@@ -141,7 +151,7 @@ class PoolModelServer:
                 self.decoded.put(key, block)
             return block
         if payload["kind"] == "block":
-            block = KVBlock(payload["keys"], payload["values"], payload["n_kv_heads"])  # [1, S, L, D]
+            block = KVBlock(*_received(payload), payload["n_kv_heads"])  # [1, S, L, D]
             check_block_fits(block, self.summary, f"model {self.name!r}")
             return block
         raise ValueError(f"unknown hand-off kind {payload['kind']!r}; expected 'latent' or 'block'")
@@ -201,7 +211,7 @@ class PoolModelServer:
     # ------------------------------------------------------------ mixed schedules
     @torch.no_grad()
     def segment(self, prompt_ids: list[int], pending: int, max_new_tokens: int, params: dict,
-                generator_state: torch.Tensor | None, context: list[Payload] | None, export: bool) -> dict:
+                generator_state: WireTensor | None, context: list[Payload] | None, export: bool) -> dict:
         """One segment of a mixed schedule (see :func:`kvlingua.generate.mixed_generate`).
 
         ``context`` holds every cached position so far as segments in order: this model's own
@@ -214,7 +224,7 @@ class PoolModelServer:
         p = GenerationParams(**params)
         generator, _ = make_generator(p.seed, self.model.device)
         if generator_state is not None:
-            generator.set_state(generator_state)
+            generator.set_state(tensor_from_wire(generator_state, copy=True))  # uint8 [n]; tiny
         times = {"prefill_s": 0.0, "translate_s": 0.0}
         t0 = time.perf_counter()
         if context is None:
@@ -230,12 +240,11 @@ class PoolModelServer:
         t0 = time.perf_counter()
         tokens = list(sample_tokens(self.model, cache, pending, p, generator, max_new_tokens=max_new_tokens, stop_ids=stops))
         out = {"tokens": tokens, "eos": bool(p.stop_at_eos and tokens[-1] in stops), "decode_s": time.perf_counter() - t0,
-               "generator_state": generator.get_state(), **times}
+               "generator_state": tensor_to_wire(generator.get_state()), **times}
         if export and not out["eos"]:
             t1 = time.perf_counter()
             own = block_from_cache(cache, self.summary.n_kv_heads).map(lambda t: t[:, start:])  # [1, n, L, D]: computed here
-            out["own"] = {"kind": "block", "keys": _cpu(own.keys), "values": _cpu(own.values),
-                          "n_kv_heads": own.n_kv_heads}
+            out["own"] = {"kind": "block", **_wire(own), "n_kv_heads": own.n_kv_heads}
             out["latent"] = self._latent_payload(own)  # [1, n, Q]
             out["positions"] = own.seq_len
             out["translate_s"] += time.perf_counter() - t1
