@@ -8,12 +8,13 @@ Routes::
     GET    /v1/pool                  pool members with their architecture summaries (was /v1/models)
     POST   /v1/completions           OpenAI-compatible (see serve_apps.openai_api)
     POST   /v1/chat/completions      OpenAI-compatible
+    GET    /v1/modules               served modules (soft prompts), each with the model it was learned on
     POST   /v1/contexts              {model, text | tokens} -> a context stored once in Σ
     GET    /v1/contexts              stored contexts, most recently used first
     GET    /v1/contexts/{id}         one stored context
     DELETE /v1/contexts/{id}         forget it
     POST   /v1/generate              {source, target, prompt, max_new_tokens, temperature, top_p, seed, handoff,
-                                      stream, strict, context_id, handoff_tokens, use_store}
+                                      stream, strict, context_id, handoff_tokens, use_store, module}
     POST   /v1/generate/mixed        {prompt, schedule: [{model, max_new_tokens}], temperature, top_p, seed}
 
 Built per replica by :meth:`serve_apps.ingress.PoolIngress.__serve_build_asgi_app__`, so
@@ -38,7 +39,7 @@ from serve_apps.openai_api import add_openai_routes, is_openai_path
 from serve_apps.schemas import GenerateRequest, GenerateResponse, MixedRequest, MixedResponse, ModelList
 
 _ERRORS = {400: {"description": "refused request (prompt too long, identity on mismatched layouts, ...)"},
-           404: {"description": "unknown model name"},
+           404: {"description": "unknown model, module or stored context"},
            503: {"description": "too many pending requests (Retry-After) or the model has no running replica"},
            504: {"description": "no answer within request_timeout_s"}}
 _UNBOUNDED = ("/healthz", "/metrics", "/docs", "/openapi.json")

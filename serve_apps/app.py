@@ -17,6 +17,7 @@ from kvlingua.config import to_dict
 from kvlingua.pool import LoadedPool, load_pool, verify_models
 from serve_apps.ingress import PoolIngress
 from serve_apps.model_server import PoolModelServer
+from serve_apps.modules import module_library
 from serve_apps.options import ServeOptions
 
 
@@ -25,16 +26,19 @@ def check_pool(pool_dir: str | Path, options: ServeOptions = ServeOptions()) -> 
 
     With ``options.verify`` every model is loaded once, in turn, to check its weight fingerprint (a
     replica that failed the same check would surface as a failed deployment, not as a clear error).
-    ``options.models_root`` says where the models are if they moved since training. Needs no Ray.
+    ``options.models_root`` says where the models are if they moved since training; the modules of
+    ``options.modules_dir`` are checked against the pool. Needs no Ray.
 
     Raises:
         kvlingua.pool.PoolNotFoundError: ``pool_dir`` is not a pool directory, or a file or model is missing.
         kvlingua.pool.PoolMismatchError: the pool is damaged or a model checkpoint no longer matches ``pool.json``.
+        kvlingua.modules.prompt.ModuleError: a module that cannot be served (see :func:`module_library`).
     """
     pool = load_pool(Path(pool_dir).resolve(), load_models=False, verify=options.verify,
                      models_root=options.models_root)
     if options.verify:
         verify_models(pool.members)
+    module_library(pool, options.modules_dir)
     return pool
 
 

@@ -15,6 +15,11 @@ target, which decodes it once and keeps the result (``OUT_target`` once per targ
 Caches cross Ray as :class:`~workers.host.WireTensor` s (see :mod:`serve_apps.model_server`);
 the store keeps private copies and sends views of them.
 
+**Modules.** A request naming a ``module`` (:mod:`serve_apps.modules`) takes the same latent
+path: the replica of the model the module was learned on encodes it into Σ once (kept here), and
+the target decodes it once (kept in its replica, like a stored context) and reads the whole
+prompt after it. ``GET /v1/modules`` counts both per module.
+
 **Limits.** A latent hand-off outside what the pool was trained for
 (:mod:`serve_apps.limits`) falls back to text, saying why; with ``strict`` it is refused.
 Every call to a model has the request's deadline (``request_timeout_s``: 504 past it,
@@ -41,6 +46,7 @@ from kvlingua.pool import load_pool
 from kvlingua.store import ContextKey, ContextStore, StoredContext, StoreFullError, adapters_digest, token_digest
 from serve_apps.limits import TrainedLimits
 from serve_apps.metrics import ServeMetrics
+from serve_apps.modules import module_key, module_library
 from serve_apps.options import ServeOptions
 from serve_apps.schemas import (
     GenerateRequest,
@@ -95,6 +101,8 @@ class Prepared:
     params: dict[str, Any]
     context: StoredContext | None = None
     route: str = ""
+    module: str | None = None
+    """A module the target reads before the prompt (``source`` is the model it was learned on)."""
     started: float = field(default_factory=time.monotonic)
 
 
@@ -128,6 +136,9 @@ class PoolIngress:
         self.limits = TrainedLimits.from_meta(pool.meta)
         self.adapters = adapters_digest(e.get("adapter_sha256", "") for e in pool.meta["members"])
         self.store = ContextStore(self.opts.store_bytes)
+        self.modules = module_library(pool, self.opts.modules_dir)  # listed and routed here, computed by replicas
+        self.module_latents: dict[str, tuple[Any, Any]] = {}  # module -> its Σ keys, values [1, p, Q] (private copies)
+        self.module_ports: dict[str, dict] = {}  # module -> {"encoded": n, "decoded": {target: n}}
         self.metrics = ServeMetrics(mirror=mirror_metrics)
         self.pending = 0
         self._states: dict[str, str] = {}
@@ -186,6 +197,26 @@ class PoolIngress:
         return ModelList(models=infos, q_dim=self.q_dim, tokenizer=self.tokenizer is not None,
                          max_prompt_tokens=self.opts.max_prompt_tokens, max_new_tokens=self.opts.max_new_tokens)
 
+    def module_list(self) -> list[dict]:
+        """The served modules with the model each was learned on, and how often each was encoded (``IN_i``) and
+        decoded per target (``OUT_j``)."""
+        out = []
+        for m in self.modules.list() if self.modules is not None else []:
+            ports = self.module_ports.get(m["name"], {})
+            out.append({"id": m["name"], "object": "module", "model": m["model"], "task": m["task"],
+                        "prompt_len": m["prompt_len"], "encoded": ports.get("encoded", 0),
+                        "decoded": dict(sorted(ports.get("decoded", {}).items()))})
+        return out
+
+    def _module(self, name: str, field: str) -> str:
+        """The model module ``name`` was learned on; 404 naming the known modules otherwise."""
+        known = sorted(self.modules.modules) if self.modules is not None else []
+        if name not in known:
+            where = f"known modules: {known[:20]}" if known else "this server serves no modules (kvlingua serve --modules DIR)"
+            raise RequestError(404, f"{field}: unknown module {name!r}; {where}; see GET /v1/modules", param=field,
+                               code="module_not_found")
+        return self.modules.modules[name].model
+
     def _model(self, name: str, field: str) -> str:
         if name not in self.members:
             raise RequestError(404, f"{field}: unknown model {name!r}; this pool serves {sorted(self.members)}",
@@ -227,10 +258,21 @@ class PoolIngress:
 
     def plan(self, *, target: str, source: str | None, handoff: str, strict: bool, ids: list[int],
              context_id: str | None, handoff_tokens: int | None, use_store: bool, params: dict,
-             route: str, field_prefix: str = "") -> Prepared:
-        """Check models, context, hand-off and limits; decide what the source hands over. Raises :class:`RequestError`."""
+             route: str, field_prefix: str = "", module: str | None = None) -> Prepared:
+        """Check models, context, module, hand-off and limits; decide what the source hands over.
+        Raises :class:`RequestError`."""
         f = field_prefix
         self._model(target, "model" if f else "target")
+        if module is not None:
+            learned_on = self._module(module, f"{f}module")
+            if source is not None or context_id is not None or handoff_tokens is not None or handoff != "latent":
+                raise RequestError(400, f"{f}module: the target reads the module through Σ, then the whole prompt; "
+                                        "leave source, context_id, handoff_tokens and handoff unset",
+                                   param=f"{f}module")
+            if not ids:
+                raise RequestError(400, "prompt: empty; give at least one token of text", param="prompt")
+            self._check_length(ids)
+            return Prepared(target, learned_on, "latent", "latent", None, ids, 0, params, None, route, module)
         if source is not None:
             self._model(source, f"{f}source")
         ctx = None
@@ -285,14 +327,16 @@ class PoolIngress:
         ids = self._ids(req.prompt, allow_empty=req.context_id is not None)
         return self.plan(target=req.target, source=req.source, handoff=req.handoff, strict=req.strict, ids=ids,
                          context_id=req.context_id, handoff_tokens=req.handoff_tokens, use_store=req.use_store,
-                         params=params, route="/v1/generate")
+                         params=params, route="/v1/generate", module=req.module)
 
     # ------------------------------------------------------------ routing
-    def _handoff(self, p: Prepared):
-        """What the target starts from: a stored context's latent, the source's export (a pending response),
-        or None when the target re-reads the prompt."""
+    async def _handoff(self, p: Prepared):
+        """What the target starts from: a module's or a stored context's latent, the source's export (a pending
+        response), or None when the target re-reads the prompt."""
         if p.handoff_used in ("none", "text"):
             return None
+        if p.module is not None:
+            return await self._module_payload(p)
         if p.context is not None:
             c = p.context
             return {"kind": "latent", "keys": tensor_to_wire(c.keys), "values": tensor_to_wire(c.values),
@@ -304,11 +348,27 @@ class PoolIngress:
             return source.export_latent.remote(head)
         return source.export_block.remote(head)
 
+    async def _module_payload(self, p: Prepared) -> dict:
+        """Module ``p.module`` in Σ for the target: encoded by the replica of its model on first use, then kept."""
+        translate_s = 0.0
+        if p.module not in self.module_latents:
+            await self._check_running(p.source)
+            out = await self._call(p, p.source, self.handles[p.source].export_module.remote(p.module))
+            # private copies (tiny), not views pinning the object store's buffers for as long as they are kept
+            self.module_latents[p.module] = (tensor_from_wire(out["keys"], copy=True),
+                                             tensor_from_wire(out["values"], copy=True))  # [1, p, Q]
+            ports = self.module_ports.setdefault(p.module, {"encoded": 0, "decoded": {}})
+            ports["encoded"] += 1
+            translate_s = out["translate_s"]
+        keys, values = self.module_latents[p.module]
+        return {"kind": "latent", "keys": tensor_to_wire(keys), "values": tensor_to_wire(values),
+                "context_id": module_key(p.module), "module": p.module, "prefill_s": 0.0, "translate_s": translate_s}
+
     def _response(self, p: Prepared, done: dict) -> GenerateResponse:
         tokens = done["tokens"]
         return GenerateResponse(
             source=p.source, target=p.target, handoff=p.handoff, handoff_used=p.handoff_used,
-            handoff_reason=p.reason, context_id=p.context.key.id if p.context else None,
+            handoff_reason=p.reason, context_id=p.context.key.id if p.context else None, module=p.module,
             text=self.text(tokens), tokens=tokens, prompt_tokens=len(p.ids), new_tokens=len(tokens),
             finish_reason=done["finish_reason"], seed=done["seed"],
             timings=_timings(done["prefill_s"], done["translate_s"], done["decode_s"]),
@@ -318,6 +378,9 @@ class PoolIngress:
         return self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None
 
     def _record(self, p: Prepared, done: dict) -> None:
+        if p.module is not None and done.get("decoded"):
+            decoded = self.module_ports.setdefault(p.module, {"encoded": 0, "decoded": {}})["decoded"]
+            decoded[p.target] = decoded.get(p.target, 0) + 1
         self.metrics.observe("translate_seconds", p.route, done.get("translate_s", 0.0))
         if "first_token_s" in done:
             self.metrics.observe("time_to_first_token_seconds", p.route, done["first_token_s"])
@@ -328,7 +391,8 @@ class PoolIngress:
         await self._check_running(p.target)
         if p.source is not None and p.handoff_used not in ("text", "none") and p.context is None:
             await self._check_running(p.source)
-        done = await self._call(p, p.target, self.handles[p.target].generate.remote(p.ids, p.params, self._handoff(p)))
+        handoff = await self._handoff(p)
+        done = await self._call(p, p.target, self.handles[p.target].generate.remote(p.ids, p.params, handoff))
         self._record(p, done)
         return done
 
@@ -343,7 +407,8 @@ class PoolIngress:
         ``finish_reason: "length"`` and ``stopped: "stream_timeout"``).
         """
         await self._check_running(p.target)
-        gen = self.handles[p.target].options(stream=True).stream.remote(p.ids, p.params, self._handoff(p))
+        handoff = await self._handoff(p)
+        gen = self.handles[p.target].options(stream=True).stream.remote(p.ids, p.params, handoff)
         it = gen.__aiter__()
         try:
             first = await asyncio.wait_for(it.__anext__(), self._left(p))

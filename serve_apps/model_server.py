@@ -10,6 +10,8 @@ A replica holds one frozen model and the shared space's adapters. It can
 * encode a whole context into Σ for the context store (``encode_context``) and keep the
   caches it decoded from stored contexts (``OUT_self`` once per context, LRU within
   ``ServeOptions.decoded_cache_bytes``);
+* encode a module learned on this model into Σ (``export_module``); a target decodes it like a
+  stored context (once, then kept) and reads the whole prompt after it;
 * run one segment of a mixed schedule: rebuild its cache from the segments so far (its own
   raw, the others' in Σ, each encoded once by the model that computed it) and export the
   positions it computed, raw and into Σ (``segment``).
@@ -43,9 +45,11 @@ from kvlingua.generate import (
     sample_tokens,
 )
 from kvlingua.models import load_frozen
+from kvlingua.modules.port import module_latent
 from kvlingua.pool import PoolMismatchError, load_pool, verify_member
 from kvlingua.space import LatentBlock
 from kvlingua.store import LRUBytes, tensor_bytes
+from serve_apps.modules import module_library
 from serve_apps.options import ServeOptions
 from workers.host import WireTensor, tensor_from_wire, tensor_to_wire
 
@@ -89,6 +93,7 @@ class PoolModelServer:
         self.space = pool.space.eval().requires_grad_(False)
         self.decoded: LRUBytes[KVBlock] = LRUBytes(opts.decoded_cache_bytes, lambda b: tensor_bytes(b.keys, b.values))
         self.decoded_hits = 0
+        self.modules = module_library(pool, opts.modules_dir, {name: self.model})
 
     def ping(self) -> str:
         """Liveness: answers once this replica is up."""
@@ -124,6 +129,17 @@ class PoolModelServer:
         return {"kind": "block", **_wire(block), "n_kv_heads": block.n_kv_heads,
                 "prefill_s": time.perf_counter() - t0, "translate_s": 0.0}
 
+    @torch.no_grad()
+    def export_module(self, module: str) -> Payload:
+        """Module ``module`` (learned on this model) in Σ: ``{"kind": "latent", keys/values [1, p, Q]}``."""
+        lib = self.modules
+        if lib is None or module not in lib.modules or lib.modules[module].model != self.name:
+            raise ValueError(f"model {self.name!r} serves no module {module!r} learned on it")
+        t0 = time.perf_counter()
+        z = module_latent(self.space, lib.modules[module], self.model, source_fingerprint=lib.fingerprints[self.name],
+                          max_prompt_len=lib.max_prompt_len)  # [1, p, Q]
+        return {"kind": "latent", **_wire(z), "prefill_s": 0.0, "translate_s": time.perf_counter() - t0}
+
     def _latent_payload(self, block: KVBlock) -> Payload:
         if block.seq_len == 0:
             empty = torch.zeros(1, 0, self.space.cfg.q_dim)  # [1, 0, Q]
@@ -131,45 +147,51 @@ class PoolModelServer:
         return {"kind": "latent", **_wire(self.space.encode(block, self.name))}  # [1, S, Q]
 
     # ------------------------------------------------------------ hand-off in
-    def _payload_block(self, payload: Payload) -> KVBlock | None:
-        """A handed-over cache in this model's layout ``[1, S, L, D]``: Σ payloads are decoded (``OUT_self``).
+    def _payload_block(self, payload: Payload) -> tuple[KVBlock | None, bool]:
+        """A handed-over cache in this model's layout ``[1, S, L, D]`` (Σ payloads decoded with ``OUT_self``),
+        and whether it was decoded by this call.
 
-        A stored context (``context_id`` set) is decoded once and kept (LRU) for later requests.
+        A stored context or a module (``context_id`` set) is decoded once and kept (LRU) for later requests.
         """
         key = payload.get("context_id")
         if key is not None:
             block = self.decoded.get(key)
             if block is not None:
                 self.decoded_hits += 1
-                return block
+                return block, False
         if payload["kind"] == "latent":
             latent = LatentBlock(*_received(payload))  # [1, S, Q]
             if latent.keys.shape[1] == 0:
-                return None
+                return None, False
             block = self.space.decode(latent, self.name)  # [1, S, L, D]
             if key is not None and tensor_bytes(block.keys, block.values) <= self.decoded.budget:
                 self.decoded.put(key, block)
-            return block
+            return block, True
         if payload["kind"] == "block":
             block = KVBlock(*_received(payload), payload["n_kv_heads"])  # [1, S, L, D]
             check_block_fits(block, self.summary, f"model {self.name!r}")
-            return block
+            return block, False
         raise ValueError(f"unknown hand-off kind {payload['kind']!r}; expected 'latent' or 'block'")
 
     @torch.no_grad()
-    def _start(self, prompt: torch.Tensor, handoff: Payload | None) -> tuple[Any, dict[str, float]]:
+    def _start(self, prompt: torch.Tensor, handoff: Payload | None) -> tuple[Any, dict[str, Any]]:
         """A fresh cache holding ``prompt[:-1]``: re-read it all (None), or take the handed-over first
-        ``handoff["positions"]`` positions (default: all it carries) and read the rest here."""
+        ``handoff["positions"]`` positions (default: all it carries) and read the rest here. A module's
+        block (``handoff["module"]``) comes before the prompt: all of ``prompt[:-1]`` is read after it."""
         if handoff is None:
             t0 = time.perf_counter()
             block = prefill(self.model, prompt)  # [1, P-1, L, D]
-            return model_cache(self.model, block), {"prefill_s": time.perf_counter() - t0, "translate_s": 0.0}
+            return model_cache(self.model, block), {"prefill_s": time.perf_counter() - t0, "translate_s": 0.0,
+                                                    "decoded": False}
         times = {"prefill_s": handoff.get("prefill_s", 0.0), "translate_s": handoff.get("translate_s", 0.0)}
         t0 = time.perf_counter()
-        block = self._payload_block(handoff)  # [1, C, L, D] or None
-        h = min(handoff.get("positions", block.seq_len if block is not None else 0), prompt.shape[1] - 1)
-        if block is not None and h < block.seq_len:
-            block = block.map(lambda t: t[:, :h])  # [1, h, L, D]: causal adapters, so a prefix of the decoded block
+        block, times["decoded"] = self._payload_block(handoff)  # [1, C, L, D] or None
+        if handoff.get("module") is not None:
+            h = 0  # prompt positions the block covers: none, the module's p positions come first
+        else:
+            h = min(handoff.get("positions", block.seq_len if block is not None else 0), prompt.shape[1] - 1)
+            if block is not None and h < block.seq_len:
+                block = block.map(lambda t: t[:, :h])  # [1, h, L, D]: causal adapters, so a prefix of the decoded block
         cache = model_cache(self.model, block)
         times["translate_s"] += time.perf_counter() - t0
         rest = prompt[:, h:-1].to(self.model.device)  # [1, P-1-h]: read by this model after the handed-over part
@@ -233,7 +255,7 @@ class PoolModelServer:
         else:
             cache = model_cache(self.model, None)
             for payload in context:
-                extend_cache(self.model, cache, self._payload_block(payload))  # += [1, n, L, D]
+                extend_cache(self.model, cache, self._payload_block(payload)[0])  # += [1, n, L, D]
             times["translate_s"] = time.perf_counter() - t0
         start = 0 if context is None else cache.get_seq_length()
         stops = eos_ids(self.model)

@@ -10,6 +10,7 @@
   (``add_generation_prompt=True``), otherwise with :data:`PLAIN_TEMPLATE`: one line
   ``"<role>: <content>"`` per message, then ``"assistant:"``.
 * ``GET /v1/models``: OpenAI's list shape; each entry adds ``kvlingua`` (cache layout, fingerprint).
+* ``GET /v1/modules``: the served modules (OpenAI's list shape), each with the model it was learned on.
 * ``/v1/contexts``: store (``POST {model, text | tokens}``), list, read, delete Σ contexts.
 
 Errors use OpenAI's shape (see :mod:`serve_apps.api`).
@@ -26,7 +27,7 @@ from fastapi.responses import StreamingResponse
 from serve_apps.ingress import PoolIngress, Prepared, RequestError, _seed
 from serve_apps.openai_schemas import ChatRequest, CompletionRequest, ContextRequest
 
-OPENAI_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/contexts")
+OPENAI_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/modules", "/v1/contexts")
 PLAIN_TEMPLATE = "{role}: {content}\n"  # per message; the prompt ends with "assistant:"
 DEFAULT_MAX_TOKENS = 16
 FINISH = {"eos": "stop", "length": "length"}
@@ -51,12 +52,12 @@ def _plan(ingress: PoolIngress, req, ids: list[int], route: str) -> Prepared:
                   stop_at_eos=not k.ignore_eos)
     return ingress.plan(target=req.model, source=k.source, handoff=k.handoff, strict=k.strict, ids=ids,
                         context_id=k.context_id, handoff_tokens=k.handoff_tokens, use_store=k.use_store,
-                        params=params, route=route, field_prefix="kvlingua.")
+                        params=params, route=route, field_prefix="kvlingua.", module=k.module)
 
 
 def _extension(p: Prepared, done: dict) -> dict:
     return {"source": p.source, "handoff": p.handoff, "handoff_used": p.handoff_used, "handoff_reason": p.reason,
-            "context_id": p.context.key.id if p.context else None, "handed_over_positions": p.positions
+            "context_id": p.context.key.id if p.context else None, "module": p.module, "handed_over_positions": p.positions
             if p.handoff_used not in ("none", "text") else 0, "seed": done["seed"],
             "timings": {k: done.get(k, 0.0) for k in ("prefill_s", "translate_s", "decode_s")},
             **({"stopped": done["stopped"]} if "stopped" in done else {})}
@@ -129,6 +130,10 @@ def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
         data = [{"id": m.name, "object": "model", "created": ingress.created, "owned_by": "kvlingua",
                  "kvlingua": {"fingerprint": m.fingerprint, **m.summary.to_dict()}} for m in ingress.members.values()]
         return {"object": "list", "data": data}
+
+    @app.get("/v1/modules")
+    async def modules() -> dict:
+        return {"object": "list", "data": ingress.module_list()}
 
     @app.post("/v1/completions", responses=errors)
     async def completions(req: CompletionRequest):

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_apps.schemas import ContextId, Handoff
+from serve_apps.schemas import ContextId, Handoff, ModuleName
 
 
 class _Strict(BaseModel):
@@ -33,6 +33,7 @@ class KvlinguaOptions(_Strict):
     handoff_tokens: int | None = Field(None, ge=1, description="leading prompt tokens the source hands over")
     use_store: bool = Field(True, description="reuse a stored context the prompt starts with")
     ignore_eos: bool = Field(False, description="keep generating past end-of-sequence tokens")
+    module: str | None = ModuleName
 
 
 class StreamOptions(_Strict):

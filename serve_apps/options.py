@@ -41,7 +41,11 @@ class ServeOptions:
     store_bytes: int = 256 * 2**20
     """Byte budget of the Σ context store (LRU eviction beyond it); 0 disables storing contexts."""
     decoded_cache_bytes: int = 256 * 2**20
-    """Per model replica: bytes of caches decoded from stored contexts kept for reuse (LRU); 0 decodes every time."""
+    """Per model replica: bytes of caches decoded from stored contexts and modules kept for reuse (LRU); 0 decodes
+    every time."""
+    modules_dir: str | None = None
+    """Directory of modules (soft prompts learned on pool models, ``*.safetensors``) that requests may name
+    (:mod:`serve_apps.modules`); ``None``: no modules."""
 
     def __post_init__(self) -> None:
         for name in ("num_replicas", "max_ongoing_requests", "max_prompt_tokens", "max_new_tokens", "torch_threads",

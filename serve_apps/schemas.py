@@ -21,6 +21,11 @@ ContextId = Field(None, min_length=1, max_length=64, pattern=r"^[0-9a-f]+$",
                   description="id of a stored context (POST /v1/contexts): the prompt continues after it")
 
 
+ModuleName = Field(None, min_length=1, max_length=256,
+                   description="a module (GET /v1/modules) the target reads before the prompt, ported through Σ "
+                               "from the model it was learned on; no source, context_id or handoff_tokens with it")
+
+
 class Sampling(_Strict):
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy decoding")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
@@ -41,6 +46,7 @@ class GenerateRequest(Sampling):
     handoff_tokens: int | None = Field(None, ge=1, description="leading prompt tokens the source reads and hands "
                                                                "over; the target reads the rest (default: all but the last)")
     use_store: bool = Field(True, description="reuse a stored context the prompt starts with (latent hand-off)")
+    module: str | None = ModuleName
 
 
 class Segment(_Strict):
@@ -67,6 +73,7 @@ class GenerateResponse(BaseModel):
     handoff_used: str
     handoff_reason: str | None = None
     context_id: str | None = None
+    module: str | None = None
     text: str | None
     tokens: list[int]
     prompt_tokens: int

@@ -2,7 +2,9 @@
 
 * :func:`port_module` — the pure function: module (learned on ``source``) -> ``[1, p, L_j, D_j]``
   block for ``target``, after checking the module against the source model's fingerprint and the
-  prompt length against what the pool was meta-trained for. No training on model j.
+  prompt length against what the pool was meta-trained for. No training on model j. Its first
+  half, :func:`module_latent` (``[1, p, Q]`` in Σ), is what a server computes where the source
+  model lives; the target's replica decodes it.
 * :func:`meta_prompt_len` / :func:`check_prompt_len` — a meta-trained pool records the prompt
   length ``p`` it was meta-trained for in ``pool.json`` (``"modules": {"prompt_len": p, ...}``);
   longer modules put keys at positions Σ never saw and are refused.
@@ -23,7 +25,7 @@ from transformers import PreTrainedModel
 from kvlingua.cache import KVBlock, check_block_fits, fingerprint
 from kvlingua.generate import GenerationParams, eos_ids, make_generator, model_cache, sample_tokens
 from kvlingua.modules.prompt import Module, ModuleError, check_module, load_module, prompt_block
-from kvlingua.space import SharedSpace
+from kvlingua.space import LatentBlock, SharedSpace
 
 MODULES_KEY = "modules"
 """Key of ``pool.json`` a meta-trained pool records its meta-training under."""
@@ -44,6 +46,23 @@ def check_prompt_len(module: Module, max_len: int | None) -> None:
 
 
 @torch.no_grad()
+def module_latent(space: SharedSpace, module: Module, source_model: PreTrainedModel, *,
+                  source_fingerprint: str | None = None, max_prompt_len: int | None = None) -> LatentBlock:
+    """The module in Σ: ``IN_source(prompt_block)``, ``[1, p, Q]``; the half of :func:`port_module` that
+    needs the source model (a server runs it where that model lives and decodes elsewhere).
+
+    Arguments as :func:`port_module`. Returns LatentBlock ``[1, p, Q]``, fp32, on the space's device.
+    """
+    if module.model not in space.members:
+        raise ModuleError(f"the module's model {module.model!r} is not in the pool ({space.names})")
+    check_module(module, module.model, source_fingerprint or fingerprint(source_model))
+    check_prompt_len(module, max_prompt_len)
+    block = prompt_block(source_model, module.prompt[None])  # [1, p, L_i, D_i]
+    device = next(space.parameters()).device
+    return space.encode(block.to(device, torch.float32), module.model)  # [1, p, Q]
+
+
+@torch.no_grad()
 def port_module(space: SharedSpace, module: Module, source_model: PreTrainedModel, target: str, *,
                 source_fingerprint: str | None = None, max_prompt_len: int | None = None) -> KVBlock:
     """The block model ``target`` reads for ``module``: ``OUT_target(IN_source(prompt_block))``.
@@ -60,14 +79,11 @@ def port_module(space: SharedSpace, module: Module, source_model: PreTrainedMode
     Returns:
         KVBlock ``[1, p, L_target, D_target]``, fp32, on the space's device.
     """
-    for name, role in ((module.model, "the module's model"), (target, "target")):
-        if name not in space.members:
-            raise ModuleError(f"{role} {name!r} is not in the pool ({space.names})")
-    check_module(module, module.model, source_fingerprint or fingerprint(source_model))
-    check_prompt_len(module, max_prompt_len)
-    block = prompt_block(source_model, module.prompt[None])  # [1, p, L_i, D_i]
-    device = next(space.parameters()).device
-    out = space.translate(block.to(device, torch.float32), module.model, target)  # [1, p, L_j, D_j]
+    if target not in space.members:
+        raise ModuleError(f"target {target!r} is not in the pool ({space.names})")
+    latent = module_latent(space, module, source_model, source_fingerprint=source_fingerprint,
+                           max_prompt_len=max_prompt_len)  # [1, p, Q]
+    out = space.decode(latent, target)  # [1, p, L_j, D_j]
     check_block_fits(out, space.members[target], f"target {target!r}")
     return out
 

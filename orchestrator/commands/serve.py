@@ -12,7 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve a trained pool for cross-model generation over HTTP (Ray Serve)",
         description="Deploy one Ray Serve deployment per pool model and a FastAPI ingress "
         "(OpenAI-compatible POST /v1/completions and /v1/chat/completions, GET /v1/models, the Σ context store "
-        "/v1/contexts, POST /v1/generate, POST /v1/generate/mixed, GET /healthz, GET /metrics, OpenAPI at /docs). "
+        "/v1/contexts, POST /v1/generate, POST /v1/generate/mixed, GET /v1/modules, GET /healthz, GET /metrics, "
+        "OpenAPI at /docs). With --modules, a request may name a module (a soft prompt learned on one pool model): "
+        "it is ported through Σ to the answering model once, then reused. "
         "On a Ray started here, model replicas share the machine's CPUs; on a cluster (--address), the "
         "resources are checked before deploying. Blocks until Ctrl-C, then shuts Serve down.",
     )
@@ -36,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models-root", default=None, metavar="DIR",
                    help="where the pool's models are now, if they moved since training: each model is looked for "
                    "as DIR/<its checkpoint directory name> or DIR/<its pool name> (fingerprints still checked)")
+    p.add_argument("--modules", default=None, metavar="DIR",
+                   help="serve the modules (soft prompts, *.safetensors, e.g. from `kvlingua modules learn`) under "
+                   "DIR: each was learned on a pool model; a request names one (module on /v1/generate, "
+                   "kvlingua.module on the OpenAI routes) and any target reads it through Σ")
     p.set_defaults(func=run)
 
 
@@ -54,12 +60,12 @@ def run(args: argparse.Namespace) -> int:
                                num_gpus=args.num_gpus, max_prompt_tokens=args.max_prompt_tokens,
                                max_new_tokens=args.max_new_tokens, models_root=args.models_root,
                                request_timeout_s=args.request_timeout, max_pending_requests=args.max_pending,
-                               store_bytes=int(args.store_mb * 2**20))
+                               store_bytes=int(args.store_mb * 2**20), modules_dir=args.modules)
     except ValueError as e:
         raise ConfigError(f"serve options: {e}") from e
     from serve_apps.app import build_app, check_pool
 
-    pool = check_pool(args.pool_dir, options)  # a bad pool or changed model is refused before Ray starts
+    pool = check_pool(args.pool_dir, options)  # a bad pool, changed model or bad module is refused before Ray starts
     n_models = len(pool.members)
 
     import ray

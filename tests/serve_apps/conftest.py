@@ -13,9 +13,11 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import serve_apps  # noqa: E402,F401  (Ray's environment before ``import ray``)
 
-from tests.serve_apps.tiny_pool import build_tiny_pool  # noqa: E402
+from tests.serve_apps.tiny_pool import build_tiny_pool, learn_tiny_module  # noqa: E402
 
 LIMITS = dict(max_prompt_tokens=64, max_new_tokens=64)
+MODULE = "cat/moon"
+"""The one module the pool app serves, learned on model ``a``."""
 
 
 def free_port() -> int:
@@ -27,6 +29,12 @@ def free_port() -> int:
 @pytest.fixture(scope="package")
 def pool_dir(tmp_path_factory):
     return build_tiny_pool(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="package")
+def modules_dir(pool_dir, tmp_path_factory):
+    """A directory with one module (:data:`MODULE`), learned on model ``a`` in a few steps."""
+    return learn_tiny_module(pool_dir, tmp_path_factory.mktemp("modules"), model="a", name=MODULE)
 
 
 @pytest.fixture(scope="package")
@@ -46,15 +54,15 @@ def serve_url():
 
 
 @pytest.fixture(scope="package")
-def server(serve_url, pool_dir):
-    """An httpx client of the tiny pool's app served at ``/``."""
+def server(serve_url, pool_dir, modules_dir):
+    """An httpx client of the tiny pool's app served at ``/``, with the modules of ``modules_dir``."""
     httpx = pytest.importorskip("httpx")
     from ray import serve
 
     from serve_apps.app import build_app
     from serve_apps.options import ServeOptions
 
-    serve.run(build_app(pool_dir, ServeOptions(num_cpus=0.25, request_timeout_s=60, **LIMITS)), name="kvlingua",
-              route_prefix="/")
+    opts = ServeOptions(num_cpus=0.25, request_timeout_s=60, modules_dir=str(modules_dir), **LIMITS)
+    serve.run(build_app(pool_dir, opts), name="kvlingua", route_prefix="/")
     with httpx.Client(base_url=serve_url, timeout=60) as client:
         yield client

@@ -21,3 +21,9 @@ def test_serve_refuses_bad_options(tmp_path, capsys):
     (tmp_path / "pool.json").write_text("{}")
     assert main(["serve", str(tmp_path), "--replicas", "0"]) == 2
     assert "num_replicas must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_missing_modules_directory_in_one_line(pool_dir, tmp_path, capsys):
+    assert main(["serve", str(pool_dir), "--modules", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "module directory not found" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

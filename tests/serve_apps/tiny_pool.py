@@ -3,7 +3,8 @@
 Three tiny Gemma-2 models (``a``, ``b``: 2 layers; ``c``: 4 layers, so identity hand-off
 between ``a`` and ``c`` is refused), a word-level BPE tokenizer trained with ``tokenizers``
 on a few sentences, and a shared space (random init, or a few training steps with
-``train_steps``), written with :func:`kvlingua.pool.save_pool`.
+``train_steps``), written with :func:`kvlingua.pool.save_pool`; :func:`learn_tiny_module` learns a
+module (soft prompt) on one of its models.
 """
 from __future__ import annotations
 
@@ -58,3 +59,22 @@ def build_tiny_pool(root: Path, q_dim: int = 32, layers: dict[str, int] | None =
     torch.manual_seed(0)
     space = SharedSpace({m.name: m.summary for m in members}, space_cfg or SpaceConfig(q_dim=q_dim))
     return save_pool(root / "pool", space, members, tokenizer_dir=tok_dir)
+
+
+def learn_tiny_module(pool_dir: Path, out_dir: Path, model: str = "a", name: str = "cat/moon",
+                      text: str = SENTENCES[0], steps: int = 5, length: int = 4) -> Path:
+    """A soft prompt learned on pool model ``model`` (a few Adam steps on ``text``), saved as module
+    ``name`` under ``out_dir``; returns ``out_dir``."""
+    from kvlingua.models import load_frozen
+    from kvlingua.modules.prompt import Module, PromptConfig, learn_prompts, save_module
+    from kvlingua.pool import load_pool
+
+    pool = load_pool(pool_dir, load_models=False, verify=False)
+    member = next(m for m in pool.members if m.name == model)
+    frozen = load_frozen(member.path)
+    ids = torch.tensor([pool.tokenizer.encode(text)])  # [1, S]: the one task's example
+    cfg = PromptConfig(length=length, steps=steps, lr=0.1, warmup_frac=0.0)
+    prompts, loss = learn_prompts(frozen, [name], lambda step: ids, cfg)  # [1, p, H]
+    save_module(Path(out_dir) / f"{name}.safetensors",
+                Module(prompts[0], model, fingerprint(frozen), name, {"train_loss": float(loss[0])}))
+    return Path(out_dir)
