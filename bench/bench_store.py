@@ -14,6 +14,7 @@ The pool is built here from configs (random weights, no download): a source and 
 Llama-style, ``--layers`` layers of width ``--hidden``.
 
     python bench/bench_store.py [--targets 2] [--context 512] [--layers 8] [--hidden 384] [--repeats 5]
+                                [--space default|latency]
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--q-dim", type=int, default=256)
+    p.add_argument("--space", choices=["default", "latency"], default="default",
+                   help="the pool's adapters: the default translator, or the latency-oriented one (one translator "
+                   "layer, D' = D), which makes a target's first decode of a stored latent cheap")
     p.add_argument("--repeats", type=int, default=5, help="requests per target and mode (medians reported)")
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
@@ -68,7 +72,9 @@ def build_pool(root: Path, args) -> Path:
         model.save_pretrained(str(root / "models" / name))
         members.append(PoolMember(name, str(root / "models" / name), arch_summary(model), fingerprint(model)))
     torch.manual_seed(0)
-    space = SharedSpace({m.name: m.summary for m in members}, SpaceConfig(q_dim=args.q_dim))
+    space_cfg = (SpaceConfig(q_dim=args.q_dim) if args.space == "default"
+                 else SpaceConfig(q_dim=args.q_dim, num_layers=1, embed_dim_factor=1.0))
+    space = SharedSpace({m.name: m.summary for m in members}, space_cfg)
     return save_pool(root / "pool", space, members, tokenizer_dir=root / "tokenizer")
 
 
@@ -144,7 +150,7 @@ def main(argv=None) -> dict:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     print(f"{len(targets)} targets, {args.context}-token context + {args.question}-token question, "
-          f"Llama L={args.layers} hidden={args.hidden}, Q={args.q_dim}")
+          f"Llama L={args.layers} hidden={args.hidden}, Q={args.q_dim}, {args.space} translator")
     print("| mode | TTFT median (ms) | × re-read |\n|---|---|---|")
     for k, v in med.items():
         print(f"| {k} | {1000 * v:.0f} | {v / med['re-read']:.2f} |")
