@@ -177,7 +177,8 @@ def test_train_step_gradients_equal_direct_autograd(pool3):
         own = extract_prefix(models[j], ids[j][:, :P])
         logits = models[j](input_ids=ids[j][:, P:], use_cache=True, **cache_kwargs(models[j], as_past_key_values(out))).logits
         lm = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[j][:, P + 1:].reshape(-1))
-        recon = 0.5 * (((out.keys - own.keys) ** 2).mean() + ((out.values - own.values) ** 2).mean())
+        tokens = out.keys.shape[0] * out.keys.shape[1]  # the paper's ||OUT_j(IN_i(KV_i)) - KV_j||² per token
+        recon = (((out.keys - own.keys) ** 2).sum() + ((out.values - own.values) ** 2).sum()) / tokens
         total = total + (lm + 0.5 * recon) / len(paths)
         assert metrics[f"suffix/{i}->{j}"] == pytest.approx(float(lm.detach()), abs=1e-5)
     total.backward()
