@@ -14,7 +14,7 @@ The pool is built here from configs (random weights, no download): a source and 
 Llama-style, ``--layers`` layers of width ``--hidden``.
 
     python bench/bench_store.py [--targets 2] [--context 512] [--layers 8] [--hidden 384] [--repeats 5]
-                                [--space default|latency]
+                                [--space default|latency|latency-per-layer]
 """
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import serve_apps  # noqa: E402,F401  (Ray's environment before ``import ray``)
 
 
+SPACES = {"default": {}, "latency": {"num_layers": 1, "embed_dim_factor": 1.0},
+          "latency-per-layer": {"num_layers": 1, "output": "per_layer"}}
+"""``--space`` -> SpaceConfig fields of the pool's adapters."""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--targets", type=int, default=2)
@@ -41,9 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--q-dim", type=int, default=256)
-    p.add_argument("--space", choices=["default", "latency"], default="default",
-                   help="the pool's adapters: the default translator, or the latency-oriented one (one translator "
-                   "layer, D' = D), which makes a target's first decode of a stored latent cheap")
+    p.add_argument("--space", choices=list(SPACES), default="default",
+                   help="the pool's adapters: the default translator; latency: one translator layer, D' = D; "
+                   "latency-per-layer: one layer with per-layer output heads (linear in depth, D' = D/2); the "
+                   "cheaper the decode, the cheaper a target's first read of a stored latent")
     p.add_argument("--repeats", type=int, default=5, help="requests per target and mode (medians reported)")
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
@@ -72,9 +78,7 @@ def build_pool(root: Path, args) -> Path:
         model.save_pretrained(str(root / "models" / name))
         members.append(PoolMember(name, str(root / "models" / name), arch_summary(model), fingerprint(model)))
     torch.manual_seed(0)
-    space_cfg = (SpaceConfig(q_dim=args.q_dim) if args.space == "default"
-                 else SpaceConfig(q_dim=args.q_dim, num_layers=1, embed_dim_factor=1.0))
-    space = SharedSpace({m.name: m.summary for m in members}, space_cfg)
+    space = SharedSpace({m.name: m.summary for m in members}, SpaceConfig(q_dim=args.q_dim, **SPACES[args.space]))
     return save_pool(root / "pool", space, members, tokenizer_dir=root / "tokenizer")
 
 
