@@ -34,7 +34,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from kvlingua import __version__
-from serve_apps.ingress import PoolIngress, RequestError
+from serve_apps.ingress import PoolIngress
+from serve_apps.requests import RequestError
 from serve_apps.openai_api import add_openai_routes, is_openai_path
 from serve_apps.schemas import GenerateRequest, GenerateResponse, MixedRequest, MixedResponse, ModelList
 

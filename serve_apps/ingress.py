@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from kvlingua.config import from_dict
@@ -48,6 +46,7 @@ from serve_apps.limits import TrainedLimits
 from serve_apps.metrics import ServeMetrics
 from serve_apps.modules import module_key, module_library
 from serve_apps.options import ServeOptions
+from serve_apps.requests import Prepared, RequestError, request_seed, timings
 from serve_apps.schemas import (
     GenerateRequest,
     GenerateResponse,
@@ -56,63 +55,10 @@ from serve_apps.schemas import (
     ModelInfo,
     ModelList,
     SwitchInfo,
-    Timings,
 )
 from workers.host import tensor_from_wire, tensor_to_wire
 
 HEALTH_TTL_S = 2.0  # replica states are re-read from the Serve controller at most this often
-
-
-class RequestError(Exception):
-    """A request the server refuses: HTTP ``status`` with a message naming the problem.
-
-    ``param`` (the offending field) and ``code`` (a short machine-readable reason) fill
-    OpenAI's error shape; ``headers`` go on the response (e.g. ``Retry-After``).
-    """
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers
-
-
-@dataclass
-class Prepared:
-    """A validated generation request, ready to route.
-
-    ``ids`` is the whole prompt (a named context's tokens first); the source hands over its
-    first ``positions`` tokens, the target reads the rest.
-    """
-
-    target: str
-    source: str | None
-    handoff: str
-    """Hand-off asked for (``none`` without a source)."""
-    handoff_used: str
-    """Hand-off used: ``handoff``, or ``text`` after a fallback."""
-    reason: str | None
-    """Why ``handoff_used`` differs from ``handoff``."""
-    ids: list[int]
-    positions: int
-    params: dict[str, Any]
-    context: StoredContext | None = None
-    route: str = ""
-    module: str | None = None
-    """A module the target reads before the prompt (``source`` is the model it was learned on)."""
-    started: float = field(default_factory=time.monotonic)
-
-
-def _seed(seed: int | None) -> int:
-    return seed if seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-
-
-def _timings(prefill_s: float, translate_s: float, decode_s: float) -> Timings:
-    return Timings(prefill_s=prefill_s, translate_s=translate_s, decode_s=decode_s,
-                   total_s=prefill_s + translate_s + decode_s)
 
 
 class PoolIngress:
@@ -323,7 +269,7 @@ class PoolIngress:
     def prepare(self, req: GenerateRequest) -> Prepared:
         """A ``/v1/generate`` request checked and planned; raises :class:`RequestError`."""
         params = dict(max_new_tokens=self._n(req.max_new_tokens, "max_new_tokens"), temperature=req.temperature,
-                      top_p=req.top_p, seed=_seed(req.seed), stop_at_eos=not req.ignore_eos)
+                      top_p=req.top_p, seed=request_seed(req.seed), stop_at_eos=not req.ignore_eos)
         ids = self._ids(req.prompt, allow_empty=req.context_id is not None)
         return self.plan(target=req.target, source=req.source, handoff=req.handoff, strict=req.strict, ids=ids,
                          context_id=req.context_id, handoff_tokens=req.handoff_tokens, use_store=req.use_store,
@@ -371,7 +317,7 @@ class PoolIngress:
             handoff_reason=p.reason, context_id=p.context.key.id if p.context else None, module=p.module,
             text=self.text(tokens), tokens=tokens, prompt_tokens=len(p.ids), new_tokens=len(tokens),
             finish_reason=done["finish_reason"], seed=done["seed"],
-            timings=_timings(done["prefill_s"], done["translate_s"], done["decode_s"]),
+            timings=timings(done["prefill_s"], done["translate_s"], done["decode_s"]),
         )
 
     def text(self, tokens: list[int]) -> str | None:
@@ -504,7 +450,7 @@ class PoolIngress:
         self._n(total, "schedule (total max_new_tokens)")
         ids = self._ids(req.prompt)
         self._check_length(ids)
-        seed = _seed(req.seed)
+        seed = request_seed(req.seed)
         params = dict(max_new_tokens=total, temperature=req.temperature, top_p=req.top_p, seed=seed,
                       stop_at_eos=not req.ignore_eos)
         p = Prepared(merged[0][0], None, "none", "none", None, ids, 0, params, None, "/v1/generate/mixed")
@@ -535,4 +481,4 @@ class PoolIngress:
         self.metrics.observe("translate_seconds", p.route, translate_s)
         return MixedResponse(text=self.text(tokens), tokens=tokens, models=owners, switches=switches,
                              prompt_tokens=len(ids), new_tokens=len(tokens), finish_reason=finished, seed=seed,
-                             timings=_timings(prefill_s, translate_s, decode_s))
+                             timings=timings(prefill_s, translate_s, decode_s))

@@ -24,7 +24,8 @@ import uuid
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-from serve_apps.ingress import PoolIngress, Prepared, RequestError, _seed
+from serve_apps.ingress import PoolIngress
+from serve_apps.requests import Prepared, RequestError, request_seed
 from serve_apps.openai_schemas import ChatRequest, CompletionRequest, ContextRequest
 
 OPENAI_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/modules", "/v1/contexts")
@@ -48,7 +49,7 @@ def _plan(ingress: PoolIngress, req, ids: list[int], route: str) -> Prepared:
     k = req.kvlingua
     n = req.max_tokens if req.max_tokens is not None else getattr(req, "max_completion_tokens", None)
     n = ingress._n(n if n is not None else DEFAULT_MAX_TOKENS, "max_tokens")
-    params = dict(max_new_tokens=n, temperature=req.temperature, top_p=req.top_p, seed=_seed(req.seed),
+    params = dict(max_new_tokens=n, temperature=req.temperature, top_p=req.top_p, seed=request_seed(req.seed),
                   stop_at_eos=not k.ignore_eos)
     return ingress.plan(target=req.model, source=k.source, handoff=k.handoff, strict=k.strict, ids=ids,
                         context_id=k.context_id, handoff_tokens=k.handoff_tokens, use_store=k.use_store,

@@ -1,0 +1,65 @@
+"""What a request becomes before it is routed: a refusal (:class:`RequestError`) or a
+:class:`Prepared` generation, shared by the kvlingua routes and the OpenAI-compatible ones."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvlingua.store import StoredContext
+from serve_apps.schemas import Timings
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP ``status`` with a message naming the problem.
+
+    ``param`` (the offending field) and ``code`` (a short machine-readable reason) fill
+    OpenAI's error shape; ``headers`` go on the response (e.g. ``Retry-After``).
+    """
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+
+@dataclass
+class Prepared:
+    """A validated generation request, ready to route.
+
+    ``ids`` is the whole prompt (a named context's tokens first); the source hands over its
+    first ``positions`` tokens, the target reads the rest.
+    """
+
+    target: str
+    source: str | None
+    handoff: str
+    """Hand-off asked for (``none`` without a source)."""
+    handoff_used: str
+    """Hand-off used: ``handoff``, or ``text`` after a fallback."""
+    reason: str | None
+    """Why ``handoff_used`` differs from ``handoff``."""
+    ids: list[int]
+    positions: int
+    params: dict[str, Any]
+    context: StoredContext | None = None
+    route: str = ""
+    module: str | None = None
+    """A module the target reads before the prompt (``source`` is the model it was learned on)."""
+    started: float = field(default_factory=time.monotonic)
+
+
+def request_seed(seed: int | None) -> int:
+    """The request's sampling seed, or a fresh one when it gave none."""
+    return seed if seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+def timings(prefill_s: float, translate_s: float, decode_s: float) -> Timings:
+    """The phases of one answer and their total."""
+    return Timings(prefill_s=prefill_s, translate_s=translate_s, decode_s=decode_s,
+                   total_s=prefill_s + translate_s + decode_s)
