@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from kvlingua import __version__
 from serve_apps.ingress import PoolIngress
+from serve_apps.mixed import run_mixed
 from serve_apps.requests import RequestError
 from serve_apps.openai_api import add_openai_routes, is_openai_path
 from serve_apps.schemas import GenerateRequest, GenerateResponse, MixedRequest, MixedResponse, ModelList
@@ -166,7 +167,7 @@ def make_api(ingress: PoolIngress) -> FastAPI:
 
     @app.post("/v1/generate/mixed", response_model=MixedResponse, responses=_ERRORS)
     async def mixed(req: MixedRequest) -> MixedResponse:
-        return await ingress.mixed(req)
+        return await run_mixed(ingress, req)
 
     add_openai_routes(app, ingress, _ERRORS)
     return app

@@ -25,9 +25,7 @@ prompt after it. ``GET /v1/modules`` counts both per module.
 Every call to a model has the request's deadline (``request_timeout_s``: 504 past it,
 503 at once when the model has no running replica).
 
-Mixed schedules run segment by segment: each model exports the positions it computed, raw
-(for its own later segments) and encoded into Σ once (for every other model), and each
-next model rebuilds its cache from those pieces, so no position is translated twice. Every
+Mixed schedules (:mod:`serve_apps.mixed`) run segment by segment over the same handles. Every
 bad request is a :class:`RequestError` (HTTP 4xx naming what is wrong) raised before any
 model work starts.
 """
@@ -50,11 +48,8 @@ from serve_apps.requests import Prepared, RequestError, request_seed, timings
 from serve_apps.schemas import (
     GenerateRequest,
     GenerateResponse,
-    MixedRequest,
-    MixedResponse,
     ModelInfo,
     ModelList,
-    SwitchInfo,
 )
 from workers.host import tensor_from_wire, tensor_to_wire
 
@@ -434,51 +429,3 @@ class PoolIngress:
                 "positions": ctx.positions, "bytes": ctx.nbytes, "q_dim": ctx.keys.shape[-1],
                 "key": {"token_sha256": ctx.key.tokens, "source_fingerprint": ctx.key.source,
                         "adapters_sha256": ctx.key.adapters}}
-
-    # ------------------------------------------------------------ mixed schedules
-    async def mixed(self, req: MixedRequest) -> MixedResponse:
-        """Run a schedule; consecutive segments of one model are merged (its cache simply continues)."""
-        merged: list[list] = []
-        for i, seg in enumerate(req.schedule):
-            self._model(seg.model, f"schedule[{i}].model")
-            self._n(seg.max_new_tokens, f"schedule[{i}].max_new_tokens")
-            if merged and merged[-1][0] == seg.model:
-                merged[-1][1] += seg.max_new_tokens
-            else:
-                merged.append([seg.model, seg.max_new_tokens])
-        total = sum(n for _, n in merged)
-        self._n(total, "schedule (total max_new_tokens)")
-        ids = self._ids(req.prompt)
-        self._check_length(ids)
-        seed = request_seed(req.seed)
-        params = dict(max_new_tokens=total, temperature=req.temperature, top_p=req.top_p, seed=seed,
-                      stop_at_eos=not req.ignore_eos)
-        p = Prepared(merged[0][0], None, "none", "none", None, ids, 0, params, None, "/v1/generate/mixed")
-        pending, state = ids[-1], None
-        history: list[tuple[str, dict]] = []  # (model that computed them, its export) per segment, in order
-        tokens, owners, switches = [], [], []
-        prefill_s = translate_s = decode_s = 0.0
-        finished = "length"
-        for k, (name, n) in enumerate(merged):
-            last = k == len(merged) - 1
-            context = None if k == 0 else [out["own"] if owner == name else out["latent"] for owner, out in history]
-            read = max((i + 1 for i, (owner, _) in enumerate(history) if owner == name), default=0)
-            switches += [SwitchInfo(source=owner, target=name, positions=out["positions"])  # newly translated
-                         for owner, out in history[read:]]
-            await self._check_running(name)
-            out = await self._call(p, name, self.handles[name].segment.remote(ids, pending, n, params, state,
-                                                                              context, not last))
-            tokens += out["tokens"]
-            owners += [name] * len(out["tokens"])
-            prefill_s += out["prefill_s"]
-            translate_s += out["translate_s"]
-            decode_s += out["decode_s"]
-            if out["eos"]:
-                finished = "eos"
-                break
-            pending, state = out["tokens"][-1], out["generator_state"]
-            history.append((name, out))
-        self.metrics.observe("translate_seconds", p.route, translate_s)
-        return MixedResponse(text=self.text(tokens), tokens=tokens, models=owners, switches=switches,
-                             prompt_tokens=len(ids), new_tokens=len(tokens), finish_reason=finished, seed=seed,
-                             timings=timings(prefill_s, translate_s, decode_s))
