@@ -65,6 +65,12 @@ class JobSpec:
     """P: prefix tokens the source model reads."""
     suffix_len: int = 64
     """S: suffix tokens the target model continues with."""
+    min_prefix_len: int | None = None
+    """Train on a range of prefix lengths: each training batch reads a prefix of P_b tokens, P_b drawn
+    uniformly from ``[min_prefix_len, prefix_len]`` once per batch (seeded; the batch keeps its P_b every
+    epoch), as the last P_b tokens of its P-token prefix, so the suffix is the same text at positions
+    P_b..P_b+S-1. None = every batch reads ``prefix_len``. The pool records the range it was trained on
+    (``trained_prefix_len``) and serving falls back to text past its top. Held-out batches read ``prefix_len``."""
     batch_size: int = 16
     """Sequences per step (per Ray Train rank)."""
     spaces: dict[str, SpaceConfig] = field(default_factory=_default_spaces)
@@ -87,6 +93,8 @@ class JobSpec:
             raise ValueError("spaces: name at least one shared space to train")
         if self.prefix_len < 1 or self.suffix_len < 2:
             raise ValueError(f"prefix_len must be >= 1 and suffix_len >= 2, got {self.prefix_len} and {self.suffix_len}")
+        if self.min_prefix_len is not None and not 1 <= self.min_prefix_len <= self.prefix_len:
+            raise ValueError(f"min_prefix_len must be within 1..prefix_len ({self.prefix_len}), got {self.min_prefix_len}")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (the content control rolls the batch)")
         if self.eval_split not in ("train", "validation", "test"):
@@ -111,6 +119,11 @@ class JobSpec:
     def max_steps(self) -> int:
         """Steps of the longest-training space (batches a run may draw)."""
         return max(self.train_for(name).steps for name in self.spaces)
+
+    @property
+    def trained_prefix_len(self) -> tuple[int, int]:
+        """``(min, max)`` prefix lengths the training batches read."""
+        return (self.min_prefix_len or self.prefix_len, self.prefix_len)
 
     @property
     def seq_len(self) -> int:
@@ -168,8 +181,12 @@ def load_chunks(job: TrainJob, split: str) -> dict[str, torch.Tensor]:
 
 
 def _rows_to_batches(chunks: dict[str, torch.Tensor], rows: torch.Tensor, job: TrainJob, key: str,
-                     batch_size: int | None = None) -> list[Batch]:
-    """Cut ``rows`` into full batches of ``batch_size`` (default ``job.batch_size``; remainder dropped)."""
+                     batch_size: int | None = None, prefix_lens: list[int] | None = None) -> list[Batch]:
+    """Cut ``rows`` into full batches of ``batch_size`` (default ``job.batch_size``; remainder dropped).
+
+    ``prefix_lens[b]`` (default ``job.prefix_len``) is batch b's prefix: the last P_b of the P prefix
+    tokens, so its ids are ``[B, P_b+S]``.
+    """
     batch_size = batch_size or job.batch_size
     n = len(rows) // batch_size
     if n == 0:
@@ -179,8 +196,20 @@ def _rows_to_batches(chunks: dict[str, torch.Tensor], rows: torch.Tensor, job: T
     out = []
     for b in range(n):
         idx = rows[b * batch_size : (b + 1) * batch_size]
-        out.append(Batch({m: c[idx] for m, c in chunks.items()}, job.prefix_len, key=f"{key}/b{b:05d}"))
+        p_b = job.prefix_len if prefix_lens is None else prefix_lens[b]
+        cut = job.prefix_len - p_b  # [B, P+S] -> [B, P_b+S]: drop the prefix's first P - P_b tokens
+        out.append(Batch({m: c[idx][:, cut:] for m, c in chunks.items()}, p_b, key=f"{key}/b{b:05d}"))
     return out
+
+
+def train_prefix_lens(job: TrainJob, n: int) -> list[int] | None:
+    """The prefix length of each of ``n`` training batches (None: all ``job.prefix_len``); seeded by the
+    train seed, independent of the row order."""
+    low, high = job.trained_prefix_len
+    if low == high:
+        return None
+    g = torch.Generator().manual_seed(job.train.seed + 1)
+    return torch.randint(low, high + 1, (n,), generator=g).tolist()
 
 
 def train_batches(job: TrainJob, *, rank: int = 0, world_size: int = 1, split: str = "train") -> Iterator[Batch]:
@@ -196,8 +225,10 @@ def train_batches(job: TrainJob, *, rank: int = 0, world_size: int = 1, split: s
     g = torch.Generator().manual_seed(job.train.seed)
     rows = torch.randperm(n, generator=g)
     rows = rows[rows % world_size == rank]
-    key = f"{split}/P{job.prefix_len}S{job.suffix_len}/bs{job.batch_size}/w{world_size}r{rank}"
-    batches = _rows_to_batches(chunks, rows, job, key)
+    low, high = job.trained_prefix_len
+    lengths = f"P{high}" if low == high else f"P{low}-{high}"
+    key = f"{split}/{lengths}S{job.suffix_len}/bs{job.batch_size}/w{world_size}r{rank}"
+    batches = _rows_to_batches(chunks, rows, job, key, prefix_lens=train_prefix_lens(job, len(rows) // job.batch_size))
     epoch = 0
     while True:
         for i in epoch_order(len(batches), job.train.seed, epoch).tolist():
@@ -243,6 +274,21 @@ def curve_batches(job: TrainJob) -> list[Batch]:
     return eval_batches(job, job.eval.curve_split, job.eval.curve_batches)
 
 
+def space_config(job: TrainJob, name: str, summaries: dict[str, ArchSummary]) -> SpaceConfig:
+    """``job.spaces[name]`` with ``output: auto`` made concrete for the job's models.
+
+    The model sizes come from each checkpoint's ``config.json`` (built on the meta device: no
+    weights read); see :func:`kvlingua.plan.resolve_output`. Any other config is returned as is.
+    """
+    cfg = job.spaces[name]
+    if cfg.output != "auto" or cfg.adapter != "translator":
+        return cfg
+    from kvlingua.plan import load_model_config, meta_model, n_params, resolve_output
+
+    sizes = {m: n_params(meta_model(load_model_config(path))) for m, path in job.models.items()}
+    return resolve_output(cfg, {m: (summaries[m], sizes[m]) for m in job.models})
+
+
 def build_space(job: TrainJob, name: str, summaries: dict[str, ArchSummary],
                 fingerprints: dict[str, str] | None = None) -> SharedSpace:
     """The shared space ``name`` of the job over its models (pool order), seeded by the train seed.
@@ -254,7 +300,7 @@ def build_space(job: TrainJob, name: str, summaries: dict[str, ArchSummary],
     """
     torch.manual_seed(job.train.seed)
     if job.start_from is None:
-        return SharedSpace({m: summaries[m] for m in job.models}, job.spaces[name])
+        return SharedSpace({m: summaries[m] for m in job.models}, space_config(job, name, summaries))
     from kvlingua.config import to_dict
     from kvlingua.pool import load_pool
 
@@ -270,7 +316,10 @@ def build_space(job: TrainJob, name: str, summaries: dict[str, ArchSummary],
         if fingerprints is not None and fingerprints.get(m.name) != m.fingerprint:
             raise ValueError(f"start_from {job.start_from}: model {m.name!r} has other weights than the pool's "
                              "(fingerprint differs)")
-    if to_dict(pool.space.cfg) != to_dict(job.spaces[name]):
+    want = job.spaces[name]
+    if want.output == "auto":  # the pool already made it concrete for its members: keep its choice
+        want = replace(want, output=pool.space.cfg.output)
+    if to_dict(pool.space.cfg) != to_dict(want):
         raise ValueError(f"start_from {job.start_from}: spaces.{name} must equal the pool's space config "
                          f"{to_dict(pool.space.cfg)}")
     frozen = sorted(set(job.train.trainable or ()) & set(old))

