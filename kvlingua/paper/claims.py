@@ -152,6 +152,10 @@ def run_check(check: Check, evals: Mapping[str, EvalResult], histories: Mapping[
     """
     if check.kind == "groups":
         ga = (best_of or {}).get(check.group_a, check.group_a)
+        missing = [g for g in (ga, check.group_b) if g not in evals]
+        if missing:
+            raise KeyError(f"check {check.label!r} compares groups {missing} that the experiment did not run; "
+                           f"it ran {sorted(evals)}")
         a, b = _mean_over_paths(evals[ga], check.a), _mean_over_paths(evals[check.group_b], check.a)
         return [_compare(f"{check.a}, mean over paths: {ga} vs {check.group_b}", a, b, check)]
     if check.kind == "steps":
