@@ -44,15 +44,20 @@ def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 128) -> PreTrainedToke
 
 
 def build_tiny_pool(root: Path, q_dim: int = 32, layers: dict[str, int] | None = None, hidden: int = 32,
-                    space_cfg: SpaceConfig | None = None) -> Path:
-    """Write models, tokenizer and pool under ``root``; returns the pool directory ``root/pool``."""
+                    space_cfg: SpaceConfig | None = None, shapes: dict[str, dict] | None = None) -> Path:
+    """Write models, tokenizer and pool under ``root``; returns the pool directory ``root/pool``.
+
+    ``shapes[name]`` overrides that member's :func:`tests.helpers.tiny_model` arguments (e.g. a 30-layer
+    GQA Llama beside the 2-layer Gemma-2 models).
+    """
     layers = layers or {"a": 2, "b": 2, "c": 4}
+    shapes = shapes or {}
     root = Path(root)
     tok_dir = root / "tokenizer"
     train_tiny_tokenizer(tok_dir)
     members = []
     for seed, (name, n_layers) in enumerate(layers.items()):
-        model = tiny_model("gemma2", seed=seed, layers=n_layers, hidden=hidden)
+        model = tiny_model(**{"kind": "gemma2", "seed": seed, "layers": n_layers, "hidden": hidden, **shapes.get(name, {})})
         path = root / "models" / name
         model.save_pretrained(str(path))
         members.append(PoolMember(name, str(path), arch_summary(model), fingerprint(model)))
