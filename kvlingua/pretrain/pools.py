@@ -5,7 +5,14 @@ A pool YAML is a :class:`PoolConfig`; each member is exactly one of
 * ``pretrain: {...}`` — a :class:`PretrainConfig` run (from scratch, or with
   ``init_from: <member>`` fine-tuned from an earlier member's final weights), or
 * ``snapshot_of: {member, step}`` — the weights of another member's run at a step
-  that member lists in ``save_at`` (checkpoints of one trajectory).
+  that member lists in ``save_at`` (checkpoints of one trajectory), or
+* ``model: <name or directory>`` — an existing checkpoint, nothing trained: a model
+  fetched by ``kvlingua fetch`` (its name, e.g. ``smollm2``; fetched on first use) or a
+  local checkpoint directory of your own (``config.json`` + safetensors weights).
+
+A pool shares one tokenizer: trained here (``vocab_size``), or with ``tokenizer_model``
+a fetched model's own, so that tiny members pre-trained here read the same ids as a real
+model (``tokenizer_model: smollm2`` plus a ``model: smollm2`` member).
 
 So: seeds = several ``pretrain`` members differing in ``seed``; trajectory = one run
 with ``save_at: [mid, last]`` plus a ``snapshot_of`` member at ``mid``; experts = a
@@ -61,12 +68,18 @@ class MemberConfig:
     """Fine-tune from this earlier member's final weights instead of a fresh init."""
     snapshot_of: SnapshotRef | None = None
     """Take the weights of another member's run at a step instead of running anything."""
+    model: str | None = None
+    """Use an existing checkpoint as is: a fetched model's name (:data:`kvlingua.realmodels.MODELS`, fetched
+    on first use) or a checkpoint directory (relative paths from the current directory). It must read the
+    pool's tokenizer (its vocabulary is checked)."""
 
     def __post_init__(self):
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
             raise ValueError(f"member name {self.name!r} must be non-empty letters, digits, '-' or '_'")
-        if (self.pretrain is None) == (self.snapshot_of is None):
-            raise ValueError(f"member {self.name!r}: give exactly one of 'pretrain' or 'snapshot_of'")
+        if sum(x is not None for x in (self.pretrain, self.snapshot_of, self.model)) != 1:
+            raise ValueError(f"member {self.name!r}: give exactly one of 'pretrain', 'snapshot_of' or 'model'")
+        if self.model is not None and self.init_from is not None:
+            raise ValueError(f"member {self.name!r}: a model member is used as is and cannot have init_from")
         if self.snapshot_of is not None and self.init_from is not None:
             raise ValueError(f"member {self.name!r}: a snapshot member cannot have init_from")
         if self.pretrain is not None and self.pretrain.init_from is not None:
@@ -82,8 +95,11 @@ class PoolConfig:
     """Pool directory name under ``data_home()/pools/``."""
     members: tuple[MemberConfig, ...]
     """The models, in order; ``init_from`` and ``snapshot_of`` may only name earlier members."""
-    vocab_size: int = 8192
-    """Size of the pool's shared tokenizer."""
+    vocab_size: int | None = None
+    """Size of the pool's shared tokenizer when it is trained here (None: 8192); with ``tokenizer_model``,
+    None or that tokenizer's size."""
+    tokenizer_model: str | None = None
+    """Share a fetched model's tokenizer (its name, e.g. ``smollm2``) instead of training one."""
     tokenizer_data: DataConfig = field(default_factory=DataConfig)
     """Text the shared tokenizer is trained on (``ensure_tokenizer``)."""
     concurrent: int = 1
@@ -100,9 +116,9 @@ class PoolConfig:
         for m in self.members:
             if m.name in seen:
                 raise ValueError(f"members: duplicate name {m.name!r}")
-            if m.init_from is not None and (m.init_from not in seen or seen[m.init_from].pretrain is None):
-                raise ValueError(f"member {m.name!r}: init_from {m.init_from!r} is not an earlier trained member "
-                                 f"(earlier: {list(seen)})")
+            if m.init_from is not None and (m.init_from not in seen or seen[m.init_from].snapshot_of is not None):
+                raise ValueError(f"member {m.name!r}: init_from {m.init_from!r} is not an earlier trained or model "
+                                 f"member (earlier: {list(seen)})")
             if m.snapshot_of is not None:
                 src = seen.get(m.snapshot_of.member)
                 if src is None or src.pretrain is None:
@@ -112,6 +128,65 @@ class PoolConfig:
                     raise ValueError(f"member {m.name!r}: step {m.snapshot_of.step} is not in "
                                      f"{src.name}.pretrain.save_at {list(src.pretrain.save_at)}")
             seen[m.name] = m
+
+
+DEFAULT_VOCAB = 8192
+"""Vocabulary of a tokenizer trained for a pool that does not name one."""
+
+
+def model_member_dir(spec: str, progress: bool = True) -> Path:
+    """The checkpoint directory of a ``model:`` member: a fetched model's (fetched once), or ``spec`` itself."""
+    from kvlingua.config import KvlinguaError
+    from kvlingua.realmodels import MODELS, fetch_model
+
+    if spec in MODELS:
+        log = None if progress else (lambda msg: None)
+        return fetch_model(spec, log=log).path
+    path = Path(spec).expanduser().resolve()
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        raise KvlinguaError(f"model {spec!r}: neither a fetched model ({', '.join(MODELS)}) nor a checkpoint directory "
+                            "with config.json and safetensors weights")
+    return path
+
+
+def pool_tokenizer(cfg: PoolConfig, progress: bool = True) -> Path:
+    """The pool's shared tokenizer directory: the fetched model's (``tokenizer_model``) or one trained once."""
+    from kvlingua.config import KvlinguaError
+    from kvlingua.data.tokenizer import ensure_tokenizer, load_tokenizer
+
+    if cfg.tokenizer_model is None:
+        return ensure_tokenizer(cfg.tokenizer_data, vocab_size=cfg.vocab_size or DEFAULT_VOCAB)
+    path = model_member_dir(cfg.tokenizer_model, progress)
+    size = len(load_tokenizer(path))
+    if cfg.vocab_size is not None and cfg.vocab_size != size:
+        raise KvlinguaError(f"pool {cfg.name}: vocab_size {cfg.vocab_size} != the {size} tokens of "
+                            f"{cfg.tokenizer_model}'s tokenizer (leave vocab_size out)")
+    return path
+
+
+def _model_member(cfg: PoolConfig, m: MemberConfig, root: Path, tokenizer_dir: Path, progress: bool) -> Path:
+    """The checkpoint of model member ``m``, checked against the pool's tokenizer; its held-out metrics are
+    measured once into ``root/<m.name>/metrics.json``, on the rows the pool's first pre-trained member is scored
+    on (so the manifest compares like with like), else on ``tokenizer_data`` with the default settings."""
+    from kvlingua.config import KvlinguaError
+    from kvlingua.data.tokenizer import load_tokenizer
+    from kvlingua.models import load_frozen
+    from kvlingua.pretrain.loop import check_chunks, load_chunks
+
+    path = model_member_dir(m.model, progress)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = load_frozen(path)
+    if model.config.vocab_size < len(tokenizer):
+        raise KvlinguaError(f"member {m.name!r}: model {m.model!r} has {model.config.vocab_size} token embeddings, "
+                            f"fewer than the pool tokenizer's {len(tokenizer)}")
+    metrics_file = root / m.name / METRICS_FILE
+    if not metrics_file.is_file():
+        run = next((x.pretrain for x in cfg.members if x.pretrain is not None), PretrainConfig(data=cfg.tokenizer_data))
+        _, val = check_chunks(load_chunks(run, tokenizer), run, model.config.vocab_size)
+        metrics = {"name": m.name, "model": m.model, "path": str(path), **evaluate_member(model, val, run)}
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        metrics_file.write_text(json.dumps(metrics, indent=1))
+    return path
 
 
 def pool_dir(cfg: PoolConfig, home: Path | None = None) -> Path:
@@ -170,19 +245,22 @@ def pretrain_pool(cfg: PoolConfig, home: Path | None = None, progress: bool = Tr
     ``force`` deletes the pool directory first. Writes ``pool_manifest.json`` beside the members.
     """
     from kvlingua.cache import fingerprint
-    from kvlingua.data.tokenizer import ensure_tokenizer
+    from kvlingua.data.tokenizer import load_tokenizer
     from kvlingua.models import load_frozen
 
     root = pool_dir(cfg, home)
     if force and root.exists():
         shutil.rmtree(root)
-    tokenizer_dir = ensure_tokenizer(cfg.tokenizer_data, vocab_size=cfg.vocab_size)
+    tokenizer_dir = pool_tokenizer(cfg, progress)
     independent = [m for m in cfg.members
                    if m.pretrain is not None and m.init_from is None and not is_finished(root / m.name, m.pretrain)]
     if cfg.concurrent > 1 and len(independent) > 1:
         _pretrain_concurrently(independent, root, tokenizer_dir, cfg.concurrent, progress)
     dirs: dict[str, Path] = {}
     for m in cfg.members:
+        if m.model is not None:
+            dirs[m.name] = _model_member(cfg, m, root, tokenizer_dir, progress)
+            continue
         if m.snapshot_of is not None:
             _snapshot_member(cfg, m, root, tokenizer_dir)
         else:
@@ -192,11 +270,12 @@ def pretrain_pool(cfg: PoolConfig, home: Path | None = None, progress: bool = Tr
         dirs[m.name] = root / m.name
     entries = []
     for m in cfg.members:
-        metrics = json.loads((dirs[m.name] / METRICS_FILE).read_text())
+        metrics = json.loads((root / m.name / METRICS_FILE).read_text())
         metrics.pop("log", None)
-        entries.append({"name": m.name, "path": m.name, "fingerprint": fingerprint(load_frozen(dirs[m.name])),
+        path = m.name if m.model is None else str(dirs[m.name])  # model members stay where they are
+        entries.append({"name": m.name, "path": path, "fingerprint": fingerprint(load_frozen(dirs[m.name])),
                         "member": to_dict(m), "metrics": metrics})
-    manifest = {"name": cfg.name, "vocab_size": cfg.vocab_size, "tokenizer": str(tokenizer_dir),
+    manifest = {"name": cfg.name, "vocab_size": len(load_tokenizer(tokenizer_dir)), "tokenizer": str(tokenizer_dir),
                 "torch": torch.__version__, "members": entries}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return dirs

