@@ -205,3 +205,54 @@ def run_local(job: TrainJob, tracker: Tracker | None = None, progress: bool = Tr
     spaces, states = train_spaces(job, backend, runtime, resume_from=resume,
                                   save=save if job.train.checkpoint_every else None)
     return finish(job, spaces, backend, states, tracker)
+
+
+def evaluate_pool_dir(pool_dir: str | Path, *, split: str | None = None, batches: int | None = None,
+                      prefix_len: int | None = None, ablate_stack: bool = False,
+                      models_root: str | Path | None = None):
+    """Evaluate a trained pool (or the run directory holding its pools) on held-out batches, in process.
+
+    Rebuilds the run's job from ``pool.json`` (models and tokenizer from the pool, so a moved
+    pool still works) with ``split`` / ``batches`` / ``prefix_len`` replaced where given: with
+    ``prefix_len`` every held-out row reads P = ``prefix_len`` tokens before the same-length
+    suffix (how content transfer depends on positions). ``ablate_stack`` adds
+    ``<space>-no-stack`` for each translator with both a stack and a short path.
+    Returns ``(EvalResult, job)``; raises :class:`~kvlingua.config.ConfigError` for a pool
+    ``kvlingua train`` did not write.
+    """
+    from dataclasses import replace
+
+    from kvlingua.config import ConfigError, from_dict
+    from kvlingua.pool import POOL_FILE, TOKENIZER_DIR, load_pool
+    from kvlingua.rundir import main_space, read_run_pools
+
+    pools = read_run_pools(pool_dir)  # space name -> pool directory
+    main = main_space(pools)
+    loaded = load_pool(pools[main], models_root=models_root)
+    meta_file = loaded.root / POOL_FILE
+    if "job" not in loaded.meta:
+        raise ConfigError(f"{meta_file}: no training job recorded; it was not written by `kvlingua train`")
+    try:
+        job = from_dict(TrainJob, loaded.meta["job"], "job")
+    except ConfigError as e:
+        raise ConfigError(f"{meta_file}: {e}") from e
+    job = replace(job, models={m.name: m.path for m in loaded.members})
+    if loaded.tokenizer is not None:  # the pool's copy of the run's tokenizer travels with the pool
+        job = replace(job, tokenizer=str(loaded.root / TOKENIZER_DIR))
+    if split:
+        job = replace(job, eval_split=split)
+    if batches:
+        job = replace(job, eval=replace(job.eval, batches=batches))
+    if prefix_len is not None:
+        if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
+            raise ConfigError(f"prefix_len must be a positive integer, got {prefix_len!r}")
+        job = replace(job, prefix_len=prefix_len, min_prefix_len=None)
+    spaces = {name: loaded.space if name == main else load_pool(d, load_models=False, verify=False).space
+              for name, d in pools.items()}
+    if ablate_stack:
+        ablatable = {n: s for n, s in spaces.items() if s.stack_removable}
+        if not ablatable:
+            raise ConfigError("--ablate-stack: no space here is a translator with both a stack and a short path")
+        spaces |= {f"{n}-no-stack": s.without_stack() for n, s in ablatable.items()}
+    result = evaluate(LocalBackend(loaded.models), eval_batches(job), allowed_paths(job), spaces, first_tokens=job.eval.first_tokens)
+    return result, job

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 
@@ -24,49 +23,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models-root", default=None, metavar="DIR",
                    help="where the pool's models are now, if they moved since training: each model is looked for "
                    "as DIR/<its checkpoint directory name> or DIR/<its pool name> (fingerprints still checked)")
+    p.add_argument("--prefix-len", type=int, default=None, metavar="P",
+                   help="read P prefix tokens before the run's suffix (default: the run's prefix_len); files are "
+                   "then named eval-<split>-P<P>.json")
     p.add_argument("--out", default=None, help="directory for eval.json / eval.md (default: the pool's run dir)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvlingua.backend import LocalBackend
-    from kvlingua.config import ConfigError, from_dict
-    from kvlingua.evaluate import evaluate
-    from kvlingua.job import TrainJob, allowed_paths, eval_batches
-    from kvlingua.pool import POOL_FILE, TOKENIZER_DIR, load_pool
-    from kvlingua.rundir import main_space, read_run_pools
+    from kvlingua.rundir import read_run_pools, main_space
+    from kvlingua.run import evaluate_pool_dir
 
-    pools = read_run_pools(args.pool_dir)  # space name -> pool directory
-    main = main_space(pools)
-    loaded = load_pool(pools[main], models_root=args.models_root)
-    meta_file = loaded.root / POOL_FILE
-    if "job" not in loaded.meta:
-        raise ConfigError(f"{meta_file}: no training job recorded; it was not written by `kvlingua train`")
-    try:
-        job = from_dict(TrainJob, loaded.meta["job"], "job")
-    except ConfigError as e:
-        raise ConfigError(f"{meta_file}: {e}") from e
-    job = replace(job, models={m.name: m.path for m in loaded.members})
-    if loaded.tokenizer is not None:  # the pool's copy of the run's tokenizer travels with the pool
-        job = replace(job, tokenizer=str(loaded.root / TOKENIZER_DIR))
-    if args.split:
-        job = replace(job, eval_split=args.split)
-    if args.batches:
-        job = replace(job, eval=replace(job.eval, batches=args.batches))
-    spaces = {name: loaded.space if name == main else load_pool(d, load_models=False, verify=False).space
-              for name, d in pools.items()}
-    if args.ablate_stack:
-        ablatable = {n: s for n, s in spaces.items() if s.stack_removable}
-        if not ablatable:
-            raise ConfigError("--ablate-stack: no space here is a translator with both a stack and a short path")
-        spaces |= {f"{n}-no-stack": s.without_stack() for n, s in ablatable.items()}
-    backend = LocalBackend(loaded.models)
-    result = evaluate(backend, eval_batches(job), allowed_paths(job), spaces, first_tokens=job.eval.first_tokens)
-    out = Path(args.out) if args.out else loaded.root.parent
+    result, job = evaluate_pool_dir(args.pool_dir, split=args.split, batches=args.batches, prefix_len=args.prefix_len,
+                                    ablate_stack=args.ablate_stack, models_root=args.models_root)
+    pools = read_run_pools(args.pool_dir)
+    out = Path(args.out) if args.out else Path(pools[main_space(pools)]).parent
     out.mkdir(parents=True, exist_ok=True)
-    result.to_json(out / f"eval-{job.eval_split}.json")
+    stem = f"eval-{job.eval_split}" + (f"-P{args.prefix_len}" if args.prefix_len else "")
+    result.to_json(out / f"{stem}.json")
     markdown = result.to_markdown()
-    (out / f"eval-{job.eval_split}.md").write_text(markdown)
+    (out / f"{stem}.md").write_text(markdown)
     print(markdown)
-    print(f"\nwritten: {out / f'eval-{job.eval_split}.json'}")
+    print(f"\nwritten: {out / f'{stem}.json'}")
     return 0

@@ -106,6 +106,29 @@ def test_eval_cli_ablates_the_trained_stack(smoke_run, tmp_path, capsys):
     assert "translator-no-stack" in capsys.readouterr().out
 
 
+def test_eval_cli_reads_other_prefix_lengths(smoke_run, tmp_path):
+    """--prefix-len P: the run's own P reproduces its table; a shorter P is scored on rows of that length."""
+    from kvlingua.config import from_dict
+    from kvlingua.job import TrainJob
+
+    _, run_dir, home = smoke_run
+    job = from_dict(TrainJob, json.loads((run_dir / "pool" / "pool.json").read_text())["job"], "job")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KVLINGUA_HOME", str(home))
+    try:
+        for p in (job.prefix_len, 2):
+            assert main(["eval", str(run_dir), "--prefix-len", str(p), "--out", str(tmp_path)]) == 0
+    finally:
+        mp.undo()
+    trained = json.loads((run_dir / "eval.json").read_text())["paths"]["seed0->seed1"]
+    same = json.loads((tmp_path / f"eval-test-P{job.prefix_len}.json").read_text())["paths"]["seed0->seed1"]
+    short = json.loads((tmp_path / "eval-test-P2.json").read_text())["paths"]["seed0->seed1"]
+    for cond in ("base", "translator"):
+        assert same[cond]["nll_mean"] == pytest.approx(trained[cond]["nll_mean"], abs=1e-5)
+        assert short[cond]["nll_mean"] != pytest.approx(trained[cond]["nll_mean"], abs=1e-4)
+    assert main(["eval", str(run_dir), "--prefix-len", "0"]) == 2  # refused in one line
+
+
 def test_in_process_train_equals_the_ray_run_and_a_rerun_resumes(smoke_run, tmp_path):
     """`kvlingua train --in-process`: no Ray, the same route, so the same table as the Ray run; run again
     with the same settings, it resumes from its finished checkpoints instead of training again."""
