@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--no-variants", action="store_true",
+                   help="time only re-prefill and the pool's own space (no random latency/1-layer spaces: "
+                   "pools whose shapes the default SpaceConfig does not fit, e.g. 30-layer models)")
     return p.parse_args(argv)
 
 
@@ -112,9 +115,12 @@ def main(argv=None) -> int:
         spaces["latency"] = load_pool(args.latency_pool).space
         trained["latency"] = True
     torch.manual_seed(0)
-    spaces.setdefault("default", SharedSpace(members, SpaceConfig()))
-    spaces.setdefault("latency", SharedSpace(members, SpaceConfig(num_layers=1, embed_dim_factor=1.0)))
-    spaces.setdefault("1 layer", SharedSpace(members, SpaceConfig(num_layers=1)))
+    wanted = {"default": SpaceConfig()}  # built only where no trained space was given
+    if not args.no_variants:
+        wanted |= {"latency": SpaceConfig(num_layers=1, embed_dim_factor=1.0), "1 layer": SpaceConfig(num_layers=1)}
+    for kind, cfg in wanted.items():
+        if kind not in spaces:
+            spaces[kind] = SharedSpace(members, cfg)
     for s in spaces.values():
         s.eval().requires_grad_(False)
 
@@ -129,7 +135,7 @@ def main(argv=None) -> int:
     src_block = extract_prefix(models[source], prefix)  # [B, P, L_s, D_s]: the source has read the prefix anyway
     rows = []
     with torch.no_grad():
-        kinds = ("default", "latency", "1 layer")
+        kinds = tuple(k for k in ("default", "latency", "1 layer") if k in spaces)
         fns = {"prefill": lambda: extract_prefix(models[target], prefix)}
         fns.update({k: (lambda sp=spaces[k]: sp.translate(src_block, source, target)) for k in kinds})
         secs, outs = timed(fns, args.repeats)
@@ -141,7 +147,8 @@ def main(argv=None) -> int:
             space, t = spaces[kind], secs[kind]
             nll = suffix_token_nll(models[target], outs[kind], suffix).mean().item()
             depth = space.cfg.num_layers or L
-            label = f"translate ({kind}: {min(depth, L)}/{L} layers, D'={space.cfg.embed_factor:g}D)"
+            layout = "" if space.cfg.adapter == "linear" else f", {space.cfg.output_layout}"
+            label = f"translate ({kind}: {min(depth, L)}/{L} layers, D'={space.cfg.embed_factor:g}D{layout})"
             rows.append({"method": label, "ms": 1e3 * t, "ratio": t / t_pre, "suffix_nll": nll,
                          "trained": trained[kind]})
         none_nll = suffix_token_nll(models[target], None, suffix).mean().item()

@@ -27,6 +27,7 @@ pool, by the rule the config documents (``max_share``).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -114,6 +115,16 @@ def load_model_config(path: str | Path) -> PretrainedConfig:
         return AutoConfig.for_model(**data)
     except (ValueError, KeyError) as e:
         raise PlanError(f"{file}: {e}") from e
+
+
+def model_name(path: str | Path) -> str:
+    """``qwen2_5-0_5b`` for ``configs/shapes/qwen2.5-0.5b.json``, a checkpoint's directory name (a pool model name)."""
+    path = Path(path)
+    if path.is_dir():
+        name = path.resolve().name
+    else:
+        name = path.resolve().parent.name if path.name == "config.json" else path.stem
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
 
 
 def meta_model(config: PretrainedConfig) -> nn.Module:

@@ -16,13 +16,18 @@ import sys
 
 from kvlingua.config import KvlinguaError
 
-COMMANDS = ("quickstart", "data", "fetch", "pretrain", "train", "eval", "tune", "serve", "plan", "paper", "modules")
+COMMANDS = ("quickstart", "data", "fetch", "pretrain", "train", "eval", "tune", "serve", "plan", "paper", "modules", "real-model")
+
+
+def _module(command: str) -> str:
+    """The module of a command: ``real-model`` lives in ``orchestrator/commands/real_model.py``."""
+    return command.replace("-", "_")
 
 
 def _available(name: str) -> bool:
     from importlib.util import find_spec
 
-    return find_spec(f"orchestrator.commands.{name}") is not None
+    return find_spec(f"orchestrator.commands.{_module(name)}") is not None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in filter(_available, COMMANDS):
-        importlib.import_module(f"orchestrator.commands.{name}").register(sub)
+        importlib.import_module(f"orchestrator.commands.{_module(name)}").register(sub)
     return parser
 
 

@@ -94,26 +94,33 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
 
 def member_configs(cfg: RunConfig) -> dict[str, Any]:
     """name -> transformers config of every model the run uses (its checkpoint's config.json, or the size the
-    pool YAML pre-trains it at), read without training or loading any weights."""
+    pool YAML pre-trains it at), read without training, fetching or loading any weights. A model that is not
+    on disk yet (to be fetched), or whose vocabulary depends on a tokenizer not fetched yet, is left out: its
+    checks then run when the pool is built."""
     from kvlingua.config import load_config
     from kvlingua.plan import load_model_config
-    from kvlingua.pretrain.pools import PoolConfig
+    from kvlingua.pretrain.pools import PoolConfig, known_vocab_size, model_member_dir_if_present
     from kvlingua.pretrain.sizes import gemma2_config
 
     if cfg.models is not None:
         return {name: load_model_config(path) for name, path in cfg.models.items()}
     pool = load_config(PoolConfig, cfg.pool)
     runs = {m.name: m.pretrain for m in pool.members if m.pretrain is not None}
+    vocab = known_vocab_size(pool)
     configs = {}
     for m in pool.members:
+        if m.model is not None:  # an existing checkpoint: its config.json once it is on disk
+            path = model_member_dir_if_present(m.model)
+            configs[m.name] = load_model_config(path) if path is not None else None
+            continue
         run = m.pretrain if m.pretrain is not None else runs[m.snapshot_of.member]
         configs[m.name] = (load_model_config(run.init_from) if run.init_from is not None
-                           else gemma2_config(run.size, pool.vocab_size))
+                           else gemma2_config(run.size, vocab) if vocab is not None else None)
     names = cfg.pool_members or tuple(configs)
     unknown = sorted(set(names) - set(configs))
     if unknown:
         raise ConfigError(f"pool_members: {unknown} not in pool {cfg.pool} (members: {sorted(configs)})")
-    return {n: configs[n] for n in names}
+    return {n: configs[n] for n in names if configs[n] is not None}
 
 
 def preflight(cfg: RunConfig) -> None:

@@ -149,6 +149,31 @@ def model_member_dir(spec: str, progress: bool = True) -> Path:
     return path
 
 
+def model_member_dir_if_present(spec: str) -> Path | None:
+    """The checkpoint directory of a ``model:`` member when it is on disk already (nothing is fetched)."""
+    from kvlingua.realmodels import MODELS, model_dir, read_record
+
+    if spec in MODELS:
+        path = model_dir(spec)
+        return path if read_record(path) else None
+    path = Path(spec).expanduser().resolve()
+    return path if (path / "config.json").is_file() else None
+
+
+def known_vocab_size(cfg: PoolConfig) -> int | None:
+    """The pool tokenizer's size when it is known without training or fetching anything (None otherwise)."""
+    if cfg.tokenizer_model is None:
+        return cfg.vocab_size or DEFAULT_VOCAB
+    if cfg.vocab_size is not None:
+        return cfg.vocab_size
+    path = model_member_dir_if_present(cfg.tokenizer_model)
+    if path is None:
+        return None
+    from kvlingua.data.tokenizer import load_tokenizer
+
+    return len(load_tokenizer(path))
+
+
 def pool_tokenizer(cfg: PoolConfig, progress: bool = True) -> Path:
     """The pool's shared tokenizer directory: the fetched model's (``tokenizer_model``) or one trained once."""
     from kvlingua.config import KvlinguaError

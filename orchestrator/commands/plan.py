@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -53,7 +52,7 @@ def _workload(args: argparse.Namespace, **defaults):
 
 
 def _plan_models(args: argparse.Namespace) -> int:
-    from kvlingua.plan import Q_PER_LAYER, format_plan, load_model_config, plan_pool
+    from kvlingua.plan import Q_PER_LAYER, format_plan, load_model_config, model_name, plan_pool
     from kvlingua.translator import SpaceConfig
 
     work = _workload(args)
@@ -61,19 +60,10 @@ def _plan_models(args: argparse.Namespace) -> int:
     for path in args.paths:
         config = load_model_config(path)
         q_dim = args.q_dim or Q_PER_LAYER * config.get_text_config().num_hidden_layers
-        cfg, plans = plan_pool({_model_name(path): config}, SpaceConfig(q_dim=q_dim, output=args.output), work)
+        cfg, plans = plan_pool({model_name(path): config}, SpaceConfig(q_dim=q_dim, output=args.output), work)
         rows += [(cfg, p) for p in plans]
     print(format_plan(rows, work))
     return 0
-
-
-def _model_name(path: Path) -> str:
-    """``qwen2_5-0_5b`` for ``configs/shapes/qwen2.5-0.5b.json``, a checkpoint's directory name (a pool model name)."""
-    if path.is_dir():
-        name = path.resolve().name
-    else:
-        name = path.resolve().parent.name if path.name == "config.json" else path.stem
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
 
 
 def _plan_run(args: argparse.Namespace) -> int:

@@ -1,0 +1,203 @@
+"""The real-model report (``docs/results/real-model.md``), generated from a run's files only.
+
+Reads what ``kvlingua real-model`` left in the run directory -- ``eval.json`` (the final table, test
+split), ``timing.json``, ``pool/pool.json``, ``positions/eval-test-P<P>.json``,
+``bench_handoff.json`` -- and the public model shapes of ``configs/shapes/`` (planned on the meta
+device), and writes one Markdown file. Every verdict follows from the numbers by
+:func:`kvlingua.paper.claims.outcome` (a paired difference ± 2 standard errors against a tolerance);
+nothing in it is typed by hand.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+from kvlingua.evaluate import EvalResult, paired_difference
+from kvlingua.paper.claims import outcome
+from kvlingua.paths import path_name
+
+DEPTH_LINEAR = "translator"
+"""The space that holds the depth-linear adapter in the real-model run config."""
+PAPER = "dense"
+"""The space that holds the paper's adapter (dense output) in the real-model run config."""
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _series(result: EvalResult, path: tuple[str, str], cond: str) -> list[float]:
+    return list(result.per_batch["all"][path_name(path)][cond])
+
+
+def compare(result: EvalResult, path: tuple[str, str], a: str, b: str, relation: str = "le",
+            tol: float = 0.0) -> tuple[float, float, str]:
+    """``(mean a − b, its standard error, outcome)`` over the held-out batches of ``path``."""
+    diff, se = paired_difference(_series(result, path, a), _series(result, path, b))
+    return diff, se, outcome(diff, se, relation, tol)
+
+
+def _content_cell(result: EvalResult, path, cond: str) -> str:
+    s = result.summary_for(path, cond)
+    return _fmt(s.content, 2) if not math.isnan(s.content) else f"n/a (gap {s.gap:.3f} ± {s.gap_se:.3f})"
+
+
+def claims_section(result: EvalResult, deep: str, shallow: str) -> list[str]:
+    """The two questions of the experiment, each as a paired comparison with its outcome."""
+    lines = ["## What the numbers say (test split)", ""]
+    have = result.conditions_of((deep, shallow))
+    space = DEPTH_LINEAR if DEPTH_LINEAR in have else next(c for c in have if c not in ("base", "control", "no-prefix"))
+    diff, se, oc = compare(result, (deep, shallow), space, "base")
+    s = result.summary_for((deep, shallow), space)
+    base = result.summary_for((deep, shallow), "base")
+    lines += [
+        f"1. **Does the tiny model predict better after reading {deep}'s translated cache than after its own?** "
+        f"(the paper's §4.4 claim, with a real strong model). {shallow} reading {deep}'s cache through Σ "
+        f"({space}): NLL {s.nll_mean:.3f}; after its own cache (base): {base.nll_mean:.3f}; paired difference "
+        f"{diff:+.3f} ± {se:.3f} (SE over {result.num_batches} batches): **{oc}** "
+        f"({'better' if oc == 'holds' else 'not better' if oc == 'fails' else 'no clear difference'} "
+        "at 2 standard errors).",
+    ]
+    s2 = result.summary_for((shallow, deep), space)
+    base2 = result.summary_for((shallow, deep), "base")
+    diff2, se2, _ = compare(result, (shallow, deep), space, "base")
+    lines += [
+        f"2. **How much of {deep}'s own context does the tiny model's cache give it?** {deep} reading {shallow}'s "
+        f"translated cache: NLL {s2.nll_mean:.3f} against {base2.nll_mean:.3f} after its own cache "
+        f"(difference {diff2:+.3f} ± {se2:.3f}) and {result.summary_for((shallow, deep), 'control').nll_mean:.3f} "
+        f"after another passage's cache (control): content transferred {_content_cell(result, (shallow, deep), space)} "
+        "(1 = all of its own context's value, 0 = none).",
+        "",
+    ]
+    return lines
+
+
+def adapters_section(result: EvalResult, timing: dict, deep: str, shallow: str) -> list[str]:
+    """The depth-linear adapter against the paper's, path by path, with the training wall time each took."""
+    if PAPER not in result.conditions or DEPTH_LINEAR not in result.conditions:
+        return []
+    lines = ["## The depth-linear adapter against the paper's", "",
+             f"`{DEPTH_LINEAR}` is the depth-linear adapter (`output: per_layer`), `{PAPER}` the paper's (`output: "
+             "dense`); both over the same Σ width, data and evaluation rows. Training (from `timing.json`): "
+             + ", ".join(f"`{n}` {t['steps']} steps in {t['train_wall_s']:.0f} s" for n, t in timing.items()
+                         if n in (DEPTH_LINEAR, PAPER)) + ".", "",
+             f"| path | NLL {DEPTH_LINEAR} | NLL {PAPER} | {DEPTH_LINEAR} − {PAPER} (± SE) | outcome (≤ 0) "
+             f"| content {DEPTH_LINEAR} | content {PAPER} |", "|---|---|---|---|---|---|---|"]
+    for path in ((deep, shallow), (shallow, deep)):
+        a, b = result.summary_for(path, DEPTH_LINEAR), result.summary_for(path, PAPER)
+        diff, se, oc = compare(result, path, DEPTH_LINEAR, PAPER)
+        lines.append(f"| {path_name(path)} | {a.nll_mean:.3f} | {b.nll_mean:.3f} | {diff:+.3f} ± {se:.3f} | {oc} | "
+                     f"{_content_cell(result, path, DEPTH_LINEAR)} | {_content_cell(result, path, PAPER)} |")
+    lines += ["", "outcome: `holds` = the depth-linear adapter reaches or beats the paper's (difference + 2 SE ≤ 0), "
+              "`fails` = it is worse (difference − 2 SE > 0), else inconclusive.", ""]
+    return lines
+
+
+def positions_section(run_dir: Path, positions: Sequence[int], trained: tuple[int, int], deep: str,
+                      shallow: str) -> list[str]:
+    """Content transferred and NLL of the main space at each prefix length."""
+    lines = ["## Positions: prefix lengths inside and outside training", "",
+             f"The adapters trained on prefixes of {trained[0]}–{trained[1]} tokens (each batch one length). Each "
+             "row re-scores the trained pool on test rows with that prefix length (`kvlingua eval --prefix-len P`); "
+             "rows of different P are different text.", "",
+             "| P | trained on | path | base | control | translated | content |", "|---|---|---|---|---|---|---|"]
+    for p in positions:
+        f = run_dir / "positions" / f"eval-test-P{p}.json"
+        if not f.is_file():
+            lines.append(f"| {p} | | not run | | | | |")
+            continue
+        result = EvalResult.from_dict(json.loads(f.read_text()))
+        space = DEPTH_LINEAR if DEPTH_LINEAR in result.conditions else result.conditions[-1]
+        inside = "yes" if trained[0] <= p <= trained[1] else "no"
+        for path in ((deep, shallow), (shallow, deep)):
+            s = {c: result.summary_for(path, c).nll_mean for c in ("base", "control", space)}
+            lines.append(f"| {p} | {inside} | {path_name(path)} | {s['base']:.3f} | {s['control']:.3f} | "
+                         f"{s[space]:.3f} | {_content_cell(result, path, space)} |")
+    lines.append("")
+    return lines
+
+
+def bench_section(bench: dict | None) -> list[str]:
+    if bench is None:
+        return []
+    cfg = bench["config"]
+    lines = ["## Hand-off at a real shape", "",
+             f"`python bench/bench_handoff.py --pool ... --source {cfg['source']} --target {cfg['target']} --prefix "
+             f"{cfg['prefix']} --suffix {cfg['suffix']} --no-variants`: the {cfg['prefix']}-token prefix of held-out "
+             f"text, already read by {cfg['source']}, reaches {cfg['target']} either by {cfg['target']} re-reading the "
+             f"text or through Σ; median of {cfg['repeats']} rounds, {cfg['threads']} thread(s), with "
+             f"{cfg['target']}'s suffix NLL after each cache. Target: translation ≤ 0.5× re-prefill.", "",
+             "| method | ms | × re-prefill | suffix NLL |", "|---|---|---|---|"]
+    for r in bench["rows"]:
+        lines.append(f"| {r['method']} | {r['ms']:.1f} | {r['ratio']:.2f} | {r['suffix_nll']:.3f} |")
+    lines += [f"| no prefix (floor) | | | {bench['no_prefix_nll']:.3f} |", ""]
+    return lines
+
+
+def sizes_section(shapes_dir: Path) -> list[str]:
+    """IN + OUT of the paper's adapter against the depth-linear one at each public shape (Q = 32 L)."""
+    from kvlingua.plan import Q_PER_LAYER, load_model_config, model_name, plan_pool
+    from kvlingua.translator import SpaceConfig
+
+    lines = ["## Adapter sizes at public model shapes", "",
+             f"IN + OUT of one model at Σ width Q = {Q_PER_LAYER}·L, counted on the meta device from the "
+             "`config.json` files in `configs/shapes/` (no weights): the paper's adapter (`dense`) against the "
+             "depth-linear one (`per_layer`), as a share of the model's own parameters. Target ≤ 0.1×.", "",
+             "| model | L × D | params | dense IN + OUT | share | per_layer IN + OUT | share |",
+             "|---|---|---|---|---|---|---|"]
+    for f in sorted(shapes_dir.glob("*.json")):
+        config = load_model_config(f)
+        q = Q_PER_LAYER * config.get_text_config().num_hidden_layers
+        plans = {out: plan_pool({model_name(f): config}, SpaceConfig(q_dim=q, output=out))[1][0] for out in ("dense", "per_layer")}
+        d, p = plans["dense"], plans["per_layer"]
+        lines.append(f"| {f.stem} | {d.summary.num_layers} × {d.summary.width} | {d.model_params / 1e6:.1f}M | "
+                     f"{d.adapter_params / 1e6:.1f}M | {d.share:.2f}× | {p.adapter_params / 1e6:.1f}M | {p.share:.3f}× |")
+    lines.append("")
+    return lines
+
+
+def write_real_model_report(run_dir: str | Path, report: str | Path, *, command: str, positions: Sequence[int],
+                            shapes_dir: str | Path, machine: str, stages: dict, commit: str) -> Path:
+    """Write the report for the run in ``run_dir`` to ``report``; returns its path."""
+    run_dir, report = Path(run_dir), Path(report)
+    pool_json = json.loads((run_dir / "pool" / "pool.json").read_text())
+    members = sorted(pool_json["members"], key=lambda m: m["summary"]["num_layers"])
+    deep, shallow = members[-1]["name"], members[0]["name"]
+    result = EvalResult.from_dict(json.loads((run_dir / "eval.json").read_text()))
+    timing = json.loads((run_dir / "timing.json").read_text())
+    job = pool_json.get("job", {})
+    trained = tuple(pool_json.get("trained_prefix_len") or (job.get("prefix_len"), job.get("prefix_len")))
+    bench_file = run_dir / "bench_handoff.json"
+    bench = json.loads(bench_file.read_text()) if bench_file.is_file() else None
+    total = sum(stages.values())
+    lines = [
+        "# A real pretrained model in the pool", "",
+        f"Generated by `{command}` (code at commit `{commit}`) from the files that run wrote in `{run_dir.name}/`; "
+        "do not edit by hand.", "",
+        f"* Machine: {machine}.",
+        "* Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stages.items())
+        + f"; {total / 60:.1f} min in all (pool fetch and pre-training included in `train`).",
+        f"* Split: every number below is on the **{job.get('eval_split', 'test')}** split; training curves used "
+        "validation.", "",
+        "## The pool", "",
+        "| model | type | layers × KV heads × head dim | vocabulary |", "|---|---|---|---|",
+    ]
+    for m in pool_json["members"]:
+        s = m["summary"]
+        lines.append(f"| {m['name']} | {s['model_type']} | {s['num_layers']} × {s['n_kv_heads']} × {s['head_dim']} | "
+                     f"{s['vocab_size']} |")
+    lines += ["", f"Prefix {job.get('prefix_len')} tokens (trained on {trained[0]}–{trained[1]}), suffix "
+              f"{job.get('suffix_len')}, batch {job.get('batch_size')}; spaces: "
+              + ", ".join(f"`{n}` ({s.get('adapter')}, {s.get('output', '-')}, Q = {s.get('q_dim')})"
+                          for n, s in job.get("spaces", {}).items()) + ".", ""]
+    lines += claims_section(result, deep, shallow)
+    lines += ["## Final table (test split)", "", result.to_markdown()]
+    lines += adapters_section(result, timing, deep, shallow)
+    lines += positions_section(run_dir, positions, trained, deep, shallow)
+    lines += bench_section(bench)
+    lines += sizes_section(Path(shapes_dir))
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines) + "\n")
+    return report

@@ -1,0 +1,150 @@
+"""``kvlingua real-model``: a pool with a real pretrained model, end to end, into one generated report.
+
+Runs, each stage skipped when its output exists (so an interrupted run resumes):
+
+1. ``train`` — the run config (default ``configs/real.yaml``: SmolLM2-135M-Instruct and a tiny Gemma-2
+   pre-trained here with SmolLM2's tokenizer) through the one training route, on Ray unless
+   ``--in-process``: the pool is fetched/pre-trained first, every space trains, the final table is
+   on the test split;
+2. ``positions`` — the trained pool re-scored at each ``--positions`` prefix length
+   (:func:`kvlingua.run.evaluate_pool_dir`);
+3. ``bench`` — ``bench/bench_handoff.py`` on the trained pool: translating a ``--bench-prefix``-token
+   cache from the shallow model into the deep one against the deep one re-reading the text;
+
+then writes the report (``--report``, default ``docs/results/real-model.md``) from those files only:
+the pool, the final table, the claims with paired differences and standard errors, the depth-linear
+adapter against the paper's at the training wall times the run recorded, the position table, the
+hand-off benchmark, and the adapter sizes at the public shapes of ``configs/shapes/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO / "configs" / "real.yaml"
+DEFAULT_REPORT = REPO / "docs" / "results" / "real-model.md"
+SHAPES = REPO / "configs" / "shapes"
+STAGES_FILE = "real_model_stages.json"
+"""Wall seconds of each finished stage, kept beside the run so a resumed run reports every stage."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "real-model",
+        help="a real pretrained model in the pool: train, positions, hand-off bench, report",
+        description="Trains the shared space of a pool with a real pretrained model (configs/real.yaml: "
+        "SmolLM2-135M-Instruct beside a tiny Gemma-2 that reads its tokenizer), re-scores it at several prefix "
+        "lengths, benchmarks the hand-off, and generates docs/results/real-model.md. Stages whose files exist "
+        "are skipped.",
+    )
+    p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="run YAML (default configs/real.yaml)")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, as for `kvlingua train` (repeatable)")
+    p.add_argument("--positions", type=int, nargs="+", default=[16, 64, 128, 256], metavar="P",
+                   help="prefix lengths of the position table (default 16 64 128 256)")
+    p.add_argument("--bench-prefix", type=int, default=512, help="prefix tokens of the hand-off benchmark")
+    p.add_argument("--bench-repeats", type=int, default=5, help="timed rounds of the hand-off benchmark")
+    p.add_argument("--report", default=None, help="report path (default docs/results/real-model.md)")
+    p.add_argument("--in-process", action="store_true", help="train without Ray (the reference loop)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _stages(run_dir: Path) -> dict:
+    f = run_dir / STAGES_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _record(run_dir: Path, stage: str, seconds: float) -> None:
+    stages = _stages(run_dir)
+    stages[stage] = round(seconds, 1)
+    (run_dir / STAGES_FILE).write_text(json.dumps(stages, indent=1) + "\n")
+
+
+def _roles(pool_json: dict) -> tuple[str, str]:
+    """``(deep, shallow)``: the members with the most and the fewest layers."""
+    members = sorted(pool_json["members"], key=lambda m: m["summary"]["num_layers"])
+    return members[-1]["name"], members[0]["name"]
+
+
+def _bench_text(path: Path, split: str = "test") -> Path:
+    """The held-out split's English text in one file (the benchmark's real prefix and suffix)."""
+    from kvlingua.data.views import DataConfig, documents
+
+    path.write_text("\n".join(documents(DataConfig(view="en"), split)))
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlingua.config import ConfigError, parse_override
+    from kvlingua.run import evaluate_pool_dir
+    from orchestrator.commands.train import execute
+    from workers.run_config import load_run_config, run_dir_of
+
+    if any(p < 1 for p in args.positions) or args.bench_prefix < 1 or args.bench_repeats < 1:
+        raise ConfigError("--positions, --bench-prefix and --bench-repeats must be positive")
+    cfg = load_run_config(args.config, dict(parse_override(o) for o in args.override))
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    command = "kvlingua real-model" + (f" {args.config}" if Path(args.config).resolve() != DEFAULT_CONFIG else "")
+    command += "".join(f" -o {o}" for o in args.override) + (" --in-process" if args.in_process else "")
+
+    if not ((run_dir / "eval.json").is_file() and (run_dir / "pool" / "pool.json").is_file()):
+        print(f"[real-model] train: {args.config} -> {run_dir}", flush=True)
+        start = time.perf_counter()
+        execute(cfg, address=os.environ.get("RAY_ADDRESS"), in_process=args.in_process, progress=progress)
+        _record(run_dir, "train", time.perf_counter() - start)
+    positions_dir = run_dir / "positions"
+    positions_dir.mkdir(exist_ok=True)
+    for p in args.positions:
+        out = positions_dir / f"eval-test-P{p}.json"
+        if out.is_file():
+            continue
+        print(f"[real-model] positions: P = {p}", flush=True)
+        start = time.perf_counter()
+        result, _ = evaluate_pool_dir(run_dir, split="test", prefix_len=p)
+        result.to_json(out)
+        _record(run_dir, f"positions P={p}", time.perf_counter() - start)
+    pool_json = json.loads((run_dir / "pool" / "pool.json").read_text())
+    deep, shallow = _roles(pool_json)
+    bench_json = run_dir / "bench_handoff.json"
+    if not bench_json.is_file():
+        print(f"[real-model] bench: {shallow} -> {deep}, {args.bench_prefix}-token prefix", flush=True)
+        start = time.perf_counter()
+        text = _bench_text(run_dir / "bench_text.txt")
+        cmd = [sys.executable, str(REPO / "bench" / "bench_handoff.py"), "--pool", str(run_dir / "pool"),
+               "--source", shallow, "--target", deep, "--text", str(text), "--prefix", str(args.bench_prefix),
+               "--suffix", str(cfg.suffix_len), "--repeats", str(args.bench_repeats), "--threads",
+               str(cfg.ray.torch_threads or 2), "--no-variants", "--json", str(bench_json)]
+        subprocess.run(cmd, check=True)
+        _record(run_dir, "bench", time.perf_counter() - start)
+    from kvlingua.realreport import write_real_model_report
+
+    report = Path(args.report) if args.report else DEFAULT_REPORT
+    write_real_model_report(run_dir, report, command=command, positions=args.positions, shapes_dir=SHAPES,
+                            machine=_machine(), stages=_stages(run_dir), commit=_commit())
+    print(f"report: {report}")
+    return 0
+
+
+def _machine() -> str:
+    return (f"{platform.node() or 'this machine'}: {os.cpu_count()} CPU cores, {platform.machine()}, "
+            f"Python {platform.python_version()}, CPU only")
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+

