@@ -424,6 +424,26 @@ class PoolIngress:
         self.metrics.store(self.store.hits, self.store.misses, self.store.bytes, len(self.store))
         return ctx
 
+    async def predecode(self, ctx: StoredContext, targets: list[str]) -> dict[str, float]:
+        """Have each of ``targets`` decode ``ctx`` now (``OUT_target`` once, kept in its replica's decoded-cache
+        LRU), so a first request from it reads only what follows; returns target -> decode seconds (0 when it
+        held the decoded copy already). A target the pool was not trained to reach from ``ctx.source`` at this
+        length is refused (400 naming the limit): its requests would fall back to text anyway."""
+        for i, target in enumerate(targets):
+            self._model(target, f"decode_for[{i}]")
+            reason = self.limits.why_not_latent(ctx.source, target, ctx.positions)
+            if reason is not None:
+                raise RequestError(400, f"decode_for[{i}]: {reason}", param="decode_for", code="outside_training")
+        out = {}
+        for target in dict.fromkeys(targets):
+            await self._check_running(target)
+            p = Prepared(target, ctx.source, "latent", "latent", None, ctx.token_ids, ctx.positions, {}, ctx,
+                         "/v1/contexts")
+            payload = {"kind": "latent", "keys": tensor_to_wire(ctx.keys), "values": tensor_to_wire(ctx.values),
+                       "context_id": ctx.key.id}
+            out[target] = round(await self._call(p, target, self.handles[target].predecode.remote(payload)), 6)
+        return out
+
     def context_info(self, ctx: StoredContext) -> dict:
         return {"id": ctx.key.id, "object": "context", "model": ctx.source, "tokens": len(ctx.token_ids),
                 "positions": ctx.positions, "bytes": ctx.nbytes, "q_dim": ctx.keys.shape[-1],

@@ -61,6 +61,7 @@ def _extension(p: Prepared, done: dict) -> dict:
             "context_id": p.context.key.id if p.context else None, "module": p.module, "handed_over_positions": p.positions
             if p.handoff_used not in ("none", "text") else 0, "seed": done["seed"],
             "timings": {k: done.get(k, 0.0) for k in ("prefill_s", "translate_s", "decode_s")},
+            "decoded": bool(done.get("decoded", False)),  # this request ran OUT_target (False: a kept copy or none)
             **({"stopped": done["stopped"]} if "stopped" in done else {})}
 
 
@@ -158,7 +159,9 @@ def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
             raise RequestError(400, "give exactly one of text and tokens", param="text")
         ids = ingress._ids(req.text if req.text is not None else req.tokens,
                            "text" if req.text is not None else "tokens")
-        return ingress.context_info(await ingress.add_context(req.model, ids))
+        ctx = await ingress.add_context(req.model, ids)
+        decoded = await ingress.predecode(ctx, req.decode_for or [])
+        return ingress.context_info(ctx) | ({"decoded_for": decoded} if req.decode_for else {})
 
     @app.get("/v1/contexts")
     async def list_contexts() -> dict:

@@ -72,3 +72,7 @@ class ContextRequest(_Strict):
     model: str = Field(..., min_length=1, max_length=256, description="the source model that reads the context")
     text: str | None = Field(None, description="the context as text")
     tokens: list[int] | None = Field(None, description="the context as token ids (instead of text)")
+    decode_for: list[str] | None = Field(None, max_length=64,
+                                         description="targets that decode the stored latent now (OUT_target once "
+                                         "each, kept by their replica), so that their first request reads only "
+                                         "what follows the context")

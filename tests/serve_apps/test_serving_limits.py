@@ -103,6 +103,26 @@ def test_stored_context_answers_equal_the_plain_prompt_through_the_same_handoff(
     assert server.get("/v1/contexts").json()["bytes"] == 0
 
 
+def test_decode_for_decodes_a_stored_context_before_the_first_request(server, local):
+    tok = local.tokenizer
+    context, rest = tok.encode(" ".join(SENTENCES[3:5])), tok.encode("the dog")
+    stored = server.post("/v1/contexts", json={"model": "a", "tokens": context, "decode_for": ["b", "c", "b"]})
+    assert stored.status_code == 200, stored.text
+    body = stored.json()
+    assert set(body["decoded_for"]) == {"b", "c"} and all(s > 0 for s in body["decoded_for"].values())
+    for target in ("b", "c"):
+        want = in_process_with_context(local, "a", target, context, rest, 6)
+        named = completion(server, {"model": target, "prompt": rest, "max_tokens": 6, "temperature": 0,
+                                    "kvlingua": {"context_id": body["id"], "ignore_eos": True}})
+        assert named["choices"][0]["text"] == tok.decode(want, skip_special_tokens=True)
+        assert named["kvlingua"]["decoded"] is False  # the first request found the decoded copy
+    again = server.post("/v1/contexts", json={"model": "a", "tokens": context, "decode_for": ["b"]}).json()
+    assert again["decoded_for"] == {"b": 0.0}  # held already: nothing decoded twice
+    bad = server.post("/v1/contexts", json={"model": "a", "tokens": context, "decode_for": ["zz"]})
+    assert bad.status_code == 404 and bad.json()["error"]["param"] == "decode_for[0]"
+    server.delete(f"/v1/contexts/{body['id']}")
+
+
 def test_outside_trained_limits_falls_back_to_text_or_is_refused_when_strict(limited, local):
     ids = local.tokenizer.encode("the cat sat")  # 3 tokens: 2 handed-over positions, within prefix_len 6
     text = completion(limited, {"model": "c", "prompt": ids, "max_tokens": 5, "temperature": 0,
