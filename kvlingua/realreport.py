@@ -138,7 +138,8 @@ def bench_section(bench: dict | None) -> list[str]:
 
 def sizes_section(shapes_dir: Path) -> list[str]:
     """IN + OUT of the paper's adapter against the depth-linear one at each public shape (Q = 32 L)."""
-    from kvlingua.plan import Q_PER_LAYER, load_model_config, model_name, plan_pool
+    from kvlingua.cache import arch_summary
+    from kvlingua.plan import Q_PER_LAYER, load_model_config, meta_model, meta_space, model_name, n_params
     from kvlingua.translator import SpaceConfig
 
     lines = ["## Adapter sizes at public model shapes", "",
@@ -149,11 +150,15 @@ def sizes_section(shapes_dir: Path) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for f in sorted(shapes_dir.glob("*.json")):
         config = load_model_config(f)
-        q = Q_PER_LAYER * config.get_text_config().num_hidden_layers
-        plans = {out: plan_pool({model_name(f): config}, SpaceConfig(q_dim=q, output=out))[1][0] for out in ("dense", "per_layer")}
-        d, p = plans["dense"], plans["per_layer"]
-        lines.append(f"| {f.stem} | {d.summary.num_layers} × {d.summary.width} | {d.model_params / 1e6:.1f}M | "
-                     f"{d.adapter_params / 1e6:.1f}M | {d.share:.2f}× | {p.adapter_params / 1e6:.1f}M | {p.share:.3f}× |")
+        name, summary, params = model_name(f), arch_summary(config), n_params(meta_model(config))
+        q = Q_PER_LAYER * summary.num_layers
+        size = {}
+        for out in ("dense", "per_layer"):
+            counts = meta_space({name: summary}, SpaceConfig(q_dim=q, output=out)).param_counts()[name]
+            size[out] = counts["in"] + counts["out"]
+        lines.append(f"| {f.stem} | {summary.num_layers} × {summary.width} | {params / 1e6:.1f}M | "
+                     f"{size['dense'] / 1e6:.1f}M | {size['dense'] / params:.2f}× | {size['per_layer'] / 1e6:.1f}M | "
+                     f"{size['per_layer'] / params:.3f}× |")
     lines.append("")
     return lines
 
