@@ -433,7 +433,7 @@ class PoolIngress:
             self._model(target, f"decode_for[{i}]")
             reason = self.limits.why_not_latent(ctx.source, target, ctx.positions)
             if reason is not None:
-                raise RequestError(400, f"decode_for[{i}]: {reason}", param="decode_for", code="outside_training")
+                raise RequestError(400, f"decode_for[{i}]: {reason}", param="decode_for", code="outside_trained_limits")
         out = {}
         for target in dict.fromkeys(targets):
             await self._check_running(target)

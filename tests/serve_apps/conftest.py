@@ -37,13 +37,21 @@ def modules_dir(pool_dir, tmp_path_factory):
     return learn_tiny_module(pool_dir, tmp_path_factory.mktemp("modules"), model="a", name=MODULE)
 
 
+METRICS_PORT: dict[str, int] = {}
+"""Port of Ray's Prometheus metrics export of the package's Ray (set by :func:`serve_url`)."""
+
+
 @pytest.fixture(scope="package")
 def serve_url():
-    """A Ray (2 CPUs) and Serve on a free loopback port for the whole package; shut down afterwards."""
+    """A Ray (2 CPUs) and Serve on a free loopback port for the whole package; shut down afterwards.
+
+    Ray exports application metrics on its own Prometheus port (:data:`METRICS_PORT`), reported every second."""
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    METRICS_PORT["port"] = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=METRICS_PORT["port"],
+             _system_config={"metrics_report_interval_ms": 1000})
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

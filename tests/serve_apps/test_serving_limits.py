@@ -173,6 +173,34 @@ def test_metrics_count_requests_ttft_and_store(server, local):
     server.delete(f"/v1/contexts/{cid}")
 
 
+def ray_metric_sum(text: str, name: str, **labels) -> float | None:
+    """Sum of ``name`` over the series of Ray's export carrying ``labels`` (None when there is none)."""
+    total, seen = 0.0, False
+    for m in re.finditer(rf"^{re.escape(name)}{{([^}}]*)}} (\S+)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total, seen = total + float(m.group(2)), True
+    return total if seen else None
+
+
+def test_the_same_metrics_reach_ray_s_prometheus_endpoint(server, local):
+    """Ray exports the ingress's counters (``ray_kvlingua_*``) on its own metrics port: equal to /metrics."""
+    import httpx
+
+    from tests.serve_apps.conftest import METRICS_PORT
+
+    ids = local.tokenizer.encode("the moon")
+    completion(server, {"model": "b", "prompt": ids, "max_tokens": 2})
+    want = metric(server.get("/metrics").text, "kvlingua_requests_total", route="/v1/completions", status="200")
+    deadline, got = time.monotonic() + 60, None
+    while time.monotonic() < deadline and got != want:  # exported every second (conftest), bounded wait
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT['port']}/metrics", timeout=10).text
+        got = ray_metric_sum(text, "ray_kvlingua_requests_total", application="kvlingua", route="/v1/completions",
+                             status="200")
+        time.sleep(0.5)
+    assert want >= 1 and got == want
+
+
 OK_GEN = {"source": "a", "target": "b", "prompt": "the cat", "max_new_tokens": 2}
 OK_CMPL = {"model": "b", "prompt": "the cat", "max_tokens": 2}
 OK_CHAT = {"model": "b", "messages": [{"role": "user", "content": "the cat"}], "max_tokens": 2}
