@@ -130,6 +130,8 @@ class PoolConfig:
             seen[m.name] = m
 
 
+MODEL_EVAL_ROWS = 64
+"""At most this many held-out rows score a ``model:`` member (the first rows a pre-trained member is scored on)."""
 DEFAULT_VOCAB = 8192
 """Vocabulary of a tokenizer trained for a pool that does not name one."""
 
@@ -191,8 +193,8 @@ def pool_tokenizer(cfg: PoolConfig, progress: bool = True) -> Path:
 
 def _model_member(cfg: PoolConfig, m: MemberConfig, root: Path, tokenizer_dir: Path, progress: bool) -> Path:
     """The checkpoint of model member ``m``, checked against the pool's tokenizer; its held-out metrics are
-    measured once into ``root/<m.name>/metrics.json``, on the rows the pool's first pre-trained member is scored
-    on (so the manifest compares like with like), else on ``tokenizer_data`` with the default settings."""
+    measured once into ``root/<m.name>/metrics.json``, on the first :data:`MODEL_EVAL_ROWS` of the rows the pool's
+    first pre-trained member is scored on (else of ``tokenizer_data`` with the default settings)."""
     from kvlingua.config import KvlinguaError
     from kvlingua.data.tokenizer import load_tokenizer
     from kvlingua.models import load_frozen
@@ -207,8 +209,10 @@ def _model_member(cfg: PoolConfig, m: MemberConfig, root: Path, tokenizer_dir: P
     metrics_file = root / m.name / METRICS_FILE
     if not metrics_file.is_file():
         run = next((x.pretrain for x in cfg.members if x.pretrain is not None), PretrainConfig(data=cfg.tokenizer_data))
+        run = replace(run, eval_rows=min(run.eval_rows, MODEL_EVAL_ROWS))  # a real model is costly to score
         _, val = check_chunks(load_chunks(run, tokenizer), run, model.config.vocab_size)
-        metrics = {"name": m.name, "model": m.model, "path": str(path), **evaluate_member(model, val, run)}
+        metrics = {"name": m.name, "model": m.model, "path": str(path), "eval_rows": int(val.shape[0]),
+                   **evaluate_member(model, val, run)}
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
         metrics_file.write_text(json.dumps(metrics, indent=1))
     return path
