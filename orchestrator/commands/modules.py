@@ -230,7 +230,10 @@ def run_experiment_cmd(args: argparse.Namespace) -> int:
     status = "FAILED"
     try:
         tracker.log_params({"modules": to_dict(cfg)})
-        result = run_experiment(cfg, tracker=tracker, log=_log, progress=not args.no_progress)
+        command = "kvlingua modules experiment" + (" --smoke" if args.smoke else "") + \
+            ("" if args.smoke or Path(args.config).resolve() == DEFAULT.resolve() else f" {args.config}") + \
+            "".join(f" -o {o}" for o in args.override)
+        result = run_experiment(cfg, tracker=tracker, log=_log, progress=not args.no_progress, command=command)
         status = "FINISHED"
     finally:
         tracker.close(status)

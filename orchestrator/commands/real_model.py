@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -126,25 +125,12 @@ def run(args: argparse.Namespace) -> int:
                str(cfg.ray.torch_threads or 2), "--no-variants", "--json", str(bench_json)]
         subprocess.run(cmd, check=True)
         _record(run_dir, "bench", time.perf_counter() - start)
+    from kvlingua.provenance import commit, machine
     from kvlingua.realreport import write_real_model_report
 
     report = Path(args.report) if args.report else DEFAULT_REPORT
     write_real_model_report(run_dir, report, command=command, positions=args.positions, shapes_dir=SHAPES,
-                            machine=_machine(), stages=_stages(run_dir), commit=_commit())
+                            machine=machine(), stages=_stages(run_dir), commit=commit())
     print(f"report: {report}")
     return 0
-
-
-def _machine() -> str:
-    return (f"{platform.node() or 'this machine'}: {os.cpu_count()} CPU cores, {platform.machine()}, "
-            f"Python {platform.python_version()}, CPU only")
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
