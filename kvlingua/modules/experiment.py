@@ -104,6 +104,8 @@ class Setup:
     random_blocks: dict[str, KVBlock]
     """model -> blocks of its initial (untrained) prompts of the meta-test tasks."""
     fingerprints: dict[str, str] = field(default_factory=dict)
+    modules: dict[str, int] = field(default_factory=dict)
+    """``{"learned": n, "read": m}``: modules learned by this run and read back from the module store."""
 
 
 def load_modules_pool(path: str | Path) -> LoadedPool:
@@ -140,9 +142,9 @@ def prepare(cfg: ModulesConfig, log: Callable[[str], None] = print, roles: Seque
             init = init_prompts(model, [t.name for t in tasks["meta-test"]], cfg.prompt.length, cfg.prompt.seed)
             blocks["random"][name] = blocks_of(model, init, cfg.eval_batch)
     log(f"store: {store.root} ({len(tasks['meta-train'])} meta-train, {len(tasks['meta-test'])} meta-test tasks "
-        f"per model)")
+        f"per model; {store.learned} learned now, {store.read} read back)")
     return Setup(pool, backend, tasks["meta-train"], tasks["meta-test"], blocks["meta-train"], blocks["meta-test"],
-                 blocks["random"], fps)
+                 blocks["random"], fps, {"learned": store.learned, "read": store.read})
 
 
 @torch.no_grad()
@@ -330,7 +332,7 @@ def summarize(per_task: dict, curves: dict, cfg: ModulesConfig, setup: Setup, ti
     return {"table": table, "curves": curves, "per_task": per_task, "timing": {k: round(v, 1) for k, v in timing.items()},
             "tasks": {"meta_train": len(setup.train_tasks), "meta_test": len(setup.test_tasks),
                       "test_names": [t.name for t in setup.test_tasks]},
-            "config": to_dict(cfg), "pool": str(setup.pool.root)}
+            "config": to_dict(cfg), "pool": str(setup.pool.root), "modules": setup.modules}
 
 
 CONDITION_NAMES = {
@@ -403,7 +405,10 @@ def to_markdown(result: dict, plot_name: str | None) -> str:
     if plot_name:
         lines += [f"![ported NLL against meta-train tasks seen]({plot_name})", ""]
     t = result["timing"]
-    lines += [f"Wall time: modules {t['modules_s']:.0f} s, meta-training and scoring {t['meta_s']:.0f} s, "
+    counts = result.get("modules", {})
+    how = (f" ({counts['learned']} modules learned by this run, {counts['read']} read back from the module store)"
+           if counts else "")
+    lines += [f"Wall time: modules {t['modules_s']:.0f} s{how}, meta-training and scoring {t['meta_s']:.0f} s, "
               f"total {t['total_s']:.0f} s.", ""]
     return "\n".join(lines)
 

@@ -29,6 +29,10 @@ class ModuleStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.learned = 0
+        """Modules :meth:`learn` learned (not read from the store) since this object was made."""
+        self.read = 0
+        """Modules :meth:`learn` read back from the store since this object was made."""
 
     def directory(self, fingerprint: str, cfg: PromptConfig) -> Path:
         return self.root / f"{fingerprint[:16]}-{cfg.digest()}"
@@ -56,6 +60,8 @@ class ModuleStore:
         fp = fingerprint or weights_fingerprint(model)
         found = {t.name: self._cached(fp, cfg, t) for t in tasks}
         todo = [t for t in tasks if found[t.name] is None]
+        self.learned += len(todo)
+        self.read += len(tasks) - len(todo)
         for start in range(0, len(todo), cfg.tasks_per_batch):
             batch = todo[start:start + cfg.tasks_per_batch]
             if log:
