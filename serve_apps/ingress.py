@@ -44,7 +44,7 @@ from serve_apps.limits import TrainedLimits
 from serve_apps.metrics import ServeMetrics
 from serve_apps.modules import module_key, module_library
 from serve_apps.options import ServeOptions
-from serve_apps.requests import Prepared, RequestError, request_seed, timings
+from serve_apps.requests import Prepared, RequestError, context_payload, request_seed, timings
 from serve_apps.schemas import (
     GenerateRequest,
     GenerateResponse,
@@ -279,10 +279,7 @@ class PoolIngress:
         if p.module is not None:
             return await self._module_payload(p)
         if p.context is not None:
-            c = p.context
-            return {"kind": "latent", "keys": tensor_to_wire(c.keys), "values": tensor_to_wire(c.values),
-                    "context_id": c.key.id,
-                    "positions": p.positions, "prefill_s": 0.0, "translate_s": 0.0}
+            return context_payload(p.context) | {"positions": p.positions, "prefill_s": 0.0, "translate_s": 0.0}
         source = self.handles[p.source]
         head = p.ids[:p.positions + 1]  # the source reads head[:-1] = the first ``positions`` tokens
         if p.handoff_used == "latent":
@@ -439,9 +436,7 @@ class PoolIngress:
             await self._check_running(target)
             p = Prepared(target, ctx.source, "latent", "latent", None, ctx.token_ids, ctx.positions, {}, ctx,
                          "/v1/contexts")
-            payload = {"kind": "latent", "keys": tensor_to_wire(ctx.keys), "values": tensor_to_wire(ctx.values),
-                       "context_id": ctx.key.id}
-            out[target] = round(await self._call(p, target, self.handles[target].predecode.remote(payload)), 6)
+            out[target] = round(await self._call(p, target, self.handles[target].predecode.remote(context_payload(ctx))), 6)
         return out
 
     def context_info(self, ctx: StoredContext) -> dict:

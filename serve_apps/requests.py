@@ -9,6 +9,7 @@ from typing import Any
 
 from kvlingua.store import StoredContext
 from serve_apps.schemas import Timings
+from workers.host import tensor_to_wire
 
 
 class RequestError(Exception):
@@ -63,3 +64,9 @@ def timings(prefill_s: float, translate_s: float, decode_s: float) -> Timings:
     """The phases of one answer and their total."""
     return Timings(prefill_s=prefill_s, translate_s=translate_s, decode_s=decode_s,
                    total_s=prefill_s + translate_s + decode_s)
+
+
+def context_payload(ctx: StoredContext) -> dict:
+    """A stored context's Σ latent ``[1, C, Q]`` as a hand-off payload; ``context_id`` lets a replica keep its decode."""
+    return {"kind": "latent", "keys": tensor_to_wire(ctx.keys), "values": tensor_to_wire(ctx.values),
+            "context_id": ctx.key.id}
