@@ -42,6 +42,7 @@ from kvlingua.config import to_dict
 from kvlingua.data.views import DataConfig
 from kvlingua.home import data_home
 from kvlingua.pretrain.loop import METRICS_FILE, PretrainConfig, evaluate_member, is_finished, pretrain
+from kvlingua.pretrain.sizes import step_cost
 
 MANIFEST = "pool_manifest.json"
 
@@ -244,18 +245,31 @@ def _snapshot_member(cfg: PoolConfig, m: MemberConfig, root: Path, tokenizer_dir
     (dest / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
 
 
+def longest_first(members: list[MemberConfig], vocab_size: int) -> list[MemberConfig]:
+    """``members`` by estimated pre-training cost, costliest first (ties keep their order)."""
+    def cost(m: MemberConfig) -> float:
+        run = m.pretrain
+        return run.steps * step_cost(run.size, vocab_size, run.batch_size * run.seq_len)
+    return sorted(members, key=cost, reverse=True)
+
+
 def _pretrain_concurrently(members: list[MemberConfig], root: Path, tokenizer_dir: Path, workers: int,
                            progress: bool) -> None:
     """Pre-train independent ``members`` ``workers`` at a time, each in a fresh (spawned) process.
 
-    A member that fails raises here with its own error once the others have finished;
-    finished members are on disk either way, so a rerun resumes only what is missing.
+    The costliest members start first (longest-processing-time order: a deep member queued
+    last would run alone while the other workers sit idle). A member that fails raises here
+    with its own error once the others have finished; finished members are on disk either
+    way, so a rerun resumes only what is missing.
     """
+    from kvlingua.data.tokenizer import load_tokenizer
+
     ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    vocab = len(load_tokenizer(tokenizer_dir))
     with ProcessPoolExecutor(max_workers=min(workers, len(members)), mp_context=ctx) as pool:
         futures = {m.name: pool.submit(pretrain, m.pretrain, root / m.name, tokenizer_dir, progress=progress,
                                        bar_position=i % workers)
-                   for i, m in enumerate(members)}
+                   for i, m in enumerate(longest_first(members, vocab))}
         errors = {}
         for name, fut in futures.items():
             try:

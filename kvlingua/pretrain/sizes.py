@@ -90,6 +90,19 @@ def gemma2_config(size: str, vocab_size: int, **overrides) -> Gemma2Config:
     return cfg
 
 
+def step_cost(size: str, vocab_size: int, tokens: int) -> float:
+    """Rough multiply-adds of one training step over ``tokens`` tokens (``batch * seq_len``).
+
+    Per token: the decoder layers' weights (attention projections with one KV head, GeGLU MLP) plus
+    the tied output layer (``vocab_size * hidden``, most of a step at width 256). Only its ratios
+    matter: the pool scheduler starts the costliest members first.
+    """
+    s = SIZES[size]
+    attn = s.hidden_size * s.head_dim * (2 * s.num_attention_heads + 2)  # q, o: heads; k, v: one KV head
+    mlp = 3 * s.hidden_size * s.intermediate_size
+    return float(tokens) * (s.num_hidden_layers * (attn + mlp) + vocab_size * s.hidden_size)
+
+
 def param_counts(model) -> dict[str, int]:
     """``{"embedding": ..., "non_embedding": ..., "total": ...}`` (tied weights counted once)."""
     seen: set[int] = set()

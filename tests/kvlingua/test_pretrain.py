@@ -18,8 +18,8 @@ from kvlingua.config import ConfigError, load_config, to_dict
 from kvlingua.models import load_frozen
 from kvlingua.pretrain.context import context_use
 from kvlingua.pretrain.loop import PretrainConfig, batch_rows, build_model, is_finished, lr_at, pretrain
-from kvlingua.pretrain.pools import MANIFEST, PoolConfig, pretrain_pool
-from kvlingua.pretrain.sizes import SIZES, gemma2_config, param_counts
+from kvlingua.pretrain.pools import MANIFEST, MemberConfig, PoolConfig, longest_first, pretrain_pool
+from kvlingua.pretrain.sizes import SIZES, gemma2_config, param_counts, step_cost
 from kvlingua.schedule import epoch_order
 
 torch.set_num_threads(1)
@@ -307,6 +307,20 @@ def test_concurrent_members_match_sequential_runs(tmp_path, home):
     assert fps["a"][0] != fps["b"][0]  # the seeds differ, so the comparison is not vacuous
     with pytest.raises(ConfigError, match="concurrent"):
         load_config(PoolConfig, _yaml(tmp_path, "bad", common | {"concurrent": 0}))
+
+
+def test_the_costliest_members_are_scheduled_first():
+    """The paper pool's 8-layer member would otherwise start last and run alone; equal members keep their order."""
+    run = lambda **kw: PretrainConfig(**({"size": "1.9m-l2-d256", "steps": 600} | kw))  # noqa: E731
+    members = [MemberConfig(name="s0", pretrain=run()), MemberConfig(name="s1", pretrain=run(seed=1)),
+               MemberConfig(name="long", pretrain=run(steps=1300)), MemberConfig(name="deep", pretrain=run(size="7.6m-l8-d256"))]
+    assert [m.name for m in longest_first(members, 8192)] == ["deep", "long", "s0", "s1"]
+    # The cost follows the weights a token meets: 8 layers + the output layer against 2 layers + the output layer,
+    # counted here from a real model's parameters (the tied embedding is the output layer).
+    counts = {s: param_counts(build_model(PretrainConfig(size=s), 8192)) for s in ("1.9m-l2-d256", "7.6m-l8-d256")}
+    ratio = step_cost("7.6m-l8-d256", 8192, 16) / step_cost("1.9m-l2-d256", 8192, 16)
+    expected = (counts["7.6m-l8-d256"]["total"]) / (counts["1.9m-l2-d256"]["total"])
+    assert ratio == pytest.approx(expected, rel=0.02)
 
 
 def _yaml(tmp_path: Path, name: str, body: dict) -> Path:
