@@ -109,6 +109,23 @@ def open_tracker(enabled: bool, uri: str | None, experiment: str, run_dir: str |
                          parent_run_id=parent["run_id"] if parent else None, tags=tags)
 
 
+def reopen_tracker(handle: TrackerHandle) -> Tracker | None:
+    """The tracker of the existing run ``handle`` names, marked running again and ended by its ``close``.
+
+    A resumed suite (``kvlingua paper`` after an interruption, or ``--only`` later) keeps one
+    parent run this way. None when the store no longer has that run (a new one is opened then).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tracker = MlflowTracker(handle["uri"], run_id=handle["run_id"])
+    except MlflowException:
+        return None
+    tracker.client.update_run(tracker.run_id, status="RUNNING")
+    tracker._owner = True  # this process now ends the run
+    return tracker
+
+
 def end_if_running(handle: TrackerHandle, status: str = "KILLED") -> None:
     """End the run ``handle`` names if it is still running (a Tune trial that ASHA cut off)."""
     from mlflow import MlflowClient

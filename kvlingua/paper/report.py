@@ -78,6 +78,25 @@ def _plot(exp: PaperExperiment, res: dict, evals: dict[str, EvalResult], hists: 
     return png
 
 
+def _numbers(exp: PaperExperiment, res: dict, evals: dict[str, EvalResult]) -> list[str]:
+    """Our numbers in full: every path under every condition (train), or each group of a sweep against base."""
+    if exp.kind == "train":
+        return ["<details><summary>Every path under every condition (test split)</summary>\n",
+                evals["run"].to_markdown(), "</details>\n"]
+    from kvlingua.evaluate import paired_difference
+    from kvlingua.paper.claims import _mean_over_paths
+
+    rows = [f"| {exp.group_by} | validation NLL (selects lr) | Σ test NLL, mean over paths | base | Σ − base ± se |",
+            "|---|---|---|---|---|"]
+    for label in res["groups"]:
+        main = res.get("main_space", "translator")
+        sigma, base = _mean_over_paths(evals[label], main), _mean_over_paths(evals[label], "base")
+        diff, se = paired_difference(sigma, base)
+        rows.append(f"| {label} | {_fmt(res['validation'][label])} | {_fmt(sum(sigma) / len(sigma))} | "
+                    f"{_fmt(sum(base) / len(base))} | {_fmt(diff)} ± {_fmt(se)} |")
+    return rows + [""]
+
+
 def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | None, md_dir: Path) -> tuple[str, str]:
     """The Markdown of one experiment and its overall verdict."""
     got = read_result(results, exp.section)
@@ -103,6 +122,7 @@ def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | Non
                     f"the tolerance by 2 standard errors, fails when it is outside by 2 standard errors.\n",
                     "| claim | comparison | a (NLL) | b (NLL) | a − b ± se | needs | outcome |", "|---|---|---|---|---|---|---|",
                     *rows, ""]
+    lines += _numbers(exp, res, evals)
     if res.get("best"):
         lines.append(f"Sweep groups (each the best lr on the validation curve): " +
                      ", ".join(f"{g} → trial {t}" for g, t in res["groups"].items()) +

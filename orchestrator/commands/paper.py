@@ -4,7 +4,8 @@ For each experiment of ``configs/paper/<section>.yaml`` (in section order): skip
 ``<results>/<section>/result.json`` exists (resumable), else write its run config beside its
 results, pre-train or reuse its pool, train it (Ray Train for §4/§5/§7.1; a Ray Tune sweep for
 §7.2/§7.3; ``--in-process`` trains without Ray), every run nested under one MLflow parent run
-(``<results>/mlflow.db``), and record its wall time, evaluations and curves. Then
+(``<results>/mlflow.db``; a later invocation on the same results reopens it), and record its
+wall time, evaluations and curves. Then
 :func:`kvlingua.paper.report.write_paper_report` generates the report (default
 ``docs/results/paper.md``; with ``--smoke``, ``<results>/paper.md``).
 """
@@ -143,13 +144,30 @@ def select_groups(trials: Path, group_by: str, main: str) -> tuple[dict[str, str
     return ({f"{key}={v:g}": best[v][1] for v in order}, {f"{key}={v:g}": best[v][0] for v in order})
 
 
+SUITE_RUN = "suite_run.json"
+
+
+def _suite_tracker(results: Path, smoke: bool):
+    """The suite's MLflow parent run: the one an earlier invocation on ``results`` opened (recorded in
+    ``<results>/suite_run.json``), so an interrupted or ``--only`` suite stays under one parent; else a new one."""
+    from kvlingua.tracking import open_tracker, reopen_tracker
+
+    record = results / SUITE_RUN
+    if record.is_file():
+        parent = reopen_tracker(json.loads(record.read_text()))
+        if parent is not None:
+            return parent
+    parent = open_tracker(True, None, "kvlingua", results, "paper" + ("-smoke" if smoke else ""),
+                          tags={"kvlingua.paper": "suite"})
+    record.write_text(json.dumps(parent.handle()) + "\n")
+    return parent
+
+
 def run(args: argparse.Namespace) -> int:
     from kvlingua.config import ConfigError
     from kvlingua.data.corpus import prepare_corpus
     from kvlingua.paper.experiments import load_experiments
     from kvlingua.paper.report import RESULT_FILE, write_paper_report
-    from kvlingua.tracking import open_tracker
-
     configs = Path(args.configs).resolve()
     experiments = load_experiments(configs)
     unknown = sorted(set(args.only) - set(experiments))
@@ -160,8 +178,7 @@ def run(args: argparse.Namespace) -> int:
     report = Path(args.report).resolve() if args.report else (results / "paper.md" if args.smoke else DOCS)
     progress = not args.no_progress
     prepare_corpus()
-    parent = open_tracker(True, None, "kvlingua", results, "paper" + ("-smoke" if args.smoke else ""),
-                          tags={"kvlingua.paper": "suite"})
+    parent = _suite_tracker(results, args.smoke)
     uri = (parent.handle() or {}).get("uri")
     status = "FAILED"
     try:

