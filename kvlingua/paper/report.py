@@ -97,6 +97,20 @@ def _numbers(exp: PaperExperiment, res: dict, evals: dict[str, EvalResult]) -> l
     return rows + [""]
 
 
+def _settings(run_yaml: Path) -> str:
+    """One line of the training settings the experiment ran with (from the run config written beside it)."""
+    if not run_yaml.is_file():
+        return ""
+    import yaml
+
+    run = yaml.safe_load(run_yaml.read_text())
+    train, ev = run.get("train", {}), run.get("eval", {})
+    spaces = ", ".join(f"{n} ({s.get('adapter', 'translator')}, Q = {s.get('q_dim')})" for n, s in run.get("spaces", {}).items())
+    return (f"Training: {train.get('steps')} steps of batch {run.get('batch_size')}, prefix {run.get('prefix_len')} + "
+            f"suffix {run.get('suffix_len')} tokens, lr {train.get('lr')}, members {', '.join(run.get('pool_members') or [])}; "
+            f"spaces {spaces}; test: {ev.get('batches')} batches of {ev.get('batch_size')} rows.\n")
+
+
 def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | None, md_dir: Path) -> tuple[str, str]:
     """The Markdown of one experiment and its overall verdict."""
     got = read_result(results, exp.section)
@@ -133,6 +147,7 @@ def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | Non
                      "Sliding window hides " + ", ".join(f"{w['hidden']:.0%} of (suffix, prefix) token pairs on "
                                                          f"{m}'s sliding layers (window {w['window']})"
                                                          for m, w in hidden.items()) + ".\n")
+    lines.append(_settings(results / exp.section / "run.yaml"))
     lines.append(f"Wall time: {res['wall_s'] / 60:.1f} min (estimated {exp.estimate_min:.0f} min). "
                  f"Rerun alone: `{cmd}`" + (" (smoke sizes: these numbers test the code path, not the claim)"
                                             if res.get("smoke") else "") + "\n")
