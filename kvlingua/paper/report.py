@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kvlingua.provenance import provenance_line
 from kvlingua.evaluate import EvalResult
-from kvlingua.paper.claims import run_check, verdict
+from kvlingua.paper.claims import FAILS, HOLDS, UNSURE, run_check, verdict
 from kvlingua.paper.experiments import PaperExperiment
 from kvlingua.report import plot_history
 
@@ -111,14 +111,15 @@ def _settings(run_yaml: Path) -> str:
             f"spaces {spaces}; test: {ev.get('batches')} batches of {ev.get('batch_size')} rows.\n")
 
 
-def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | None, md_dir: Path) -> tuple[str, str]:
-    """The Markdown of one experiment and its overall verdict."""
+def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | None,
+                       md_dir: Path) -> tuple[str, str, dict[str, int]]:
+    """The Markdown of one experiment, its overall verdict and how many comparisons hold, are inconclusive, fail."""
     got = read_result(results, exp.section)
     cmd = f"kvlingua paper --only {exp.section}"
     head = [f"## §{exp.section} — {exp.title} ({exp.figure})\n", f"**Claim (paper).** {exp.claim}\n",
             f"**Paper's numbers.** {exp.paper}\n"]
     if got is None:
-        return "\n".join(head + [f"**Not run yet.** Run `{cmd}` (estimated {exp.estimate_min:.0f} min on 2 cores).\n"]), "not run"
+        return "\n".join(head + [f"**Not run yet.** Run `{cmd}` (estimated {exp.estimate_min:.0f} min on 2 cores).\n"]), "not run", {}
     res, evals, hists = got
     best_of = {"best": res["best"]} if res.get("best") else None
     curves = {"run": hists.get("run", {}).get(res.get("main_space", "translator"), [])}
@@ -127,8 +128,12 @@ def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | Non
         cs = run_check(check, evals, curves, best_of)
         comparisons += cs
         for c in cs:
-            rows.append(f"| {check.label} | {c.what} | {_fmt(c.a)} | {_fmt(c.b)} | {_fmt(c.diff)} ± {_fmt(c.se)} | "
-                        f"{check.relation} {check.tol:g} | {c.outcome} |")
+            if check.kind == "steps":  # curve steps to reach base, not NLL: no standard error
+                steps = lambda x: "never" if math.isinf(x) else f"step {x:.0f}"  # noqa: E731
+                cells = f"{steps(c.a)} | {steps(c.b)} | {_fmt(c.diff, 0) if math.isfinite(c.diff) else '—'} | fewer"
+            else:
+                cells = f"{_fmt(c.a)} | {_fmt(c.b)} | {_fmt(c.diff)} ± {_fmt(c.se)} | {check.relation} {check.tol:g}"
+            rows.append(f"| {check.label} | {c.what} | {cells} | {c.outcome} |")
     v = verdict(comparisons)
     n = next(iter(evals.values())).num_batches
     lines = head + [f"**Verdict: {v}.** Each row is a paired comparison over the same {n} held-out batches of the "
@@ -155,7 +160,42 @@ def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | Non
         png = _plot(exp, res, evals, hists, plot_dir / f"{exp.section}.png")
         if png is not None:
             lines.append(f"![§{exp.section}]({png.relative_to(md_dir).as_posix()})\n")
-    return "\n".join(lines), v
+    counts = {o: sum(c.outcome == o for c in comparisons) for o in (HOLDS, UNSURE, FAILS)}
+    return "\n".join(lines), v, counts
+
+
+def _pool_section(experiments: dict[str, PaperExperiment], results: Path) -> list[str]:
+    """The pool the experiments read (from the manifest beside it): how each member was made, its held-out NLL
+    and how much it uses its context (own prefix against another passage's), which bounds what Σ can carry."""
+    import yaml
+
+    from kvlingua.config import load_config
+    from kvlingua.pretrain.pools import MANIFEST, PoolConfig, pool_dir
+
+    runs = [results / sec / "run.yaml" for sec in experiments if (results / sec / "run.yaml").is_file()]
+    pools = {yaml.safe_load(r.read_text()).get("pool") for r in runs} - {None}
+    out = []
+    for pool in sorted(pools):
+        manifest = pool_dir(load_config(PoolConfig, pool)) / MANIFEST
+        if not manifest.is_file():
+            continue
+        m = json.loads(manifest.read_text())
+        ctx0 = m["members"][0]["metrics"].get("context_use", {})
+        out += [f"**Pool `{m['name']}`** (pre-trained here, vocabulary {m['vocab_size']:,}; `{Path(pool).name}`). "
+                f"Context use: held-out NLL after the passage's own {ctx0.get('prefix_len')}-token prefix against "
+                f"after another passage's, over {ctx0.get('rows')} rows (the gap is what a cache can carry).\n",
+                "| member | made by | held-out NLL | own prefix | other prefix | gap |", "|---|---|---|---|---|---|"]
+        for e in m["members"]:
+            mem, met = e["member"], e["metrics"]
+            run = mem.get("pretrain") or {}
+            made = (f"{mem['snapshot_of']['member']} at step {mem['snapshot_of']['step']}" if mem.get("snapshot_of") else
+                    f"{run.get('size')}, {run.get('steps')} steps on {run.get('data', {}).get('view')}"
+                    + (f" from {mem['init_from']}" if mem.get("init_from") else f", seed {run.get('seed')}"))
+            ctx = met.get("context_use", {})
+            out.append(f"| {e['name']} | {made} | {_fmt(met.get('held_out_loss'))} | {_fmt(ctx.get('nll_own'))} | "
+                       f"{_fmt(ctx.get('nll_other'))} | {_fmt(100 * ctx['relative_gap'], 1) + ' %' if 'relative_gap' in ctx else '—'} |")
+        out.append("")
+    return out
 
 
 def write_paper_report(experiments: dict[str, PaperExperiment], results: str | Path, out_md: str | Path,
@@ -167,17 +207,20 @@ def write_paper_report(experiments: dict[str, PaperExperiment], results: str | P
     sections, summary = [], []
     total = 0.0
     for sec, exp in experiments.items():
-        text, v = experiment_section(exp, results, plot_dir, out_md.parent)
+        text, v, counts = experiment_section(exp, results, plot_dir, out_md.parent)
         sections.append(text)
         got = read_result(results, sec)
         wall = got[0]["wall_s"] / 60 if got else math.nan
         total += 0 if math.isnan(wall) else wall
-        summary.append(f"| §{sec} | {exp.figure} | {exp.title} | {v} | {_fmt(wall, 1)} | {exp.estimate_min:.0f} |")
+        tally = " / ".join(str(counts[o]) for o in (HOLDS, UNSURE, FAILS)) if counts else "—"
+        summary.append(f"| §{sec} | {exp.figure} | {exp.title} | {tally} | {v} | {_fmt(wall, 1)} | {exp.estimate_min:.0f} |")
     parts = ["# The paper, reproduced at CPU scale\n",
              f"{provenance_line(command)} Results read from `{results}`. Every number is measured on the "
              "**test** split; curves and selection use the validation split. Verdicts follow from the paired "
              "differences (see `kvlingua/paper/claims.py`).\n",
-             "| section | paper | experiment | verdict | wall (min) | estimate (min) |", "|---|---|---|---|---|---|",
-             *summary, "", f"Total wall time of the finished experiments: {total:.1f} min.\n", *sections]
+             "| section | paper | experiment | comparisons: hold / inconclusive / fail | verdict | wall (min) | "
+             "estimate (min) |", "|---|---|---|---|---|---|---|",
+             *summary, "", f"Total wall time of the finished experiments: {total:.1f} min.\n",
+             *_pool_section(experiments, results), *sections]
     out_md.write_text("\n".join(parts))
     return out_md

@@ -76,12 +76,13 @@ def test_report_verdict_flips_with_the_numbers(tmp_path):
     exp = PaperExperiment(section="4.3", title="t", figure="Fig. 3c", claim="c", paper="p", run={},
                           checks=(Check(kind="paths", label="reach base"),), estimate_min=1)
     base = [3.0, 3.1, 2.9, 3.0]
-    for nll, expected in (([2.9, 3.0, 2.8, 2.9], "reproduced"), ([3.4, 3.5, 3.3, 3.4], "not reproduced")):
+    for nll, expected, tally in (([2.9, 3.0, 2.8, 2.9], "reproduced", "1 / 0 / 0"),
+                                 ([3.4, 3.5, 3.3, 3.4], "not reproduced", "0 / 0 / 1")):
         res = tmp_path / expected.replace(" ", "-")
         (res / "4.3" / "run").mkdir(parents=True)
         result({"a->b": nll}, base).to_json(res / "4.3" / "run" / "eval.json")
         (res / "4.3" / RESULT_FILE).write_text(json.dumps({"evals": {"run": "run/eval.json"}, "wall_s": 60.0}))
         md = write_paper_report({"4.3": exp}, res, res / "paper.md").read_text()
-        assert f"**Verdict: {expected}.**" in md and f"| {expected} | 1.0 |" in md
+        assert f"**Verdict: {expected}.**" in md and f"| {tally} | {expected} | 1.0 |" in md
         assert "kvlingua paper --only 4.3" in md
         assert f"| a->b | {sum(base) / 4:.3f} ± " in md and f"{sum(nll) / 4:.3f} ± " in md  # the full per-path table
