@@ -184,7 +184,8 @@ def _pool_section(experiments: dict[str, PaperExperiment], results: Path) -> lis
         out += [f"**Pool `{m['name']}`** (pre-trained here, vocabulary {m['vocab_size']:,}; `{Path(pool).name}`). "
                 f"Context use: held-out NLL after the passage's own {ctx0.get('prefix_len')}-token prefix against "
                 f"after another passage's, over {ctx0.get('rows')} rows (the gap is what a cache can carry).\n",
-                "| member | made by | held-out NLL | own prefix | other prefix | gap |", "|---|---|---|---|---|---|"]
+                "| member | made by | pre-training (min) | held-out NLL | own prefix | other prefix | gap |",
+                "|---|---|---|---|---|---|---|"]
         for e in m["members"]:
             mem, met = e["member"], e["metrics"]
             run = mem.get("pretrain") or {}
@@ -192,7 +193,8 @@ def _pool_section(experiments: dict[str, PaperExperiment], results: Path) -> lis
                     f"{run.get('size')}, {run.get('steps')} steps on {run.get('data', {}).get('view')}"
                     + (f" from {mem['init_from']}" if mem.get("init_from") else f", seed {run.get('seed')}"))
             ctx = met.get("context_use", {})
-            out.append(f"| {e['name']} | {made} | {_fmt(met.get('held_out_loss'))} | {_fmt(ctx.get('nll_own'))} | "
+            wall = _fmt(met["train_wall_s"] / 60, 1) if "train_wall_s" in met else "—"
+            out.append(f"| {e['name']} | {made} | {wall} | {_fmt(met.get('held_out_loss'))} | {_fmt(ctx.get('nll_own'))} | "
                        f"{_fmt(ctx.get('nll_other'))} | {_fmt(100 * ctx['relative_gap'], 1) + ' %' if 'relative_gap' in ctx else '—'} |")
         out.append("")
     return out
