@@ -111,6 +111,26 @@ def _settings(run_yaml: Path) -> str:
             f"spaces {spaces}; test: {ev.get('batches')} batches of {ev.get('batch_size')} rows.\n")
 
 
+def _spaces(run_dir: Path) -> str:
+    """Per trained space of a train experiment: its adapter parameters (IN + OUT, summed over members), steps and
+    training minutes (``timing.json``), so size comparisons (§7.1) read against what each space cost."""
+    from kvlingua.pool import load_pool
+    from kvlingua.rundir import read_run_pools
+
+    timing_file = run_dir / "timing.json"
+    if not timing_file.is_file():
+        return ""
+    timing = json.loads(timing_file.read_text())
+    parts = []
+    for name, pool in read_run_pools(run_dir).items():
+        counts = load_pool(pool, load_models=False, verify=False).space.param_counts()
+        params = sum(c["in"] + c["out"] for c in counts.values())
+        t = timing.get(name, {})
+        parts.append(f"{name} {params / 1e6:.2f}M adapter parameters, {t.get('steps')} steps in "
+                     f"{_fmt(t.get('train_wall_s', math.nan) / 60, 1)} min")
+    return "Spaces: " + "; ".join(parts) + ".\n"
+
+
 def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | None,
                        md_dir: Path) -> tuple[str, str, dict[str, int]]:
     """The Markdown of one experiment, its overall verdict and how many comparisons hold, are inconclusive, fail."""
@@ -153,6 +173,8 @@ def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | Non
                                                          f"{m}'s sliding layers (window {w['window']})"
                                                          for m, w in hidden.items()) + ".\n")
     lines.append(_settings(results / exp.section / "run.yaml"))
+    if exp.kind == "train":
+        lines.append(_spaces(results / exp.section / "run"))
     lines.append(f"Wall time: {res['wall_s'] / 60:.1f} min (estimated {exp.estimate_min:.0f} min). "
                  f"Rerun alone: `{cmd}`" + (" (smoke sizes: these numbers test the code path, not the claim)"
                                             if res.get("smoke") else "") + "\n")
