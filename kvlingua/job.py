@@ -86,7 +86,8 @@ class JobSpec:
     """A trained pool directory (``<run>/pool``) to extend (paper §5): its space and adapters are loaded and
     frozen, every job model it lacks joins with fresh adapters (:meth:`SharedSpace.add_member`), and only
     ``train.trainable`` (which must name only new members) trains, on ``train.paths``. Needs exactly one space,
-    configured as the pool's. The final table evaluates all N² paths, each marked trained or zero-shot."""
+    configured as the pool's. The final table evaluates all N² paths, each marked trained (by this run or by
+    the pool's) or zero-shot."""
 
     def __post_init__(self) -> None:
         if not self.spaces:
@@ -338,7 +339,25 @@ def allowed_paths(job: TrainJob) -> list[tuple[str, str]]:
     return PathSampler(job.names, None, job.train.seed, job.train.paths, job.train.trainable).allowed
 
 
+def trained_paths(job: TrainJob) -> list[tuple[str, str]]:
+    """Every path whose adapters some training trained: the job's own paths and, when it extends a pool
+    (``start_from``), the paths that pool recorded as trained (its frozen adapters keep what they learned).
+    The other paths of the pool are zero-shot: the paper's §5 claim is about exactly those."""
+    own = allowed_paths(job)
+    if job.start_from is None:
+        return own
+    from kvlingua.config import from_dict
+    from kvlingua.pool import read_pool_meta
+
+    meta = read_pool_meta(job.start_from)
+    if "trained_paths" in meta:
+        inherited = [tuple(p) for p in meta["trained_paths"]]
+    else:  # a pool written before pool.json recorded them: its own job's paths
+        inherited = allowed_paths(from_dict(TrainJob, meta["job"], "start_from job"))
+    return own + [p for p in inherited if p not in own]
+
+
 def all_paths(job: TrainJob) -> list[tuple[str, str]]:
     """Every (source, target) path of the pool, N² of them: what the final table evaluates
-    (the paths outside :func:`allowed_paths` are marked zero-shot)."""
+    (the paths outside :func:`trained_paths` are marked zero-shot)."""
     return [(i, j) for i in job.names for j in job.names]

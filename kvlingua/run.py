@@ -29,7 +29,8 @@ import torch
 from kvlingua.backend import LocalBackend, PoolBackend
 from kvlingua.config import to_dict
 from kvlingua.evaluate import evaluate, make_eval_fn
-from kvlingua.job import TrainJob, all_paths, allowed_paths, build_space, curve_batches, eval_batches, train_batches
+from kvlingua.job import (TrainJob, all_paths, allowed_paths, build_space, curve_batches, eval_batches, train_batches,
+                          trained_paths)
 from kvlingua.models import load_frozen
 from kvlingua.pool import PoolMember, save_pool
 from kvlingua.rundir import space_pool_dir
@@ -143,8 +144,8 @@ def pool_members(job: TrainJob, backend: PoolBackend) -> list[PoolMember]:
 
 def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
            states: dict[str, TrainState], tracker: Tracker | None = None) -> dict:
-    """Evaluate every space beside the baselines on all N² paths of ``job.eval_split`` (the paths no
-    step trained marked zero-shot); write the report (table, JSON, plot), pool(s), histories and
+    """Evaluate every space beside the baselines on all N² paths of ``job.eval_split`` (the paths that
+    neither this run nor the pool it extends trained marked zero-shot); write the report (table, JSON, plot), pool(s), histories and
     ``timing.json`` (each space's steps and training seconds, for equal-wall-time comparisons).
 
     Returns a dict with ``markdown`` (the evaluation table), ``timing``, ``eval`` (the
@@ -152,8 +153,9 @@ def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
     """
     tracker = tracker or NullTracker()
     out = Path(job.out_dir)
+    trained = trained_paths(job)
     result = evaluate(backend, eval_batches(job), all_paths(job), spaces, first_tokens=job.eval.first_tokens,
-                      trained=allowed_paths(job), content_min_se=job.eval.content_min_se)
+                      trained=trained, content_min_se=job.eval.content_min_se)
     histories = {name: state.history for name, state in states.items()}
     job_dict = to_dict(job)
     report = write_report(out, result, histories, title=f"kvlingua run {job.name}", config=job_dict)
@@ -164,7 +166,8 @@ def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
     members = pool_members(job, backend)
     for name, space in spaces.items():
         pool_dir = space_pool_dir(out, name, main)
-        extra = {"run": job.name, "space_name": name, "job": job_dict, "trained_prefix_len": list(job.trained_prefix_len)}
+        extra = {"run": job.name, "space_name": name, "job": job_dict, "trained_prefix_len": list(job.trained_prefix_len),
+                 "trained_paths": [list(p) for p in trained]}
         save_pool(pool_dir, space, members, tokenizer_dir=job.tokenizer, extra=extra)
         files[f"pool_{name}"] = pool_dir
     (out / "histories.json").write_text(json.dumps(histories, indent=1))
@@ -254,5 +257,8 @@ def evaluate_pool_dir(pool_dir: str | Path, *, split: str | None = None, batches
         if not ablatable:
             raise ConfigError("--ablate-stack: no space here is a translator with both a stack and a short path")
         spaces |= {f"{n}-no-stack": s.without_stack() for n, s in ablatable.items()}
-    result = evaluate(LocalBackend(loaded.models), eval_batches(job), allowed_paths(job), spaces, first_tokens=job.eval.first_tokens)
+    # Every path, each marked trained or zero-shot as the pool recorded (older pools: the job's own paths).
+    trained = [tuple(p) for p in loaded.meta.get("trained_paths", allowed_paths(job))]
+    result = evaluate(LocalBackend(loaded.models), eval_batches(job), all_paths(job), spaces,
+                      first_tokens=job.eval.first_tokens, trained=trained, content_min_se=job.eval.content_min_se)
     return result, job

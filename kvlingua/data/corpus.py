@@ -378,4 +378,8 @@ def load_split(split: str, home: Path | None = None) -> datasets.Dataset:
     root = corpus_dir(home)
     if _read_manifest(root) is None:
         prepare_corpus(home)
-    return datasets.Dataset(InMemoryTable(pq.read_table(root / f"{split}.parquet")))
+    path = root / f"{split}.parquet"
+    # The file's digest is the dataset's fingerprint: without one, datasets hashes the whole table through
+    # dill on every load (and dill's disassembly of a helper leaks onto a Ray worker's stdout).
+    fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return datasets.Dataset(InMemoryTable(pq.read_table(path)), fingerprint=fingerprint)

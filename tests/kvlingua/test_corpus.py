@@ -117,6 +117,24 @@ def test_psalm_headings_move_to_the_psalm_they_introduce():
     assert verses[(19, 119, 9)]["en"] == "BEIT. How can a young man?"
 
 
+def test_a_split_is_fingerprinted_from_its_file_not_by_hashing_the_table(home, wheel, monkeypatch):
+    """datasets would hash the whole Arrow table through dill on every load (whose disassembly of a helper leaks
+    onto a Ray worker's stdout); the split's fingerprint is the digest of its parquet file instead."""
+    import hashlib
+
+    import datasets.arrow_dataset
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("the split's table was hashed")
+
+    info = prepare_corpus(wheel=wheel)
+    monkeypatch.setattr(datasets.arrow_dataset, "generate_fingerprint", no_hashing)
+    for split in corpus.SPLITS:
+        digest = hashlib.sha256((info.root / f"{split}.parquet").read_bytes()).hexdigest()[:16]
+        assert load_split(split)._fingerprint == digest
+    assert len({load_split(s)._fingerprint for s in corpus.SPLITS}) == len(corpus.SPLITS)
+
+
 def test_second_run_is_a_noop_and_force_rebuilds(home, wheel):
     info = prepare_corpus(wheel=wheel)
     files = sorted(info.root.iterdir())

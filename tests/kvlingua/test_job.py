@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import pytest
@@ -11,7 +12,8 @@ from kvlingua.backend import LocalBackend
 from kvlingua.data.tokenizer import load_tokenizer
 from kvlingua.data.views import DataConfig, token_chunks
 from kvlingua.evaluate import EvalConfig
-from kvlingua.job import EVAL_ROW_SEED, TrainJob, build_space, curve_batches, eval_batches, space_config, train_batches
+from kvlingua.job import (EVAL_ROW_SEED, TrainJob, build_space, curve_batches, eval_batches, space_config, train_batches,
+                          trained_paths)
 from kvlingua.pool import load_pool
 from kvlingua.run import run_local
 from kvlingua.space import SharedSpace
@@ -96,8 +98,18 @@ def test_extending_a_trained_pool_trains_only_the_new_member_and_evaluates_every
     assert any(not torch.equal(moved[k], fresh.adapter_state("c")[k]) for k in moved)  # the new member trained
     data = json.loads((root / "ext" / "eval.json").read_text())
     assert len(data["paths"]) == 9
-    assert {n for n, r in data["paths"].items() if r["trained"]} == {"b->c", "c->b"}
-    assert "a->c (zero-shot)" in result["markdown"]
+    # Trained: this run's b<->c and the four paths the first run trained (their adapters are frozen); zero-shot:
+    # the paths no run ever trained.
+    assert {n for n, r in data["paths"].items() if not r["trained"]} == {"a->c", "c->a", "c->c"}
+    assert "a->c (zero-shot)" in result["markdown"] and "a->b (zero-shot)" not in result["markdown"]
+    meta = json.loads((Path(result["files"]["pool_translator"]) / "pool.json").read_text())
+    assert sorted(map(tuple, meta["trained_paths"])) == sorted(tuple(n.split("->")) for n, r in data["paths"].items()
+                                                                 if r["trained"])
+    # A pool written before pool.json recorded its trained paths: they come from its own job.
+    old_meta = json.loads((Path(pool_dir) / "pool.json").read_text())
+    old_meta.pop("trained_paths")
+    (Path(pool_dir) / "pool.json").write_text(json.dumps(old_meta))
+    assert sorted(trained_paths(job)) == sorted(map(tuple, meta["trained_paths"]))
     with pytest.raises(ValueError, match="only new"):
         build_space(replace(job, train=replace(job.train, trainable=("a", "c"))), "translator",
                     {n: backend.summary(n) for n in "abc"})

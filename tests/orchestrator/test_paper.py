@@ -54,8 +54,12 @@ def test_extension_marks_zero_shot_paths_and_keeps_the_pool_frozen(smoke):
     *_, res = smoke
     ev = json.loads((res / "5" / "run" / "eval.json").read_text())
     assert len(ev["paths"]) == 16
-    trained = {n for n, r in ev["paths"].items() if r["trained"]}
-    assert trained == {"seed1->seed3", "seed3->seed1", "seed2->seed3", "seed3->seed2"}
+    zero_shot = {n for n, r in ev["paths"].items() if not r["trained"]}
+    # Trained: the new member's four paths here and the 9 paths of §4.3's pool (frozen, trained there). Zero-shot:
+    # exactly the paths no training ever used, the paper's 1<->4 and the new member's own cyclic path.
+    assert zero_shot == {"seed0->seed3", "seed3->seed0", "seed3->seed3"}
+    pool_meta = json.loads((res / "5" / "run" / "pool" / "pool.json").read_text())
+    assert {f"{s}->{t}" for s, t in pool_meta["trained_paths"]} == set(ev["paths"]) - zero_shot
     from kvlingua.pool import load_pool
 
     before = load_pool(res / "4.3" / "run" / "pool", load_models=False, verify=False).space
