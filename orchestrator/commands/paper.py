@@ -24,8 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "paper",
         help="reproduce the paper's experiments (§4, §5, §7) and generate docs/results/paper.md",
-        description="Runs every experiment of configs/paper/ (estimated ≤ 3 hours on 2 CPU cores; each one is "
-        "skipped when its results exist), then generates the report. --smoke runs every code path at tiny sizes.",
+        description="Runs every experiment of configs/paper/ (measured: about 2 hours on 2 CPU cores, pool "
+        "pre-training included; each one is skipped when its results exist), then generates the report. --smoke "
+        "runs every code path at tiny sizes.",
     )
     p.add_argument("--only", action="append", default=[], metavar="SECTION",
                    help="run only this section (repeatable), e.g. --only 4.4")
