@@ -145,8 +145,9 @@ def pool_members(job: TrainJob, backend: PoolBackend) -> list[PoolMember]:
 def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
            states: dict[str, TrainState], tracker: Tracker | None = None) -> dict:
     """Evaluate every space beside the baselines on all N² paths of ``job.eval_split`` (the paths that
-    neither this run nor the pool it extends trained marked zero-shot); write the report (table, JSON, plot), pool(s), histories and
-    ``timing.json`` (each space's steps and training seconds, for equal-wall-time comparisons).
+    neither this run nor the pool it extends trained marked zero-shot); write the report (table, JSON,
+    plot), pool(s) (recording ``trained_paths``), histories and ``timing.json`` (each space's steps and
+    training seconds, for equal-wall-time comparisons).
 
     Returns a dict with ``markdown`` (the evaluation table), ``timing``, ``eval`` (the
     :class:`~kvlingua.evaluate.EvalResult`) and ``files`` (the paths written).
