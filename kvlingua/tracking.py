@@ -118,12 +118,9 @@ def reopen_tracker(handle: TrackerHandle) -> Tracker | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        tracker = MlflowTracker(handle["uri"], run_id=handle["run_id"])
+        return MlflowTracker(handle["uri"], run_id=handle["run_id"], reopen=True)
     except MlflowException:
         return None
-    tracker.client.update_run(tracker.run_id, status="RUNNING")
-    tracker._owner = True  # this process now ends the run
-    return tracker
 
 
 def end_if_running(handle: TrackerHandle, status: str = "KILLED") -> None:
@@ -177,6 +174,8 @@ class MlflowTracker:
             ``<db dir>/mlartifacts`` for a SQLite store, else the server's default.
         run_id: write into this existing run instead of creating one (a Ray Train rank writing
             into the driver's run); ``close`` then leaves the run open for its owner.
+        reopen: with ``run_id``, take the run over instead: mark it running again and end it on
+            ``close`` (a resumed suite's parent run).
     """
 
     def __init__(
@@ -188,14 +187,17 @@ class MlflowTracker:
         tags: Mapping[str, str] | None = None,
         artifact_location: str | None = None,
         run_id: str | None = None,
+        reopen: bool = False,
     ):
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        self._owner = run_id is None
+        self._owner = run_id is None or reopen
         if run_id is not None:
             self.run_id: str = self.client.get_run(run_id).info.run_id  # raises if the run does not exist
+            if reopen:
+                self.client.update_run(self.run_id, status="RUNNING")
             return
         if not experiment:
             raise ValueError("MlflowTracker needs a non-empty experiment name")

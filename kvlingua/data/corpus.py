@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets.table import InMemoryTable
 
@@ -381,5 +382,6 @@ def load_split(split: str, home: Path | None = None) -> datasets.Dataset:
     path = root / f"{split}.parquet"
     # The file's digest is the dataset's fingerprint: without one, datasets hashes the whole table through
     # dill on every load (and dill's disassembly of a helper leaks onto a Ray worker's stdout).
-    fingerprint = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return datasets.Dataset(InMemoryTable(pq.read_table(path)), fingerprint=fingerprint)
+    data = path.read_bytes()  # read once: hashed and parsed from the same bytes
+    fingerprint = hashlib.sha256(data).hexdigest()[:16]
+    return datasets.Dataset(InMemoryTable(pq.read_table(pa.BufferReader(data))), fingerprint=fingerprint)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 from kvlingua.provenance import provenance_line
 from kvlingua.evaluate import EvalResult
@@ -34,9 +35,21 @@ def read_result(results: Path, section: str) -> tuple[dict, dict[str, EvalResult
     return res, evals, hists
 
 
+def _step(x: float) -> str:
+    """A curve step at which a path first reached base, or ``never``."""
+    return "never" if math.isinf(x) else f"step {x:.0f}"
+
+
 def _fmt(x: float, digits: int = 3) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else (
         "never" if isinstance(x, float) and math.isinf(x) else f"{x:.{digits}f}")
+
+
+def _group_nll(result: EvalResult, main: str) -> tuple[list[float], list[float]]:
+    """Per-batch NLL of a sweep group's space and of base, each averaged over paths (plot and table)."""
+    from kvlingua.paper.claims import _mean_over_paths
+
+    return _mean_over_paths(result, main), _mean_over_paths(result, "base")
 
 
 def _plot(exp: PaperExperiment, res: dict, evals: dict[str, EvalResult], hists: dict[str, list], png: Path) -> Path | None:
@@ -52,20 +65,20 @@ def _plot(exp: PaperExperiment, res: dict, evals: dict[str, EvalResult], hists: 
     from matplotlib.figure import Figure
 
     from kvlingua.evaluate import paired_difference
-    from kvlingua.paper.claims import _mean_over_paths
 
     labels = list(res["groups"])
+    main = res.get("main_space", "translator")
     fig = Figure(figsize=(6, 4), constrained_layout=True)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     means, ses = [], []
     for lab in labels:
-        series = _mean_over_paths(evals[lab], "translator")
+        series, _ = _group_nll(evals[lab], main)
         m, se = paired_difference(series, [0.0] * len(series))
         means.append(m)
         ses.append(0.0 if math.isnan(se) else se)
     ax.errorbar(range(len(labels)), means, yerr=[2 * s for s in ses], marker="o", capsize=4, label="Σ (test, ± 2 se)")
-    base = _mean_over_paths(evals[labels[0]], "base")
+    _, base = _group_nll(evals[labels[0]], main)
     ax.axhline(sum(base) / len(base), color="black", linestyle="--", label="base (own cache), mean over targets")
     ax.set_xticks(range(len(labels)), labels)
     ax.set_xlabel(exp.group_by)
@@ -84,26 +97,32 @@ def _numbers(exp: PaperExperiment, res: dict, evals: dict[str, EvalResult]) -> l
         return ["<details><summary>Every path under every condition (test split)</summary>\n",
                 evals["run"].to_markdown(), "</details>\n"]
     from kvlingua.evaluate import paired_difference
-    from kvlingua.paper.claims import _mean_over_paths
 
+    main = res.get("main_space", "translator")
     rows = [f"| {exp.group_by} | validation NLL (selects lr) | Σ test NLL, mean over paths | base | Σ − base ± se |",
             "|---|---|---|---|---|"]
     for label in res["groups"]:
-        main = res.get("main_space", "translator")
-        sigma, base = _mean_over_paths(evals[label], main), _mean_over_paths(evals[label], "base")
+        sigma, base = _group_nll(evals[label], main)
         diff, se = paired_difference(sigma, base)
         rows.append(f"| {label} | {_fmt(res['validation'][label])} | {_fmt(sum(sigma) / len(sigma))} | "
                     f"{_fmt(sum(base) / len(base))} | {_fmt(diff)} ± {_fmt(se)} |")
     return rows + [""]
 
 
-def _settings(run_yaml: Path) -> str:
-    """One line of the training settings the experiment ran with (from the run config written beside it)."""
-    if not run_yaml.is_file():
-        return ""
+def _read_run(results: Path, section: str) -> dict | None:
+    """The run config an experiment wrote beside its results (``<section>/run.yaml``), None before it ran."""
+    f = results / section / "run.yaml"
+    if not f.is_file():
+        return None
     import yaml
 
-    run = yaml.safe_load(run_yaml.read_text())
+    return yaml.safe_load(f.read_text())
+
+
+def _settings(run: dict | None) -> str:
+    """One line of the training settings the experiment ran with."""
+    if run is None:
+        return ""
     train, ev = run.get("train", {}), run.get("eval", {})
     spaces = ", ".join(f"{n} ({s.get('adapter', 'translator')}, Q = {s.get('q_dim')})" for n, s in run.get("spaces", {}).items())
     return (f"Training: {train.get('steps')} steps of batch {run.get('batch_size')}, prefix {run.get('prefix_len')} + "
@@ -131,15 +150,30 @@ def _spaces(run_dir: Path) -> str:
     return "Spaces: " + "; ".join(parts) + ".\n"
 
 
-def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | None,
-                       md_dir: Path) -> tuple[str, str, dict[str, int]]:
+class Section(NamedTuple):
+    """One experiment's part of the report and what the summary table and pool table read from it."""
+
+    text: str
+    """Its Markdown."""
+    verdict: str
+    """``reproduced``, ``partly``, ``not reproduced``, ``no data`` or ``not run``."""
+    counts: dict[str, int]
+    """How many comparisons hold, are inconclusive, fail (empty when it has not run)."""
+    wall_min: float
+    """Its wall time in minutes (NaN when it has not run)."""
+    run: dict | None
+    """The run config it ran with (None when it has not run)."""
+
+
+def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | None, md_dir: Path) -> Section:
     """The Markdown of one experiment, its overall verdict and how many comparisons hold, are inconclusive, fail."""
     got = read_result(results, exp.section)
     cmd = f"kvlingua paper --only {exp.section}"
     head = [f"## §{exp.section} — {exp.title} ({exp.figure})\n", f"**Claim (paper).** {exp.claim}\n",
             f"**Paper's numbers.** {exp.paper}\n"]
     if got is None:
-        return "\n".join(head + [f"**Not run yet.** Run `{cmd}` (estimated {exp.estimate_min:.0f} min on 2 cores).\n"]), "not run", {}
+        text = "\n".join(head + [f"**Not run yet.** Run `{cmd}` (estimated {exp.estimate_min:.0f} min on 2 cores).\n"])
+        return Section(text, "not run", {}, math.nan, None)
     res, evals, hists = got
     best_of = {"best": res["best"]} if res.get("best") else None
     curves = {"run": hists.get("run", {}).get(res.get("main_space", "translator"), [])}
@@ -149,8 +183,7 @@ def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | Non
         comparisons += cs
         for c in cs:
             if check.kind == "steps":  # curve steps to reach base, not NLL: no standard error
-                steps = lambda x: "never" if math.isinf(x) else f"step {x:.0f}"  # noqa: E731
-                cells = f"{steps(c.a)} | {steps(c.b)} | {_fmt(c.diff, 0) if math.isfinite(c.diff) else '—'} | fewer"
+                cells = f"{_step(c.a)} | {_step(c.b)} | {_fmt(c.diff, 0) if math.isfinite(c.diff) else '—'} | fewer"
             else:
                 cells = f"{_fmt(c.a)} | {_fmt(c.b)} | {_fmt(c.diff)} ± {_fmt(c.se)} | {check.relation} {check.tol:g}"
             rows.append(f"| {check.label} | {c.what} | {cells} | {c.outcome} |")
@@ -172,7 +205,8 @@ def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | Non
                      "Sliding window hides " + ", ".join(f"{w['hidden']:.0%} of (suffix, prefix) token pairs on "
                                                          f"{m}'s sliding layers (window {w['window']})"
                                                          for m, w in hidden.items()) + ".\n")
-    lines.append(_settings(results / exp.section / "run.yaml"))
+    run = _read_run(results, exp.section)
+    lines.append(_settings(run))
     if exp.kind == "train":
         lines.append(_spaces(results / exp.section / "run"))
     lines.append(f"Wall time: {res['wall_s'] / 60:.1f} min (estimated {exp.estimate_min:.0f} min). "
@@ -183,19 +217,17 @@ def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | Non
         if png is not None:
             lines.append(f"![§{exp.section}]({png.relative_to(md_dir).as_posix()})\n")
     counts = {o: sum(c.outcome == o for c in comparisons) for o in (HOLDS, UNSURE, FAILS)}
-    return "\n".join(lines), v, counts
+    return Section("\n".join(lines), v, counts, res["wall_s"] / 60, run)
 
 
-def _pool_section(experiments: dict[str, PaperExperiment], results: Path) -> list[str]:
-    """The pool the experiments read (from the manifest beside it): how each member was made, its held-out NLL
-    and how much it uses its context (own prefix against another passage's), which bounds what Σ can carry."""
-    import yaml
-
+def _pool_section(runs: list[dict]) -> list[str]:
+    """The pools the experiments' run configs read (from the manifest beside each): how each member was made, its
+    held-out NLL and how much it uses its context (own prefix against another passage's), which bounds what Σ
+    can carry."""
     from kvlingua.config import load_config
     from kvlingua.pretrain.pools import MANIFEST, PoolConfig, pool_dir
 
-    runs = [results / sec / "run.yaml" for sec in experiments if (results / sec / "run.yaml").is_file()]
-    pools = {yaml.safe_load(r.read_text()).get("pool") for r in runs} - {None}
+    pools = {run.get("pool") for run in runs} - {None}
     out = []
     for pool in sorted(pools):
         manifest = pool_dir(load_config(PoolConfig, pool)) / MANIFEST
@@ -228,16 +260,14 @@ def write_paper_report(experiments: dict[str, PaperExperiment], results: str | P
     results, out_md = Path(results), Path(out_md)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     plot_dir = out_md.parent / out_md.stem
-    sections, summary = [], []
-    total = 0.0
+    done = {sec: experiment_section(exp, results, plot_dir, out_md.parent) for sec, exp in experiments.items()}
+    summary = []
     for sec, exp in experiments.items():
-        text, v, counts = experiment_section(exp, results, plot_dir, out_md.parent)
-        sections.append(text)
-        got = read_result(results, sec)
-        wall = got[0]["wall_s"] / 60 if got else math.nan
-        total += 0 if math.isnan(wall) else wall
-        tally = " / ".join(str(counts[o]) for o in (HOLDS, UNSURE, FAILS)) if counts else "—"
-        summary.append(f"| §{sec} | {exp.figure} | {exp.title} | {tally} | {v} | {_fmt(wall, 1)} | {exp.estimate_min:.0f} |")
+        part = done[sec]
+        tally = " / ".join(str(part.counts[o]) for o in (HOLDS, UNSURE, FAILS)) if part.counts else "—"
+        summary.append(f"| §{sec} | {exp.figure} | {exp.title} | {tally} | {part.verdict} | {_fmt(part.wall_min, 1)} | "
+                       f"{exp.estimate_min:.0f} |")
+    total = sum(p.wall_min for p in done.values() if not math.isnan(p.wall_min))
     parts = ["# The paper, reproduced at CPU scale\n",
              f"{provenance_line(command)} Results read from `{results}`. Every number is measured on the "
              "**test** split; curves and selection use the validation split. Verdicts follow from the paired "
@@ -245,6 +275,6 @@ def write_paper_report(experiments: dict[str, PaperExperiment], results: str | P
              "| section | paper | experiment | comparisons: hold / inconclusive / fail | verdict | wall (min) | "
              "estimate (min) |", "|---|---|---|---|---|---|---|",
              *summary, "", f"Total wall time of the finished experiments: {total:.1f} min.\n",
-             *_pool_section(experiments, results), *sections]
+             *_pool_section([p.run for p in done.values() if p.run is not None]), *(p.text for p in done.values())]
     out_md.write_text("\n".join(parts))
     return out_md
