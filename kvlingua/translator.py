@@ -83,6 +83,7 @@ from torch import Tensor, nn
 ADAPTERS = ("translator", "linear")
 GROUP_MODES = ("attend", "merge")
 OUTPUTS = ("auto", "dense", "per_layer")
+OUT_INITS = ("random", "match")
 EMBED_DEFAULTS = {"dense": 2.0, "per_layer": 0.5}
 """D'/D_i of each output layout when ``embed_dim_factor`` is None (see :class:`SpaceConfig`)."""
 
@@ -127,6 +128,13 @@ class SpaceConfig:
     """Use the input transform + cross-attention stack + output transform (off: short path only)."""
     norm_eps: float = 1e-5
     """Epsilon of every LayerNorm in the translator."""
+    out_init: str = "random"
+    """How OUT_j starts: ``random`` -- variance-preserving weights, zero bias; ``match`` -- the same, then
+    rescaled on the first training batch so the translated cache has the target's own per-(layer, channel)
+    mean and standard deviation, IN_i first made to write Σ at mean 0 and standard deviation 1
+    (:func:`kvlingua.train.match_init`). A real model's cache is far from
+    zero-mean unit-scale (keys carry large fixed offsets its queries rely on), and a random cache in its
+    place costs it many nats before training starts; ``match`` starts near its statistics instead."""
 
     def __post_init__(self) -> None:
         if self.q_dim < 1:
@@ -153,6 +161,8 @@ class SpaceConfig:
             raise ValueError("at least one of short_path and stack must be true")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if self.out_init not in OUT_INITS:
+            raise ValueError(f"out_init must be one of {list(OUT_INITS)}, got {self.out_init!r}")
 
     @property
     def output_layout(self) -> str:
@@ -272,6 +282,16 @@ class OutputTransform(nn.Module):
         return self.proj(self.norm(x))
 
 
+@torch.no_grad()
+def _rescale_linear(linear: nn.Linear, scale: Tensor, shift: Tensor | None) -> None:
+    """``y -> scale * y + shift`` for ``y = linear(x)``: rows of the weight and the bias, ``scale`` ``[out]``."""
+    linear.weight.mul_(scale[:, None])  # [out, in]
+    if linear.bias is not None:
+        linear.bias.mul_(scale)
+        if shift is not None:
+            linear.bias.add_(shift)
+
+
 class GroupOutput(nn.Module):
     """``per_layer`` output transform: stack layer g's output -> only its own group's output slices.
 
@@ -284,6 +304,14 @@ class GroupOutput(nn.Module):
         super().__init__()
         self.d = d
         self.heads = nn.ModuleList(OutputTransform(d, (b - a) * w, eps, zero_init) for a, b in bounds)
+
+    def rescale(self, scale: Tensor, shift: Tensor | None) -> None:
+        """``out -> scale * out + shift`` on the flat output ``[L_in*w]`` (head g owns a contiguous range)."""
+        start = 0
+        for head in self.heads:
+            n = head.proj.out_features
+            _rescale_linear(head.proj, scale[start:start + n], None if shift is None else shift[start:start + n])
+            start += n
 
     def forward(self, y: Tensor) -> Tensor:
         N, S, _ = y.shape
@@ -298,6 +326,15 @@ class SliceLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(n_slices, d_in, w) / math.sqrt(d_in))  # [L, D_in, w]
         self.bias = nn.Parameter(torch.zeros(n_slices, w))  # [L, w]
+
+    @torch.no_grad()
+    def rescale(self, scale: Tensor, shift: Tensor | None) -> None:
+        """``out -> scale * out + shift`` on the flat output ``[L*w]``."""
+        L, _, w = self.weight.shape
+        self.weight.mul_(scale.view(L, 1, w))  # [L, D_in, w]
+        self.bias.mul_(scale.view(L, w))  # [L, w]
+        if shift is not None:
+            self.bias.add_(shift.view(L, w))
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.einsum("nsld,ldw->nslw", x, self.weight) + self.bias  # [N, S, L, w]
@@ -373,6 +410,21 @@ class LayerwiseTranslator(nn.Module):
                 self.short_k = _init_linear(nn.Linear(d_in_flat, d_out_flat))
                 self.short_v = _init_linear(nn.Linear(d_in_flat, d_out_flat))
 
+    def rescale_output(self, scale_k: Tensor, shift_k: Tensor, scale_v: Tensor, shift_v: Tensor) -> None:
+        """Make the output affine-transformed, ``K -> scale_k * K + shift_k`` (likewise V), per flat output channel
+        ``[L_out * D_out]``, exactly, for every input: the output is a sum of affine maps (stack output, short
+        path), so each is scaled and the shift is added once."""
+        for scale, shift, heads in ((scale_k, shift_k, ("out_k", "short_k")), (scale_v, shift_v, ("out_v", "short_v"))):
+            parts = [getattr(self, h) for h in heads if hasattr(self, h)]
+            for n, part in enumerate(parts):
+                add = shift if n == len(parts) - 1 else None
+                if isinstance(part, OutputTransform):
+                    _rescale_linear(part.proj, scale, add)
+                elif isinstance(part, nn.Linear):
+                    _rescale_linear(part, scale, add)
+                else:  # GroupOutput, SliceLinear
+                    part.rescale(scale, add)
+
     def stack_forward(self, x: Tensor) -> Tensor:
         """The shared cross-attention stack: ``[N, S, L_in/m, D'] -> [N, S, G * D']`` (G = depth, m = merge)."""
         N, S, _, d = x.shape
@@ -424,6 +476,11 @@ class LinearAdapter(nn.Module):
         self.out_layers, self.out_width = out_layers, out_width
         self.k = _init_linear(nn.Linear(in_layers * in_width, out_layers * out_width))
         self.v = _init_linear(nn.Linear(in_layers * in_width, out_layers * out_width))
+
+    def rescale_output(self, scale_k: Tensor, shift_k: Tensor, scale_v: Tensor, shift_v: Tensor) -> None:
+        """``K -> scale_k * K + shift_k`` (likewise V) per flat output channel ``[L_out * D_out]``, exactly."""
+        _rescale_linear(self.k, scale_k, shift_k)
+        _rescale_linear(self.v, scale_v, shift_v)
 
     def forward(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         check_input(keys, values, self.in_layers, self.in_width, "linear adapter")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from kvlingua.provenance import provenance_line
@@ -220,14 +221,26 @@ def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | Non
     return Section("\n".join(lines), v, counts, res["wall_s"] / 60, run)
 
 
-def _pool_section(runs: list[dict]) -> list[str]:
-    """The pools the experiments' run configs read (from the manifest beside each): how each member was made, its
-    held-out NLL and how much it uses its context (own prefix against another passage's), which bounds what Σ
-    can carry."""
+def _made_by(mem: dict, met: dict) -> str:
+    """How a pool member was made, from its manifest entry: pre-trained here, a snapshot, or a fetched model."""
+    if mem.get("snapshot_of"):
+        return f"{mem['snapshot_of']['member']} at step {mem['snapshot_of']['step']}"
+    if mem.get("model"):
+        fetch = Path(met.get("path", "")) / "fetch.json"
+        source = json.loads(fetch.read_text())["requirement"] if fetch.is_file() else "its checkpoint"
+        return f"pretrained `{mem['model']}` ({source}), frozen as is"
+    run = mem.get("pretrain") or {}
+    return (f"{run.get('size')}, {run.get('steps')} steps on {run.get('data', {}).get('view')}"
+            + (f" from {mem['init_from']}" if mem.get("init_from") else f", seed {run.get('seed')}"))
+
+
+def pool_section(pools: Iterable[str]) -> list[str]:
+    """A table per pool YAML (from the manifest beside the pool): how each member was made, its pre-training
+    minutes, held-out NLL and how much it uses its context (own prefix against another passage's), which bounds
+    what Σ can carry. Pools not pre-trained yet are left out."""
     from kvlingua.config import load_config
     from kvlingua.pretrain.pools import MANIFEST, PoolConfig, pool_dir
 
-    pools = {run.get("pool") for run in runs} - {None}
     out = []
     for pool in sorted(pools):
         manifest = pool_dir(load_config(PoolConfig, pool)) / MANIFEST
@@ -235,21 +248,19 @@ def _pool_section(runs: list[dict]) -> list[str]:
             continue
         m = json.loads(manifest.read_text())
         ctx0 = m["members"][0]["metrics"].get("context_use", {})
-        out += [f"**Pool `{m['name']}`** (pre-trained here, vocabulary {m['vocab_size']:,}; `{Path(pool).name}`). "
+        out += [f"**Pool `{m['name']}`** (vocabulary {m['vocab_size']:,}; `{Path(pool).name}`). "
                 f"Context use: held-out NLL after the passage's own {ctx0.get('prefix_len')}-token prefix against "
-                f"after another passage's, over {ctx0.get('rows')} rows (the gap is what a cache can carry).\n",
-                "| member | made by | pre-training (min) | held-out NLL | own prefix | other prefix | gap |",
-                "|---|---|---|---|---|---|---|"]
+                "after another passage's, over the rows shown (the gap is what a cache can carry).\n",
+                "| member | made by | pre-training (min) | held-out NLL | own prefix | other prefix | gap | rows |",
+                "|---|---|---|---|---|---|---|---|"]
         for e in m["members"]:
             mem, met = e["member"], e["metrics"]
-            run = mem.get("pretrain") or {}
-            made = (f"{mem['snapshot_of']['member']} at step {mem['snapshot_of']['step']}" if mem.get("snapshot_of") else
-                    f"{run.get('size')}, {run.get('steps')} steps on {run.get('data', {}).get('view')}"
-                    + (f" from {mem['init_from']}" if mem.get("init_from") else f", seed {run.get('seed')}"))
+            made = _made_by(mem, met)
             ctx = met.get("context_use", {})
             wall = _fmt(met["train_wall_s"] / 60, 1) if "train_wall_s" in met else "—"
             out.append(f"| {e['name']} | {made} | {wall} | {_fmt(met.get('held_out_loss'))} | {_fmt(ctx.get('nll_own'))} | "
-                       f"{_fmt(ctx.get('nll_other'))} | {_fmt(100 * ctx['relative_gap'], 1) + ' %' if 'relative_gap' in ctx else '—'} |")
+                       f"{_fmt(ctx.get('nll_other'))} | {_fmt(100 * ctx['relative_gap'], 1) + ' %' if 'relative_gap' in ctx else '—'} | "
+                       f"{ctx.get('rows', '—')} |")
         out.append("")
     return out
 
@@ -275,6 +286,6 @@ def write_paper_report(experiments: dict[str, PaperExperiment], results: str | P
              "| section | paper | experiment | comparisons: hold / inconclusive / fail | verdict | wall (min) | "
              "estimate (min) |", "|---|---|---|---|---|---|---|",
              *summary, "", f"Total wall time of the finished experiments: {total:.1f} min.\n",
-             *_pool_section([p.run for p in done.values() if p.run is not None]), *(p.text for p in done.values())]
+             *pool_section(sorted({p.run.get('pool') for p in done.values() if p.run is not None} - {None})), *(p.text for p in done.values())]
     out_md.write_text("\n".join(parts))
     return out_md
