@@ -95,6 +95,34 @@ def adapters_section(result: EvalResult, timing: dict, deep: str, shallow: str) 
     return lines
 
 
+def curves_section(run_dir: Path, report: Path, deep: str, shallow: str) -> list[str]:
+    """Validation NLL of the cross-model paths at each evaluation of each space (``histories.json``: step 0 is
+    right after the adapters' initialisation), and the curves drawn from the same records."""
+    f = run_dir / "histories.json"
+    if not f.is_file():
+        return []
+    from kvlingua.report import plot_history
+
+    histories = json.loads(f.read_text())
+    png = plot_history(histories, report.parent / report.stem / "curves.png",
+                       title="Validation suffix NLL during Σ training (all spaces)")
+    lines = ["## Training curves (validation split)", "",
+             "Suffix NLL on validation rows at each evaluation; step 0 is right after the adapters' initialisation "
+             "(with `out_init: match`, after it). No prefix at all is the floor a translated cache must beat to help.",
+             "", f"![curves]({png.relative_to(report.parent).as_posix()})", "",
+             "| space | path | validation NLL by step | no prefix | base |", "|---|---|---|---|---|"]
+    for space, hist in histories.items():
+        evals = [r for r in hist if r.get("kind") == "eval"]
+        for path in ((deep, shallow), (shallow, deep)):
+            name = path_name(path)
+            steps = ", ".join(f"{r['step']}: {r[f'eval/nll/{name}']:.2f}" for r in evals if f"eval/nll/{name}" in r)
+            last = evals[-1] if evals else {}
+            lines.append(f"| {space} | {name} | {steps} | {_fmt(last.get(f'eval/nll/{name}/no-prefix'))} | "
+                         f"{_fmt(last.get(f'eval/nll/{name}/base'))} |")
+    lines.append("")
+    return lines
+
+
 def positions_section(run_dir: Path, positions: Sequence[int], trained: tuple[int, int], deep: str,
                       shallow: str) -> list[str]:
     """Content transferred and NLL of the main space at each prefix length."""
@@ -163,9 +191,30 @@ def sizes_section(shapes_dir: Path) -> list[str]:
     return lines
 
 
+def _pretraining_note(pool: str | None) -> str:
+    """The pool members' own pre-training wall times (pool manifest): inside ``train`` when the command found
+    the pool new, else spent earlier by ``kvlingua pretrain``."""
+    if pool is None:
+        return ""
+    from kvlingua.config import load_config
+    from kvlingua.pretrain.pools import MANIFEST, PoolConfig, pool_dir
+
+    manifest = pool_dir(load_config(PoolConfig, pool)) / MANIFEST
+    if not manifest.is_file():
+        return ""
+    walls = {e["name"]: e["metrics"]["train_wall_s"] for e in json.loads(manifest.read_text())["members"]
+             if "train_wall_s" in e["metrics"]}
+    if not walls:
+        return ""
+    return (" Pool pre-training (from the pool manifest): " + ", ".join(f"{n} {w / 60:.1f} min" for n, w in walls.items())
+            + "; part of `train` when the pool is new, else spent before it by `kvlingua pretrain`.")
+
+
 def write_real_model_report(run_dir: str | Path, report: str | Path, *, command: str, positions: Sequence[int],
-                            shapes_dir: str | Path, machine: str, stages: dict, commit: str) -> Path:
-    """Write the report for the run in ``run_dir`` to ``report``; returns its path."""
+                            shapes_dir: str | Path, machine: str, stages: dict, commit: str,
+                            pool: str | None = None) -> Path:
+    """Write the report for the run in ``run_dir`` to ``report``; returns its path. ``pool``: the run's pool YAML,
+    whose members (how each was made, pre-training minutes, context use) the report tabulates."""
     run_dir, report = Path(run_dir), Path(report)
     pool_json = json.loads((run_dir / "pool" / "pool.json").read_text())
     members = sorted(pool_json["members"], key=lambda m: m["summary"]["num_layers"])
@@ -183,7 +232,7 @@ def write_real_model_report(run_dir: str | Path, report: str | Path, *, command:
         "do not edit by hand.", "",
         f"* Machine: {machine}.",
         "* Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stages.items())
-        + f"; {total / 60:.1f} min in all (pool fetch and pre-training included in `train`).",
+        + f"; {total / 60:.1f} min in all." + _pretraining_note(pool),
         f"* Split: every number below is on the **{job.get('eval_split', 'test')}** split; training curves used "
         "validation.", "",
         "## The pool", "",
@@ -193,6 +242,10 @@ def write_real_model_report(run_dir: str | Path, report: str | Path, *, command:
         s = m["summary"]
         lines.append(f"| {m['name']} | {s['model_type']} | {s['num_layers']} × {s['n_kv_heads']} × {s['head_dim']} | "
                      f"{s['vocab_size']} |")
+    if pool is not None:
+        from kvlingua.paper.report import pool_section
+
+        lines += ["", *pool_section([pool])]
     lines += ["", f"Prefix {job.get('prefix_len')} tokens (trained on {trained[0]}–{trained[1]}), suffix "
               f"{job.get('suffix_len')}, batch {job.get('batch_size')}; spaces: "
               + ", ".join(f"`{n}` ({s.get('adapter')}, {s.get('output', '-')}, Q = {s.get('q_dim')})"
@@ -200,6 +253,7 @@ def write_real_model_report(run_dir: str | Path, report: str | Path, *, command:
     lines += claims_section(result, deep, shallow)
     lines += ["## Final table (test split)", "", result.to_markdown()]
     lines += adapters_section(result, timing, deep, shallow)
+    lines += curves_section(run_dir, report, deep, shallow)
     lines += positions_section(run_dir, positions, trained, deep, shallow)
     lines += bench_section(bench)
     lines += sizes_section(Path(shapes_dir))

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = Path(args.report) if args.report else DEFAULT_REPORT
     write_real_model_report(run_dir, report, command=command, positions=args.positions, shapes_dir=SHAPES,
-                            machine=machine(), stages=_stages(run_dir), commit=commit())
+                            machine=machine(), stages=_stages(run_dir), commit=commit(), pool=cfg.pool)
     print(f"report: {report}")
     return 0
 

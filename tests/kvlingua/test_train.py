@@ -14,8 +14,8 @@ from kvlingua.cache import as_past_key_values, cache_kwargs, extract_prefix, fin
 from kvlingua.config import ConfigError, from_dict
 from kvlingua.space import SharedSpace
 from kvlingua.runtime import Runtime
-from kvlingua.train import (Batch, TrainConfig, TrainState, fit, load_checkpoint, make_optimizer, save_checkpoint,
-                            train_step)
+from kvlingua.train import (Batch, TrainConfig, TrainState, fit, load_checkpoint, make_optimizer, match_init,
+                            save_checkpoint, train_step)
 from kvlingua.translator import SpaceConfig
 from tests.helpers import VOCAB, tiny_model
 
@@ -373,3 +373,75 @@ def test_short_run_transfers_content_between_two_pretrained_models():
         assert t.nll_mean < nopre.nll_mean - 0.05, path
         assert t.first_mean < nopre.first_mean - 0.2, path
         assert t.content_first > 0.6 and ident.content_first < 0.2, path
+
+
+# -- out_init: match -------------------------------------------------------------------------
+def _channel_moments(t):
+    flat = t.reshape(-1, t.shape[-2] * t.shape[-1]) if t.dim() == 4 else t.reshape(-1, t.shape[-1])
+    return flat.mean(0), flat.std(0, unbiased=False)
+
+
+def test_match_init_standardizes_sigma_and_gives_out_its_targets_statistics(pool3):
+    space = make_space(pool3, out_init="match")
+    batch = next(random_batches(pool3.names(), seed=5))
+    frozen = params_of(space, "b")
+    record = match_init(space, pool3, batch, trainable=["a", "c"], targets=["a", "c"])
+    assert set(record) == {"init/out_shift/a", "init/out_shift/c"}
+    with torch.no_grad():
+        own = {m: pool3.prefix_block(m, batch.prefix(m)) for m in pool3.names()}
+        for i in ("a", "c"):
+            z = space.encode(own[i], i)  # [B, P, Q]
+            for t in (z.keys, z.values):
+                mean, std = _channel_moments(t)
+                torch.testing.assert_close(mean, torch.zeros_like(mean), atol=1e-4, rtol=0)
+                torch.testing.assert_close(std, torch.ones_like(std), atol=1e-3, rtol=0)
+        for j in ("a", "c"):
+            outs = [space.decode(space.encode(own[m], m), j) for m in pool3.names()]  # each [B, P, L_j, D_j]
+            for got, want in ((torch.cat([o.keys for o in outs]), own[j].keys),
+                              (torch.cat([o.values for o in outs]), own[j].values)):
+                (gm, gs), (wm, ws) = _channel_moments(got), _channel_moments(want)
+                torch.testing.assert_close(gm, wm, atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(gs, ws, atol=1e-4, rtol=1e-3)
+    after = params_of(space, "b")
+    assert all(torch.equal(after[k], frozen[k]) for k in after)  # b is frozen: neither of its adapters moved
+
+
+def test_fit_matches_once_at_a_fresh_start_and_resume_equals_uninterrupted(pool2, tmp_path):
+    cfg = TrainConfig(steps=4, lr=5e-3, log_every=1)
+    gen = random_batches(pool2.names(), seed=2)
+    batches = [next(gen) for _ in range(cfg.steps)]
+    full = make_space(pool2, seed=1, out_init="match")
+    at_start = {}
+
+    def eval_fn(step):  # the evaluation at step 0 sees the space right after the init
+        if step == 0:
+            at_start.update({k: p.clone() for k, p in full.state_dict().items()})
+        return {}
+
+    state = fit(full, pool2, iter(batches), replace(cfg, eval_every=10), eval_fn=eval_fn, runtime=QUIET)
+    assert [h["kind"] for h in state.history[:2]] == ["init", "eval"] and state.step == 4
+    reference = make_space(pool2, seed=1, out_init="match")
+    match_init(reference, pool2, batches[0], ["a", "c"], ["a", "c"])  # on the first batch, every adapter
+    assert at_start.keys() == reference.state_dict().keys()
+    for k, p in reference.state_dict().items():
+        assert torch.equal(at_start[k], p), k
+    unmatched = make_space(pool2, seed=1)
+    assert any(not torch.equal(unmatched.state_dict()[k], p) for k, p in at_start.items())
+
+    part = make_space(pool2, seed=1, out_init="match")
+    saved = {}
+
+    def checkpoint(s):
+        if s.step == 2:
+            saved["dir"] = save_checkpoint(tmp_path / "ckpt", part, s)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(part, pool2, iter(batches), replace(cfg, eval_every=10, checkpoint_every=2), checkpoint_fn=checkpoint,
+            runtime=QUIET)
+    resumed = make_space(pool2, seed=7, out_init="match")
+    st = load_checkpoint(saved["dir"], resumed)
+    st = fit(resumed, pool2, iter(batches[st.step:]), replace(cfg, eval_every=10), state=st, runtime=QUIET)  # no re-init
+    for p, q in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(p, q)
+    assert [h for h in st.history if h["kind"] != "eval"] == [h for h in state.history if h["kind"] != "eval"]

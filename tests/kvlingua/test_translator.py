@@ -308,3 +308,23 @@ def test_per_layer_group_writes_only_its_own_chunks():
     k3 = k.clone()
     k3[:, :, 0] += torch.randn(2, 7, 16)  # slice 0 seeds the query stream, which reaches every group
     assert (t(k3, v)[0][:, :, 3] - base_k[:, :, 3]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kw", [dict(output="dense"), dict(output="per_layer"), dict(output="per_layer", num_layers=2),
+                                dict(output="dense", short_path=False), dict(output="per_layer", stack=False),
+                                dict(adapter="linear")], ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
+def test_rescale_output_is_an_exact_affine_map_of_the_output(kw):
+    """out -> scale * out + shift per flat channel, for any weights (stack and short path both live)."""
+    torch.manual_seed(0)
+    t = build_adapter(4, 16, 2, 24, 16, SpaceConfig(**kw))  # [.., 4, 16] -> [.., 2, 24]
+    _randomise(t)
+    k, v = _kv()
+    before_k, before_v = t(k, v)
+    g = torch.Generator().manual_seed(3)
+    scale_k, shift_k, scale_v, shift_v = (torch.randn(48, generator=g) for _ in range(4))
+    t.rescale_output(scale_k, shift_k, scale_v, shift_v)
+    after_k, after_v = t(k, v)
+    torch.testing.assert_close(after_k.flatten(2), before_k.flatten(2) * scale_k + shift_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after_v.flatten(2), before_v.flatten(2) * scale_v + shift_v, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="out_init"):
+        SpaceConfig(out_init="lsuv")
