@@ -104,6 +104,8 @@ def curves_section(run_dir: Path, report: Path, deep: str, shallow: str) -> list
     from kvlingua.report import plot_history
 
     histories = json.loads(f.read_text())
+    if not any(r.get("kind") == "eval" for hist in histories.values() for r in hist):
+        return []  # trained without evaluations
     png = plot_history(histories, report.parent / report.stem / "curves.png",
                        title="Validation suffix NLL during Σ training (all spaces)")
     lines = ["## Training curves (validation split)", "",

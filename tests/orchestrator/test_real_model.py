@@ -27,10 +27,10 @@ def real(tmp_path_factory):
                                                                           "small": str(root / "small")},
            "tokenizer": str(root / "tok"), "data": {"source": "bible", "view": "en"},
            "prefix_len": 6, "min_prefix_len": 3, "suffix_len": 6, "batch_size": 4,
-           "spaces": {"translator": space | {"output": "per_layer"}, "dense": space | {"output": "dense"},
+           "spaces": {"translator": space | {"output": "per_layer", "out_init": "match"}, "dense": space | {"output": "dense"},
                       "linear": {"adapter": "linear", "q_dim": 12}},
            "space_steps": {"dense": 1},
-           "train": {"steps": 2, "checkpoint_every": 0, "log_every": 1},
+           "train": {"steps": 2, "checkpoint_every": 0, "log_every": 1, "eval_every": 1},
            "eval": {"batches": 3, "batch_size": 2, "first_tokens": 3, "curve_batches": 1},
            "tracking": {"enabled": False}}
     (root / "real.yaml").write_text(json.dumps(cfg))  # JSON is YAML
@@ -80,3 +80,9 @@ def test_the_report_says_what_the_numbers_say(real):
     for shape in ("smollm2-135m", "gemma-2-2b", "llama-3.2-1b", "qwen2.5-0.5b", "mistral-7b"):
         assert f"| {shape} |" in md
     assert "## Final table (test split)" in md and "kvlingua real-model" in md
+    histories = json.loads((root / "run" / "histories.json").read_text())
+    last = [r for r in histories["dense"] if r["kind"] == "eval"][-1]  # dense: 1 step, evaluations at 0 and 1
+    row = f"| dense | small->deep | 0: {histories['dense'][0]['eval/nll/small->deep']:.2f}, 1: "
+    assert row + f"{last['eval/nll/small->deep']:.2f} |" in md
+    assert histories["translator"][0]["kind"] == "init"  # out_init: match ran once, before the first evaluation
+    assert (root / "report" / "curves.png").is_file() and "![curves](report/curves.png)" in md
