@@ -39,8 +39,8 @@ from torch import Tensor
 from kvlingua.backend import PoolBackend
 from kvlingua.cache import KVBlock
 from kvlingua.paths import PathT, path_name
-from kvlingua.space import LatentBlock, SharedSpace, identity_translate
-from kvlingua.train import Batch, space_device
+from kvlingua.space import LatentBlock, SharedSpace, identity_translate, space_device
+from kvlingua.train import Batch
 
 TARGET_ONLY = ("base", "control", "no-prefix")
 """Conditions measured on the target alone (its own cache, another text's cache, none): they depend

@@ -33,7 +33,6 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kvlingua.config import KvlinguaError
 from kvlingua.data.corpus import DownloadError, download_wheel, fetch_checked, file_lock, sha256_file
 from kvlingua.home import data_home, swap_in
 

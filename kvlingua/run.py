@@ -12,7 +12,7 @@ run's files. The entry points are thin callers:
 * Ray Tune — ``tune_spaces.trial.run_trial`` (a trial reports its curve to Tune).
 
 A checkpoint directory holds one sub-directory per space
-(:func:`kvlingua.train.save_checkpoint`); a space whose checkpoint reached its last
+(:func:`kvlingua.checkpoint.save_checkpoint`); a space whose checkpoint reached its last
 step is not trained again. In process, checkpoints go to ``<out_dir>/checkpoints``
 every ``train.checkpoint_every`` steps, with the job they belong to, so an interrupted
 run resumes where it stopped when it is started again with the same settings.
@@ -38,7 +38,8 @@ from kvlingua.report import write_report
 from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace
 from kvlingua.tracking import NullTracker, Tracker
-from kvlingua.train import Batch, TrainConfig, TrainState, fit, load_checkpoint, save_checkpoint
+from kvlingua.checkpoint import load_checkpoint, save_checkpoint
+from kvlingua.train import Batch, TrainConfig, TrainState, fit
 
 BatchWrapper = Callable[[SharedSpace, TrainConfig, Iterable[Batch], int], Iterable[Batch]]
 """``(space, cfg, batches, start_step) -> batches``: e.g. a prefetcher of the sources' blocks."""

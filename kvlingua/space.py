@@ -68,6 +68,12 @@ def summary_from_dict(d: dict, who: str) -> ArchSummary:
     return ArchSummary(**d)
 
 
+def space_device(space: nn.Module) -> torch.device:
+    """Device of the space's parameters (CPU for a space without any)."""
+    p = next(space.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 class SharedSpace(nn.Module):
     """The adapters of a pool into and out of Σ.
 

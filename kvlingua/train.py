@@ -22,25 +22,22 @@ process (:class:`~kvlingua.backend.LocalBackend`) or behind Ray actors.
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kvlingua.backend import PoolBackend
 from kvlingua.cache import KVBlock
 from kvlingua.losses import reconstruction_loss, suffix_lm_loss
+from kvlingua.outinit import match_init
 from kvlingua.paths import PathSampler, PathT, path_name
-from kvlingua.space import LatentBlock, SharedSpace
+from kvlingua.space import LatentBlock, SharedSpace, space_device
 from kvlingua.runtime import Runtime
 from kvlingua.schedule import warmup_cosine
 
@@ -208,10 +205,6 @@ def make_optimizer(space: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Adam
     return opt, warmup_cosine(opt, cfg.steps, cfg.warmup_frac)
 
 
-def space_device(space: nn.Module) -> torch.device:
-    """Device of the space's parameters (CPU for a space without any)."""
-    p = next(space.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: list[PathT],
@@ -272,72 +265,6 @@ def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: li
             torch.autograd.backward([z.keys, z.values], [leaf.keys.grad, leaf.values.grad])
     metrics["loss"] = total
     return metrics
-
-
-def _rank_mean(moments: list[Tensor], runtime: Runtime | None) -> list[Tensor]:
-    """The mean of each tensor over ranks (``runtime.grad_sync`` on gradient holders); as is on one rank."""
-    if runtime is None or runtime.grad_sync is None:
-        return moments
-    holders = [nn.Parameter(torch.zeros_like(m)) for m in moments]
-    for h, m in zip(holders, moments):
-        h.grad = m.clone()
-    runtime.grad_sync(holders)  # in place
-    return [h.grad for h in holders]
-
-
-def _affine_to(got: tuple[Tensor, Tensor], want: tuple[Tensor, Tensor] | None, runtime: Runtime | None,
-               eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(scale_k, shift_k, scale_v, shift_v)`` per flat channel that move the first and second moments of the
-    blocks ``got = (K, V)`` (each ``[B, S, L, D]``) onto those of ``want`` (mean 0, std 1 when None)."""
-    moments = []
-    for t in (*got, *(want or ())):
-        flat = t.float().reshape(-1, t.shape[2] * t.shape[3])  # [rows, L*D]
-        moments += [flat.mean(0), flat.pow(2).mean(0)]
-    moments = _rank_mean(moments, runtime)
-    means = moments[::2]
-    stds = [(sq - m.pow(2)).clamp_min(0).sqrt() for m, sq in zip(moments[::2], moments[1::2])]
-    if want is None:
-        means += [torch.zeros_like(means[0])] * 2
-        stds += [torch.ones_like(stds[0])] * 2
-    scale_k, scale_v = stds[2] / (stds[0] + eps), stds[3] / (stds[1] + eps)
-    return scale_k, means[2] - scale_k * means[0], scale_v, means[3] - scale_v * means[1]
-
-
-@torch.no_grad()
-def match_init(space: SharedSpace, backend: PoolBackend, batch: Batch, trainable: Iterable[str],
-               targets: Iterable[str], runtime: Runtime | None = None, eps: float = 1e-6) -> dict[str, float]:
-    """``out_init: match``: rescale adapters on ``batch`` so translated caches start with the right statistics.
-
-    1. IN_i of every trainable model i: Σ of i's prefixes gets mean 0 and standard deviation 1 per channel
-       (keys and values apart), so every source writes Σ on one scale (frozen members' IN stay as they are);
-    2. OUT_j of every target j: every member's Σ of the same prefixes goes through OUT_j (what OUT_j reads
-       over training) and, per flat output channel ``c`` of ``[L_j * D_j]``, with ``m_c, s_c`` that output's
-       mean and standard deviation and ``mu_c, sigma_c`` those of j's own cache, OUT_j is made to output
-       ``sigma_c / s_c * (out_c - m_c) + mu_c``.
-    Each change is exact (:meth:`rescale_output`: an adapter's last maps are affine). On several ranks the
-    moments are averaged over ranks first, so every rank makes the same change.
-
-    Returns ``{"init/out_shift/<j>": ...}``: the mean absolute key shift given to each target, for the record.
-    """
-    device, dtype = space_device(space), space._dtype()
-    own = {m: backend.prefix_block(m, batch.prefix(m)).to(device) for m in space.names}  # [B, P, L, D]
-
-    def rescale(adapter: nn.Module, affine: tuple[Tensor, ...]) -> None:
-        adapter.rescale_output(*(a.to(dtype) for a in affine))
-
-    for i in trainable:
-        z = space.encode(own[i], i)  # [B, P, Q]
-        rescale(space.adapters(i)["in"], _affine_to((z.keys[:, :, None], z.values[:, :, None]), None, runtime, eps))
-    latents = [space.encode(own[m], m) for m in space.names]  # each [B, P, Q]
-    z = LatentBlock(torch.cat([l.keys for l in latents]), torch.cat([l.values for l in latents]))  # [M*B, P, Q]
-    record = {}
-    for j in targets:
-        out = space.decode(z, j)  # [M*B, P, L_j, D_j]
-        mine = own[j].keys.repeat(len(latents), 1, 1, 1), own[j].values.repeat(len(latents), 1, 1, 1)
-        affine = _affine_to((out.keys, out.values), mine, runtime, eps)
-        rescale(space.adapters(j)["out"], affine)
-        record[f"init/out_shift/{j}"] = float(affine[1].abs().mean())
-    return record
 
 
 def _sync_state(state: TrainState, opt: torch.optim.Optimizer, sched: Any) -> None:
@@ -471,41 +398,3 @@ def fit(
     bar.close()
     _sync_state(state, opt, sched)
     return state
-
-
-ADAPTERS_FILE = "adapters.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "train_state.json"
-
-
-def save_checkpoint(directory: str | Path, space: nn.Module, state: TrainState) -> Path:
-    """Write adapters (safetensors), optimiser/scheduler/RNG state (torch.save) and progress (JSON).
-
-    The JSON file is written last, so a directory without it is an incomplete checkpoint.
-    """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{STATE_FILE}.tmp"
-    save_model(space, str(d / ADAPTERS_FILE))
-    torch.save({"optimizer": state.optimizer_state, "scheduler": state.scheduler_state, "rng": state.rng_state},
-               d / OPTIMIZER_FILE)
-    tmp.write_text(json.dumps({"step": state.step, "history": state.history, "train_s": state.train_s}))
-    os.replace(tmp, d / STATE_FILE)
-    return d
-
-
-def load_checkpoint(directory: str | Path, space: nn.Module) -> TrainState:
-    """Load adapter weights into ``space`` (strict) and return the state to resume ``fit`` from."""
-    d = Path(directory)
-    needed = [d / STATE_FILE, d / ADAPTERS_FILE, d / OPTIMIZER_FILE]
-    absent = [p.name for p in needed if not p.is_file()]
-    if absent:
-        raise FileNotFoundError(f"{d}: not a complete training checkpoint (missing {absent})")
-    missing, unexpected = load_model(space, str(d / ADAPTERS_FILE), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{d / ADAPTERS_FILE} does not match this space: missing {sorted(missing)}, "
-                         f"unexpected {sorted(unexpected)}")
-    extra = torch.load(d / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    meta = json.loads((d / STATE_FILE).read_text())
-    return TrainState(step=int(meta["step"]), history=list(meta["history"]), optimizer_state=extra["optimizer"],
-                      scheduler_state=extra["scheduler"], rng_state=extra["rng"], train_s=float(meta.get("train_s", 0.0)))

@@ -9,13 +9,13 @@ generic module, :class:`LayerwiseTranslator`, which maps a pair of cache-like te
 
 Reading order of :class:`LayerwiseTranslator` (keys and values take the same route):
 
-1. **Input transform** (:class:`SliceInput`): per input slice ``l``:
+1. **Input transform** (:class:`~kvlingua.layers.SliceInput`): per input slice ``l``:
    LayerNorm -> Linear -> GELU to width ``D' = embed_dim_factor * D_i`` (``D_i`` is the
    model's cache width for both IN_i and OUT_i). Each slice has its own LayerNorm affine
    and Linear (cache statistics differ layer by layer), and keys and values have
    *separate* input transforms (paper: "different sets of parameters for the linear
    transform").
-2. **Cross-attention stack** (:class:`CrossAttentionLayer`), parameters *shared* by the
+2. **Cross-attention stack** (:class:`~kvlingua.layers.CrossAttentionLayer`), parameters *shared* by the
    key and value streams (they run as one batch of ``2B``). The query stream is seeded
    by slice 0; layer ``g`` takes the previous layer's output as queries and cross-attends
    to its group of slices (one slice per layer by default, the paper's design; with
@@ -25,8 +25,8 @@ Reading order of :class:`LayerwiseTranslator` (keys and values take the same rou
    feed-forward of width ``translation_dim_factor * D'``. Attention over positions is
    causal: position ``t`` sees positions ``<= t`` of its slices, so a translated prefix
    never depends on the future.
-3. **Output transform** (:class:`OutputTransform`; ``per_layer``: see below): concatenate the layer outputs
-   ``[B, S, G * D']`` -> LayerNorm -> Linear -> ``[B, S, L_out * D_out]``. Separate
+3. **Output transform** (:class:`~kvlingua.layers.OutputTransform`; ``per_layer``: see below): concatenate the
+   layer outputs ``[B, S, G * D']`` -> LayerNorm -> Linear -> ``[B, S, L_out * D_out]``. Separate
    parameters for keys and values (the shared stack carries both; the heads let K and V
    land on their different statistics). No GELU on the final output: a cache entry can
    be negative, and GELU would bound it below by ~-0.17.
@@ -43,8 +43,8 @@ SmolLM2-135M for IN + OUT). ``per_layer`` keeps steps 1-2 and the short-path/zer
 semantics, and makes steps 3-4 local in depth: the output layout is cut into one chunk
 of ``w = L_out*D_out / L_in`` per input slice (IN: Σ as ``L_i`` slices of ``Q/L_i``, the
 same cut OUT_j reads Σ with; OUT: one model layer of ``D_i``), stack layer g writes only
-the chunks of its own group (:class:`GroupOutput`), and the short path maps slice l to
-chunk l (:class:`SliceLinear`). Mixing across layers happens in the stack's query stream.
+the chunks of its own group (:class:`~kvlingua.layers.GroupOutput`), and the short path maps slice l to
+chunk l (:class:`~kvlingua.layers.SliceLinear`). Mixing across layers happens in the stack's query stream.
 Its default width is a bottleneck, ``D' = 0.5*D_i``. Across models with different depths
 chunk l of Σ is read by the target layer at the same relative depth.
 
@@ -68,17 +68,30 @@ the base model's non-embedding parameters:
   IN = OUT = 12.0M (0.065); with the paper's adapter heads (``n_heads=32, head_dim=64``)
   IN = OUT = 24.1M (0.13 each, 0.26 the pair).
 
+The building blocks (:class:`~kvlingua.layers.SliceInput`, :class:`~kvlingua.layers.CrossAttentionLayer`, the
+output transforms and :class:`~kvlingua.layers.SliceLinear`) live in :mod:`kvlingua.layers`.
+
 :class:`LinearAdapter` is the *linear* baseline: one Linear for K and one for V on the
 layer-concatenated caches, with the same call signature.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kvlingua.layers import (
+    CrossAttentionLayer,
+    GroupOutput,
+    OutputTransform,
+    SliceInput,
+    SliceLinear,
+    check_input,
+    init_linear,
+    rescale_linear,
+    slice_groups,
+)
 
 ADAPTERS = ("translator", "linear")
 GROUP_MODES = ("attend", "merge")
@@ -132,7 +145,7 @@ class SpaceConfig:
     """How OUT_j starts: ``random`` -- variance-preserving weights, zero bias; ``match`` -- the same, then
     rescaled on the first training batch so the translated cache has the target's own per-(layer, channel)
     mean and standard deviation, IN_i first made to write Σ at mean 0 and standard deviation 1
-    (:func:`kvlingua.train.match_init`). A real model's cache is far from
+    (:func:`kvlingua.outinit.match_init`). A real model's cache is far from
     zero-mean unit-scale (keys carry large fixed offsets its queries rely on), and a random cache in its
     place costs it many nats before training starts; ``match`` starts near its statistics instead."""
 
@@ -177,167 +190,6 @@ class SpaceConfig:
     def embed_dim(self, model_width: int) -> int:
         """D' for a model of cache width ``model_width`` (D_i)."""
         return max(1, round(self.embed_factor * model_width))
-
-
-def _init_linear(linear: nn.Linear) -> nn.Linear:
-    """Variance-preserving init (std 1/sqrt(fan_in)), zero bias: a cache keeps its scale through it."""
-    nn.init.normal_(linear.weight, std=1.0 / math.sqrt(linear.in_features))
-    if linear.bias is not None:
-        nn.init.zeros_(linear.bias)
-    return linear
-
-
-def check_input(keys: Tensor, values: Tensor, layers: int, width: int, who: str) -> None:
-    """Raise ValueError unless keys and values are both ``[B, S, layers, width]``."""
-    if keys.dim() != 4 or tuple(keys.shape[2:]) != (layers, width) or keys.shape != values.shape:
-        raise ValueError(
-            f"{who} expects keys and values [B, S, {layers}, {width}], got {tuple(keys.shape)} and {tuple(values.shape)}"
-        )
-
-
-def slice_groups(n_slices: int, n_groups: int) -> list[tuple[int, int]]:
-    """Split ``n_slices`` into ``n_groups`` contiguous ``(start, end)`` ranges, sizes differing by <= 1."""
-    base, extra = divmod(n_slices, n_groups)
-    bounds, start = [], 0
-    for g in range(n_groups):
-        end = start + base + (1 if g < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-class SliceInput(nn.Module):
-    """Per-slice LayerNorm -> Linear -> GELU: ``[N, S, L, D_in] -> [N, S, L, D']``, own weights per slice."""
-
-    def __init__(self, n_slices: int, d_in: int, d_out: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.norm_weight = nn.Parameter(torch.ones(n_slices, d_in))  # [L, D_in]
-        self.norm_bias = nn.Parameter(torch.zeros(n_slices, d_in))  # [L, D_in]
-        self.weight = nn.Parameter(torch.randn(n_slices, d_in, d_out) / math.sqrt(d_in))  # [L, D_in, D']
-        self.bias = nn.Parameter(torch.zeros(n_slices, d_out))  # [L, D']
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.norm_weight + self.norm_bias  # [N, S, L, D_in]
-        return F.gelu(torch.einsum("nsld,lde->nsle", x, self.weight) + self.bias)  # [N, S, L, D']
-
-
-class CrossAttentionLayer(nn.Module):
-    """One pre-norm layer: causal cross-attention of the query stream to its slices, then a GELU FFN.
-
-    Args of forward:
-        h: ``[N, S, D']`` query stream.
-        memory: ``[N, S * n, D']`` the ``n`` slices of this layer, position-major (position s, slice j
-            at index ``s * n + j``).
-        n: slices per position in ``memory``.
-    Returns ``[N, S, D']``.
-    """
-
-    def __init__(self, d: int, n_heads: int, head_dim: int, d_ff: int, eps: float):
-        super().__init__()
-        self.n_heads, self.head_dim = n_heads, head_dim
-        inner = n_heads * head_dim
-        self.norm_q = nn.LayerNorm(d, eps=eps)
-        self.norm_mem = nn.LayerNorm(d, eps=eps)
-        self.q_proj = nn.Linear(d, inner)
-        self.k_proj = nn.Linear(d, inner)
-        self.v_proj = nn.Linear(d, inner)
-        self.o_proj = nn.Linear(inner, d)
-        self.norm_ff = nn.LayerNorm(d, eps=eps)
-        self.ff_up = nn.Linear(d, d_ff)
-        self.ff_down = nn.Linear(d_ff, d)
-
-    def _heads(self, x: Tensor) -> Tensor:
-        N, T, _ = x.shape
-        return x.view(N, T, self.n_heads, self.head_dim).transpose(1, 2)  # [N, H, T, hd]
-
-    def forward(self, h: Tensor, memory: Tensor, n: int) -> Tensor:
-        N, S, _ = h.shape
-        mem = self.norm_mem(memory)  # [N, S*n, D']
-        q = self._heads(self.q_proj(self.norm_q(h)))  # [N, H, S, hd]
-        k = self._heads(self.k_proj(mem))  # [N, H, S*n, hd]
-        v = self._heads(self.v_proj(mem))  # [N, H, S*n, hd]
-        if n == 1:
-            att = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [N, H, S, hd]
-        else:
-            causal = torch.ones(S, S, dtype=torch.bool, device=h.device).tril()  # [S, S]: s <= t
-            mask = causal.repeat_interleave(n, dim=1)  # [S, S*n]: (t, s*n+j) visible iff s <= t
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [N, H, S, hd]
-        att = att.transpose(1, 2).reshape(N, S, self.n_heads * self.head_dim)  # [N, S, H*hd]
-        h = h + self.o_proj(att)
-        return h + self.ff_down(F.gelu(self.ff_up(self.norm_ff(h))))  # [N, S, D']
-
-
-class OutputTransform(nn.Module):
-    """LayerNorm -> Linear on the concatenated layer outputs: ``[N, S, G*D'] -> [N, S, L_out*D_out]``."""
-
-    def __init__(self, d_in: int, d_out: int, eps: float, zero_init: bool):
-        super().__init__()
-        self.norm = nn.LayerNorm(d_in, eps=eps)
-        self.proj = _init_linear(nn.Linear(d_in, d_out))
-        if zero_init:
-            nn.init.zeros_(self.proj.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(self.norm(x))
-
-
-@torch.no_grad()
-def _rescale_linear(linear: nn.Linear, scale: Tensor, shift: Tensor | None) -> None:
-    """``y -> scale * y + shift`` for ``y = linear(x)``: rows of the weight and the bias, ``scale`` ``[out]``."""
-    linear.weight.mul_(scale[:, None])  # [out, in]
-    if linear.bias is not None:
-        linear.bias.mul_(scale)
-        if shift is not None:
-            linear.bias.add_(shift)
-
-
-class GroupOutput(nn.Module):
-    """``per_layer`` output transform: stack layer g's output -> only its own group's output slices.
-
-    ``[N, S, G*D'] -> [N, S, L_in*w]``: group g covers input slices ``a..b`` and writes output chunks
-    ``a..b`` of width ``w`` each (LayerNorm -> Linear ``D' -> (b-a)*w``, like :class:`OutputTransform`
-    per group). Parameters: ``sum_g (2*D' + D'*(b-a)*w + (b-a)*w) = G*2*D' + L_in*w*(D' + 1)``, linear in depth.
-    """
-
-    def __init__(self, d: int, bounds: list[tuple[int, int]], w: int, eps: float, zero_init: bool):
-        super().__init__()
-        self.d = d
-        self.heads = nn.ModuleList(OutputTransform(d, (b - a) * w, eps, zero_init) for a, b in bounds)
-
-    def rescale(self, scale: Tensor, shift: Tensor | None) -> None:
-        """``out -> scale * out + shift`` on the flat output ``[L_in*w]`` (head g owns a contiguous range)."""
-        start = 0
-        for head in self.heads:
-            n = head.proj.out_features
-            _rescale_linear(head.proj, scale[start:start + n], None if shift is None else shift[start:start + n])
-            start += n
-
-    def forward(self, y: Tensor) -> Tensor:
-        N, S, _ = y.shape
-        y = y.view(N, S, len(self.heads), self.d)  # [N, S, G, D']
-        return torch.cat([head(y[:, :, g]) for g, head in enumerate(self.heads)], dim=-1)  # [N, S, L_in*w]
-
-
-class SliceLinear(nn.Module):
-    """``per_layer`` short path: a Linear per slice, ``[N, S, L, D_in] -> [N, S, L, w]`` (block-diagonal)."""
-
-    def __init__(self, n_slices: int, d_in: int, w: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_slices, d_in, w) / math.sqrt(d_in))  # [L, D_in, w]
-        self.bias = nn.Parameter(torch.zeros(n_slices, w))  # [L, w]
-
-    @torch.no_grad()
-    def rescale(self, scale: Tensor, shift: Tensor | None) -> None:
-        """``out -> scale * out + shift`` on the flat output ``[L*w]``."""
-        L, _, w = self.weight.shape
-        self.weight.mul_(scale.view(L, 1, w))  # [L, D_in, w]
-        self.bias.mul_(scale.view(L, w))  # [L, w]
-        if shift is not None:
-            self.bias.add_(shift.view(L, w))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.einsum("nsld,ldw->nslw", x, self.weight) + self.bias  # [N, S, L, w]
 
 
 class LayerwiseTranslator(nn.Module):
@@ -407,8 +259,8 @@ class LayerwiseTranslator(nn.Module):
                 self.short_k = SliceLinear(in_layers, in_width, w)
                 self.short_v = SliceLinear(in_layers, in_width, w)
             else:
-                self.short_k = _init_linear(nn.Linear(d_in_flat, d_out_flat))
-                self.short_v = _init_linear(nn.Linear(d_in_flat, d_out_flat))
+                self.short_k = init_linear(nn.Linear(d_in_flat, d_out_flat))
+                self.short_v = init_linear(nn.Linear(d_in_flat, d_out_flat))
 
     def rescale_output(self, scale_k: Tensor, shift_k: Tensor, scale_v: Tensor, shift_v: Tensor) -> None:
         """Make the output affine-transformed, ``K -> scale_k * K + shift_k`` (likewise V), per flat output channel
@@ -419,9 +271,9 @@ class LayerwiseTranslator(nn.Module):
             for n, part in enumerate(parts):
                 add = shift if n == len(parts) - 1 else None
                 if isinstance(part, OutputTransform):
-                    _rescale_linear(part.proj, scale, add)
+                    rescale_linear(part.proj, scale, add)
                 elif isinstance(part, nn.Linear):
-                    _rescale_linear(part, scale, add)
+                    rescale_linear(part, scale, add)
                 else:  # GroupOutput, SliceLinear
                     part.rescale(scale, add)
 
@@ -474,13 +326,13 @@ class LinearAdapter(nn.Module):
         super().__init__()
         self.in_layers, self.in_width = in_layers, in_width
         self.out_layers, self.out_width = out_layers, out_width
-        self.k = _init_linear(nn.Linear(in_layers * in_width, out_layers * out_width))
-        self.v = _init_linear(nn.Linear(in_layers * in_width, out_layers * out_width))
+        self.k = init_linear(nn.Linear(in_layers * in_width, out_layers * out_width))
+        self.v = init_linear(nn.Linear(in_layers * in_width, out_layers * out_width))
 
     def rescale_output(self, scale_k: Tensor, shift_k: Tensor, scale_v: Tensor, shift_v: Tensor) -> None:
         """``K -> scale_k * K + shift_k`` (likewise V) per flat output channel ``[L_out * D_out]``, exactly."""
-        _rescale_linear(self.k, scale_k, shift_k)
-        _rescale_linear(self.v, scale_v, shift_v)
+        rescale_linear(self.k, scale_k, shift_k)
+        rescale_linear(self.v, scale_v, shift_v)
 
     def forward(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         check_input(keys, values, self.in_layers, self.in_width, "linear adapter")

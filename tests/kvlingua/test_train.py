@@ -14,8 +14,9 @@ from kvlingua.cache import as_past_key_values, cache_kwargs, extract_prefix, fin
 from kvlingua.config import ConfigError, from_dict
 from kvlingua.space import SharedSpace
 from kvlingua.runtime import Runtime
-from kvlingua.train import (Batch, TrainConfig, TrainState, fit, load_checkpoint, make_optimizer, match_init,
-                            save_checkpoint, train_step)
+from kvlingua.checkpoint import load_checkpoint, save_checkpoint
+from kvlingua.outinit import match_init
+from kvlingua.train import Batch, TrainConfig, TrainState, fit, make_optimizer, train_step
 from kvlingua.translator import SpaceConfig
 from tests.helpers import VOCAB, tiny_model
 

@@ -8,16 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from kvlingua.config import ConfigError, from_dict, to_dict
-from kvlingua.translator import (
-    CrossAttentionLayer,
-    GroupOutput,
-    LayerwiseTranslator,
-    LinearAdapter,
-    OutputTransform,
-    SpaceConfig,
-    build_adapter,
-    slice_groups,
-)
+from kvlingua.layers import CrossAttentionLayer, GroupOutput, OutputTransform, slice_groups
+from kvlingua.translator import LayerwiseTranslator, LinearAdapter, SpaceConfig, build_adapter
 
 torch.set_num_threads(1)
 
