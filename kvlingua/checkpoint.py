@@ -12,7 +12,6 @@ from torch import nn
 
 from kvlingua.train import TrainState
 
-
 ADAPTERS_FILE = "adapters.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "train_state.json"
