@@ -2,10 +2,10 @@
 
 A real model's cache is far from zero-mean unit-scale, so a randomly initialised OUT_j hands its target a cache
 that costs more than no prefix at all (SmolLM2: 14.9 nats of suffix NLL against 4.5 with no prefix, measured for
-``configs/real.yaml``). :func:`match_init` rescales
-the last affine maps of the adapters (:meth:`~kvlingua.translator.LayerwiseTranslator.rescale_output`) so that
-Σ starts standardized and each OUT_j starts at its target's own per-channel moments. :func:`kvlingua.train.fit`
-calls it on the first batch when a space asks for it.
+``configs/real.yaml``). :func:`match_init` rescales the last affine maps of the adapters
+(:meth:`~kvlingua.translator.LayerwiseTranslator.rescale_output`) so that Σ starts standardized and each OUT_j
+starts at its target's own per-channel moments. :func:`kvlingua.train.fit` calls it on the first batch when a space
+asks for it.
 """
 from __future__ import annotations
 
