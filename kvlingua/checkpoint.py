@@ -18,10 +18,7 @@ STATE_FILE = "train_state.json"
 
 
 def save_checkpoint(directory: str | Path, space: nn.Module, state: TrainState) -> Path:
-    """Write adapters (safetensors), optimiser/scheduler/RNG state (torch.save) and progress (JSON).
-
-    The JSON file is written last, so a directory without it is an incomplete checkpoint.
-    """
+    """Write the checkpoint of ``space`` at ``state`` into ``directory`` (created); returns it."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".{STATE_FILE}.tmp"

@@ -2,8 +2,10 @@
 cross-attention layer, output transforms (the paper's dense one and the depth-local ``per_layer`` ones) and the
 block-diagonal short path.
 
-Every block that writes an adapter's output has an exact affine ``rescale`` (``out -> scale * out + shift`` on the
-flat output channels), which ``out_init: match`` (:mod:`kvlingua.outinit`) uses.
+An adapter's last maps are affine, so its output can be rescaled exactly (``out -> scale * out + shift`` per flat
+output channel): :func:`rescale_linear` for a Linear, ``rescale`` on :class:`GroupOutput` and :class:`SliceLinear`;
+:meth:`~kvlingua.translator.LayerwiseTranslator.rescale_output` applies them for ``out_init: match``
+(:mod:`kvlingua.outinit`).
 """
 from __future__ import annotations
 
