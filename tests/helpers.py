@@ -5,12 +5,26 @@ import torch
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 from kvlingua.models import freeze
@@ -20,7 +34,14 @@ VOCAB = 128
 
 def tiny_model(kind: str = "gemma2", seed: int = 0, layers: int = 2, hidden: int = 32, kv_heads: int = 1,
                heads: int = 4, head_dim: int = 8, vocab: int = VOCAB, sliding_window: int = 4):
-    """A frozen tiny causal LM of architecture ``kind`` (gemma2, llama, qwen2, mistral)."""
+    """A frozen tiny causal LM of architecture ``kind``.
+
+    ``gemma2``, ``llama``, ``qwen2``, ``mistral``; for the rotary tests also ``gemma3`` (layer types
+    alternate sliding / full from layer 0, bases 1e4 / 1e6), ``qwen3``, ``llama_yarn`` (yarn RoPE with
+    ``attention_factor`` 1.5, so cos/sin carry a scale), ``phi`` (partial rotary 0.5) and ``gpt_neox``
+    (partial rotary 0.5; both with ``hidden / heads`` dims per head and no GQA), ``smollm3`` (every 4th
+    layer without RoPE), ``gptj`` (interleaved RoPE on ``head_dim / 2`` dims) and ``gpt2`` (no RoPE).
+    """
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
@@ -34,6 +55,34 @@ def tiny_model(kind: str = "gemma2", seed: int = 0, layers: int = 2, hidden: int
         cfg, cls = Qwen2Config(**common, use_sliding_window=False), Qwen2ForCausalLM
     elif kind == "mistral":
         cfg, cls = MistralConfig(**common, sliding_window=sliding_window), MistralForCausalLM
+    elif kind == "gemma3":
+        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        cfg = Gemma3TextConfig(**common, query_pre_attn_scalar=head_dim, sliding_window=sliding_window,
+                               layer_types=layer_types)
+        cls = Gemma3ForCausalLM
+    elif kind == "qwen3":
+        cfg, cls = Qwen3Config(**common, use_sliding_window=False), Qwen3ForCausalLM
+    elif kind == "llama_yarn":
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "attention_factor": 1.5,
+                "original_max_position_embeddings": 64}
+        cfg, cls = LlamaConfig(**common, rope_parameters=rope), LlamaForCausalLM
+    elif kind == "smollm3":
+        cfg = SmolLM3Config(**common, use_sliding_window=False, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+        cls = SmolLM3ForCausalLM
+    elif kind in ("phi", "gpt_neox"):
+        assert hidden == heads * head_dim, "phi and gpt_neox take head_dim = hidden / heads"
+        common = {k: v for k, v in common.items() if k not in ("head_dim", "num_key_value_heads")}
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        if kind == "phi":
+            cfg, cls = PhiConfig(**common, rope_parameters=rope), PhiForCausalLM
+        else:
+            cfg, cls = GPTNeoXConfig(**common, rope_parameters=rope), GPTNeoXForCausalLM
+    elif kind in ("gptj", "gpt2"):
+        gpt = dict(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256)
+        if kind == "gptj":
+            cfg, cls = GPTJConfig(**gpt, rotary_dim=head_dim // 2), GPTJForCausalLM
+        else:
+            cfg, cls = GPT2Config(**gpt), GPT2LMHeadModel
     else:
         raise ValueError(kind)
     cfg._attn_implementation = "eager"
