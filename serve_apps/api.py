@@ -82,13 +82,18 @@ def _safe(v):
         return repr(v)[:200]
 
 
+_TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "none")
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None, list[dict]]:
     """One line naming each failing field, the first field's dotted path, and the errors (safe to encode)."""
     errors = [{"loc": [_safe(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
               for e in exc.errors()]
     parts, first = [], None
     for e in errors:
-        loc = [str(x) for x in e["loc"] if x != "body"]
+        # a union's member (``str``, ``list[int]``, ``function-after[...]``) is not a field: leave it out
+        loc = [str(x) for x in e["loc"]
+               if x != "body" and not (isinstance(x, str) and (x in _TYPE_TAGS or "[" in x))]
         where = ".".join(loc) or "body"
         first = first or where
         parts.append(f"{where}: {e['msg']}")

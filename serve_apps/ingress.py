@@ -330,7 +330,8 @@ class PoolIngress:
         if p.source is not None and p.handoff_used not in ("text", "none") and p.context is None:
             await self._check_running(p.source)
         handoff = await self._handoff(p)
-        done = await self._call(p, p.target, self.handles[p.target].generate.remote(p.ids, p.params, handoff))
+        call = self.handles[p.target].generate.remote(p.ids, p.params, handoff, p.decoding)
+        done = await self._call(p, p.target, call)
         self._record(p, done)
         return done
 
@@ -346,7 +347,7 @@ class PoolIngress:
         """
         await self._check_running(p.target)
         handoff = await self._handoff(p)
-        gen = self.handles[p.target].options(stream=True).stream.remote(p.ids, p.params, handoff)
+        gen = self.handles[p.target].options(stream=True).stream.remote(p.ids, p.params, handoff, p.decoding)
         it = gen.__aiter__()
         try:
             first = await asyncio.wait_for(it.__anext__(), self._left(p))

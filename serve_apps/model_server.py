@@ -44,6 +44,7 @@ from kvlingua.generate import (
     prefill,
     sample_tokens,
 )
+from serve_apps.decoding import Decoding, decode, read_and_score
 from kvlingua.models import load_frozen
 from kvlingua.modules.port import module_latent
 from kvlingua.pool import PoolMismatchError, load_pool, verify_member
@@ -91,6 +92,7 @@ class PoolModelServer:
         self.name = name
         self.summary = member.summary
         self.space = pool.space.eval().requires_grad_(False)
+        self.tokenizer = pool.tokenizer  # stop strings are found in the decoded text
         self.decoded: LRUBytes[KVBlock] = LRUBytes(opts.decoded_cache_bytes, lambda b: tensor_bytes(b.keys, b.values))
         self.decoded_hits = 0
         self.modules = module_library(pool, opts.modules_dir, {name: self.model})
@@ -182,61 +184,96 @@ class PoolModelServer:
         raise ValueError(f"unknown hand-off kind {payload['kind']!r}; expected 'latent' or 'block'")
 
     @torch.no_grad()
-    def _start(self, prompt: torch.Tensor, handoff: Payload | None) -> tuple[Any, dict[str, Any]]:
+    def _start(self, prompt: torch.Tensor, handoff: Payload | None, score_k: int | None = None
+               ) -> tuple[Any, dict[str, Any], list[dict | None] | None]:
         """A fresh cache holding ``prompt[:-1]``: re-read it all (None), or take the handed-over first
         ``handoff["positions"]`` positions (default: all it carries) and read the rest here. A module's
-        block (``handoff["module"]``) comes before the prompt: all of ``prompt[:-1]`` is read after it."""
-        if handoff is None:
+        block (``handoff["module"]``) comes before the prompt: all of ``prompt[:-1]`` is read after it.
+
+        With ``score_k`` (echo), also the prompt's log-probabilities ``[P]`` entries: ``None`` for the first
+        token and for every token whose predicting position was handed over (tokens ``0..h``); for each later
+        token ``j`` the log-probability this model's logits at ``j - 1`` give it, with the ``score_k`` best.
+        """
+        h = 0
+        if handoff is None and score_k is None:
             t0 = time.perf_counter()
             block = prefill(self.model, prompt)  # [1, P-1, L, D]
             return model_cache(self.model, block), {"prefill_s": time.perf_counter() - t0, "translate_s": 0.0,
-                                                    "decoded": False}
-        times = {"prefill_s": handoff.get("prefill_s", 0.0), "translate_s": handoff.get("translate_s", 0.0)}
-        t0 = time.perf_counter()
-        block, times["decoded"] = self._payload_block(handoff)  # [1, C, L, D] or None
-        if handoff.get("module") is not None:
-            h = 0  # prompt positions the block covers: none, the module's p positions come first
+                                                    "decoded": False}, None
+        if handoff is None:
+            cache, times = model_cache(self.model, None), {"prefill_s": 0.0, "translate_s": 0.0, "decoded": False}
         else:
-            h = min(handoff.get("positions", block.seq_len if block is not None else 0), prompt.shape[1] - 1)
-            if block is not None and h < block.seq_len:
-                block = block.map(lambda t: t[:, :h])  # [1, h, L, D]: causal adapters, so a prefix of the decoded block
-        cache = model_cache(self.model, block)
-        times["translate_s"] += time.perf_counter() - t0
-        rest = prompt[:, h:-1].to(self.model.device)  # [1, P-1-h]: read by this model after the handed-over part
-        if rest.shape[1] > 0:
+            times = {"prefill_s": handoff.get("prefill_s", 0.0), "translate_s": handoff.get("translate_s", 0.0)}
             t0 = time.perf_counter()
-            self.model(input_ids=rest, use_cache=True, **cache_kwargs(self.model, cache))
-            times["prefill_s"] += time.perf_counter() - t0
-        return cache, times
+            block, times["decoded"] = self._payload_block(handoff)  # [1, C, L, D] or None
+            if handoff.get("module") is None:  # a module's p positions come first: none of the prompt's
+                h = min(handoff.get("positions", block.seq_len if block is not None else 0), prompt.shape[1] - 1)
+                if block is not None and h < block.seq_len:
+                    block = block.map(lambda t: t[:, :h])  # [1, h, L, D]: causal adapters, so a prefix of the decoded block
+            cache = model_cache(self.model, block)
+            times["translate_s"] += time.perf_counter() - t0
+        rest = prompt[:, h:-1].to(self.model.device)  # [1, P-1-h]: read by this model after the handed-over part
+        t0 = time.perf_counter()
+        scored = read_and_score(self.model, cache, rest, prompt[0, h + 1:] if score_k is not None else None,
+                                score_k or 0)  # tokens h+1 .. P-1
+        times["prefill_s"] += time.perf_counter() - t0
+        prompt_logprobs = [None] * (h + 1) + scored if score_k is not None else None
+        return cache, times, prompt_logprobs
 
-    def _tokens(self, prompt_ids: list[int], params: dict, handoff: Payload | None) -> Iterator[dict]:
-        p = GenerationParams(**params)
+    def _tokens(self, prompt_ids: list[int], params: dict, handoff: Payload | None,
+                decoding: dict | None = None) -> Iterator[dict]:
+        dec = Decoding.from_dict(decoding)
+        n_new = params["max_new_tokens"]
+        p = GenerationParams(**{**params, "max_new_tokens": max(n_new, 1)})  # 0: score the prompt only (echo)
         prompt = as_prompt(prompt_ids)  # [1, P]
         generator, seed = make_generator(p.seed, self.model.device)
         begin = time.perf_counter()
         upstream = (handoff or {}).get("prefill_s", 0.0) + (handoff or {}).get("translate_s", 0.0)
-        cache, times = self._start(prompt, handoff)
+        k = (dec.top_logprobs or 0) if dec.echo_logprobs else None
+        cache, times, prompt_logprobs = self._start(prompt, handoff, k)
         stops = eos_ids(self.model)
         t0 = time.perf_counter()
         tokens: list[int] = []
-        first_token_s = None
-        for token in sample_tokens(self.model, cache, int(prompt[0, -1]), p, generator, stop_ids=stops):
+        logprobs: list[dict] = []
+        first_token_s, stop = None, None
+        steps = decode(self.model, cache, int(prompt[0, -1]), p, dec, generator, stops, self._detokenize) if n_new else ()
+        for ev in steps:
             if first_token_s is None:  # the source's share (prefill, IN) + ours (OUT, reading, first step)
                 first_token_s = upstream + time.perf_counter() - begin
-            tokens.append(token)
-            yield {"token": token}
-        finished = "eos" if p.stop_at_eos and tokens and tokens[-1] in stops else "length"
-        yield {"done": True, "tokens": tokens, "finish_reason": finished, "seed": seed,
-               "decode_s": time.perf_counter() - t0, "first_token_s": first_token_s or 0.0, **times}
+            tokens.append(ev["token"])
+            if "logprob" in ev:
+                logprobs.append({"logprob": ev["logprob"], "top": ev["top"]})
+            stop = ev.get("stop", stop)
+            yield ev
+        if stop is not None:
+            finished = "stop"
+        else:
+            finished = "eos" if p.stop_at_eos and tokens and tokens[-1] in stops else "length"
+        done = {"done": True, "tokens": tokens, "finish_reason": finished, "seed": seed,
+                "decode_s": time.perf_counter() - t0, "first_token_s": first_token_s or 0.0, **times}
+        if dec.top_logprobs is not None:
+            done["logprobs"] = logprobs
+        if prompt_logprobs is not None:
+            done["prompt_logprobs"] = prompt_logprobs
+        yield done
 
-    def generate(self, prompt_ids: list[int], params: dict, handoff: Payload | None = None) -> dict:
-        """Decode after a hand-off (``None``: re-read the prompt); returns tokens and timings."""
-        *_, done = self._tokens(prompt_ids, params, handoff)
+    def _detokenize(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else ""
+
+    def generate(self, prompt_ids: list[int], params: dict, handoff: Payload | None = None,
+                 decoding: dict | None = None) -> dict:
+        """Decode after a hand-off (``None``: re-read the prompt); returns tokens and timings.
+
+        ``decoding`` (``to_dict`` of :class:`serve_apps.decoding.Decoding`) adds penalties, bias, stop
+        strings and log-probabilities (``logprobs``, and ``prompt_logprobs`` with echo); with
+        ``max_new_tokens: 0`` only the prompt is scored."""
+        *_, done = self._tokens(prompt_ids, params, handoff, decoding)
         return done
 
-    def stream(self, prompt_ids: list[int], params: dict, handoff: Payload | None = None) -> Iterator[dict]:
-        """Like :meth:`generate`, yielding ``{"token": id}`` per token, then the final dict."""
-        yield from self._tokens(prompt_ids, params, handoff)
+    def stream(self, prompt_ids: list[int], params: dict, handoff: Payload | None = None,
+               decoding: dict | None = None) -> Iterator[dict]:
+        """Like :meth:`generate`, yielding ``{"token": id, ...}`` per token, then the final dict."""
+        yield from self._tokens(prompt_ids, params, handoff, decoding)
 
     # ------------------------------------------------------------ mixed schedules
     @torch.no_grad()

@@ -1,15 +1,21 @@
 """OpenAI-compatible routes and the Σ context store routes.
 
-* ``POST /v1/completions`` / ``POST /v1/chat/completions``: ``model`` answers; the
-  extension field ``kvlingua`` (:class:`~serve_apps.openai_schemas.KvlinguaOptions`) names
-  the source model, the hand-off, a stored context. The answer carries ``usage`` and a
-  ``kvlingua`` object (``source``, ``handoff``, ``handoff_used``, ``handoff_reason``,
-  ``context_id``, ``timings``). ``stream: true`` answers OpenAI's chunks as server-sent
-  events ending with ``data: [DONE]``; ``stream_options.include_usage`` adds the usage chunk.
+* ``POST /v1/completions`` / ``POST /v1/chat/completions``: ``model`` answers (a pool model, or a
+  path alias ``TARGET@SOURCE``, see :mod:`serve_apps.openai_plan`); the extension field
+  ``kvlingua`` (:class:`~serve_apps.openai_schemas.KvlinguaOptions`) names the source model, the
+  hand-off, a stored context. Stop strings, log-probabilities, echo, list prompts, ``n``,
+  penalties and ``logit_bias`` as vLLM answers them (:mod:`serve_apps.decoding`,
+  :mod:`serve_apps.openai_format`). The answer carries ``usage`` and a ``kvlingua`` object
+  (``source``, ``handoff``, ``handoff_used``, ``handoff_reason``, ``context_id``,
+  ``handed_over_positions``, ``timings``; the first choice's, and each choice's own when there
+  are several). ``stream: true`` answers OpenAI's chunks as server-sent events ending with
+  ``data: [DONE]`` (choices interleaved, each with its ``index``; text that could be the start of
+  a stop string is held back until it is not); ``stream_options.include_usage`` adds the usage chunk.
 * Chat prompts are rendered with the pool tokenizer's chat template when it has one
   (``add_generation_prompt=True``), otherwise with :data:`PLAIN_TEMPLATE`: one line
   ``"<role>: <content>"`` per message, then ``"assistant:"``.
-* ``GET /v1/models``: OpenAI's list shape; each entry adds ``kvlingua`` (cache layout, fingerprint).
+* ``GET /v1/models``: OpenAI's list shape: each pool model (``kvlingua``: cache layout, fingerprint),
+  then ``TARGET@SOURCE`` for each trained path.
 * ``GET /v1/modules``: the served modules (OpenAI's list shape), each with the model it was learned on.
 * ``/v1/contexts``: store (``POST {model, text | tokens}``), list, read, delete Σ contexts.
 
@@ -17,6 +23,7 @@ Errors use OpenAI's shape (see :mod:`serve_apps.api`).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -24,14 +31,15 @@ import uuid
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
+from serve_apps.decoding import cut_at_stop, held_back
 from serve_apps.ingress import PoolIngress
-from serve_apps.requests import Prepared, RequestError, request_seed
+from serve_apps.openai_format import chat_logprobs, completion_logprobs, finish_reason, usage
+from serve_apps.openai_plan import model_list, plan_choices
+from serve_apps.requests import Prepared, RequestError
 from serve_apps.openai_schemas import ChatRequest, CompletionRequest, ContextRequest
 
 OPENAI_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/modules", "/v1/contexts")
 PLAIN_TEMPLATE = "{role}: {content}\n"  # per message; the prompt ends with "assistant:"
-DEFAULT_MAX_TOKENS = 16
-FINISH = {"eos": "stop", "length": "length"}
 
 
 def is_openai_path(path: str) -> bool:
@@ -45,17 +53,6 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
     return "".join(PLAIN_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages) + "assistant:"
 
 
-def _plan(ingress: PoolIngress, req, ids: list[int], route: str) -> Prepared:
-    k = req.kvlingua
-    n = req.max_tokens if req.max_tokens is not None else getattr(req, "max_completion_tokens", None)
-    n = ingress._n(n if n is not None else DEFAULT_MAX_TOKENS, "max_tokens")
-    params = dict(max_new_tokens=n, temperature=req.temperature, top_p=req.top_p, seed=request_seed(req.seed),
-                  stop_at_eos=not k.ignore_eos)
-    return ingress.plan(target=req.model, source=k.source, handoff=k.handoff, strict=k.strict, ids=ids,
-                        context_id=k.context_id, handoff_tokens=k.handoff_tokens, use_store=k.use_store,
-                        params=params, route=route, field_prefix="kvlingua.", module=k.module)
-
-
 def _extension(p: Prepared, done: dict) -> dict:
     return {"source": p.source, "handoff": p.handoff, "handoff_used": p.handoff_used, "handoff_reason": p.reason,
             "context_id": p.context.key.id if p.context else None, "module": p.module, "handed_over_positions": p.positions
@@ -65,73 +62,144 @@ def _extension(p: Prepared, done: dict) -> dict:
             **({"stopped": done["stopped"]} if "stopped" in done else {})}
 
 
-def _usage(p: Prepared, n: int) -> dict:
-    return {"prompt_tokens": len(p.ids), "completion_tokens": n, "total_tokens": len(p.ids) + n}
+def _prompts(ingress: PoolIngress, prompt, allow_empty: bool) -> list[tuple[list[int], str | None]]:
+    """Each prompt's ids and, for text prompts, its text (what echo returns)."""
+    many = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
+    items = prompt if many else [prompt]
+    out = []
+    for i, item in enumerate(items):
+        field = f"prompt[{i}]" if many else "prompt"
+        out.append((ingress._ids(item, field, allow_empty=allow_empty), item if isinstance(item, str) else None))
+    return out
 
 
 def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
     """Add the OpenAI-compatible and context routes to ``app``."""
+    tok = ingress.tokenizer
 
-    def answer(p: Prepared, done: dict, chat: bool, rid: str) -> dict:
-        text = ingress.text(done["tokens"]) or ""
-        choice = {"index": 0, "finish_reason": FINISH.get(done["finish_reason"], "length"), "logprobs": None}
-        choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": p.target, "choices": [choice], "usage": _usage(p, len(done["tokens"])),
-                "kvlingua": _extension(p, done)}
+    def text(tokens: list[int], stops: list[str]) -> str:
+        return cut_at_stop(ingress.text(tokens) or "", stops)[0]
 
-    async def respond(p: Prepared, req, chat: bool):
+    def choice(i: int, p: Prepared, done: dict, chat: bool, echo: tuple[list[int], str | None] | None) -> dict:
+        stops = p.decoding["stop"]
+        out = text(done["tokens"], stops)
+        c = {"index": i, "finish_reason": finish_reason(done), "logprobs": None}
+        if chat:
+            c["message"] = {"role": "assistant", "content": out}
+            if "logprobs" in done:
+                c["logprobs"] = chat_logprobs(tok, done["tokens"], done["logprobs"])
+            return c
+        head = ""
+        if echo is not None:
+            ids, given = echo
+            head = given if given is not None else (ingress.text(ids) or "")
+        c["text"] = head + out
+        if "logprobs" in done:
+            ids = echo[0] if echo is not None else []  # echo: the prompt as sent (a stored context's tokens left out)
+            scored = done.get("prompt_logprobs") or [None] * len(ids)
+            scored = scored[len(scored) - len(ids):]
+            c["logprobs"] = completion_logprobs(tok, ids + done["tokens"], scored + done["logprobs"])
+        return c
+
+    async def respond(plans: list[Prepared], req, chat: bool, prompts: list):
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        n_prompt = sum(len(plans[i * req.n].ids) for i in range(len(prompts)))
         if not req.stream:
-            return answer(p, await ingress.run(p), chat, rid)
-        events = await ingress.events(p)  # the first token (or a 4xx/5xx) before any byte is sent
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            dones = await asyncio.gather(*(ingress.run(p) for p in plans))
+            echo = getattr(req, "echo", False)
+            choices = [choice(i, p, d, chat, prompts[i // req.n] if echo else None)
+                       for i, (p, d) in enumerate(zip(plans, dones))]
+            if len(choices) > 1:
+                for c, p, d in zip(choices, plans, dones):
+                    c["kvlingua"] = _extension(p, d)
+            return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                    "created": int(time.time()), "model": req.model, "choices": choices,
+                    "usage": usage(n_prompt, sum(len(d["tokens"]) for d in dones)),
+                    "kvlingua": _extension(plans[0], dones[0])}
+        # the first token of every choice (or a 4xx/5xx) before any byte is sent
+        streams = await asyncio.gather(*(ingress.events(p) for p in plans))
+        return StreamingResponse(_sse(rid, req, plans, streams, chat, n_prompt), media_type="text/event-stream")
+
+    async def _sse(rid: str, req, plans: list[Prepared], streams: list, chat: bool, n_prompt: int):
         obj, created = ("chat.completion.chunk" if chat else "text_completion"), int(time.time())
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(choices: list, **extra) -> str:
-            body = {"id": rid, "object": obj, "created": created, "model": p.target, "choices": choices, **extra}
+            body = {"id": rid, "object": obj, "created": created, "model": req.model, "choices": choices, **extra}
             return f"data: {json.dumps(body)}\n\n"
 
-        def piece(content: str | None, finish: str | None, role: bool = False) -> dict:
+        def piece(i: int, content: str | None, finish: str | None, tokens: list[int], entries: list[dict],
+                  role: bool = False) -> dict:
+            lp = None
+            if plans[i].decoding["top_logprobs"] is not None and tokens:
+                lp = chat_logprobs(tok, tokens, entries) if chat else completion_logprobs(tok, tokens, entries)
             if chat:
                 delta = {} if content is None else {"content": content}
                 if role:
                     delta["role"] = "assistant"
-                return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            return {"index": 0, "text": content or "", "finish_reason": finish, "logprobs": None}
+                return {"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}
+            return {"index": i, "text": content or "", "finish_reason": finish, "logprobs": lp}
 
-        async def sse():
-            tokens, sent = [], ""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, events) -> None:
             try:
-                if chat:
-                    yield chunk([piece("", None, role=True)])
                 async for ev in events:
-                    if "token" in ev:
-                        tokens.append(ev["token"])
-                        text = ingress.text(tokens) or ""
-                        if len(text) > len(sent) and text.startswith(sent):
-                            yield chunk([piece(text[len(sent):], None)])
-                            sent = text
-                        continue
-                    text = ingress.text(ev["tokens"]) or ""
-                    tail = text[len(sent):] if text.startswith(sent) else ""
-                    yield chunk([piece(tail if tail else (None if chat else ""),
-                                       FINISH.get(ev["finish_reason"], "length"))], kvlingua=_extension(p, ev))
-                    if include_usage:
-                        yield chunk([], usage=_usage(p, len(ev["tokens"])))
-            except Exception as e:  # the status line is sent: report in-band, OpenAI's error shape
-                err = {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None,
-                                 "code": None}}
-                yield f"data: {json.dumps(err)}\n\n"
-            yield "data: [DONE]\n\n"
+                    await queue.put((i, ev))
+            except Exception as e:  # noqa: BLE001 -- reported in-band below
+                await queue.put((i, e))
+            await queue.put((i, None))
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        state = [{"tokens": [], "entries": [], "sent": "", "reported": 0} for _ in plans]
+        completion = 0
+        try:
+            if chat:
+                for i in range(len(plans)):
+                    yield chunk([piece(i, "", None, [], [], role=True)])
+            left = len(plans)
+            while left:
+                i, ev = await queue.get()
+                if ev is None:
+                    left -= 1
+                    continue
+                if isinstance(ev, Exception):
+                    raise ev
+                st, stops = state[i], plans[i].decoding["stop"]
+                final = "token" not in ev
+                if not final:
+                    st["tokens"].append(ev["token"])
+                    if "logprob" in ev:
+                        st["entries"].append({"logprob": ev["logprob"], "top": ev["top"]})
+                shown = text(ev["tokens"] if final else st["tokens"], stops)
+                if not final:
+                    shown = shown[:len(shown) - held_back(shown, stops)]
+                new = shown[len(st["sent"]):] if len(shown) > len(st["sent"]) and shown.startswith(st["sent"]) else ""
+                if not new and not final:
+                    continue
+                st["sent"] += new
+                tokens, entries = st["tokens"][st["reported"]:], st["entries"][st["reported"]:]
+                st["reported"] = len(st["tokens"])
+                if final:
+                    completion += len(ev["tokens"])
+                    yield chunk([piece(i, new if new else (None if chat else ""), finish_reason(ev), tokens, entries)],
+                                kvlingua=_extension(plans[i], ev))
+                else:
+                    yield chunk([piece(i, new, None, tokens, entries)])
+            if include_usage:
+                yield chunk([], usage=usage(n_prompt, completion))
+        except Exception as e:  # the status line is sent: report in-band, OpenAI's error shape
+            err = {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None,
+                             "code": None}}
+            yield f"data: {json.dumps(err)}\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
+        yield "data: [DONE]\n\n"
 
     @app.get("/v1/models")
     async def models() -> dict:
-        data = [{"id": m.name, "object": "model", "created": ingress.created, "owned_by": "kvlingua",
-                 "kvlingua": {"fingerprint": m.fingerprint, **m.summary.to_dict()}} for m in ingress.members.values()]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": model_list(ingress)}
 
     @app.get("/v1/modules")
     async def modules() -> dict:
@@ -139,19 +207,19 @@ def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
 
     @app.post("/v1/completions", responses=errors)
     async def completions(req: CompletionRequest):
-        allow_empty = req.kvlingua.context_id is not None
-        ids = ingress._ids(req.prompt, allow_empty=allow_empty)
-        return await respond(_plan(ingress, req, ids, "/v1/completions"), req, chat=False)
+        prompts = _prompts(ingress, req.prompt, allow_empty=req.kvlingua.context_id is not None)
+        plans = plan_choices(ingress, req, [ids for ids, _ in prompts], "/v1/completions", chat=False)
+        return await respond(plans, req, chat=False, prompts=prompts)
 
     @app.post("/v1/chat/completions", responses=errors)
     async def chat(req: ChatRequest):
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
-        text = render_chat(ingress.tokenizer, messages) if ingress.tokenizer is not None else None
-        if text is None:
+        if tok is None:
             raise RequestError(400, "messages: this pool has no tokenizer; use /v1/completions with token ids",
                                param="messages")
-        ids = ingress.encode(text, "messages", special=not req.kvlingua.context_id)
-        return await respond(_plan(ingress, req, ids, "/v1/chat/completions"), req, chat=True)
+        ids = ingress.encode(render_chat(tok, messages), "messages", special=not req.kvlingua.context_id)
+        plans = plan_choices(ingress, req, [ids], "/v1/chat/completions", chat=True)
+        return await respond(plans, req, chat=True, prompts=[(ids, None)])
 
     @app.post("/v1/contexts", responses=errors)
     async def add_context(req: ContextRequest) -> dict:

@@ -5,9 +5,15 @@ documented extension field ``kvlingua`` (:class:`KvlinguaOptions`); with the off
 ``openai`` client, pass it as ``extra_body={"kvlingua": {"source": "a"}}``. Without it a
 request is plain generation on ``model``.
 
-Only what this server implements is accepted: one choice (``n = 1``), no ``echo``, no
-log-probabilities, no penalties, no stop strings; anything else is refused (400) rather
-than ignored. Unknown fields are refused, non-finite numbers too.
+``model`` may also name a path, ``TARGET@SOURCE`` (listed by ``GET /v1/models`` for every trained
+path): the same as ``model: TARGET`` with ``kvlingua.source: SOURCE`` (a latent hand-off);
+``TARGET@SOURCE:text`` / ``:identity`` pick the other hand-offs.
+
+Implemented as vLLM answers them: ``stop``, ``logprobs`` (completions: an integer, the top-k
+per token; chat: ``logprobs: true`` + ``top_logprobs``), ``echo`` (completions; with
+``max_tokens: 0`` it scores the prompt), ``prompt`` as a list (one choice each), ``n``, ``seed``,
+``presence_penalty`` / ``frequency_penalty``, ``logit_bias``. Anything else is refused (400 naming
+the field) rather than ignored. Unknown fields are refused, non-finite numbers too.
 """
 from __future__ import annotations
 
@@ -30,7 +36,9 @@ class KvlinguaOptions(_Strict):
     strict: bool = Field(False, description="refuse (400) a latent hand-off outside what the pool was trained for "
                                             "instead of falling back to text")
     context_id: str | None = ContextId
-    handoff_tokens: int | None = Field(None, ge=1, description="leading prompt tokens the source hands over")
+    handoff_tokens: int | None = Field(None, ge=1, description="leading prompt tokens the source reads and hands "
+                                       "over (default: all but the last); with echo, tokens 0..handoff_tokens get "
+                                       "null log-probabilities and the target scores the rest")
     use_store: bool = Field(True, description="reuse a stored context the prompt starts with")
     ignore_eos: bool = Field(False, description="keep generating past end-of-sequence tokens")
     module: str | None = ModuleName
@@ -40,21 +48,43 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+MAX_N = 16
+"""Most choices per prompt (``n``)."""
+MAX_PROMPTS = 64
+"""Most prompts in one completions request (``prompt`` as a list)."""
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives reported per token (``logprobs`` / ``top_logprobs``)."""
+
+StopField = Field(None, description="a string or up to 16 strings: generation stops before the first one found in "
+                                    "the text, which is not returned")
+
+
 class _Common(_Strict):
-    model: str = Field(..., min_length=1, max_length=256, description="the model that answers")
-    max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most (default 16)")
+    model: str = Field(..., min_length=1, max_length=256, description="the model that answers, or a path alias "
+                                                                      "TARGET@SOURCE (GET /v1/models)")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="only one choice per request")
+    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt; with seed s, choice i samples with seed s + i")
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    stop: str | list[str] | None = StopField
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted from tokens already generated")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="subtracted per time a token was generated")
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024, description="token id (as a string) -> bias "
+                                                                                   "in [-100, 100] added to its logit")
     user: str | None = Field(None, max_length=256, description="accepted and ignored")
     kvlingua: KvlinguaOptions = Field(default_factory=KvlinguaOptions)
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] = Field(..., description="text, or token ids of the pool's tokenizer (one prompt)")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        ..., description="text, token ids of the pool's tokenizer, or a list of either (one choice each)")
+    max_tokens: int | None = Field(None, ge=0, description="tokens to generate at most (default 16); 0 with echo "
+                                                           "scores the prompt")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="log-probability of each token and "
+                                                                              "of the k most likely ones")
+    echo: bool = Field(False, description="return the prompt before the completion (with logprobs: scored)")
 
 
 class ChatMessage(_Strict):
@@ -65,7 +95,11 @@ class ChatMessage(_Strict):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=1024)
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most (default 16)")
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
+    logprobs: bool = Field(False, description="log-probability of each generated token")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: the k most "
+                                                                                  "likely tokens at each position")
 
 
 class ContextRequest(_Strict):

@@ -52,6 +52,8 @@ class Prepared:
     route: str = ""
     module: str | None = None
     """A module the target reads before the prompt (``source`` is the model it was learned on)."""
+    decoding: dict[str, Any] | None = None
+    """The OpenAI options beyond ``params`` (``to_dict`` of :class:`serve_apps.decoding.Decoding`)."""
     started: float = field(default_factory=time.monotonic)
 
 

@@ -35,8 +35,12 @@ def greedy(local, source, target, ids, n):
 
 def test_models_in_openai_list_shape(client, pool_dir):
     listed = client.models.list()
-    assert [m.id for m in listed.data] == ["a", "b", "c"]
+    # the members, then TARGET@SOURCE for every trained path (a pool written without its job trusts all nine)
+    assert [m.id for m in listed.data] == ["a", "b", "c"] + [f"{t}@{s}" for t in "abc" for s in "abc"]
     assert all(m.object == "model" and m.owned_by == "kvlingua" for m in listed.data)
+    alias = listed.data[3 + 1]  # a@b
+    assert alias.model_extra["kvlingua"] | {"max_positions": None} == {"target": "a", "source": "b", "handoff": "latent",
+                                                                       "trained": True, "max_positions": None}
 
 
 @pytest.mark.parametrize("source,target", PAIRS)
@@ -83,7 +87,7 @@ def test_stream_ends_with_done_line(server):
 @pytest.mark.parametrize("call,status,code", [
     (lambda c: c.completions.create(model="zz", prompt=PROMPT, max_tokens=2), 404, "model_not_found"),
     (lambda c: c.completions.create(model="a", prompt=PROMPT, max_tokens=10_000), 400, None),
-    (lambda c: c.completions.create(model="a", prompt=PROMPT, max_tokens=2, n=2), 400, "invalid_value"),
+    (lambda c: c.completions.create(model="a", prompt=PROMPT, max_tokens=2, n=17), 400, "invalid_value"),
     (lambda c: c.chat.completions.create(model="a", messages=[], max_tokens=2), 400, "invalid_value"),
     (lambda c: c.completions.create(model="a", prompt=PROMPT, extra_body={"kvlingua": {"source": "q"}}), 404,
      "model_not_found"),

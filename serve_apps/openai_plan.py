@@ -1,0 +1,139 @@
+"""An OpenAI request made into :class:`~serve_apps.requests.Prepared` generations, one per choice.
+
+* **Path aliases.** ``model: "TARGET@SOURCE"`` means *SOURCE reads the prompt, its cache reaches
+  TARGET through Σ*: the same request as ``model: TARGET`` with ``kvlingua.source: SOURCE``.
+  ``TARGET@SOURCE:text`` (the target re-reads the prompt) and ``:identity`` name the other
+  hand-offs. ``GET /v1/models`` lists one alias per trained path (:func:`model_list`); any other
+  pair is accepted too and behaves as ``kvlingua.source`` does (text fallback, or 400 with strict).
+* **Choices.** A list ``prompt`` gives one choice per prompt, ``n`` gives ``n`` per prompt; choice
+  ``i * n + j`` is prompt ``i``'s ``j``-th, sampled with seed ``seed + j`` (a fresh seed each without
+  ``seed``).
+* **Scoring (echo).** With ``echo`` and ``logprobs`` the target scores the prompt: token ``t`` gets
+  the log-probability of the target's logits at ``t - 1``. Token 0 has none, nor has any token whose
+  predicting position was handed over: with a hand-off of ``h`` tokens (``kvlingua.handoff_tokens``),
+  tokens ``0..h`` are ``null`` and ``h+1..`` are the target's. Echo on a path therefore needs
+  ``handoff_tokens`` (to score a continuation that starts at token ``c``, send ``c - 1``); without
+  it the request is refused (400), since the default hand-off (all but the last token) leaves
+  nothing to score.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from serve_apps.ingress import PoolIngress
+from serve_apps.openai_schemas import ChatRequest, CompletionRequest
+from serve_apps.requests import Prepared, RequestError, request_seed
+
+DEFAULT_MAX_TOKENS = 16
+HANDOFFS = ("latent", "text", "identity")
+MAX_CHOICES = 128
+"""Most choices (prompts x n) one request may ask for."""
+
+
+def resolve_model(ingress: PoolIngress, req: CompletionRequest | ChatRequest) -> tuple[str, str | None, str]:
+    """``(target, source, handoff)`` of a request: ``model`` as a pool member or a path alias, with ``kvlingua``."""
+    k = req.kvlingua
+    if "@" not in req.model:
+        return req.model, k.source, k.handoff
+    target, _, rest = req.model.partition("@")
+    source, _, handoff = rest.partition(":")
+    handoff = handoff or "latent"
+    if handoff not in HANDOFFS:
+        raise RequestError(400, f"model: {req.model!r}: hand-off {handoff!r} is not one of {list(HANDOFFS)} "
+                                "(TARGET@SOURCE[:latent|text|identity])", param="model")
+    for name in (target, source):
+        if name not in ingress.members:
+            raise RequestError(404, f"model: {req.model!r}: {name!r} is not a pool model; this pool serves "
+                                    f"{sorted(ingress.members)}; see GET /v1/models", param="model",
+                               code="model_not_found")
+    if k.source is not None and k.source != source:
+        raise RequestError(400, f"kvlingua.source: {k.source!r} contradicts model {req.model!r}; leave it unset",
+                           param="kvlingua.source")
+    if "handoff" in k.model_fields_set and k.handoff != handoff:
+        raise RequestError(400, f"kvlingua.handoff: {k.handoff!r} contradicts model {req.model!r}; leave it unset",
+                           param="kvlingua.handoff")
+    return target, source, handoff
+
+
+def model_list(ingress: PoolIngress) -> list[dict]:
+    """OpenAI's model entries: each pool member, then ``TARGET@SOURCE`` for each trained path."""
+    data = [{"id": m.name, "object": "model", "created": ingress.created, "owned_by": "kvlingua",
+             "kvlingua": {"fingerprint": m.fingerprint, **m.summary.to_dict()}} for m in ingress.members.values()]
+    paths = ingress.limits.paths
+    for target in ingress.members:
+        for source in ingress.members:
+            if paths is not None and (source, target) not in paths:
+                continue
+            data.append({"id": f"{target}@{source}", "object": "model", "created": ingress.created,
+                         "owned_by": "kvlingua", "root": target, "parent": target,
+                         "kvlingua": {"target": target, "source": source, "handoff": "latent", "trained": True,
+                                      "max_positions": ingress.limits.max_positions}})
+    return data
+
+
+def stop_strings(ingress: PoolIngress, stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 16:
+        raise RequestError(400, f"stop: {len(stops)} strings; at most 16", param="stop")
+    for i, s in enumerate(stops):
+        if not s:
+            raise RequestError(400, f"stop[{i}]: empty string", param="stop")
+    if stops and ingress.tokenizer is None:
+        raise RequestError(400, "stop: this pool has no tokenizer to find stop strings with", param="stop")
+    return stops
+
+
+def decoding_options(ingress: PoolIngress, req: CompletionRequest | ChatRequest, chat: bool) -> dict:
+    """``to_dict`` of :class:`serve_apps.decoding.Decoding` for ``req``; refusals name the field."""
+    bias = []
+    for key, value in (req.logit_bias or {}).items():
+        if not key.isdigit() or not 0 <= int(key) < ingress.vocab:
+            raise RequestError(400, f"logit_bias: key {key!r} is not a token id in [0, {ingress.vocab})",
+                               param="logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise RequestError(400, f"logit_bias[{key!r}]: {value} is outside [-100, 100]", param="logit_bias")
+        bias.append((int(key), float(value)))
+    if chat:
+        if req.top_logprobs is not None and not req.logprobs:
+            raise RequestError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        echo = False
+    else:
+        top, echo = req.logprobs, req.echo and req.logprobs is not None
+    return {"presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty, "logit_bias": bias,
+            "top_logprobs": top, "echo_logprobs": echo, "stop": stop_strings(ingress, req.stop)}
+
+
+def max_new_tokens(ingress: PoolIngress, req: CompletionRequest | ChatRequest) -> int:
+    n = req.max_tokens if req.max_tokens is not None else getattr(req, "max_completion_tokens", None)
+    return ingress._n(n if n is not None else DEFAULT_MAX_TOKENS, "max_tokens")
+
+
+def plan_choices(ingress: PoolIngress, req: CompletionRequest | ChatRequest, prompts: list[list[int]],
+                 route: str, chat: bool) -> list[Prepared]:
+    """One :class:`Prepared` per choice (prompt-major), all checked before any model work starts."""
+    target, source, handoff = resolve_model(ingress, req)
+    k = req.kvlingua
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise RequestError(400, f"n: {len(prompts)} prompts x n={req.n} = {len(prompts) * req.n} choices; at most "
+                                f"{MAX_CHOICES} per request", param="n")
+    echo = getattr(req, "echo", False)
+    if echo and req.stream:
+        raise RequestError(400, "echo: not supported with stream; send stream: false to score a prompt", param="echo")
+    if echo and source is not None and handoff != "text" and k.handoff_tokens is None and k.context_id is None:
+        raise RequestError(400, "kvlingua.handoff_tokens: echo on a path scores only what the target computes; say "
+                                "how many prompt tokens the source reads (to score a continuation starting at token "
+                                "c, send c - 1)", param="kvlingua.handoff_tokens")
+    n_new = max_new_tokens(ingress, req)
+    decoding = decoding_options(ingress, req, chat)
+    out = []
+    for ids in prompts:
+        params = dict(max_new_tokens=n_new, temperature=req.temperature, top_p=req.top_p, seed=None,
+                      stop_at_eos=not k.ignore_eos)
+        p = ingress.plan(target=target, source=source, handoff=handoff, strict=k.strict, ids=ids,
+                         context_id=k.context_id, handoff_tokens=k.handoff_tokens, use_store=k.use_store,
+                         params=params, route=route, field_prefix="kvlingua.", module=k.module)
+        for j in range(req.n):
+            seed = (req.seed + j) % 2**31 if req.seed is not None else request_seed(None)
+            out.append(replace(p, params={**p.params, "seed": seed}, decoding=decoding))
+    return out
