@@ -3,9 +3,13 @@
 Sources: ``"bible"`` (the prepared en/es/ru corpus, :mod:`kvlingua.data.corpus`) or any
 ``datasets`` source: a local file, directory or glob of .txt/.json/.jsonl/.parquet files,
 or ``"hub:<name>"`` where a hub is reachable. Plain text files give one document per
-paragraph (blank-line separated). A source with only a ``train`` split is carved 90/5/5
-by a hash of each document's text (fixed, independent of the seed; equal documents land
-in the same split).
+paragraph (blank-line separated). Held-out splits a source lacks are carved from its ``train``
+split by a hash of each document's text (fixed, independent of the seed; equal documents land
+in the same split): a document's bucket is ``train`` (90%), ``validation`` (5%) or ``test`` (5%),
+and a missing split takes its bucket out of train. Only ``train``: 90/5/5; ``train`` and
+``validation`` (the common layout): the given validation, ``test`` = 5% of train, train the
+other 95%. :func:`carve_note` says which splits were carved (logged once per source, and
+written at the top of ``kvlingua eval``'s report).
 
 Views of the bible (one document = one chapter in one language, verses joined by spaces):
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import random
 import tempfile
@@ -135,31 +140,70 @@ def _local_files(source: str) -> list[Path]:
     return files
 
 
-def _source_split(cfg: DataConfig, split: str):
-    """The ``datasets.Dataset`` for ``split`` of a non-bible source (carving 90/5/5 when only train exists)."""
+def _load_source(cfg: DataConfig):
+    """The ``datasets.DatasetDict`` of a non-bible source: split files (or folders) named train /
+    validation / test, else every file as ``train``."""
     import datasets
 
     cache_dir = str(data_home() / "hf_datasets")
     if cfg.source.startswith("hub:"):
-        loaded = datasets.load_dataset(cfg.source[4:], cache_dir=cache_dir)
+        return datasets.load_dataset(cfg.source[4:], cache_dir=cache_dir)
+    files = _local_files(cfg.source)
+    builders = {_FILE_BUILDERS[p.suffix] for p in files}
+    if len(builders) > 1:
+        raise ConfigError(f"DataConfig.source {cfg.source!r}: mixes file kinds {sorted(builders)}; use one kind")
+    builder = builders.pop()
+    by_split = {s: [str(p) for p in files if p.stem == s or p.parent.name == s] for s in SPLITS}
+    if by_split["train"]:  # files named (or in folders named) train / validation / test
+        data_files = {s: f for s, f in by_split.items() if f}
     else:
-        files = _local_files(cfg.source)
-        builders = {_FILE_BUILDERS[p.suffix] for p in files}
-        if len(builders) > 1:
-            raise ConfigError(f"DataConfig.source {cfg.source!r}: mixes file kinds {sorted(builders)}; use one kind")
-        builder = builders.pop()
-        by_split = {s: [str(p) for p in files if p.stem == s or p.parent.name == s] for s in SPLITS}
-        if by_split["train"]:  # files named (or in folders named) train / validation / test
-            data_files = {s: f for s, f in by_split.items() if f}
-        else:
-            data_files = {"train": [str(p) for p in files]}
-        extra = {"sample_by": "paragraph"} if builder == "text" else {}
-        loaded = datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, **extra)
-    if set(loaded) == {"train"}:
-        return loaded["train"], True
+        data_files = {"train": [str(p) for p in files]}
+    extra = {"sample_by": "paragraph"} if builder == "text" else {}
+    return datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir, **extra)
+
+
+_NOTED: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def _carved(cfg: DataConfig, loaded) -> tuple[str, ...]:
+    """The held-out splits the source lacks, carved from its train split (see the module docstring)."""
+    if "train" not in loaded:
+        return ()
+    carved = tuple(s for s in SPLITS if s != "train" and s not in loaded)
+    if carved and (cfg.source, carved) not in _NOTED:
+        _NOTED.add((cfg.source, carved))
+        logging.getLogger(__name__).warning("data: %s", _note(cfg.source, carved))
+    return carved
+
+
+def _note(source: str, carved: tuple[str, ...]) -> str:
+    share = {"validation": 5, "test": 5}
+    parts = ", ".join(f"{s} = {share[s]}% of train" for s in carved)
+    return (f"{source!r} has no {' or '.join(carved)} split: carved from its train split by a hash of each "
+            f"document's text ({parts}; train keeps the rest)")
+
+
+def carve_note(cfg: DataConfig) -> str | None:
+    """One line saying which held-out splits of ``cfg.source`` are carved from its train split, or None
+    (the bible, or a source that has them all)."""
+    if cfg.source == "bible":
+        return None
+    carved = _carved(cfg, _load_source(cfg))
+    return _note(cfg.source, carved) if carved else None
+
+
+def _source_split(cfg: DataConfig, split: str):
+    """The ``datasets.Dataset`` holding ``split`` of a non-bible source, and the buckets (of :func:`_carve`)
+    to keep from it: None to keep every document."""
+    loaded = _load_source(cfg)
+    carved = _carved(cfg, loaded)
+    if split in carved:
+        return loaded["train"], {split}
+    if split == "train" and carved:
+        return loaded["train"], set(SPLITS) - set(carved)
     if split not in loaded:
         raise ConfigError(f"DataConfig.source {cfg.source!r}: has splits {sorted(loaded)}, not {split!r}")
-    return loaded[split], False
+    return loaded[split], None
 
 
 def _carve(text: str) -> str:
@@ -178,12 +222,12 @@ def documents(cfg: DataConfig, split: str) -> list[str]:
         if cfg.view == "parallel":
             return [ch[lang] for ch in chapters for lang in LANGS]
         return _mixed(chapters, cfg.mix, cfg.seed)
-    table, carve = _source_split(cfg, split)
+    table, keep = _source_split(cfg, split)
     if cfg.text_field not in table.column_names:
         raise ConfigError(f"DataConfig.text_field {cfg.text_field!r} is not a column of {cfg.source!r}; "
                          f"columns are {table.column_names}")
     docs = [t.strip() for t in table[cfg.text_field] if isinstance(t, str) and t.strip()]
-    return [t for t in docs if _carve(t) == split] if carve else docs
+    return [t for t in docs if _carve(t) in keep] if keep is not None else docs
 
 
 # ---------------------------------------------------------------------------------------------- token caches

@@ -189,3 +189,25 @@ def test_local_directory_with_split_files(home, tok, tmp_path):
     cfg = DataConfig(source=str(tmp_path / "d"))
     assert documents(cfg, "validation") == [f"validation doc {i} the earth" for i in range(5)]
     assert len(documents(cfg, "train")) == 30
+
+
+def test_train_and_validation_files_get_a_carved_test_split(home, tok, tmp_path, caplog):
+    from kvlingua.data.views import _carve, carve_note
+
+    d = tmp_path / "mine"
+    d.mkdir()
+    train = [f"train paragraph {i} about the sea and the land" for i in range(300)]
+    valid = [f"validation paragraph {i} of the hills" for i in range(20)]
+    (d / "train.txt").write_text("\n\n".join(train) + "\n")
+    (d / "validation.txt").write_text("\n\n".join(valid) + "\n")
+    cfg = DataConfig(source=str(d), view="text")
+    with caplog.at_level("WARNING"):
+        docs = {s: documents(cfg, s) for s in corpus.SPLITS}
+    assert docs["validation"] == valid  # the user's validation split, untouched
+    assert docs["test"] == [t for t in train if _carve(t) == "test"] and docs["test"]  # 5% of train, by hash
+    assert sorted(docs["train"] + docs["test"]) == sorted(train) and not set(docs["train"]) & set(docs["test"])
+    note = carve_note(cfg)
+    assert "has no test split" in note and "test = 5% of train" in note and "validation =" not in note
+    assert any("no test split" in r.getMessage() for r in caplog.records)  # said once in the logs
+    assert token_chunks(cfg, tok, "test", 8).shape[1] == 8
+    assert carve_note(DataConfig()) is None
