@@ -214,14 +214,15 @@ def run_local(job: TrainJob, tracker: Tracker | None = None, progress: bool = Tr
 
 def evaluate_pool_dir(pool_dir: str | Path, *, split: str | None = None, batches: int | None = None,
                       prefix_len: int | None = None, ablate_stack: bool = False,
-                      models_root: str | Path | None = None):
+                      models_root: str | Path | None = None, data=None):
     """Evaluate a trained pool (or the run directory holding its pools) on held-out batches, in process.
 
     Rebuilds the run's job from ``pool.json`` (models and tokenizer from the pool, so a moved
     pool still works) with ``split`` / ``batches`` / ``prefix_len`` replaced where given: with
     ``prefix_len`` every held-out row reads P = ``prefix_len`` tokens before the same-length
     suffix (how content transfer depends on positions). ``ablate_stack`` adds
-    ``<space>-no-stack`` for each translator with both a stack and a short path.
+    ``<space>-no-stack`` for each translator with both a stack and a short path. ``data`` (a
+    :class:`~kvlingua.data.views.DataConfig`) scores the pool on other text: the user's own domain.
     Returns ``(EvalResult, job)``; raises :class:`~kvlingua.config.ConfigError` for a pool
     ``kvlingua train`` did not write.
     """
@@ -244,6 +245,8 @@ def evaluate_pool_dir(pool_dir: str | Path, *, split: str | None = None, batches
     job = replace(job, models={m.name: m.path for m in loaded.members})
     if loaded.tokenizer is not None:  # the pool's copy of the run's tokenizer travels with the pool
         job = replace(job, tokenizer=str(loaded.root / TOKENIZER_DIR))
+    if data is not None:
+        job = replace(job, data=data)
     if split:
         job = replace(job, eval_split=split)
     if batches:
