@@ -67,6 +67,21 @@ def task_source(pool, data: str | None):
     return replace(cfg, view="en") if cfg.source == "bible" and cfg.view in ("parallel", "mixed") else cfg
 
 
+def handoffs_used(url: str, names: list[str], ids: list[int]) -> dict[str, str]:
+    """The hand-off each path alias really used (``kvlingua.handoff_used``) scoring one passage ``ids`` as
+    lm-eval does (echo, ``handoff_tokens = len(ids) - 2``): ``latent`` unless the server fell back to text."""
+    import httpx
+
+    out = {}
+    for name in names:
+        body = {"model": name, "prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0,
+                "kvlingua": {"handoff_tokens": len(ids) - 2}}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        r.raise_for_status()
+        out[name] = r.json()["kvlingua"]["handoff_used"]
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import ray
@@ -102,6 +117,10 @@ def main(argv=None) -> int:
         serve.run(build_app(args.pool, opts), name="kvlingua", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         names = members + [f"{t}@{s}{h}" for s, t in paths for h in ("", ":text")]
+        first = json.loads((task_dir / f"{CLOZE}.jsonl").read_text().splitlines()[0])
+        ids = pool.tokenizer.encode(first["context"] + " " + first["choices"][first["label"]], add_special_tokens=False)
+        used = handoffs_used(url, [f"{t}@{s}" for s, t in paths], ids)
+        print(f"hand-offs used: {used}", flush=True)
         for name in names:
             t0 = time.perf_counter()
             client = "local-completions" if "@" not in name else MODEL
@@ -119,14 +138,16 @@ def main(argv=None) -> int:
              f"model, `{MODEL}` for each path alias; {total / 60:.1f} min on {args.ray_cpus} CPUs for "
              f"{len(scores)} model names).", "",
              f"Tasks built from `{data.source}` ({data.view}, {args.split} split{'; ' + note if note else ''}): "
-             f"`{CLOZE}`: a passage of at most {context} tokens, then its true next word among four words of the "
-             f"split (accuracy by log-likelihood); `{NEXTWORD}`: the same passages, greedy generation with stop "
+             f"`{CLOZE}`: a passage of at most {context} tokens, then its true next word among four words drawn from the "
+             f"split's running text (accuracy by log-likelihood); `{NEXTWORD}`: the same passages, greedy generation with stop "
              "strings, exact match of the first word. **own**: the target reads the passage itself; **Σ**: the "
              "source reads it and hands its cache to the target through Σ (`TARGET@SOURCE`; the target reads only "
              "the passage's last token and scores or writes the answer); **text**: the text hand-off "
              "(`TARGET@SOURCE:text`, the target re-reads the passage: equal to own, the reference Σ is measured "
              "against).", "",
-             table(scores, members, paths, args.examples)]
+             table(scores, members, paths, args.examples),
+             "Hand-off each Σ column really used (one passage scored as lm-eval scores it; `text` would mean the "
+             f"server fell back): {', '.join(f'`{k}` {v}' for k, v in used.items())}.", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))

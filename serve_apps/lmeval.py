@@ -4,7 +4,8 @@ Needs the optional extra ``pip install kvlingua[eval]`` (``lm-eval[api]==0.4.13`
 imports ``lm_eval`` until a function needs it; ``bench/bench_lm_eval.py`` runs it all.
 
 * :func:`build_tasks` writes two tasks reading local JSONL (``dataset_path: json``):
-  ``kvlingua_cloze`` (multiple choice: a passage, then its true next word among four, scored by
+  ``kvlingua_cloze`` (multiple choice: a passage, then its true next word among four; the three
+  others drawn from the text's running words, so as frequent as words of the text are; scored by
   log-likelihood, ``acc``) and ``kvlingua_nextword`` (``generate_until`` with stop strings: the
   first word generated after the passage, ``exact_match``). Passages are at most
   ``context_tokens`` tokens, so that a latent hand-off stays inside what the pool was trained
@@ -111,10 +112,14 @@ def build_tasks(docs: list[str], tokenizer, out_dir: str | Path, n: int = 40, co
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 1)
     pairs = passages(docs, tokenizer, n, context_tokens, seed)
-    vocab = sorted({w for d in docs for w in d.split() if w.isalpha()})
+    stream = [w for d in docs for w in d.split() if w.isalpha()]  # distractors as frequent as the text's words
     cloze, nextword = [], []
     for context, word in pairs:
-        choices = [word] + rng.sample([w for w in vocab if w != word][:5000], 3)
+        choices = [word]
+        while len(choices) < 4:
+            w = rng.choice(stream)
+            if w.lower() not in {c.lower() for c in choices}:
+                choices.append(w)
         rng.shuffle(choices)
         cloze.append({"context": context, "choices": choices, "label": choices.index(word)})
         nextword.append({"context": context, "answer": word})
