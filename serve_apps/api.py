@@ -8,6 +8,7 @@ Routes::
     GET    /v1/pool                  pool members with their architecture summaries (was /v1/models)
     POST   /v1/completions           OpenAI-compatible (see serve_apps.openai_api)
     POST   /v1/chat/completions      OpenAI-compatible
+    POST   /tokenize, /detokenize    vLLM's tokenizer routes (the pool's tokenizer); GET /tokenizer_info
     GET    /v1/modules               served modules (soft prompts), each with the model it was learned on
     POST   /v1/contexts              {model, text | tokens} -> a context stored once in Σ
     GET    /v1/contexts              stored contexts, most recently used first
@@ -38,6 +39,7 @@ from serve_apps.ingress import PoolIngress
 from serve_apps.mixed import run_mixed
 from serve_apps.requests import RequestError
 from serve_apps.openai_api import add_openai_routes, is_openai_path
+from serve_apps.tokenizer_routes import add_tokenizer_routes
 from serve_apps.schemas import GenerateRequest, GenerateResponse, MixedRequest, MixedResponse, ModelList
 
 _ERRORS = {400: {"description": "refused request (prompt too long, identity on mismatched layouts, ...)"},
@@ -175,4 +177,5 @@ def make_api(ingress: PoolIngress) -> FastAPI:
         return await run_mixed(ingress, req)
 
     add_openai_routes(app, ingress, _ERRORS)
+    add_tokenizer_routes(app, ingress)
     return app

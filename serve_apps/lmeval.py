@@ -163,18 +163,22 @@ def register_model() -> str:
     return MODEL
 
 
-def run_lm_eval(base_url: str, model: str, tokenizer_dir: str | Path, task_dir: str | Path,
+def run_lm_eval(base_url: str, model: str, tokenizer_dir: str | Path | None, task_dir: str | Path,
                 tasks: tuple[str, ...] = (CLOZE, NEXTWORD), client: str = MODEL, limit: int | None = None) -> dict:
     """lm-eval ``simple_evaluate`` of ``model`` served at ``base_url`` on ``tasks``; ``{task: metric}``
     (``acc`` for the cloze, ``exact_match`` for the next word). ``client``: ``local-completions`` or
-    :data:`MODEL`."""
+    :data:`MODEL`; ``tokenizer_dir`` None: the server's tokenizer routes."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     if client == MODEL:
         register_model()
-    args = {"model": model, "base_url": f"{base_url}/v1/completions", "tokenizer": str(tokenizer_dir),
-            "tokenizer_backend": "huggingface", "tokenized_requests": True, "max_retries": 1, "timeout": 120}
+    args = {"model": model, "base_url": f"{base_url}/v1/completions", "tokenized_requests": True, "max_retries": 1,
+            "timeout": 120}
+    if tokenizer_dir is None:  # the server's /tokenize, /detokenize, /tokenizer_info (found by "auto")
+        args["tokenizer_backend"] = "auto"
+    else:
+        args |= {"tokenizer": str(tokenizer_dir), "tokenizer_backend": "huggingface"}
     out = lm_eval.simple_evaluate(model=client, model_args=args, tasks=list(tasks), limit=limit,
                                   task_manager=TaskManager(include_path=str(task_dir)), log_samples=False,
                                   bootstrap_iters=0)

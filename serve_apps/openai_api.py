@@ -38,7 +38,8 @@ from serve_apps.openai_plan import model_list, plan_choices
 from serve_apps.requests import Prepared, RequestError
 from serve_apps.openai_schemas import ChatRequest, CompletionRequest, ContextRequest
 
-OPENAI_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/modules", "/v1/contexts")
+OPENAI_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/modules", "/v1/contexts",
+                   "/tokenize", "/detokenize", "/tokenizer_info")
 PLAIN_TEMPLATE = "{role}: {content}\n"  # per message; the prompt ends with "assistant:"
 
 

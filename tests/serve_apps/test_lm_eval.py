@@ -27,6 +27,8 @@ def task_dir(pool_dir, tmp_path_factory):
 def test_plain_model_both_task_kinds(server, pool_dir, task_dir):
     scores = run_lm_eval(str(server.base_url), "a", pool_dir / "tokenizer", task_dir, client="local-completions")
     assert set(scores) == {CLOZE, NEXTWORD} and all(0.0 <= v <= 1.0 for v in scores.values())
+    # no local tokenizer: lm-eval finds the server's /tokenize, /detokenize, /tokenizer_info; same scores
+    assert run_lm_eval(str(server.base_url), "a", None, task_dir, client="local-completions") == scores
 
 
 def test_path_alias_generation_with_the_stock_client(server, pool_dir, task_dir):

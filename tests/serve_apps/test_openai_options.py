@@ -237,3 +237,17 @@ def test_malformed_chat_options_are_4xx(server, body, param):
 def test_unknown_alias_member_is_404(server):
     r = server.post("/v1/completions", json={"model": "b@zz", "prompt": PROMPT})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_tokenizer_routes_are_the_pools_tokenizer(server, local):
+    tok = local.tokenizer
+    r = server.post("/tokenize", json={"prompt": PROMPT, "add_special_tokens": False})
+    assert r.status_code == 200 and r.json()["tokens"] == tok.encode(PROMPT, add_special_tokens=False)
+    assert r.json()["count"] == len(r.json()["tokens"]) and r.json()["max_model_len"] == 64
+    back = server.post("/detokenize", json={"tokens": r.json()["tokens"]})
+    assert back.json()["prompt"] == tok.decode(r.json()["tokens"])
+    info = server.get("/tokenizer_info").json()
+    assert info["eos_token"] == tok.eos_token and info["bos_token"] == tok.bos_token
+    bad = server.post("/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert server.post("/tokenize", json={"prompt": 5}).status_code == 400
