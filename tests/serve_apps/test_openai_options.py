@@ -251,3 +251,26 @@ def test_tokenizer_routes_are_the_pools_tokenizer(server, local):
     bad = server.post("/detokenize", json={"tokens": [10**9]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     assert server.post("/tokenize", json={"prompt": 5}).status_code == 400
+
+
+def test_streamed_choices_interleave_and_equal_the_whole_answer(client):
+    kw = dict(model="b@a", prompt=[PROMPT, OTHER], max_tokens=6, temperature=0.8, seed=5, n=2, logprobs=1)
+    whole = client.completions.create(**kw)
+    parts: dict[int, list] = {}
+    for chunk in client.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        for c in chunk.choices:
+            parts.setdefault(c.index, []).append(c)
+        if chunk.usage is not None:
+            assert chunk.usage.completion_tokens == whole.usage.completion_tokens
+    assert sorted(parts) == [0, 1, 2, 3]
+    for c in whole.choices:
+        assert "".join(p.text for p in parts[c.index]) == c.text
+        assert sum((p.logprobs.token_logprobs for p in parts[c.index] if p.logprobs), []) == c.logprobs.token_logprobs
+        assert parts[c.index][-1].finish_reason == c.finish_reason
+    chat = dict(model="c", messages=[{"role": "user", "content": PROMPT}], max_tokens=5, temperature=0.8, seed=2, n=2)
+    whole = client.chat.completions.create(**chat)
+    texts: dict[int, str] = {}
+    for chunk in client.chat.completions.create(stream=True, **chat):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+    assert texts == {c.index: c.message.content for c in whole.choices}
