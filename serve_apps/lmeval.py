@@ -199,5 +199,7 @@ def table(scores: dict[str, dict[str, float]], members: list[str], paths: list[t
         for task in (CLOZE, NEXTWORD):
             row += [cell(target, task), cell(f"{target}@{source}", task), cell(f"{target}@{source}:text", task)]
         lines.append("| " + " | ".join(row) + " |")
+    se = max((v * (1 - v) / n) ** 0.5 for per in scores.values() for v in per.values()) if scores else 0.0
     chance = "chance: cloze 0.25 (4 choices)"
-    return "\n".join(lines) + f"\n\n{n} examples per task; {chance}; members: {', '.join(members)}.\n"
+    return "\n".join(lines) + (f"\n\n{n} examples per task (standard error of a score p: sqrt(p(1-p)/{n}), at most "
+                               f"{se:.3f} here); {chance}; members: {', '.join(members)}.\n")
