@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from kvlingua.rotary import KeyRotation
 from kvlingua.cache import (
     ArchSummary,
     KVBlock,
@@ -41,6 +42,9 @@ class PoolBackend(Protocol):
 
     def fingerprint(self, model: str) -> str:
         """Weight fingerprint of ``model`` (:func:`kvlingua.cache.fingerprint`)."""
+
+    def rotation(self, model: str) -> KeyRotation:
+        """``model``'s rotary embedding as a :class:`~kvlingua.rotary.KeyRotation` (checked once on the model)."""
 
     def prefix_block(self, model: str, input_ids: Tensor) -> KVBlock:
         """``[B, P]`` prefix ids -> ``model``'s KV block ``[B, P, L, D]`` (fp32, CPU, no grad)."""
@@ -86,6 +90,7 @@ class LocalBackend:
         self.models = models
         self.device = torch.device(device)
         self._summaries = {n: arch_summary(m) for n, m in models.items()}
+        self._rotations: dict[str, KeyRotation] = {}
         check_same_vocab(self._summaries)
 
     def names(self) -> list[str]:
@@ -96,6 +101,11 @@ class LocalBackend:
 
     def fingerprint(self, model: str) -> str:
         return fingerprint(self.models[self._check(model)])
+
+    def rotation(self, model: str) -> KeyRotation:
+        if model not in self._rotations:
+            self._rotations[model] = KeyRotation.from_model(self.models[self._check(model)])
+        return self._rotations[model]
 
     def _check(self, model: str) -> str:
         if model not in self.models:

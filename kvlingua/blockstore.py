@@ -147,6 +147,9 @@ class CachingBackend:
             raise KeyError(f"unknown pool model {model!r}; pool has {self.names()}")
         return self.fingerprints[model]
 
+    def rotation(self, model: str):
+        return self.inner.rotation(model)
+
     def prefix_block(self, model: str, input_ids: Tensor) -> KVBlock:
         """``[B, P]`` ids -> ``[B, P, L, D]`` block, extracted at most once per store."""
         fp = self.fingerprint(model)

@@ -9,7 +9,12 @@ cache built in one of these ways (all NLLs are per suffix token, via
   the batch rolled by one): right positions, wrong content — the honest floor for content;
 * ``no-prefix``: no cache at all (a looser floor);
 * ``identity``: i's cache handed over unchanged (only when the cache layouts match);
-* one condition per named space: ``space.translate(i's cache, i, j)``.
+* one condition per named space: ``space.translate(i's cache, i, j)`` through the space's
+  :class:`~kvlingua.view.CacheView`: Σ carries i's positions after the sink (keys un-rotated),
+  and j reads them after its *own* cache of its first ``sink_tokens`` tokens.
+
+With ``sink_tokens = k > 0`` every condition but no-prefix keeps the target's own first ``k``
+positions (control and identity too), so content transferred counts only what Σ carries.
 
 Each NLL is averaged per batch, then reported as mean ± std over the held-out batches,
 over the whole suffix and over its first ``first_tokens`` tokens. The headline number
@@ -41,6 +46,7 @@ from kvlingua.cache import KVBlock
 from kvlingua.paths import PathT, path_name
 from kvlingua.space import LatentBlock, SharedSpace, identity_translate, space_device
 from kvlingua.train import Batch
+from kvlingua.view import CacheView
 
 TARGET_ONLY = ("base", "control", "no-prefix")
 """Conditions measured on the target alone (its own cache, another text's cache, none): they depend
@@ -289,6 +295,7 @@ def evaluate(
     references: bool = True,
     trained: Sequence[PathT] | None = None,
     content_min_se: float = 3.0,
+    sink_tokens: int | None = None,
 ) -> EvalResult:
     """Suffix NLL of every path under every condition on held-out ``batches``.
 
@@ -305,6 +312,10 @@ def evaluate(
             only :func:`make_eval_fn` turns it off to reuse earlier references).
         trained: the paths the spaces were trained on (the others are marked zero-shot); None: all.
         content_min_se: see :class:`EvalConfig`.
+        sink_tokens: the target's own sink positions every condition but no-prefix keeps (the spaces'
+            ``sink_tokens``, which must agree; 0 without spaces). *control* is then the target's own cache of
+            its first ``k`` tokens followed by another sequence's positions ``k .. P-1`` (right sink, wrong
+            content), so content transferred counts only what Σ carries beyond the sink.
 
     Returns:
         :class:`EvalResult`.
@@ -319,6 +330,22 @@ def evaluate(
     if reserved:
         raise ValueError(f"space names {reserved} clash with built-in conditions {[*TARGET_ONLY, 'identity']}")
     paths = [tuple(p) for p in paths]
+    sinks = {sp.cfg.sink_tokens for sp in spaces.values()}
+    if sink_tokens is not None:
+        sinks.add(sink_tokens)
+    if len(sinks) > 1:
+        raise ValueError(f"spaces evaluated together must keep the same sink positions; got sink_tokens {sorted(sinks)}")
+    k = sinks.pop() if sinks else 0
+    views = {name: CacheView.of(sp.cfg) for name, sp in spaces.items()}
+    rotations: dict[str, object] = {}
+
+    def rotation(model: str, view: CacheView):
+        if not view.unrotate:
+            return None
+        if model not in rotations:
+            rotations[model] = backend.rotation(model)
+        return rotations[model]
+
     pool = backend.names()
     unknown = sorted({m for p in paths for m in p if m not in pool})
     if unknown:
@@ -339,6 +366,7 @@ def evaluate(
                 if next(iter(b.ids.values())).shape[0] < 2:
                     raise ValueError(f"batch {b.key or '(unnamed)'} has 1 sequence; the control condition "
                                      "needs at least 2 (it pairs each suffix with another sequence's prefix)")
+                CacheView(k).check_prefix(b.prefix_len)
                 own: dict[str, KVBlock] = {}
                 refs: dict[str, dict[str, Tensor]] = {}
                 latents: dict[tuple[str, str], LatentBlock] = {}  # (space, source) -> IN_source(block), once
@@ -349,20 +377,31 @@ def evaluate(
                         suffix = b.suffix(tgt)
                         if tgt not in own:
                             own[tgt] = backend.prefix_block(tgt, b.prefix(tgt))
-                        wrong = backend.prefix_block(tgt, b.control_prefix(tgt))
+                        control = b.control_prefix(tgt)  # [B, P]: another sequence's prefix ...
+                        if k:  # ... after this sequence's own sink
+                            control = torch.cat([b.prefix(tgt)[:, :k], control[:, k:]], dim=1)
+                        wrong = backend.prefix_block(tgt, control)
                         refs[tgt] = {"base": backend.suffix_nll(tgt, own[tgt], suffix),
                                      "control": backend.suffix_nll(tgt, wrong, suffix),
                                      "no-prefix": backend.suffix_nll(tgt, None, suffix)}
                     for cond, nll in refs.get(tgt, {}).items():
                         record((src, tgt), cond, nll)
                     src_sum, tgt_sum = backend.summary(src), backend.summary(tgt)
+                    if tgt not in own and (k or identity and src_sum.layout == tgt_sum.layout):
+                        own[tgt] = backend.prefix_block(tgt, b.prefix(tgt))
+                    sink = KVBlock(own[tgt].keys[:, :k], own[tgt].values[:, :k], own[tgt].n_kv_heads) if k else None
                     if identity and src_sum.layout == tgt_sum.layout:
-                        block = identity_translate(own[src], src_sum, tgt_sum)
+                        plain = CacheView(k)  # the source's cache as is, after the target's own sink
+                        block = plain.to_cache(plain.to_space(identity_translate(own[src], src_sum, tgt_sum), None),
+                                               None, sink)
                         record((src, tgt), "identity", backend.suffix_nll(tgt, block, b.suffix(tgt)))
                     for name, sp in spaces.items():
+                        view = views[name]
                         if (name, src) not in latents:
-                            latents[(name, src)] = sp.encode(own[src].to(space_device(sp)), src)  # [B, P, Q]
-                        out = sp.decode(latents[(name, src)], tgt).map(lambda t: t.float().cpu())  # [B, P, L_j, D_j]
+                            body = view.to_space(own[src], rotation(src, view))  # [B, P-k, L_i, D_i]
+                            latents[(name, src)] = sp.encode(body.to(space_device(sp)), src)  # [B, P-k, Q]
+                        out = sp.decode(latents[(name, src)], tgt).map(lambda t: t.float().cpu())  # [B, P-k, L_j, D_j]
+                        out = view.to_cache(out, rotation(tgt, view), sink)  # [B, P, L_j, D_j]
                         record((src, tgt), name, backend.suffix_nll(tgt, out, b.suffix(tgt)))
     finally:
         for name, sp in spaces.items():
@@ -392,7 +431,8 @@ def make_eval_fn(
 
     def eval_fn(step: int) -> dict[str, float]:
         if "refs" not in cache:
-            cache["refs"] = evaluate(backend, batches, paths, {}, first_tokens=first_tokens, identity=False)
+            cache["refs"] = evaluate(backend, batches, paths, {}, first_tokens=first_tokens, identity=False,
+                                     sink_tokens=space.cfg.sink_tokens)
         refs = cache["refs"]
         res = evaluate(backend, batches, paths, {"space": space}, first_tokens=first_tokens,
                        identity=False, references=False)

@@ -28,12 +28,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterator, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Protocol, Sequence
 
 import torch
 from torch import Tensor
 from transformers import Cache, DynamicCache, PreTrainedModel
 
+from kvlingua.view import CacheView, model_rotation, translate_cache
 from kvlingua.cache import (
     KVBlock,
     append_block,
@@ -44,6 +45,10 @@ from kvlingua.cache import (
     check_same_layout,
     extract_prefix,
 )
+
+if TYPE_CHECKING:
+    from kvlingua.space import LatentBlock
+    from kvlingua.translator import SpaceConfig
 
 Handoff = Literal["latent", "text", "identity"]
 HANDOFFS: tuple[str, ...] = ("latent", "text", "identity")
@@ -56,8 +61,14 @@ class HandoffError(ValueError):
 class Translator(Protocol):
     """What generation needs from a shared space (``kvlingua.space.SharedSpace`` satisfies it)."""
 
-    def translate(self, block: KVBlock, source: str, target: str) -> KVBlock:
-        """``[B, S, L_s, D_s]`` block of ``source`` -> ``[B, S, L_t, D_t]`` block for ``target``."""
+    cfg: SpaceConfig
+    """Its ``sink_tokens`` and ``keys`` say how a cache is read and written (:class:`~kvlingua.view.CacheView`)."""
+
+    def encode(self, block: KVBlock, source: str) -> LatentBlock:
+        """``[B, S, L_s, D_s]`` block of ``source`` -> Σ ``[B, S, Q]``."""
+
+    def decode(self, latent: LatentBlock, target: str) -> KVBlock:
+        """Σ ``[B, S, Q]`` -> ``[B, S, L_t, D_t]`` block for ``target``."""
 
 
 @dataclass(frozen=True)
@@ -263,15 +274,35 @@ def _space_dtype(space: object) -> torch.dtype:
 
 
 @torch.no_grad()
-def translate_block(space: Translator, block: KVBlock, source: str, target: str,
-                    target_model: PreTrainedModel) -> KVBlock:
-    """``source`` block -> ``target`` block through Σ, checked against the target's layout."""
-    if block.seq_len == 0:
-        s = arch_summary(target_model)
-        empty = torch.zeros(1, 0, s.num_layers, s.width)  # [1, 0, L_t, D_t]
-        return KVBlock(empty, empty.clone(), s.n_kv_heads)
-    out = space.translate(block.to(_space_dtype(space)), source, target)
-    check_block_fits(out, arch_summary(target_model), f"target {target!r}")
+def translate_block(space: Translator, block: KVBlock, source: str, target: str, source_model: PreTrainedModel,
+                    target_model: PreTrainedModel, ids: Tensor, start: int = 0) -> KVBlock:
+    """``source``'s block of positions ``start ..`` -> ``target``'s block of them, through Σ.
+
+    The space's :class:`~kvlingua.view.CacheView` applies: at ``start == 0`` the target reads its own first
+    ``sink_tokens`` tokens (``ids[:, :k]``, its attention sink) and Σ carries the positions after them;
+    keys are un-rotated at the source's positions and rotated at the target's. A block no longer than the
+    sink is read by the target itself.
+
+    Args:
+        block: ``[1, S, L_s, D_s]`` the source's own cache of those positions.
+        ids: ``[1, >= start + S]`` the sequence's token ids (the sink's tokens are read from it).
+        start: absolute position of the block's first position.
+
+    Returns:
+        ``[1, S, L_t, D_t]``, checked against the target's layout.
+    """
+    summary = arch_summary(target_model)
+    view = CacheView.of(space.cfg)
+    k = view.sink(start)
+    if block.seq_len <= k:  # nothing past the sink: the target reads these positions itself
+        if block.seq_len == 0:
+            empty = torch.zeros(1, 0, summary.num_layers, summary.width)  # [1, 0, L_t, D_t]
+            return KVBlock(empty, empty.clone(), summary.n_kv_heads)
+        return extract_prefix(target_model, ids[:, :block.seq_len])
+    rot_s, rot_t = (model_rotation(source_model), model_rotation(target_model)) if view.unrotate else (None, None)
+    sink = extract_prefix(target_model, ids[:, :k]) if k else None  # [1, k, L_t, D_t]
+    out = translate_cache(space, block, source, target, rot_s, rot_t, sink, start, view)  # [1, S, L_t, D_t]
+    check_block_fits(out, summary, f"target {target!r}")
     return out
 
 
@@ -328,7 +359,7 @@ def handoff_generate(models: dict[str, PreTrainedModel], space: Translator | Non
     block = prefill(tgt_model if handoff == "text" else src_model, prompt)  # [1, P-1, L, D]
     t1 = time.perf_counter()
     if handoff == "latent":
-        block = translate_block(space, block, source, target, tgt_model)
+        block = translate_block(space, block, source, target, src_model, tgt_model, prompt)
     t2 = time.perf_counter()
     cache = model_cache(tgt_model, block)
     tokens = list(sample_tokens(tgt_model, cache, int(prompt[0, -1]), params, generator,
@@ -364,6 +395,7 @@ def mixed_generate(models: dict[str, PreTrainedModel], space: Translator, prompt
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise HandoffError(f"schedule[{i}] ({name!r}): max_new_tokens must be an integer >= 1, got {n!r}")
     prompt = as_prompt(prompt_ids)  # [1, P]
+    sequence = prompt[0, :-1].tolist()  # every position's token so far (the sink's tokens are read from it)
     first_name = schedule[0][0]
     first = models[first_name]
     generator, seed = make_generator(params.seed, next(first.parameters()).device)
@@ -382,13 +414,15 @@ def mixed_generate(models: dict[str, PreTrainedModel], space: Translator, prompt
             t = time.perf_counter()
             own = block_from_cache(caches[owner], arch_summary(models[owner]).n_kv_heads)  # [1, S_o, L_o, D_o]
             piece = own.map(lambda x: x[:, start:end])  # [1, end-start, L_o, D_o]: positions the owner computed
-            extend_cache(model, cache, translate_block(space, piece, owner, name, model))  # += [1, end-start, L, D]
+            ids = torch.tensor([sequence[:end]], device=prompt.device)  # [1, end]
+            extend_cache(model, cache, translate_block(space, piece, owner, name, models[owner], model, ids, start))
             switches.append(Switch(owner, name, start, end, time.perf_counter() - t))
         stops = eos_ids(model, tokenizer)
         t = time.perf_counter()
         new = list(sample_tokens(model, cache, pending, params, generator, max_new_tokens=n, stop_ids=stops))
         decode_s += time.perf_counter() - t
         owners_of += [name] * len(new)  # read: the pending token and every new one but the last
+        sequence += [pending, *new[:-1]]
         read[name] = len(owners_of)
         tokens += new
         owners += [name] * len(new)

@@ -41,6 +41,8 @@ def check_langs(langs: dict[str, str] | None, models: Iterable[str]) -> None:
 def check_space_fits(spaces: dict[str, SpaceConfig], layers: dict[str, int]) -> None:
     """Σ's width Q must be divisible by every member's layer count (``layers``: name -> L)."""
     for space_name, cfg in spaces.items():
+        if cfg.q_dim == "auto":
+            continue  # resolved against the layer counts: fits by construction
         bad = {m: L for m, L in layers.items() if cfg.q_dim % L}
         if bad:
             raise ValueError(f"spaces.{space_name}.q_dim={cfg.q_dim} is not divisible by the layer count of "
@@ -98,6 +100,18 @@ class JobSpec:
             raise ValueError(f"min_prefix_len must be within 1..prefix_len ({self.prefix_len}), got {self.min_prefix_len}")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (the content control rolls the batch)")
+        for name, cfg in self.spaces.items():
+            try:
+                cfg.check_init()
+            except ValueError as e:
+                raise ValueError(f"spaces.{name}: {e}") from None
+        sinks = {cfg.sink_tokens for cfg in self.spaces.values()}
+        if len(sinks) > 1:
+            raise ValueError(f"spaces of one job must keep the same sink_tokens (their control is the same); got "
+                             f"{ {n: c.sink_tokens for n, c in self.spaces.items()} }")
+        if (self.min_prefix_len or self.prefix_len) <= max(sinks):
+            raise ValueError(f"prefix lengths from {self.min_prefix_len or self.prefix_len} leave nothing for Σ after "
+                             f"the target's {max(sinks)} sink position(s); raise (min_)prefix_len or lower sink_tokens")
         if self.eval_split not in ("train", "validation", "test"):
             raise ValueError(f"eval_split must be train, validation or test, got {self.eval_split!r}")
         if self.start_from is not None:

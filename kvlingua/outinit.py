@@ -1,4 +1,4 @@
-"""``out_init: match``: start every adapter's output on the right statistics, measured on one batch.
+"""``init: match``: start every adapter's output on the right statistics, measured on one batch.
 
 A real model's cache is far from zero-mean unit-scale, so a randomly initialised OUT_j hands its target a cache
 that costs more than no prefix at all (SmolLM2: 14.9 nats of suffix NLL against 4.5 with no prefix, measured for
@@ -18,12 +18,13 @@ from torch import Tensor, nn
 from kvlingua.backend import PoolBackend
 from kvlingua.runtime import Runtime
 from kvlingua.space import LatentBlock, SharedSpace, space_device
+from kvlingua.view import CacheView
 
 if TYPE_CHECKING:
     from kvlingua.train import Batch
 
 
-def _rank_mean(moments: list[Tensor], runtime: Runtime | None) -> list[Tensor]:
+def rank_mean(moments: list[Tensor], runtime: Runtime | None) -> list[Tensor]:
     """The mean of each tensor over ranks (``runtime.grad_sync`` on gradient holders); as is on one rank."""
     if runtime is None or runtime.grad_sync is None:
         return moments
@@ -42,7 +43,7 @@ def _affine_to(got: tuple[Tensor, Tensor], want: tuple[Tensor, Tensor] | None, r
     for t in (*got, *(want or ())):
         flat = t.float().reshape(-1, t.shape[2] * t.shape[3])  # [rows, L*D]
         moments += [flat.mean(0), flat.pow(2).mean(0)]
-    moments = _rank_mean(moments, runtime)
+    moments = rank_mean(moments, runtime)
     means = moments[::2]
     stds = [(sq - m.pow(2)).clamp_min(0).sqrt() for m, sq in zip(moments[::2], moments[1::2])]
     if want is None:
@@ -54,8 +55,9 @@ def _affine_to(got: tuple[Tensor, Tensor], want: tuple[Tensor, Tensor] | None, r
 
 @torch.no_grad()
 def match_init(space: SharedSpace, backend: PoolBackend, batch: Batch, trainable: Iterable[str],
-               targets: Iterable[str], runtime: Runtime | None = None, eps: float = 1e-6) -> dict[str, float]:
-    """``out_init: match``: rescale adapters on ``batch`` so translated caches start with the right statistics.
+               targets: Iterable[str], runtime: Runtime | None = None, eps: float = 1e-6,
+               view: CacheView | None = None) -> dict[str, float]:
+    """``init: match``: rescale adapters on ``batch`` so translated caches start with the right statistics.
 
     1. IN_i of every trainable model i: Σ of i's prefixes gets mean 0 and standard deviation 1 per channel
        (keys and values apart), so every source writes Σ on one scale (frozen members' IN stay as they are);
@@ -69,7 +71,9 @@ def match_init(space: SharedSpace, backend: PoolBackend, batch: Batch, trainable
     Returns ``{"init/out_shift/<j>": ...}``: the mean absolute key shift given to each target, for the record.
     """
     device, dtype = space_device(space), space._dtype()
-    own = {m: backend.prefix_block(m, batch.prefix(m)).to(device) for m in space.names}  # [B, P, L, D]
+    view = view or CacheView.of(space.cfg)  # what Σ reads and OUT writes: after the sink, keys as the view keeps them
+    own = {m: view.to_space(backend.prefix_block(m, batch.prefix(m)), backend.rotation(m) if view.unrotate else None)
+           .to(device) for m in space.names}  # [B, P-k, L, D]
 
     def rescale(adapter: nn.Module, affine: tuple[Tensor, ...]) -> None:
         adapter.rescale_output(*(a.to(dtype) for a in affine))

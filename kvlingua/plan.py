@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from kvlingua.cache import ArchSummary, KVBlock, arch_summary, as_past_key_values, cache_kwargs
 from kvlingua.config import KvlinguaError
 from kvlingua.space import SharedSpace
-from kvlingua.translator import SpaceConfig
+from kvlingua.translator import resolve_q_dim, SpaceConfig
 
 META = torch.device("meta")
 ADAPTER_STATE_BYTES = 16
@@ -216,6 +216,7 @@ def plan_pool(configs: dict[str, PretrainedConfig], cfg: SpaceConfig,
     """The resolved space config and one :class:`ModelPlan` per model of a pool (``name -> config``)."""
     models = {n: meta_model(c) for n, c in configs.items()}
     summaries = {n: arch_summary(c) for n, c in configs.items()}
+    cfg = resolve_q_dim(cfg, [s.num_layers for s in summaries.values()])
     bad = [f"{n} ({s.num_layers} layers)" for n, s in summaries.items() if cfg.q_dim % s.num_layers]
     if bad:
         raise PlanError(f"q_dim={cfg.q_dim} is not divisible by the layer count of {', '.join(bad)}")

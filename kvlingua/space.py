@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from kvlingua.cache import ArchSummary, KVBlock, check_block_fits, check_same_layout
 from kvlingua.config import from_dict
-from kvlingua.translator import SpaceConfig, build_adapter
+from kvlingua.translator import SpaceConfig, build_adapter, resolve_q_dim
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
@@ -68,6 +68,21 @@ def summary_from_dict(d: dict, who: str) -> ArchSummary:
     return ArchSummary(**d)
 
 
+def legacy_space_dict(space: dict) -> dict:
+    """A space config as an older ``pool.json`` recorded it, read with the settings it was trained under.
+
+    Pools written before ``sink_tokens``/``keys``/``init`` existed translated every position with keys as
+    cached and started at random (``out_init: random|match``); the new defaults must not change what they do.
+    """
+    if "out_init" not in space:
+        return space
+    old = dict(space)
+    old["init"] = old.pop("out_init", "random")
+    old.setdefault("sink_tokens", 0)
+    old.setdefault("keys", "rotated")
+    return old
+
+
 def space_device(space: nn.Module) -> torch.device:
     """Device of the space's parameters (CPU for a space without any)."""
     p = next(space.parameters(), None)
@@ -91,7 +106,7 @@ class SharedSpace(nn.Module):
         super().__init__()
         if not members:
             raise ValueError("a shared space needs at least one member model")
-        self.cfg = cfg
+        self.cfg = resolve_q_dim(cfg, [s.num_layers for s in members.values()])
         self.names: list[str] = []
         self.members: dict[str, ArchSummary] = {}
         self._adapters = nn.ModuleDict()
@@ -229,7 +244,7 @@ class SharedSpace(nn.Module):
     @classmethod
     def from_config_dict(cls, space: dict, members: list[tuple[str, ArchSummary]]) -> "SharedSpace":
         """A freshly initialised space from a ``to_dict(cfg)`` mapping and ``(name, summary)`` pairs."""
-        cfg = from_dict(SpaceConfig, space, "space")
+        cfg = from_dict(SpaceConfig, legacy_space_dict(space), "space")
         return cls(dict(members), cfg)
 
 

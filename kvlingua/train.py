@@ -2,13 +2,16 @@
 
 Every step samples paths i->j (:class:`~kvlingua.paths.PathSampler`) and, for each:
 
-1. ``src = backend.prefix_block(i, ids[i][:, :P])`` — the frozen source cache (no grad);
+1. ``src = backend.prefix_block(i, ids[i][:, :P])`` — the frozen source cache (no grad), read
+   through the space's :class:`~kvlingua.view.CacheView`: the positions after the sink, keys
+   un-rotated (``[B, P-k, L_i, D_i]``);
 2. ``z = space.encode(src, i)`` once per source of the step, then per path
    ``out = space.decode(z, j)`` — ``OUT_j(IN_i(src))`` with autograd;
-3. ``(loss, g) = backend.suffix_loss_and_grad(j, out.detach(), ids[j][:, P:])`` — the
-   frozen target reads ``out`` as its cache; the backend returns d loss / d out;
-4. ``backward([out.keys, out.values], [g.keys * w, g.values * w])`` with ``w = 1/#paths``
-   into ``OUT_j`` and a detached copy of ``z``; once every path is done, the summed
+3. ``cache = view.to_cache(out, ...)`` — keys rotated at the target's positions after the target's
+   own sink block (``[B, P, L_j, D_j]``); ``(loss, g) = backend.suffix_loss_and_grad(j, cache, ids[j][:, P:])``
+   — the frozen target reads it as its cache; the backend returns d loss / d cache;
+4. ``backward([cache.keys, cache.values], [g.keys * w, g.values * w])`` with ``w = 1/#paths``
+   through the rotation into ``OUT_j`` and a detached copy of ``z``; once every path is done, the summed
    d loss / d z goes back through ``IN_i`` in one pass,
 
 so the loss is the mean over sampled paths and gradients reach only the adapters. Encoding
@@ -35,9 +38,11 @@ from tqdm.auto import tqdm
 from kvlingua.backend import PoolBackend
 from kvlingua.cache import KVBlock
 from kvlingua.losses import reconstruction_loss, suffix_lm_loss
+from kvlingua.closedform import closed_form_init
 from kvlingua.outinit import match_init
 from kvlingua.paths import PathSampler, PathT, path_name
 from kvlingua.space import LatentBlock, SharedSpace, space_device
+from kvlingua.view import CacheView
 from kvlingua.runtime import Runtime
 from kvlingua.schedule import warmup_cosine
 
@@ -132,6 +137,9 @@ class TrainConfig:
     """Record training metrics every this many steps (and at the last step); 0: last step only."""
     seed: int = 0
     """Seed of the path sampler."""
+    keep_best: bool = True
+    """End with the adapters of the best curve evaluation (mean held-out NLL over paths, validation split), so
+    training never ends below its own start; needs ``eval_every``."""
     trainable: tuple[str, ...] | None = None
     """Models whose IN/OUT adapters train; the others stay frozen (extending a pool). None: all."""
     paths: tuple[tuple[str, str], ...] | None = None
@@ -208,8 +216,11 @@ def make_optimizer(space: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Adam
 
 
 def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: list[PathT],
-               cfg: TrainConfig) -> dict[str, float]:
+               cfg: TrainConfig, view: CacheView | None = None) -> dict[str, float]:
     """Losses of one batch over ``paths``; accumulates gradients into the adapters (no optimiser step).
+
+    ``view`` (default the space's, :meth:`CacheView.of`) says what Σ carries of a cache: the positions after
+    the target's own sink, keys un-rotated.
 
     Returns metrics: ``loss`` (mean over paths), and per path ``loss/i->j``, ``suffix/i->j``
     and, with ``recon_weight > 0``, ``recon/i->j``.
@@ -222,6 +233,9 @@ def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: li
         return (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                 else nullcontext())
     w = 1.0 / len(paths)
+    view = view or CacheView.of(space.cfg)
+    view.check_prefix(batch.prefix_len)
+    k = view.sink_tokens
     own: dict[str, KVBlock] = {}  # model -> its block of its own prefix, computed once per batch
 
     def own_block(model: str) -> KVBlock:
@@ -229,12 +243,22 @@ def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: li
             own[model] = backend.prefix_block(model, batch.prefix(model)).to(device)  # [B, P, L, D]
         return own[model]
 
+    def rotation(model: str):
+        return backend.rotation(model) if view.unrotate else None
+
+    def sink(model: str) -> KVBlock | None:  # the target's own cache of its first k tokens [B, k, L, D]
+        if k == 0:
+            return None
+        if model in own:
+            return KVBlock(own[model].keys[:, :k], own[model].values[:, :k], own[model].n_kv_heads)
+        return backend.prefix_block(model, batch.prefix(model)[:, :k]).to(device)
+
     encoded: dict[str, tuple[LatentBlock, LatentBlock]] = {}  # source -> (latent with IN's graph, detached leaf)
 
     def latent(model: str) -> LatentBlock:
         if model not in encoded:
             with autocast():
-                z = space.encode(own_block(model), model)  # [B, P, Q]
+                z = space.encode(view.to_space(own_block(model), rotation(model)), model)  # [B, P-k, Q]
             leaf = z.detach().map(lambda t: t.requires_grad_(z.keys.requires_grad))
             encoded[model] = (z, leaf)
         return encoded[model][1]
@@ -244,15 +268,16 @@ def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: li
     for src_name, tgt_name in paths:
         name = path_name((src_name, tgt_name))
         with autocast():
-            out = space.decode(latent(src_name), tgt_name)  # [B, P, L_j, D_j]
+            out = space.decode(latent(src_name), tgt_name)  # [B, P-k, L_j, D_j]
         if not out.keys.requires_grad:
             raise ValueError(f"path {name} produced a block without gradient: are both of its adapters frozen?")
-        loss, g = suffix_lm_loss(backend, out, tgt_name, batch.suffix(tgt_name))
-        tensors, grads = [out.keys, out.values], [g.keys * w, g.values * w]
+        cache = view.to_cache(out, rotation(tgt_name), sink(tgt_name))  # [B, P, L_j, D_j]: sink + rotated keys
+        loss, g = suffix_lm_loss(backend, cache, tgt_name, batch.suffix(tgt_name))
+        tensors, grads = [cache.keys, cache.values], [g.keys * w, g.values * w]
         path_loss = float(loss)
         metrics[f"suffix/{name}"] = path_loss
-        if cfg.recon_weight > 0:
-            recon = reconstruction_loss(out, own_block(tgt_name))
+        if cfg.recon_weight > 0:  # in Σ's view of the target's cache: after its sink, keys position-free
+            recon = reconstruction_loss(out, view.to_space(own_block(tgt_name), rotation(tgt_name)))
             tensors.append(recon * (cfg.recon_weight * w))
             grads.append(None)
             metrics[f"recon/{name}"] = float(recon.detach())
@@ -283,6 +308,8 @@ def fit(
     state: TrainState | None = None,
     eval_fn: Callable[[int], dict] | None = None,
     checkpoint_fn: Callable[[TrainState], None] | None = None,
+    view: CacheView | None = None,
+    fresh: bool = True,
 ) -> TrainState:
     """Train the space's adapters until ``cfg.steps`` optimiser steps are done.
 
@@ -304,6 +331,9 @@ def fit(
             ``eval_every`` steps and at the end (under ``no_grad``, space in eval mode); its
             metrics go to ``state.history`` with ``kind="eval"`` and to the tracker.
         checkpoint_fn: called with the synced state every ``checkpoint_every`` steps and at the end.
+        view: what Σ carries of a cache (default the space's own; soft-prompt modules have no sink).
+        fresh: start the adapters as ``space.cfg.init`` says at step 0 (``closed_form`` or ``match``); False for
+            a space that is already trained (meta-training a pool's Σ).
 
     Returns:
         The final :class:`TrainState` with optimiser, scheduler and RNG state.
@@ -330,6 +360,8 @@ def fit(
     if state.rng_state is not None:
         torch.set_rng_state(state.rng_state)
 
+    best: dict[str, Any] = {}  # the best curve evaluation so far: step, score, trainable adapter weights
+
     def run_eval() -> None:
         was_training = space.training
         space.eval()
@@ -339,9 +371,21 @@ def fit(
         state.history.append({"step": state.step, "kind": "eval", **metrics})
         if metrics:
             tracker.log_metrics(metrics, state.step)
+        score = selection_score(metrics)
+        if cfg.keep_best and score is not None and score < best.get("score", float("inf")):
+            best.update(step=state.step, score=score,
+                        weights={id(p): p.detach().clone() for p in params})
 
     batch_iter = iter(batches)
-    if state.step == 0 and space.cfg.out_init == "match":
+    fresh = fresh and state.step == 0
+    if fresh and space.cfg.init == "closed_form":
+        calib = list(itertools.islice(batch_iter, space.cfg.init_batches))
+        if not calib:
+            raise ValueError("batches ran out at step 0")
+        init = closed_form_init(space, backend, calib, trainable_names(space, cfg), runtime, view)
+        state.history.append({"step": 0, "kind": "init", **init})
+        batch_iter = itertools.chain(calib, batch_iter)
+    elif fresh and space.cfg.init == "match":
         try:
             first = next(batch_iter)
         except StopIteration:
@@ -349,7 +393,7 @@ def fit(
         trainable = trainable_names(space, cfg)
         ins = [m for m in trainable if any(i == m for i, _ in sampler.allowed)]
         outs = [m for m in trainable if any(j == m for _, j in sampler.allowed)]
-        init = match_init(space, backend, first, ins, outs, runtime)
+        init = match_init(space, backend, first, ins, outs, runtime, view=view)
         state.history.append({"step": 0, "kind": "init", **init})
         batch_iter = itertools.chain([first], batch_iter)
     if eval_fn is not None and cfg.eval_every and state.step == 0:
@@ -364,7 +408,7 @@ def fit(
             raise ValueError(f"batches ran out at step {state.step} of {cfg.steps}") from None
         opt.zero_grad(set_to_none=True)
         paths = sampler.sample(state.step)
-        metrics = train_step(space, backend, batch, paths, cfg)
+        metrics = train_step(space, backend, batch, paths, cfg, view)
         if runtime.grad_sync is not None:  # every rank reduces the same tensors: zeros where a rank has none
             for p in params:
                 if p.grad is None:
@@ -396,5 +440,18 @@ def fit(
             _sync_state(state, opt, sched)
             checkpoint_fn(state)
     bar.close()
+    if best and best["step"] != state.step:  # the last evaluation was not the best: end at the best one
+        with torch.no_grad():
+            for p in params:
+                p.copy_(best["weights"][id(p)])
+        state.history.append({"step": state.step, "kind": "select", "best_step": best["step"],
+                              "best_score": best["score"]})
+        tracker.log_metrics({"select/best_step": best["step"], "select/best_score": best["score"]}, state.step)
     _sync_state(state, opt, sched)
     return state
+
+
+def selection_score(metrics: dict[str, float]) -> float | None:
+    """The number a run keeps its best adapters by: the mean over paths of ``eval/nll/<path>`` (None if absent)."""
+    nll = [v for k, v in metrics.items() if k.startswith("eval/nll/") and k.count("/") == 2]
+    return sum(nll) / len(nll) if nll else None

@@ -76,7 +76,9 @@ layer-concatenated caches, with the same call signature.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -96,7 +98,10 @@ from kvlingua.layers import (
 ADAPTERS = ("translator", "linear")
 GROUP_MODES = ("attend", "merge")
 OUTPUTS = ("auto", "dense", "per_layer")
-OUT_INITS = ("random", "match")
+INITS = ("closed_form", "random", "match")
+KEYS = ("unrotated", "rotated")
+Q_DIM_AUTO_PER_LAYER = 32
+"""``q_dim: auto`` is this many Σ channels per layer of the deepest member (the paper's Q = 32·L)."""
 EMBED_DEFAULTS = {"dense": 2.0, "per_layer": 0.5}
 """D'/D_i of each output layout when ``embed_dim_factor`` is None (see :class:`SpaceConfig`)."""
 
@@ -105,8 +110,10 @@ EMBED_DEFAULTS = {"dense": 2.0, "per_layer": 0.5}
 class SpaceConfig:
     """Shape of the shared space Σ and of every adapter into and out of it."""
 
-    q_dim: int = 256
-    """Q: width of Σ per position; must be divisible by every member's number of layers L_i."""
+    q_dim: int | str = 256
+    """Q: width of Σ per position; must be divisible by every member's number of layers L_i. ``auto``: the
+    paper's 32·L_max, rounded up to a multiple of every member's layer count (resolved with the pool, by
+    :func:`resolve_q_dim`)."""
     adapter: str = "translator"
     """``translator`` (paper §2.2 + short path) or ``linear`` (baseline: one Linear per K/V)."""
     output: str = "auto"
@@ -125,7 +132,7 @@ class SpaceConfig:
     translation_dim_factor: float = 1.0
     """Feed-forward width of the cross-attention stack = translation_dim_factor * D'."""
     n_heads: int = 4
-    """Attention heads of the cross-attention stack."""
+    """Attention heads of the cross-attention stack (at most: fewer where D' is not divisible, see :func:`stack_heads`)."""
     head_dim: int | None = None
     """Width of one attention head; None -> D' // n_heads (D' must then be divisible by n_heads)."""
     num_layers: int | None = None
@@ -141,17 +148,29 @@ class SpaceConfig:
     """Use the input transform + cross-attention stack + output transform (off: short path only)."""
     norm_eps: float = 1e-5
     """Epsilon of every LayerNorm in the translator."""
-    out_init: str = "random"
-    """How OUT_j starts: ``random`` -- variance-preserving weights, zero bias; ``match`` -- the same, then
-    rescaled on the first training batch so the translated cache has the target's own per-(layer, channel)
-    mean and standard deviation, IN_i first made to write Σ at mean 0 and standard deviation 1
-    (:func:`kvlingua.outinit.match_init`). A real model's cache is far from
-    zero-mean unit-scale (keys carry large fixed offsets its queries rely on), and a random cache in its
-    place costs it many nats before training starts; ``match`` starts near its statistics instead."""
-
+    init: str = "closed_form"
+    """How the adapters start: ``closed_form`` -- one calibration pass, no gradients: Σ from the joint principal
+    directions of every member's standardized cache (keys and values apart), IN_i and OUT_j by ridge regression
+    to and from it, so every path starts as the pool's linear optimum and the stack (last projection at zero)
+    adds what it learns (:mod:`kvlingua.closedform`; the short path is dense then); ``random`` --
+    variance-preserving weights, zero bias; ``match`` -- random, then rescaled on the first training batch so the
+    translated cache has the target's own per-(layer, channel) mean and standard deviation
+    (:func:`kvlingua.outinit.match_init`). ``random`` and ``match`` are kept for ablations."""
+    init_batches: int = 16
+    """Training batches the ``closed_form`` calibration reads (DESIGN.md measured 128 passages)."""
+    ridge: float = 1e-2
+    """Ridge of the ``closed_form`` regressions, relative to the mean variance of a regressor channel."""
+    sink_tokens: int = 1
+    """Positions at the start of every prefix that a target computes itself (its attention sink: a real
+    model's first position is unlike any other, and a translated one ruins every layer); Σ carries the
+    positions after them. 0 translates every position (the paper's setting)."""
+    keys: str = "unrotated"
+    """``unrotated``: Σ carries keys with each model's rotary embedding undone (position-free), rotated at the
+    target's own positions when a block becomes a cache (:mod:`kvlingua.rotary`); ``rotated``: keys as cached."""
     def __post_init__(self) -> None:
-        if self.q_dim < 1:
-            raise ValueError(f"q_dim must be >= 1, got {self.q_dim}")
+        if self.q_dim != "auto" and (isinstance(self.q_dim, bool) or not isinstance(self.q_dim, int)
+                                     or self.q_dim < 1):
+            raise ValueError(f"q_dim must be an integer >= 1 or 'auto', got {self.q_dim!r}")
         if self.adapter not in ADAPTERS:
             raise ValueError(f"adapter must be one of {list(ADAPTERS)}, got {self.adapter!r}")
         if self.output not in OUTPUTS:
@@ -174,8 +193,16 @@ class SpaceConfig:
             raise ValueError("at least one of short_path and stack must be true")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
-        if self.out_init not in OUT_INITS:
-            raise ValueError(f"out_init must be one of {list(OUT_INITS)}, got {self.out_init!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
+        if isinstance(self.init_batches, bool) or not isinstance(self.init_batches, int) or self.init_batches < 1:
+            raise ValueError(f"init_batches must be an integer >= 1, got {self.init_batches!r}")
+        if not self.ridge > 0:
+            raise ValueError(f"ridge must be > 0, got {self.ridge}")
+        if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
+        if self.keys not in KEYS:
+            raise ValueError(f"keys must be one of {list(KEYS)}, got {self.keys!r}")
 
     @property
     def output_layout(self) -> str:
@@ -183,9 +210,28 @@ class SpaceConfig:
         return "dense" if self.output == "auto" else self.output
 
     @property
+    def short_layout(self) -> str:
+        """``dense`` or ``per_layer``: the short path's layout. ``closed_form`` needs a dense one (Σ's principal
+        directions mix every layer); otherwise it follows :attr:`output_layout`."""
+        return "dense" if self.init == "closed_form" else self.output_layout
+
+    @property
+    def q(self) -> int:
+        """Q as an integer; raises if ``q_dim: auto`` was not resolved against the pool (:func:`resolve_q_dim`)."""
+        if self.q_dim == "auto":
+            raise ValueError("q_dim: auto must be resolved against the pool's layer counts first (resolve_q_dim)")
+        return self.q_dim
+
+    @property
     def embed_factor(self) -> float:
         """The D'/D_i in effect: ``embed_dim_factor``, or the default of :attr:`output_layout`."""
         return self.embed_dim_factor if self.embed_dim_factor is not None else EMBED_DEFAULTS[self.output_layout]
+
+    def check_init(self) -> None:
+        """Raise ``ValueError`` unless the adapters can start as :attr:`init` says (checked before a run starts)."""
+        if self.init == "closed_form" and self.adapter == "translator" and not self.short_path:
+            raise ValueError("init: closed_form sets the short path, and this translator has none (short_path: false);"
+                             " use init: random or match")
 
     def embed_dim(self, model_width: int) -> int:
         """D' for a model of cache width ``model_width`` (D_i)."""
@@ -222,12 +268,7 @@ class LayerwiseTranslator(nn.Module):
         w = d_out_flat // in_layers  # per_layer: output width per input slice (IN: Q/L_i, OUT: D_i)
         if cfg.stack:
             d = cfg.embed_dim(model_width)
-            if cfg.head_dim is None and d % cfg.n_heads:
-                raise ValueError(
-                    f"D' = {d} (embed_dim_factor {cfg.embed_factor:g} x D_i {model_width}) is not divisible "
-                    f"by n_heads={cfg.n_heads}; set head_dim explicitly or change n_heads"
-                )
-            head_dim = cfg.head_dim or d // cfg.n_heads
+            n_heads, head_dim = stack_heads(cfg, d)
             d_ff = max(1, round(cfg.translation_dim_factor * d))
             depth = min(cfg.num_layers or in_layers, in_layers)
             # merge: the input transform contracts each group of n slices into one ([L, D] -> [G, n*D] -> [G, D'])
@@ -245,7 +286,7 @@ class LayerwiseTranslator(nn.Module):
             self.in_k = SliceInput(n_slices, self.merge * in_width, d, cfg.norm_eps)
             self.in_v = SliceInput(n_slices, self.merge * in_width, d, cfg.norm_eps)
             self.layers = nn.ModuleList(
-                CrossAttentionLayer(d, cfg.n_heads, head_dim, d_ff, cfg.norm_eps) for _ in range(depth)
+                CrossAttentionLayer(d, n_heads, head_dim, d_ff, cfg.norm_eps) for _ in range(depth)
             )
             if self.per_layer:
                 bounds = [(a * self.merge, b * self.merge) for a, b in self.groups]  # in input slices
@@ -254,8 +295,9 @@ class LayerwiseTranslator(nn.Module):
             else:
                 self.out_k = OutputTransform(depth * d, d_out_flat, cfg.norm_eps, zero_init=cfg.short_path)
                 self.out_v = OutputTransform(depth * d, d_out_flat, cfg.norm_eps, zero_init=cfg.short_path)
+        self.short_per_layer = cfg.short_layout == "per_layer"
         if cfg.short_path:
-            if self.per_layer:
+            if self.short_per_layer:
                 self.short_k = SliceLinear(in_layers, in_width, w)
                 self.short_v = SliceLinear(in_layers, in_width, w)
             else:
@@ -300,7 +342,7 @@ class LayerwiseTranslator(nn.Module):
             y_k, y_v = self.stack_forward(x).chunk(2, dim=0)  # each [B, S, G*D']
             out_k, out_v = self.out_k(y_k), self.out_v(y_v)  # each [B, S, L_out*D_out]
         if self.use_short:
-            if self.per_layer:
+            if self.short_per_layer:
                 flat_out = (B, S, self.out_layers * self.out_width)
                 short_k = self.short_k(keys).reshape(flat_out)  # [B, S, L_in, w] -> [B, S, L_out*D_out]
                 short_v = self.short_v(values).reshape(flat_out)
@@ -342,6 +384,25 @@ class LinearAdapter(nn.Module):
         k = self.k(keys.reshape(flat)).reshape(shape)  # [B, S, L_in*D_in] -> [B, S, L_out, D_out]
         v = self.v(values.reshape(flat)).reshape(shape)
         return k, v
+
+
+def resolve_q_dim(cfg: SpaceConfig, layers: "Iterable[int]") -> SpaceConfig:
+    """``cfg`` with ``q_dim: auto`` made concrete: ``32·L_max`` rounded up to a multiple of every layer count."""
+    if cfg.q_dim != "auto":
+        return cfg
+    layers = list(layers)
+    lcm = math.lcm(*layers)
+    q = Q_DIM_AUTO_PER_LAYER * max(layers)
+    return replace(cfg, q_dim=-(-q // lcm) * lcm)
+
+
+def stack_heads(cfg: SpaceConfig, embed_dim: int) -> tuple[int, int]:
+    """``(n_heads, head_dim)`` of a stack of width D': ``cfg.head_dim`` if set, else the most heads up to
+    ``cfg.n_heads`` that divide D' (a model whose D' = 5 gets 1 head of 5 instead of an error)."""
+    if cfg.head_dim is not None:
+        return cfg.n_heads, cfg.head_dim
+    heads = max(h for h in range(1, cfg.n_heads + 1) if embed_dim % h == 0)
+    return heads, embed_dim // heads
 
 
 def build_adapter(in_layers: int, in_width: int, out_layers: int, out_width: int, model_width: int,

@@ -19,6 +19,7 @@ accumulated into in place.
 """
 from __future__ import annotations
 
+import pickle
 import threading
 from collections import defaultdict, deque
 
@@ -46,6 +47,7 @@ class RayBackend:
         self._summaries = {n: ArchSummary(**i["summary"]) for n, i in zip(self.hosts, infos)}
         self._fingerprints = {n: i["fingerprint"] for n, i in zip(self.hosts, infos)}
         self._pending: dict[tuple[str, str], deque] = defaultdict(deque)
+        self._rotations: dict = {}
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
@@ -107,6 +109,13 @@ class RayBackend:
         if ref is None:
             ref = self.hosts[model].prefix_block.remote(tensor_to_wire(input_ids))
         return block_from_wire(ray.get(ref), copy=False)  # read-only view: the loop never writes a source block
+
+    def rotation(self, model: str):
+        """``model``'s :class:`~kvlingua.rotary.KeyRotation`, asked of its host once."""
+        if model not in self._rotations:
+            # bytes from our own host actor (ModelHost.rotation), not untrusted input
+            self._rotations[model] = pickle.loads(ray.get(self.hosts[self._check(model)].rotation.remote()))
+        return self._rotations[model]
 
     # -- target side -----------------------------------------------------------------------
     def suffix_loss_and_grad(self, model: str, block: KVBlock, suffix_ids: Tensor) -> tuple[Tensor, KVBlock]:

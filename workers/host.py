@@ -36,6 +36,7 @@ in ``__init__``) and the interrupted call retried (``max_restarts`` /
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 import warnings
 from dataclasses import dataclass
@@ -175,6 +176,11 @@ class ModelHost:
         if isinstance(self._backend, CachingBackend):
             out.update(extractions=self._backend.extractions, hits=self._backend.hits)
         return out
+
+    def rotation(self) -> bytes:
+        """The model's rotary embedding (:class:`kvlingua.rotary.KeyRotation`: a few small buffers), pickled to
+        bytes here: as an object its tensors would arrive as read-only zero-copy views of the store."""
+        return pickle.dumps(self._backend.rotation(self.name))
 
     def prefix_block(self, input_ids: Tensor | WireTensor) -> WireBlock:
         """``[B, P]`` ids -> the block, keys/values ``[B, P, L, D]`` fp32."""

@@ -38,6 +38,7 @@ from kvlingua.modules.prompt import PromptConfig, init_prompts, prompt_block
 from kvlingua.modules.store import ModuleStore
 from kvlingua.modules.tasks import Task, TaskConfig, corpus_tasks, held_out_ids
 from kvlingua.provenance import provenance_line
+from kvlingua.view import module_view, translate_cache
 from kvlingua.pool import LoadedPool, PoolMismatchError, load_pool, save_pool, TOKENIZER_DIR
 from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace
@@ -172,8 +173,10 @@ def ported_nll(space: SharedSpace, setup: Setup, source: str, target: str, chunk
     blocks = setup.test_blocks[source]
     if shift:
         blocks = KVBlock(blocks.keys.roll(-shift, dims=0), blocks.values.roll(-shift, dims=0), blocks.n_kv_heads)
+    view = module_view(space.cfg)
+    rot_s, rot_t = (setup.backend.rotation(source), setup.backend.rotation(target)) if view.unrotate else (None, None)
     return condition_nll(setup.backend, target, blocks, setup.test_tasks, chunk,
-                         lambda b: space.translate(b, source, target))
+                         lambda b: translate_cache(space, b, source, target, rot_s, rot_t, view=view))
 
 
 def directions(names: Sequence[str]) -> list[tuple[str, str]]:

@@ -30,6 +30,7 @@ from kvlingua.runtime import Runtime
 from kvlingua.schedule import epoch_order
 from kvlingua.space import SharedSpace
 from kvlingua.train import Batch, TrainConfig, TrainState, fit
+from kvlingua.view import module_view
 
 INITS = ("pretrained", "random")
 
@@ -95,6 +96,9 @@ class ModuleBackend:
     def fingerprint(self, model: str) -> str:
         return self.inner.fingerprint(model)
 
+    def rotation(self, model: str):
+        return self.inner.rotation(model)
+
     def prefix_block(self, model: str, input_ids: Tensor) -> KVBlock:
         if model not in self.blocks:
             raise KeyError(f"no modules of model {model!r}; have {sorted(self.blocks)}")
@@ -152,4 +156,4 @@ def meta_train(space: SharedSpace, backend: PoolBackend, blocks: dict[str, KVBlo
     if state is not None:  # a resumed run continues with the batches from its step on
         batches = islice(batches, state.step, None)
     return fit(space, modules, batches, train, runtime=runtime, state=state, eval_fn=eval_fn,
-               checkpoint_fn=checkpoint_fn)
+               checkpoint_fn=checkpoint_fn, view=module_view(space.cfg), fresh=False)

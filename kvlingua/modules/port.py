@@ -25,7 +25,9 @@ from transformers import PreTrainedModel
 from kvlingua.cache import KVBlock, check_block_fits, fingerprint
 from kvlingua.generate import GenerationParams, eos_ids, make_generator, model_cache, sample_tokens
 from kvlingua.modules.prompt import Module, ModuleError, check_module, load_module, prompt_block
+from kvlingua.rotary import KeyRotation
 from kvlingua.space import LatentBlock, SharedSpace
+from kvlingua.view import model_rotation, module_view
 
 MODULES_KEY = "modules"
 """Key of ``pool.json`` a meta-trained pool records its meta-training under."""
@@ -58,13 +60,16 @@ def module_latent(space: SharedSpace, module: Module, source_model: PreTrainedMo
     check_module(module, module.model, source_fingerprint or fingerprint(source_model))
     check_prompt_len(module, max_prompt_len)
     block = prompt_block(source_model, module.prompt[None])  # [1, p, L_i, D_i]
+    view = module_view(space.cfg)
+    block = view.to_space(block, model_rotation(source_model) if view.unrotate else None)  # keys position-free
     device = next(space.parameters()).device
     return space.encode(block.to(device, torch.float32), module.model)  # [1, p, Q]
 
 
 @torch.no_grad()
 def port_module(space: SharedSpace, module: Module, source_model: PreTrainedModel, target: str, *,
-                source_fingerprint: str | None = None, max_prompt_len: int | None = None) -> KVBlock:
+                source_fingerprint: str | None = None, max_prompt_len: int | None = None,
+                target_rotation: KeyRotation | None = None) -> KVBlock:
     """The block model ``target`` reads for ``module``: ``OUT_target(IN_source(prompt_block))``.
 
     Args:
@@ -75,6 +80,8 @@ def port_module(space: SharedSpace, module: Module, source_model: PreTrainedMode
         target: the model that continues from the ported block (``target == module.model`` is the
             cyclic path through Σ, not the module's own block).
         max_prompt_len: the pool's :func:`meta_prompt_len`.
+        target_rotation: the target's rotary embedding (:func:`kvlingua.view.model_rotation`), needed when
+            the space carries keys un-rotated.
 
     Returns:
         KVBlock ``[1, p, L_target, D_target]``, fp32, on the space's device.
@@ -83,7 +90,7 @@ def port_module(space: SharedSpace, module: Module, source_model: PreTrainedMode
         raise ModuleError(f"target {target!r} is not in the pool ({space.names})")
     latent = module_latent(space, module, source_model, source_fingerprint=source_fingerprint,
                            max_prompt_len=max_prompt_len)  # [1, p, Q]
-    out = space.decode(latent, target)  # [1, p, L_j, D_j]
+    out = module_view(space.cfg).to_cache(space.decode(latent, target), target_rotation)  # [1, p, L_j, D_j]
     check_block_fits(out, space.members[target], f"target {target!r}")
     return out
 
@@ -140,7 +147,9 @@ class ModuleLibrary:
         key = (name, target)
         if key not in self._ported:
             module = self.modules[name]
+            rotation = model_rotation(self.models[target]) if target in self.models else None
             self._ported[key] = port_module(self.space, module, self.models[module.model], target,
+                                            target_rotation=rotation,
                                             source_fingerprint=self.fingerprints[module.model],
                                             max_prompt_len=self.max_prompt_len)
         return self._ported[key]

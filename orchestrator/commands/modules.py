@@ -127,6 +127,7 @@ def run_port(args: argparse.Namespace) -> int:
     from kvlingua.modules.experiment import load_modules_pool
     from kvlingua.modules.port import meta_prompt_len, port_module
     from kvlingua.modules.prompt import ModuleError, load_module
+    from kvlingua.view import model_rotation
 
     cfg = _config(args)
     pool = load_modules_pool(args.pool or cfg.pool)
@@ -139,7 +140,8 @@ def run_port(args: argparse.Namespace) -> int:
     fps = {m.name: m.fingerprint for m in pool.members}
     try:
         block = port_module(pool.space, module, pool.models[module.model], args.target,
-                            source_fingerprint=fps[module.model], max_prompt_len=meta_prompt_len(pool.meta))
+                            source_fingerprint=fps[module.model], max_prompt_len=meta_prompt_len(pool.meta),
+                            target_rotation=model_rotation(pool.models[args.target]))
     except ModuleError as e:
         raise ModuleError(f"{args.module}: {e}") from None
     task = _find_task(pool, cfg, module.task)

@@ -30,8 +30,9 @@ def setup():
     backend = LocalBackend(models)
     torch.manual_seed(0)
     summaries = {n: backend.summary(n) for n in models}
-    spaces = {"translator": SharedSpace(summaries, SpaceConfig(q_dim=24)),
-              "linear": SharedSpace(summaries, SpaceConfig(q_dim=24, adapter="linear"))}
+    legacy = dict(init="random", sink_tokens=0, keys="rotated")  # hand computation below reads raw blocks
+    spaces = {"translator": SharedSpace(summaries, SpaceConfig(q_dim=24, **legacy)),
+              "linear": SharedSpace(summaries, SpaceConfig(q_dim=24, adapter="linear", **legacy))}
     gen = torch.Generator().manual_seed(1)
     # parallel text: each model has its own ids, so the hand computation must pick the right ones
     batches = [Batch({n: torch.randint(0, VOCAB, (B, P + S), generator=gen) for n in models}, P, key=f"v/{k}")

@@ -26,7 +26,10 @@ def pool():
         "c": tiny_model("llama", seed=2, layers=4, kv_heads=2),
     }
     torch.manual_seed(0)
-    space = SharedSpace({n: arch_summary(m) for n, m in models.items()}, SpaceConfig(q_dim=32))
+    # the paper's setting (every position through Σ, keys as cached): the tests below compose the path by hand;
+    # the sink and un-rotation are checked end to end in test_view.py
+    space = SharedSpace({n: arch_summary(m) for n, m in models.items()},
+                        SpaceConfig(q_dim=32, init="random", sink_tokens=0, keys="rotated"))
     space.eval().requires_grad_(False)
     return models, space
 
@@ -128,11 +131,18 @@ class RecordingSpace:
     """Delegates to a real space and records every block it is asked to translate."""
 
     def __init__(self, space):
-        self.space, self.calls = space, []
+        self.space, self.calls, self.cfg = space, [], space.cfg
 
-    def translate(self, block, source, target):
-        self.calls.append((source, target, block))
-        return self.space.translate(block, source, target)
+    def parameters(self):
+        return self.space.parameters()
+
+    def encode(self, block, source):  # a path is one encode, then one decode
+        self.calls.append([source, None, block])
+        return self.space.encode(block, source)
+
+    def decode(self, latent, target):
+        self.calls[-1][1] = target
+        return self.space.decode(latent, target)
 
 
 def cat(*blocks: KVBlock) -> KVBlock:

@@ -11,6 +11,7 @@ from kvlingua.modules.store import ModuleStore
 from kvlingua.modules.tasks import Task, TaskConfig, chapter_task, example_windows, held_out_ids
 from kvlingua.space import SharedSpace
 from kvlingua.train import TrainConfig
+from kvlingua.rotary import KeyRotation
 from kvlingua.translator import SpaceConfig
 from tests.helpers import tiny_model
 
@@ -40,8 +41,11 @@ def test_ported_suffix_loss_equals_the_hand_composed_path(pool):
     module = Module(torch.randn(5, 32), "a", fingerprint(models["a"]), "t")
     ids = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
-        ported = port_module(space, module, models["a"], "b")
-        hand = space.decode(space.encode(_manual_cache_block(models["a"], module.prompt[None]), "a"), "b")
+        rot_a, rot_b = KeyRotation.from_model(models["a"]), KeyRotation.from_model(models["b"])
+        ported = port_module(space, module, models["a"], "b", target_rotation=rot_b)
+        # by hand: keys un-rotated at the source's positions, translated, rotated at the target's (no sink)
+        raw = _manual_cache_block(models["a"], module.prompt[None])  # [1, p, L_a, D_a]
+        hand = rot_b.rotate(space.decode(space.encode(rot_a.unrotate(raw), "a"), "b"))
     assert ported.keys.shape == (1, 5, 4, 8)
     torch.testing.assert_close(backend.suffix_nll("b", ported, ids), backend.suffix_nll("b", hand, ids))
     # and the same number through the training seam (what meta-training reads)

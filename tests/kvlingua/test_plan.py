@@ -98,8 +98,14 @@ def test_shipped_shapes_have_their_published_sizes_and_fit_the_target(name):
     summary = arch_summary(config)
     L = summary.num_layers
     with torch.device("meta"):
-        counts = SharedSpace({"m": summary}, SpaceConfig(q_dim=32 * L, output="per_layer")).param_counts()["m"]
+        counts = SharedSpace({"m": summary}, SpaceConfig(q_dim=32 * L, output="per_layer", init="random")
+                             ).param_counts()["m"]
     assert counts["in"] + counts["out"] <= 0.1 * PUBLISHED[name]
+    # the closed-form start needs a dense short path (Σ's principal directions mix every layer): L*D*Q per map
+    with torch.device("meta"):
+        closed = SharedSpace({"m": summary}, SpaceConfig(q_dim=32 * L, output="per_layer")).param_counts()["m"]
+    D, Q = summary.width, 32 * L  # dense (L*D x Q, K and V, IN and OUT) against per-slice (D x Q/L per layer)
+    assert closed["in"] + closed["out"] - (counts["in"] + counts["out"]) == 4 * D * Q * (L - 1)
 
 
 def test_cli_prints_a_plan_for_a_shape_file(tmp_path, capsys):

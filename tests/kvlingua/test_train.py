@@ -33,9 +33,16 @@ def random_batches(names, seed=0, batch=B, length=P + S):
         step += 1
 
 
+LEGACY = dict(init="random", sink_tokens=0, keys="rotated")
+"""The paper's setting: every position translated, keys as cached, a random start. The loop's mechanics are
+checked against direct autograd on it; the sink, un-rotation and closed form are tested in test_view.py and
+test_closedform.py (and below where named)."""
+
+
 def make_space(backend, seed=0, **kw):
     torch.manual_seed(seed)
-    return SharedSpace({n: backend.summary(n) for n in backend.names()}, SpaceConfig(q_dim=kw.pop("q_dim", 24), **kw))
+    cfg = {**LEGACY, **kw, "q_dim": kw.get("q_dim", 24)}
+    return SharedSpace({n: backend.summary(n) for n in backend.names()}, SpaceConfig(**cfg))
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +390,7 @@ def _channel_moments(t):
 
 
 def test_match_init_standardizes_sigma_and_gives_out_its_targets_statistics(pool3):
-    space = make_space(pool3, out_init="match")
+    space = make_space(pool3, init="match")
     batch = next(random_batches(pool3.names(), seed=5))
     frozen = params_of(space, "b")
     record = match_init(space, pool3, batch, trainable=["a", "c"], targets=["a", "c"])
@@ -411,7 +418,7 @@ def test_fit_matches_once_at_a_fresh_start_and_resume_equals_uninterrupted(pool2
     cfg = TrainConfig(steps=4, lr=5e-3, log_every=1)
     gen = random_batches(pool2.names(), seed=2)
     batches = [next(gen) for _ in range(cfg.steps)]
-    full = make_space(pool2, seed=1, out_init="match")
+    full = make_space(pool2, seed=1, init="match")
     at_start = {}
 
     def eval_fn(step):  # the evaluation at step 0 sees the space right after the init
@@ -421,7 +428,7 @@ def test_fit_matches_once_at_a_fresh_start_and_resume_equals_uninterrupted(pool2
 
     state = fit(full, pool2, iter(batches), replace(cfg, eval_every=10), eval_fn=eval_fn, runtime=QUIET)
     assert [h["kind"] for h in state.history[:2]] == ["init", "eval"] and state.step == 4
-    reference = make_space(pool2, seed=1, out_init="match")
+    reference = make_space(pool2, seed=1, init="match")
     match_init(reference, pool2, batches[0], ["a", "c"], ["a", "c"])  # on the first batch, every adapter
     assert at_start.keys() == reference.state_dict().keys()
     for k, p in reference.state_dict().items():
@@ -429,7 +436,7 @@ def test_fit_matches_once_at_a_fresh_start_and_resume_equals_uninterrupted(pool2
     unmatched = make_space(pool2, seed=1)
     assert any(not torch.equal(unmatched.state_dict()[k], p) for k, p in at_start.items())
 
-    part = make_space(pool2, seed=1, out_init="match")
+    part = make_space(pool2, seed=1, init="match")
     saved = {}
 
     def checkpoint(s):
@@ -440,7 +447,7 @@ def test_fit_matches_once_at_a_fresh_start_and_resume_equals_uninterrupted(pool2
     with pytest.raises(KeyboardInterrupt):
         fit(part, pool2, iter(batches), replace(cfg, eval_every=10, checkpoint_every=2), checkpoint_fn=checkpoint,
             runtime=QUIET)
-    resumed = make_space(pool2, seed=7, out_init="match")
+    resumed = make_space(pool2, seed=7, init="match")
     st = load_checkpoint(saved["dir"], resumed)
     st = fit(resumed, pool2, iter(batches[st.step:]), replace(cfg, eval_every=10), state=st, runtime=QUIET)  # no re-init
     for p, q in zip(full.state_dict().values(), resumed.state_dict().values()):

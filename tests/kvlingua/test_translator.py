@@ -47,17 +47,20 @@ def test_config_checks_and_strict_loading():
     assert from_dict(SpaceConfig, to_dict(cfg)) == cfg
 
 
-def test_heads_must_divide_embed_dim():
-    with pytest.raises(ValueError, match="not divisible by n_heads=3"):
-        LayerwiseTranslator(2, 8, 1, 16, 8, SpaceConfig(n_heads=3))
-    # an explicit head_dim lifts the constraint
+def test_heads_that_do_not_divide_embed_dim_fall_back_to_the_most_that_do():
+    """A model whose D' = 5 (KV width 10 at factor 0.5) gets 1 head of 5, not a traceback after the job started."""
+    t = LayerwiseTranslator(2, 10, 1, 16, 10, SpaceConfig(output="per_layer", init="random"))  # D' = 5, n_heads 4
+    assert t.layers[0].n_heads == 1 and t.layers[0].q_proj.out_features == 5
+    t = LayerwiseTranslator(2, 8, 1, 16, 8, SpaceConfig(n_heads=3))  # D' = 16: 2 heads of 8
+    assert t.layers[0].n_heads == 2 and t.layers[0].q_proj.out_features == 16
+    # an explicit head_dim keeps the heads asked for
     t = LayerwiseTranslator(2, 8, 1, 16, 8, SpaceConfig(n_heads=3, head_dim=5))
     assert t.layers[0].q_proj.out_features == 15
 
 
-PER_LAYER = [SpaceConfig(output="per_layer"), SpaceConfig(output="per_layer", num_layers=3),
-             SpaceConfig(output="per_layer", num_layers=2, group_mode="merge"),
-             SpaceConfig(output="per_layer", short_path=False), SpaceConfig(output="per_layer", stack=False)]
+PER_LAYER = [SpaceConfig(output="per_layer", init="random"), SpaceConfig(output="per_layer", init="random", num_layers=3),
+             SpaceConfig(output="per_layer", init="random", num_layers=2, group_mode="merge"),
+             SpaceConfig(output="per_layer", init="random", short_path=False), SpaceConfig(output="per_layer", init="random", stack=False)]
 
 
 @pytest.mark.parametrize("cfg", [SpaceConfig(), SpaceConfig(short_path=False), SpaceConfig(stack=False),
@@ -236,14 +239,14 @@ def test_linear_adapter_is_one_matmul_per_kv():
 # ---------------------------------------------------------------------------------------------- per-layer output
 def test_auto_output_builds_dense_until_resolved_and_widths_follow_the_layout():
     assert SpaceConfig().output == "auto" and SpaceConfig().output_layout == "dense"
-    assert SpaceConfig().embed_factor == 2.0 and SpaceConfig(output="per_layer").embed_factor == 0.5
-    assert SpaceConfig(output="per_layer", embed_dim_factor=3.0).embed_factor == 3.0
+    assert SpaceConfig().embed_factor == 2.0 and SpaceConfig(output="per_layer", init="random").embed_factor == 0.5
+    assert SpaceConfig(output="per_layer", init="random", embed_dim_factor=3.0).embed_factor == 3.0
     dense = build_adapter(4, 16, 4, 16, 16, SpaceConfig())
     assert isinstance(dense.out_k, OutputTransform) and dense.embed_dim == 32
-    per = build_adapter(4, 16, 4, 16, 16, SpaceConfig(output="per_layer"))
+    per = build_adapter(4, 16, 4, 16, 16, SpaceConfig(output="per_layer", init="random"))
     assert isinstance(per.out_k, GroupOutput) and per.embed_dim == 8
     with pytest.raises(ValueError, match="equal share of the output layout"):
-        build_adapter(4, 16, 1, 30, 16, SpaceConfig(output="per_layer"))  # 30 outputs over 4 slices
+        build_adapter(4, 16, 1, 30, 16, SpaceConfig(output="per_layer", init="random"))  # 30 outputs over 4 slices
 
 
 def _per_layer_count(L: int, d_in: int, w: int, D: int) -> int:
@@ -264,7 +267,7 @@ def test_per_layer_param_count_is_linear_in_depth():
     D, w = 16, 4  # Q = w * L grows with depth, as Q = 32 * L does at real shapes
     n = lambda m: sum(p.numel() for p in m.parameters())
     for L in (2, 3, 5, 8):
-        cfg = SpaceConfig(q_dim=w * L, output="per_layer")
+        cfg = SpaceConfig(q_dim=w * L, output="per_layer", init="random")
         assert n(build_adapter(L, D, 1, w * L, D, cfg)) == _per_layer_count(L, D, w, D)  # IN
         assert n(build_adapter(L, w, L, D, D, cfg)) == _per_layer_count(L, w, D, D)  # OUT
     # the paper's dense output grows faster than linearly: 4x deeper is more than 4x larger
@@ -274,7 +277,7 @@ def test_per_layer_param_count_is_linear_in_depth():
 
 def test_per_layer_zero_init_stack_equals_per_slice_short_path():
     torch.manual_seed(0)
-    t = build_adapter(4, 16, 4, 16, 16, SpaceConfig(output="per_layer"))  # OUT-like: chunk l = model layer l
+    t = build_adapter(4, 16, 4, 16, 16, SpaceConfig(output="per_layer", init="random"))  # OUT-like: chunk l = model layer l
     k, v = _kv()
     out_k, out_v = t(k, v)
     for out, x, short in ((out_k, k, t.short_k), (out_v, v, t.short_v)):
@@ -288,7 +291,7 @@ def test_per_layer_zero_init_stack_equals_per_slice_short_path():
 def test_per_layer_group_writes_only_its_own_chunks():
     """Stack only, two groups of two slices: output layers 0-1 never see input slices 2-3."""
     torch.manual_seed(0)
-    t = build_adapter(4, 16, 4, 16, 16, SpaceConfig(output="per_layer", num_layers=2, short_path=False))
+    t = build_adapter(4, 16, 4, 16, 16, SpaceConfig(output="per_layer", init="random", num_layers=2, short_path=False))
     _randomise(t)
     k, v = _kv()
     base_k, _ = t(k, v)
@@ -302,8 +305,8 @@ def test_per_layer_group_writes_only_its_own_chunks():
     assert (t(k3, v)[0][:, :, 3] - base_k[:, :, 3]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("kw", [dict(output="dense"), dict(output="per_layer"), dict(output="per_layer", num_layers=2),
-                                dict(output="dense", short_path=False), dict(output="per_layer", stack=False),
+@pytest.mark.parametrize("kw", [dict(output="dense"), dict(output="per_layer", init="random"), dict(output="per_layer", init="random", num_layers=2),
+                                dict(output="dense", short_path=False), dict(output="per_layer", init="random", stack=False),
                                 dict(adapter="linear")], ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
 def test_rescale_output_is_an_exact_affine_map_of_the_output(kw):
     """out -> scale * out + shift per flat channel, for any weights (stack and short path both live)."""
@@ -318,5 +321,5 @@ def test_rescale_output_is_an_exact_affine_map_of_the_output(kw):
     after_k, after_v = t(k, v)
     torch.testing.assert_close(after_k.flatten(2), before_k.flatten(2) * scale_k + shift_k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(after_v.flatten(2), before_v.flatten(2) * scale_v + shift_v, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="out_init"):
-        SpaceConfig(out_init="lsuv")
+    with pytest.raises(ValueError, match="init"):
+        SpaceConfig(init="lsuv")

@@ -1,0 +1,177 @@
+"""``init: closed_form``: every adapter's short path starts at the pool's linear optimum, no gradients.
+
+One calibration pass over a few training batches reads every member's cache the way Σ sees it
+(:class:`~kvlingua.view.CacheView`: after the sink, keys un-rotated), flattened per position to
+``x_m`` of width ``d_m = L_m·D_m``, keys and values apart. Then, from second moments only:
+
+1. **Σ**: each member's centred cache is scaled to unit total variance (so no member dominates by
+   its scale), the members are stacked side by side at aligned positions, and Σ's ``Q`` directions
+   are their joint principal directions ``W`` (``z = g·Wᵀ x̃``, ``g`` so that Σ has unit variance per
+   channel on average). With one member this is its own PCA.
+2. **IN_i** by ridge regression from ``x_i`` to ``z``: ``A_i = Cov(z, x_i) (C_ii + λ_i I)⁻¹``, bias
+   ``−A_i μ_i`` (``λ_i = ridge·tr(C_ii)/d_i``).
+3. **OUT_j** by ridge regression from what OUT_j will read, every source's ``ẑ_i = A_i (x_i − μ_i)``
+   pooled over sources, to ``x_j``: ``B_j = (Σ_i C_ji A_iᵀ)(Σ_i A_i C_ii A_iᵀ + λ I)⁻¹``, bias ``μ_j``.
+
+The short path of a translator (dense, :attr:`~kvlingua.translator.SpaceConfig.short_layout`) or the
+linear adapter's maps take these weights; the stack's last projection already starts at zero, so each
+path starts as this linear translator and training adds what the stack learns.
+
+A space that extends a trained pool keeps its trained members' IN as they are: Σ is then what they
+write (``z`` = the mean of the frozen members' encodings), and only the new members' IN and OUT are fitted.
+On several ranks every moment is averaged over ranks first, so every rank makes the same change.
+Measured on SmolLM2-135M (DESIGN.md, *Real models*): 0.89–1.00 of the model's context through Σ, no training.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kvlingua.backend import PoolBackend
+from kvlingua.cache import KVBlock
+from kvlingua.outinit import rank_mean
+from kvlingua.runtime import Runtime
+from kvlingua.space import SharedSpace, space_device
+from kvlingua.translator import LayerwiseTranslator, LinearAdapter
+from kvlingua.view import CacheView
+
+KINDS = ("keys", "values")
+
+
+def short_maps(adapter: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """The two dense linear maps (K, V) of an adapter that :func:`closed_form_init` sets."""
+    if isinstance(adapter, LinearAdapter):
+        return adapter.k, adapter.v
+    if isinstance(adapter, LayerwiseTranslator) and adapter.use_short and not adapter.short_per_layer:
+        return adapter.short_k, adapter.short_v
+    raise ValueError("init: closed_form needs the linear adapter or a translator with a dense short path")
+
+
+def _flat(t: Tensor) -> Tensor:
+    B, S, L, D = t.shape
+    return t.reshape(B * S, L * D).double()  # [B*S, L*D] one row per position
+
+
+@torch.no_grad()
+def _moments(space: SharedSpace, backend: PoolBackend, batches: Sequence, view: CacheView,
+             frozen: Sequence[str], runtime: Runtime | None) -> dict[str, dict[str, Tensor]]:
+    """Per kind: the joint mean and second moment of ``[x_1 .. x_N, z_frozen]`` over every calibration position,
+    about ``shift`` (the first batch's mean)."""
+    names = list(space.names)
+    rotations = {m: backend.rotation(m) for m in names} if view.unrotate else {}
+    device = space_device(space)
+    sums: dict[str, Tensor] = {}
+    grams: dict[str, Tensor] = {}
+    shifts: dict[str, Tensor] = {}
+    rows = 0
+    for batch in batches:
+        view.check_prefix(batch.prefix_len)
+        blocks = {m: view.to_space(backend.prefix_block(m, batch.prefix(m)), rotations.get(m)) for m in names}
+        latents = [space.encode(blocks[m].to(device), m) for m in frozen]  # each [B, P-k, Q]
+        for kind in KINDS:
+            cols = [_flat(getattr(blocks[m], kind)) for m in names]  # each [N, d_m]
+            if latents:  # Σ as the frozen members write it: their mean encoding
+                z = torch.stack([getattr(l, kind) for l in latents]).mean(0)  # [B, P-k, Q]
+                cols.append(z.reshape(-1, z.shape[-1]).double().cpu())  # [N, Q]
+            x = torch.cat(cols, dim=1)  # [N, sum d_m (+ Q)]
+            if kind not in shifts:  # moments about the first batch's mean: fp32 products lose nothing to offsets
+                shifts[kind] = rank_mean([x.mean(0)], runtime)[0]  # the same on every rank
+            x = (x - shifts[kind]).float()
+            sums[kind] = sums.get(kind, 0) + x.sum(0).double()
+            grams[kind] = grams.get(kind, 0) + (x.T @ x).double()
+        rows += x.shape[0]
+    return {kind: {"shift": shifts[kind], "mean": sums[kind] / rows, "gram": grams[kind] / rows} for kind in KINDS}
+
+
+def _top_directions(cov: Tensor, q: int) -> tuple[Tensor, Tensor]:
+    """The ``q`` leading eigenvectors ``[d, q]`` and eigenvalues ``[q]`` of a symmetric PSD ``cov`` ``[d, d]``."""
+    d = cov.shape[0]
+    if q >= d // 2:
+        vals, vecs = torch.linalg.eigh(cov)  # ascending
+        vals, vecs = vals.flip(0)[:q], vecs.flip(1)[:, :q]
+    else:  # a randomized range finder: a few products with cov instead of a full eigendecomposition
+        gen = torch.Generator().manual_seed(0)
+        basis = torch.linalg.qr(cov @ torch.randn(d, q + 32, dtype=cov.dtype, generator=gen)).Q  # [d, q+32]
+        for _ in range(4):
+            basis = torch.linalg.qr(cov @ basis).Q
+        small, rot = torch.linalg.eigh(basis.T @ cov @ basis)  # [q+32]
+        vals, vecs = small.flip(0)[:q], (basis @ rot.flip(1))[:, :q]
+    if vecs.shape[1] < q:  # Σ wider than the caches: the extra channels start silent
+        vecs = torch.cat([vecs, vecs.new_zeros(d, q - vecs.shape[1])], dim=1)
+        vals = torch.cat([vals, vals.new_zeros(q - vals.shape[0])])
+    return vecs, vals.clamp_min(0)
+
+
+def _ridge_solve(cov: Tensor, cross: Tensor, ridge: float) -> Tensor:
+    """``cross @ (cov + λ I)⁻¹`` with ``λ = ridge · tr(cov)/d``: ``[out, d]`` weights of a ridge regression."""
+    d = cov.shape[0]
+    lam = ridge * float(torch.diagonal(cov).mean().clamp_min(1e-12))
+    return torch.linalg.solve(cov + lam * torch.eye(d, dtype=cov.dtype), cross.T).T
+
+
+@torch.no_grad()
+def closed_form_init(space: SharedSpace, backend: PoolBackend, batches: Sequence, trainable: Sequence[str],
+                     runtime: Runtime | None = None, view: CacheView | None = None) -> dict[str, float]:
+    """Set the short paths of ``trainable`` members' IN and OUT to the pool's linear optimum (module docstring).
+
+    Args:
+        space: a fresh space (its trainable members' adapters are overwritten; the others are read).
+        backend: the frozen pool.
+        batches: calibration batches (the first ``space.cfg.init_batches`` of training).
+        trainable: members whose adapters are fitted; the rest keep theirs and define Σ.
+        runtime: averages the moments over ranks.
+        view: what Σ carries of a cache (default the space's).
+
+    Returns:
+        ``{"init/energy/<kind>": share of the joint standardized variance Σ holds, ...}`` for the record.
+    """
+    view = view or CacheView.of(space.cfg)
+    names = list(space.names)
+    trainable = [m for m in names if m in set(trainable)]
+    frozen = [m for m in names if m not in trainable]
+    widths = [space.members[m].num_layers * space.members[m].width for m in names]
+    offsets = [sum(widths[:i]) for i in range(len(names) + 1)]
+    blk = {m: slice(offsets[i], offsets[i + 1]) for i, m in enumerate(names)}
+    q = space.cfg.q
+    moments = _moments(space, backend, batches, view, frozen, runtime)
+    dtype = next(space.parameters()).dtype
+    record: dict[str, float] = {}
+    for kind_i, kind in enumerate(KINDS):
+        shifted, gram = rank_mean([moments[kind]["mean"], moments[kind]["gram"]], runtime)
+        cov = gram - torch.outer(shifted, shifted)  # [d, d] joint covariance
+        mean = shifted + moments[kind]["shift"]  # [d]
+        if frozen:  # Σ is what the trained members write: z = their mean encoding, the last Q columns
+            zs = slice(offsets[-1], offsets[-1] + q)
+            cov_zx = cov[zs]  # [Q, d] Cov(z, x)
+        else:
+            scale = torch.cat([torch.full((w,), float(torch.diagonal(cov[blk[m], blk[m]]).sum().clamp_min(1e-12)).__pow__(0.5),
+                                          dtype=cov.dtype) for m, w in zip(names, widths)])  # [d] per-member total std
+            std_cov = cov / torch.outer(scale, scale)  # [d, d] each member at unit total variance
+            vecs, vals = _top_directions(std_cov, q)  # [d, Q], [Q]
+            g = (q / vals.sum().clamp_min(1e-12)) ** 0.5  # Σ at unit variance per channel, on average
+            cov_zx = g * vecs.T @ std_cov * scale  # [Q, d] Cov(z, x)
+            record[f"init/energy/{kind}"] = float(vals.sum() / torch.diagonal(std_cov).sum())
+        A = {}
+        for m in names:
+            if m in trainable:
+                A[m] = _ridge_solve(cov[blk[m], blk[m]], cov_zx[:, blk[m]], space.cfg.ridge)  # [Q, d_m]
+                lin = short_maps(space.adapters(m)["in"])[kind_i]
+                lin.weight.copy_(A[m].to(dtype))
+                lin.bias.copy_((-A[m] @ mean[blk[m]]).to(dtype))
+        for j in trainable:
+            zz = 0
+            xz = 0
+            for i in names:  # what OUT_j reads: every source's Σ, pooled
+                if i in A:
+                    zz = zz + A[i] @ cov[blk[i], blk[i]] @ A[i].T  # [Q, Q] Cov(ẑ_i)
+                    xz = xz + cov[blk[j], blk[i]] @ A[i].T  # [d_j, Q] Cov(x_j, ẑ_i)
+                else:  # a frozen source writes z itself
+                    zz = zz + cov[zs, zs]
+                    xz = xz + cov_zx[:, blk[j]].T
+            B = _ridge_solve(zz, xz, space.cfg.ridge)  # [d_j, Q]
+            lin = short_maps(space.adapters(j)["out"])[kind_i]
+            lin.weight.copy_(B.to(dtype))
+            lin.bias.copy_(mean[blk[j]].to(dtype))
+    return record
