@@ -9,7 +9,9 @@ A latent hand-off ``source -> target`` is trusted only on
   (hand-built, tests) trusts every path;
 * at most as many positions as its adapters were trained on: ``pool.json``'s
   ``trained_prefix_len: [min, max]`` when present, else the job's ``prefix_len``; no job,
-  no limit.
+  no limit. A space whose keys travel un-rotated (``keys: unrotated``) carries nothing that says
+  where a prefix stood, so positions limit it only where a length was measured to hold
+  (``held_prefix_len``, written by ``kvlingua real-model``'s position stage).
 
 Outside those limits a request falls back to text hand-off (the target re-reads the
 prompt) and the answer says so (``handoff_used``, ``handoff_reason``); a request with
@@ -50,7 +52,11 @@ class TrainedLimits:
             paths = touching | frozen
         max_positions = None
         trained = meta.get("trained_prefix_len")
-        if isinstance(trained, (list, tuple)) and len(trained) == 2:
+        space = meta.get("space") if isinstance(meta.get("space"), dict) else {}
+        if space.get("keys") == "unrotated":  # position-free keys: only a measured limit, if one was recorded
+            held = meta.get("held_prefix_len")
+            max_positions = int(held) if isinstance(held, int) else None
+        elif isinstance(trained, (list, tuple)) and len(trained) == 2:
             max_positions = int(trained[1])
         elif isinstance(job.get("prefix_len"), int):
             max_positions = int(job["prefix_len"])

@@ -49,6 +49,7 @@ from kvlingua.models import load_frozen
 from kvlingua.modules.port import module_latent
 from kvlingua.pool import PoolMismatchError, load_pool, verify_member
 from kvlingua.space import LatentBlock
+from kvlingua.view import CacheView, model_rotation
 from kvlingua.store import LRUBytes, tensor_bytes
 from serve_apps.modules import module_library
 from serve_apps.options import ServeOptions
@@ -92,6 +93,8 @@ class PoolModelServer:
         self.name = name
         self.summary = member.summary
         self.space = pool.space.eval().requires_grad_(False)
+        self.view = CacheView.of(self.space.cfg)  # what Σ carries: after the target's own sink, keys un-rotated
+        self.rotation = model_rotation(self.model) if self.view.unrotate else None
         self.tokenizer = pool.tokenizer  # stop strings are found in the decoded text
         self.decoded: LRUBytes[KVBlock] = LRUBytes(opts.decoded_cache_bytes, lambda b: tensor_bytes(b.keys, b.values))
         self.decoded_hits = 0
@@ -108,7 +111,7 @@ class PoolModelServer:
         t0 = time.perf_counter()
         block = extract_prefix(self.model, as_prompt(ids))  # [1, C, L, D]
         t1 = time.perf_counter()
-        payload = self._latent_payload(block)
+        payload = self._latent_payload(block, ids)
         payload.update(prefill_s=t1 - t0, translate_s=time.perf_counter() - t1)
         return payload
 
@@ -127,7 +130,7 @@ class PoolModelServer:
         t0 = time.perf_counter()
         block = prefill(self.model, as_prompt(prompt_ids))  # [1, P-1, L, D]
         t1 = time.perf_counter()
-        payload = self._latent_payload(block)
+        payload = self._latent_payload(block, prompt_ids)
         payload.update(prefill_s=t1 - t0, translate_s=time.perf_counter() - t1)
         return payload
 
@@ -148,13 +151,22 @@ class PoolModelServer:
         t0 = time.perf_counter()
         z = module_latent(self.space, lib.modules[module], self.model, source_fingerprint=lib.fingerprints[self.name],
                           max_prompt_len=lib.max_prompt_len)  # [1, p, Q]
-        return {"kind": "latent", **_wire(z), "prefill_s": 0.0, "translate_s": time.perf_counter() - t0}
+        return {"kind": "latent", **_wire(z), "sink": 0, "prefill_s": 0.0,  # a module has no sink (module_view)
+                "translate_s": time.perf_counter() - t0}
 
-    def _latent_payload(self, block: KVBlock) -> Payload:
-        if block.seq_len == 0:
-            empty = torch.zeros(1, 0, self.space.cfg.q_dim)  # [1, 0, Q]
-            return {"kind": "latent", **_wire(LatentBlock(empty, empty))}
-        return {"kind": "latent", **_wire(self.space.encode(block, self.name))}  # [1, S, Q]
+    def _latent_payload(self, block: KVBlock, ids: list[int] | None = None, start: int = 0) -> Payload:
+        """This model's own block of positions ``start ..`` in Σ: ``{"kind": "latent", keys/values [1, S-k, Q],
+        "start", "sink", "sink_ids"}``. At ``start == 0`` the first ``k = sink_tokens`` positions stay out of Σ;
+        their token ids travel instead (``ids``), and the receiving model reads them itself (its own sink)."""
+        k = min(self.view.sink(start), block.seq_len)
+        meta = {"start": start, "sink": k, "sink_ids": [int(t) for t in (ids or [])[:k]]}
+        if len(meta["sink_ids"]) != k:
+            raise ValueError(f"a hand-off from position 0 needs the first {k} token id(s) for the target's own sink")
+        if block.seq_len <= k:
+            empty = torch.zeros(1, 0, self.space.cfg.q)  # [1, 0, Q]
+            return {"kind": "latent", **_wire(LatentBlock(empty, empty)), **meta}
+        body = self.view.to_space(block, self.rotation, start)  # [1, S-k, L, D]: after the sink, keys position-free
+        return {"kind": "latent", **_wire(self.space.encode(body, self.name)), **meta}  # [1, S-k, Q]
 
     # ------------------------------------------------------------ hand-off in
     def _payload_block(self, payload: Payload) -> tuple[KVBlock | None, bool]:
@@ -170,10 +182,14 @@ class PoolModelServer:
                 self.decoded_hits += 1
                 return block, False
         if payload["kind"] == "latent":
-            latent = LatentBlock(*_received(payload))  # [1, S, Q]
+            latent = LatentBlock(*_received(payload))  # [1, S-k, Q]
+            view = CacheView(payload.get("sink", 0), self.view.unrotate)
+            sink_ids = payload.get("sink_ids") or []
+            sink = extract_prefix(self.model, as_prompt(sink_ids)) if sink_ids else None  # [1, k, L, D]: our own
             if latent.keys.shape[1] == 0:
-                return None, False
-            block = self.space.decode(latent, self.name)  # [1, S, L, D]
+                return sink, sink is not None
+            block = view.to_cache(self.space.decode(latent, self.name), self.rotation, sink,
+                                  payload.get("start", 0))  # [1, S, L, D]
             if key is not None and tensor_bytes(block.keys, block.values) <= self.decoded.budget:
                 self.decoded.put(key, block)
             return block, True
@@ -312,7 +328,7 @@ class PoolModelServer:
             t1 = time.perf_counter()
             own = block_from_cache(cache, self.summary.n_kv_heads).map(lambda t: t[:, start:])  # [1, n, L, D]: computed here
             out["own"] = {"kind": "block", **_wire(own), "n_kv_heads": own.n_kv_heads}
-            out["latent"] = self._latent_payload(own)  # [1, n, Q]
+            out["latent"] = self._latent_payload(own, prompt_ids, start=start)  # [1, n, Q]: a sink only from position 0
             out["positions"] = own.seq_len
             out["translate_s"] += time.perf_counter() - t1
         return out
