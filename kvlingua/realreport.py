@@ -110,7 +110,7 @@ def curves_section(run_dir: Path, report: Path, deep: str, shallow: str) -> list
                        title="Validation suffix NLL during Σ training (all spaces)")
     lines = ["## Training curves (validation split)", "",
              "Suffix NLL on validation rows at each evaluation; step 0 is right after the adapters' initialisation "
-             "(with `out_init: match`, after it). No prefix at all is the floor a translated cache must beat to help.",
+             "(for `init: closed_form`, the closed form; training keeps its best evaluation). No prefix at all is the floor a translated cache must beat to help.",
              "", f"![curves]({png.relative_to(report.parent).as_posix()})", "",
              "| space | path | validation NLL by step | no prefix | base |", "|---|---|---|---|---|"]
     for space, hist in histories.items():
@@ -212,6 +212,99 @@ def _pretraining_note(pool: str | None) -> str:
             + "; part of `train` when the pool is new, else spent before it by `kvlingua pretrain`.")
 
 
+def _content(result: EvalResult, path, cond: str = "space") -> float:
+    return result.summary_for(path, cond).content
+
+
+def levers_section(run_dir: Path, deep: str, shallow: str) -> list[str]:
+    """The closed-form start against the trained space, and what each lever buys at the start (``levers/``)."""
+    d = run_dir / "levers"
+    if not (d / "trained.json").is_file():
+        return []
+    res = {f.stem: EvalResult.from_dict(json.loads(f.read_text())) for f in sorted(d.glob("*.json"))}
+    names = json.loads((d / "names.json").read_text()) if (d / "names.json").is_file() else {}
+    start_key = next((k for k, n in names.items() if n == "start (closed form)"), None)
+    trained, start = res["trained"], res.get(start_key)
+    paths = [tuple(p) for p in trained.paths]
+    lines = ["## The closed-form start against training (test split)", "",
+             "`start` is the main space before any training step: the closed form (`init: closed_form`: joint "
+             "principal directions of the members' caches, ridge regression in and out, no gradients), computed from "
+             "the run's first training batches exactly as training starts; `trained` is the final space. Both on the "
+             "same test rows; `trained − start` is their paired NLL difference (negative: training helped).", "",
+             "| path | start NLL | start content | trained NLL | trained content | trained − start (± SE) |",
+             "|---|---|---|---|---|---|"]
+    for path in paths:
+        if start is None:
+            break
+        diff, se = paired_difference(_series(trained, path, "space"), _series(start, path, "space"))
+        lines.append(f"| {path_name(path)} | {start.summary_for(path, 'space').nll_mean:.3f} | "
+                     f"{_fmt(_content(start, path), 2)} | {trained.summary_for(path, 'space').nll_mean:.3f} | "
+                     f"{_fmt(_content(trained, path), 2)} | {diff:+.3f} ± {se:.3f} |")
+    lines += ["", "## Levers at the start (test split)", "",
+              "Each row changes one setting of the main space against its own start and recomputes the start "
+              "(no training: every variant costs the same, seconds). `sink_tokens: k` = the target keeps its own "
+              "first k positions (its attention sink), `keys: rotated` = keys travel with RoPE, `q_dim` = Σ's width, "
+              "`init: match` = the earlier random start rescaled to the target's statistics. NLL difference against "
+              "the default start on the same rows (paired, ± SE; negative = the lever helps). A row's control keeps "
+              "its own sink, so content compares within a row; the NLL difference compares across rows.", "",
+              "| lever | " + " | ".join(f"{path_name(p)} NLL (content) | − start (± SE)" for p in paths) + " |",
+              "|---|" + "---|---|" * len(paths)]
+    for key, name in names.items():
+        if key not in res or key == "trained":
+            continue
+        cells = []
+        for path in paths:
+            r = res[key]
+            cell = f"{r.summary_for(path, 'space').nll_mean:.3f} ({_fmt(_content(r, path), 2)})"
+            if start is not None and key != start_key:
+                diff, se = paired_difference(_series(r, path, "space"), _series(start, path, "space"))
+                cells += [cell, f"{diff:+.3f} ± {se:.3f}"]
+            else:
+                cells += [cell, "—"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "The objective lever (suffix KL to the target's own-cache distribution, reconstruction) needs "
+              "training runs of its own and is not in this table.", ""]
+    return lines
+
+
+def acceptance_section(result: EvalResult, run_dir: Path, positions: Sequence[int], deep: str, shallow: str) -> list[str]:
+    """The issue's targets, each read off the numbers above."""
+    space = DEPTH_LINEAR if DEPTH_LINEAR in result.conditions else result.conditions[-1]
+    rows = []
+    cyc = result.summary_for((deep, deep), space).content
+    rows.append((f"{deep} → Σ → {deep} content ≥ 0.95", _fmt(cyc, 2), cyc >= 0.95))
+    cross = result.summary_for((shallow, deep), space).content
+    rows.append((f"{shallow} → {deep} content ≥ 0.6", _fmt(cross, 2), cross >= 0.6))
+    floor_ok = all(result.summary_for(p, c).nll_mean <= result.summary_for(p, "no-prefix").nll_mean
+                   for p in result.paths for c in result.conditions if c not in ("base", "control", "no-prefix"))
+    rows.append(("no space ends worse than no prefix on any path", "yes" if floor_ok else "no", floor_ok))
+    at = {}
+    for p in positions:
+        f = run_dir / "positions" / f"eval-test-P{p}.json"
+        if f.is_file():
+            r = EvalResult.from_dict(json.loads(f.read_text()))
+            at[p] = {tuple(path): r.summary_for(tuple(path), space).content for path in r.paths}
+    if 64 in at and len(at) > 1:
+        worst = min(at[p][path] - at[64][path] for p in at for path in at[p])
+        rows.append(("every path within 0.05 of its P = 64 content at every P", f"worst {worst:+.2f}", worst >= -0.05))
+    lines = ["## Against the targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in rows]
+    return lines + [""]
+
+
+def continuations_section(run_dir: Path) -> list[str]:
+    f = run_dir / "continuations.json"
+    if not f.is_file():
+        return []
+    c = json.loads(f.read_text())
+    lines = ["## Latent continuations", "",
+             f"{c['target']} continues held-out prompts that {c['source']} read (greedy, {c['max_new_tokens']} tokens): "
+             "through Σ (`latent`) and by re-reading the text (`text`).", ""]
+    for row in c["rows"]:
+        lines += [f"* **Prompt:** …{row['prompt'][-160:]}", f"  * latent: {row['latent']}", f"  * text: {row['text']}"]
+    return lines + [""]
+
+
 def write_real_model_report(run_dir: str | Path, report: str | Path, *, command: str, positions: Sequence[int],
                             shapes_dir: str | Path, machine: str, stages: dict, commit: str,
                             pool: str | None = None) -> Path:
@@ -252,8 +345,17 @@ def write_real_model_report(run_dir: str | Path, report: str | Path, *, command:
               f"{job.get('suffix_len')}, batch {job.get('batch_size')}; spaces: "
               + ", ".join(f"`{n}` ({s.get('adapter')}, {s.get('output', '-')}, Q = {s.get('q_dim')})"
                           for n, s in job.get("spaces", {}).items()) + ".", ""]
+    space_cfg = pool_json.get("space", {})
+    lines += [f"Method settings of the main space: the target keeps its own first {space_cfg.get('sink_tokens', 0)} "
+              f"position(s) (its attention sink; Σ carries the rest), keys travel {space_cfg.get('keys', 'rotated')}, "
+              f"adapters start `{space_cfg.get('init', 'random')}`, Σ width Q = {space_cfg.get('q_dim')}. "
+              "Content transferred = (control − NLL) / (control − base), where control is the target's own sink "
+              "followed by another passage's positions.", ""]
+    lines += acceptance_section(result, run_dir, positions, deep, shallow)
     lines += claims_section(result, deep, shallow)
     lines += ["## Final table (test split)", "", result.to_markdown()]
+    lines += levers_section(run_dir, deep, shallow)
+    lines += continuations_section(run_dir)
     lines += adapters_section(result, timing, deep, shallow)
     lines += curves_section(run_dir, report, deep, shallow)
     lines += positions_section(run_dir, positions, trained, deep, shallow)

@@ -170,6 +170,8 @@ def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
         pool_dir = space_pool_dir(out, name, main)
         extra = {"run": job.name, "space_name": name, "job": job_dict, "trained_prefix_len": list(job.trained_prefix_len),
                  "trained_paths": [list(p) for p in trained]}
+        if space.cfg.keys == "unrotated":  # how each member's keys were un-rotated (RoPE, or none)
+            extra["key_rotation"] = {m: backend.rotation(m).describe() for m in job.models}
         save_pool(pool_dir, space, members, tokenizer_dir=job.tokenizer, extra=extra)
         files[f"pool_{name}"] = pool_dir
     (out / "histories.json").write_text(json.dumps(histories, indent=1))
@@ -212,18 +214,13 @@ def run_local(job: TrainJob, tracker: Tracker | None = None, progress: bool = Tr
     return finish(job, spaces, backend, states, tracker)
 
 
-def evaluate_pool_dir(pool_dir: str | Path, *, split: str | None = None, batches: int | None = None,
-                      prefix_len: int | None = None, ablate_stack: bool = False,
-                      models_root: str | Path | None = None, data=None):
-    """Evaluate a trained pool (or the run directory holding its pools) on held-out batches, in process.
+def pool_job(pool_dir: str | Path, *, split: str | None = None, batches: int | None = None,
+             prefix_len: int | None = None, models_root: str | Path | None = None, data=None):
+    """A trained pool (or the run directory holding its pools) loaded with its models, and the run's job
+    rebuilt from ``pool.json`` (models and tokenizer from the pool, so a moved pool still works) with
+    ``split`` / ``batches`` / ``prefix_len`` / ``data`` replaced where given.
 
-    Rebuilds the run's job from ``pool.json`` (models and tokenizer from the pool, so a moved
-    pool still works) with ``split`` / ``batches`` / ``prefix_len`` replaced where given: with
-    ``prefix_len`` every held-out row reads P = ``prefix_len`` tokens before the same-length
-    suffix (how content transfer depends on positions). ``ablate_stack`` adds
-    ``<space>-no-stack`` for each translator with both a stack and a short path. ``data`` (a
-    :class:`~kvlingua.data.views.DataConfig`) scores the pool on other text: the user's own domain.
-    Returns ``(EvalResult, job)``; raises :class:`~kvlingua.config.ConfigError` for a pool
+    Returns ``(loaded main pool, job)``; raises :class:`~kvlingua.config.ConfigError` for a pool
     ``kvlingua train`` did not write.
     """
     from dataclasses import replace
@@ -233,8 +230,7 @@ def evaluate_pool_dir(pool_dir: str | Path, *, split: str | None = None, batches
     from kvlingua.rundir import main_space, read_run_pools
 
     pools = read_run_pools(pool_dir)  # space name -> pool directory
-    main = main_space(pools)
-    loaded = load_pool(pools[main], models_root=models_root)
+    loaded = load_pool(pools[main_space(pools)], models_root=models_root)
     meta_file = loaded.root / POOL_FILE
     if "job" not in loaded.meta:
         raise ConfigError(f"{meta_file}: no training job recorded; it was not written by `kvlingua train`")
@@ -255,6 +251,30 @@ def evaluate_pool_dir(pool_dir: str | Path, *, split: str | None = None, batches
         if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
             raise ConfigError(f"prefix_len must be a positive integer, got {prefix_len!r}")
         job = replace(job, prefix_len=prefix_len, min_prefix_len=None)
+    return loaded, job
+
+
+def evaluate_pool_dir(pool_dir: str | Path, *, split: str | None = None, batches: int | None = None,
+                      prefix_len: int | None = None, ablate_stack: bool = False,
+                      models_root: str | Path | None = None, data=None):
+    """Evaluate a trained pool (or the run directory holding its pools) on held-out batches, in process.
+
+    The job is the run's (:func:`pool_job`), with ``split`` / ``batches`` / ``prefix_len`` replaced where
+    given: with ``prefix_len`` every held-out row reads P = ``prefix_len`` tokens before the same-length
+    suffix (how content transfer depends on positions). ``ablate_stack`` adds
+    ``<space>-no-stack`` for each translator with both a stack and a short path. ``data`` (a
+    :class:`~kvlingua.data.views.DataConfig`) scores the pool on other text: the user's own domain.
+    Returns ``(EvalResult, job)``; raises :class:`~kvlingua.config.ConfigError` for a pool
+    ``kvlingua train`` did not write.
+    """
+    from kvlingua.config import ConfigError
+    from kvlingua.pool import load_pool
+    from kvlingua.rundir import main_space, read_run_pools
+
+    pools = read_run_pools(pool_dir)  # space name -> pool directory
+    main = main_space(pools)
+    loaded, job = pool_job(pool_dir, split=split, batches=batches, prefix_len=prefix_len, models_root=models_root,
+                           data=data)
     spaces = {name: loaded.space if name == main else load_pool(d, load_models=False, verify=False).space
               for name, d in pools.items()}
     if ablate_stack:

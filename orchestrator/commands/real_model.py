@@ -46,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="run YAML (default configs/real.yaml)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, as for `kvlingua train` (repeatable)")
-    p.add_argument("--positions", type=int, nargs="+", default=[16, 64, 128, 256], metavar="P",
-                   help="prefix lengths of the position table (default 16 64 128 256)")
+    p.add_argument("--positions", type=int, nargs="+", default=[16, 64, 256, 512], metavar="P",
+                   help="prefix lengths of the position table (default 16 64 256 512)")
     p.add_argument("--bench-prefix", type=int, default=512, help="prefix tokens of the hand-off benchmark")
     p.add_argument("--bench-repeats", type=int, default=5, help="timed rounds of the hand-off benchmark")
     p.add_argument("--report", default=None, help="report path (default docs/results/real-model.md)")
@@ -81,6 +81,72 @@ def _bench_text(path: Path, split: str = "test") -> Path:
     return path
 
 
+def _record_held_prefix(run_dir: Path, positions_dir: Path, positions: list[int], tol: float = 0.05) -> None:
+    """Write ``held_prefix_len`` into each pool's ``pool.json``: the longest prefix of the position grid up to which
+    every path of the main space keeps its content within ``tol`` of its content at the trained top. Serving then
+    hands over latents up to that length (a pool with un-rotated keys has no other position limit)."""
+    from kvlingua.evaluate import EvalResult
+    from kvlingua.pool import POOL_FILE
+    from kvlingua.rundir import main_space, read_run_pools
+
+    pools = read_run_pools(run_dir)
+    meta = json.loads((pools[main_space(pools)] / POOL_FILE).read_text())
+    top = meta.get("trained_prefix_len", [None, None])[1]
+    files = {p: positions_dir / f"eval-test-P{p}.json" for p in sorted(positions)}
+    if top not in files or not all(f.is_file() for f in files.values()):
+        return
+    results = {p: EvalResult.from_dict(json.loads(f.read_text())) for p, f in files.items()}
+    space = main_space(pools)
+    ref = {path: results[top].summary_for(path, space).content for path in results[top].paths}
+    held = None
+    for p, r in results.items():
+        if p > top and any(r.summary_for(path, space).content < ref[path] - tol for path in r.paths):
+            break
+        held = p
+    for d in pools.values():
+        m = json.loads((d / POOL_FILE).read_text())
+        m["held_prefix_len"] = held
+        (d / POOL_FILE).write_text(json.dumps(m, indent=2) + "\n")
+
+
+def _levers(run_dir: Path, out: Path) -> None:
+    """``levers/<k>.json`` per lever (:func:`kvlingua.levers.lever_starts`) and ``names.json`` (file key -> name)."""
+    from kvlingua.levers import lever_starts
+
+    out.mkdir(exist_ok=True)
+    results = lever_starts(run_dir, batches=4)  # 4 held-out batches: each variant is a calibration + a scoring
+    names = {}
+    for n, (name, result) in enumerate(results.items()):
+        key = "trained" if name == "trained" else f"lever{n}"
+        result.to_json(out / f"{key}.json")
+        names[key] = name
+    (out / "names.json").write_text(json.dumps(names, indent=1) + "\n")
+
+
+def _continuations(run_dir: Path, source: str, target: str, n: int = 3, prompt_tokens: int = 48,
+                   max_new_tokens: int = 32) -> None:
+    """Greedy continuations of ``n`` held-out prompts: ``target`` after ``source``'s cache through Σ, and after
+    re-reading the text (``continuations.json``)."""
+    from kvlingua.data.views import DataConfig, documents
+    from kvlingua.generate import GenerationParams, handoff_generate
+    from kvlingua.pool import load_pool
+
+    pool = load_pool(run_dir / "pool")
+    tok = pool.tokenizer
+    docs = [d for d in documents(DataConfig(view="en"), "test") if len(tok.encode(d)) > prompt_tokens]
+    params = GenerationParams(max_new_tokens=max_new_tokens)
+    rows = []
+    for doc in docs[:: max(1, len(docs) // n)][:n]:
+        ids = tok.encode(doc)[:prompt_tokens]
+        row = {"prompt": tok.decode(ids)}
+        for mode in ("latent", "text"):
+            res = handoff_generate(pool.models, pool.space, source, target, ids, params, handoff=mode, tokenizer=tok)
+            row[mode] = res.text
+        rows.append(row)
+    (run_dir / "continuations.json").write_text(json.dumps(
+        {"source": source, "target": target, "max_new_tokens": max_new_tokens, "rows": rows}, indent=1) + "\n")
+
+
 def run(args: argparse.Namespace) -> int:
     from kvlingua.config import ConfigError, parse_override
     from kvlingua.run import evaluate_pool_dir
@@ -112,8 +178,20 @@ def run(args: argparse.Namespace) -> int:
         result, _ = evaluate_pool_dir(run_dir, split="test", prefix_len=p)
         result.to_json(out)
         _record(run_dir, f"positions P={p}", time.perf_counter() - start)
+    _record_held_prefix(run_dir, positions_dir, args.positions)
+    levers_dir = run_dir / "levers"
+    if not (levers_dir / "names.json").is_file():
+        print("[real-model] levers: each lever's closed-form start against the trained space", flush=True)
+        start = time.perf_counter()
+        _levers(run_dir, levers_dir)
+        _record(run_dir, "levers", time.perf_counter() - start)
     pool_json = json.loads((run_dir / "pool" / "pool.json").read_text())
     deep, shallow = _roles(pool_json)
+    if not (run_dir / "continuations.json").is_file():
+        print(f"[real-model] continuations: {shallow} -> {deep}, latent and text", flush=True)
+        start = time.perf_counter()
+        _continuations(run_dir, shallow, deep)
+        _record(run_dir, "continuations", time.perf_counter() - start)
     bench_json = run_dir / "bench_handoff.json"
     if not bench_json.is_file():
         print(f"[real-model] bench: {shallow} -> {deep}, {args.bench_prefix}-token prefix", flush=True)

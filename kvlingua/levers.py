@@ -1,0 +1,77 @@
+"""What each lever of Σ buys, measured at the closed-form start (no training, so every variant costs the same).
+
+A *lever* is one setting of the space config changed against a trained pool's own: how many sink
+positions the target keeps (``sink_tokens``), whether keys travel un-rotated (``keys``), Σ's width
+(``q_dim``) and how the adapters start (``init``). :func:`lever_starts` rebuilds the pool's space once
+per variant, starts it (``closed_form``: one calibration pass over the run's first training batches,
+exactly as :func:`kvlingua.train.fit` does; ``random``/``match`` as they start training) and scores it
+on held-out batches with :func:`kvlingua.evaluate.evaluate`. The trained space is scored on the same
+batches, so every variant compares with it, and with the default start, *paired*.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+from kvlingua.backend import LocalBackend
+from kvlingua.closedform import closed_form_init
+from kvlingua.evaluate import EvalResult, evaluate
+from kvlingua.job import all_paths, eval_batches, train_batches
+from kvlingua.outinit import match_init
+from kvlingua.space import SharedSpace
+
+DEFAULT_LEVERS: dict[str, dict] = {
+    "start (closed form)": {},
+    "sink_tokens: 0": {"sink_tokens": 0},
+    "sink_tokens: 4": {"sink_tokens": 4},
+    "keys: rotated": {"keys": "rotated"},
+    "q_dim: 240": {"q_dim": 240},
+    "init: match": {"init": "match"},
+}
+"""Variant name -> the space-config fields it changes (the first is the run's own start)."""
+
+
+def start_space(members: dict, cfg, backend: LocalBackend, job, seed: int) -> SharedSpace:
+    """A fresh space of ``cfg`` over ``members``, started as training would start it, before any step."""
+    torch.manual_seed(seed)
+    space = SharedSpace(members, cfg)
+    names = list(members)
+    if cfg.init == "closed_form":
+        closed_form_init(space, backend, list(islice(train_batches(job), cfg.init_batches)), names)
+    elif cfg.init == "match":
+        match_init(space, backend, next(iter(train_batches(job))), names, names)
+    return space.eval()
+
+
+def lever_starts(run_dir: str | Path, levers: dict[str, dict] | None = None, *, split: str = "test",
+                 batches: int | None = None) -> dict[str, EvalResult]:
+    """Score each lever's start and the trained space on the same held-out batches.
+
+    Args:
+        run_dir: a trained run (its ``pool/``), as :func:`kvlingua.run.evaluate_pool_dir` reads it.
+        levers: variant name -> space-config overrides (default :data:`DEFAULT_LEVERS`).
+        split, batches: the held-out batches.
+
+    Returns:
+        ``{"trained": EvalResult, <variant>: EvalResult, ...}``; each result holds the references (base,
+        control, no-prefix) at its own sink and one condition named ``space``.
+    """
+    from kvlingua.run import pool_job
+
+    loaded, job = pool_job(run_dir, split=split, batches=batches)
+    backend = LocalBackend(loaded.models)
+    members = {m.name: m.summary for m in loaded.members}
+    held = eval_batches(job)
+    paths = all_paths(job)
+    base = loaded.space.cfg
+    out = {"trained": evaluate(backend, held, paths, {"space": loaded.space}, identity=False,
+                               first_tokens=job.eval.first_tokens)}
+    for name, change in (levers or DEFAULT_LEVERS).items():
+        cfg = replace(base, **change)
+        space = start_space(members, cfg, backend, job, job.train.seed)
+        out[name] = evaluate(backend, held, paths, {"space": space}, identity=False,
+                             first_tokens=job.eval.first_tokens)
+    return out
