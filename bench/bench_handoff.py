@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvlingua.backend import suffix_token_nll  # noqa: E402
 from kvlingua.cache import arch_summary, extract_prefix  # noqa: E402
+from kvlingua.view import CacheView, model_rotation, translate_cache  # noqa: E402
 from kvlingua.space import SharedSpace  # noqa: E402
 from kvlingua.translator import SpaceConfig  # noqa: E402
 
@@ -137,7 +138,14 @@ def main(argv=None) -> int:
     with torch.no_grad():
         kinds = tuple(k for k in ("default", "latency", "1 layer") if k in spaces)
         fns = {"prefill": lambda: extract_prefix(models[target], prefix)}
-        fns.update({k: (lambda sp=spaces[k]: sp.translate(src_block, source, target)) for k in kinds})
+        def through(sp):  # the target reads its own sink (prefill of k tokens, timed), Σ carries the rest
+            view = CacheView.of(sp.cfg)
+            k = view.sink_tokens
+            rot = (model_rotation(models[source]), model_rotation(models[target])) if view.unrotate else (None, None)
+            sink = extract_prefix(models[target], prefix[:, :k]) if k else None
+            return translate_cache(sp, src_block, source, target, *rot, sink, view=view)
+
+        fns.update({k: (lambda sp=spaces[k]: through(sp)) for k in kinds})
         secs, outs = timed(fns, args.repeats)
         t_pre = secs["prefill"]
         nll = suffix_token_nll(models[target], outs["prefill"], suffix).mean().item()

@@ -71,6 +71,8 @@ def lever_starts(run_dir: str | Path, levers: dict[str, dict] | None = None, *, 
                                first_tokens=job.eval.first_tokens)}
     for name, change in (levers or DEFAULT_LEVERS).items():
         cfg = replace(base, **change)
+        if cfg.sink_tokens >= job.trained_prefix_len[0]:  # the calibration's shortest prefixes leave Σ nothing
+            continue
         space = start_space(members, cfg, backend, job, job.train.seed)
         out[name] = evaluate(backend, held, paths, {"space": space}, identity=False,
                              first_tokens=job.eval.first_tokens)

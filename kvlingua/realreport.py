@@ -221,7 +221,8 @@ def levers_section(run_dir: Path, deep: str, shallow: str) -> list[str]:
     d = run_dir / "levers"
     if not (d / "trained.json").is_file():
         return []
-    res = {f.stem: EvalResult.from_dict(json.loads(f.read_text())) for f in sorted(d.glob("*.json"))}
+    res = {f.stem: EvalResult.from_dict(json.loads(f.read_text())) for f in sorted(d.glob("*.json"))
+           if f.name != "names.json"}
     names = json.loads((d / "names.json").read_text()) if (d / "names.json").is_file() else {}
     start_key = next((k for k, n in names.items() if n == "start (closed form)"), None)
     trained, start = res["trained"], res.get(start_key)

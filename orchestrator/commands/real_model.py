@@ -105,8 +105,9 @@ def _record_held_prefix(run_dir: Path, positions_dir: Path, positions: list[int]
         held = p
     for d in pools.values():
         m = json.loads((d / POOL_FILE).read_text())
-        m["held_prefix_len"] = held
-        (d / POOL_FILE).write_text(json.dumps(m, indent=2) + "\n")
+        if m.get("held_prefix_len", "unset") != held:  # a rerun leaves the file as it is
+            m["held_prefix_len"] = held
+            (d / POOL_FILE).write_text(json.dumps(m, indent=2) + "\n")
 
 
 def _levers(run_dir: Path, out: Path) -> None:

@@ -27,7 +27,7 @@ def real(tmp_path_factory):
                                                                           "small": str(root / "small")},
            "tokenizer": str(root / "tok"), "data": {"source": "bible", "view": "en"},
            "prefix_len": 6, "min_prefix_len": 3, "suffix_len": 6, "batch_size": 4,
-           "spaces": {"translator": space | {"output": "per_layer", "out_init": "match"}, "dense": space | {"output": "dense"},
+           "spaces": {"translator": space | {"output": "per_layer", "init": "match"}, "dense": space | {"output": "dense"},
                       "linear": {"adapter": "linear", "q_dim": 12}},
            "space_steps": {"dense": 1},
            "train": {"steps": 2, "checkpoint_every": 0, "log_every": 1, "eval_every": 1},
@@ -56,7 +56,7 @@ def test_every_stage_ran_and_a_rerun_skips_them(real):
         assert (run / f).is_file(), f
     assert stamps == restamps  # nothing was trained, scored or timed again
     stages = json.loads((run / "real_model_stages.json").read_text())
-    assert set(stages) == {"train", "positions P=3", "positions P=6", "bench"}
+    assert set(stages) == {"train", "positions P=3", "positions P=6", "levers", "continuations", "bench"}
     pool = json.loads((run / "pool" / "pool.json").read_text())
     assert pool["trained_prefix_len"] == [3, 6] and pool["space"]["output"] == "per_layer"
     timing = json.loads((run / "timing.json").read_text())
@@ -81,8 +81,12 @@ def test_the_report_says_what_the_numbers_say(real):
         assert f"| {shape} |" in md
     assert "## Final table (test split)" in md and "kvlingua real-model" in md
     histories = json.loads((root / "run" / "histories.json").read_text())
-    last = [r for r in histories["dense"] if r["kind"] == "eval"][-1]  # dense: 1 step, evaluations at 0 and 1
-    row = f"| dense | small->deep | 0: {histories['dense'][0]['eval/nll/small->deep']:.2f}, 1: "
-    assert row + f"{last['eval/nll/small->deep']:.2f} |" in md
-    assert histories["translator"][0]["kind"] == "init"  # out_init: match ran once, before the first evaluation
+    evals = [r for r in histories["dense"] if r["kind"] == "eval"]  # dense: 1 step, evaluations at 0 and 1
+    row = f"| dense | small->deep | 0: {evals[0]['eval/nll/small->deep']:.2f}, 1: "
+    assert row + f"{evals[-1]['eval/nll/small->deep']:.2f} |" in md
+    assert histories["translator"][0]["kind"] == "init"  # init: match ran once, before the first evaluation
+    assert histories["dense"][0]["kind"] == "init" and "init/energy/keys" in histories["dense"][0]  # closed form
+    # the lever table and the closed-form start stand beside the trained space, and the continuations are shown
+    assert "## Levers at the start (test split)" in md and "| sink_tokens: 0 |" in md
+    assert "## Latent continuations" in md and "## Against the targets" in md
     assert (root / "report" / "curves.png").is_file() and "![curves](report/curves.png)" in md

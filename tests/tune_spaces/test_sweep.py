@@ -5,6 +5,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 import workers  # noqa: F401  (Ray environment before ``import ray``)
 from ray import tune
@@ -36,18 +37,29 @@ def tiny(tmp_path_factory):
 
 
 def expected_blocks(base_yaml, lrs) -> int:
-    """Distinct source prefixes the trials read, counted independently: one job per lr (same data)."""
+    """Distinct source prefixes the trials read, counted independently: one job per lr (same data).
+
+    Per space: the closed-form start's calibration batches (the first ``init_batches`` of training), the
+    training batches, and the held-out
+    batches: own prefix, and the control (the row's own sink, then the rolled batch's positions)."""
     cfg = load_run_config(base_yaml)
     keys = set()
     for _ in lrs:  # every trial reads the same batches: the set does not grow with the trials
         job = to_job(cfg, resolve_models(cfg))
-        it = train_batches(job)
-        for _step in range(job.train.steps):
-            b = next(it)
-            keys |= {(m, ids_digest(b.prefix(m))) for m in job.models}
-        for b in [*eval_batches(job), *curve_batches(job)]:
-            keys |= {(m, ids_digest(b.prefix(m))) for m in job.models}
-            keys |= {(m, ids_digest(b.ids[m].roll(1, 0)[:, :job.prefix_len])) for m in job.models}
+        for space in job.spaces.values():
+            k = space.sink_tokens
+            n = job.train.steps
+            if space.init == "closed_form":
+                n = max(n, space.init_batches)
+            it = train_batches(job)
+            for _step in range(n):
+                b = next(it)
+                keys |= {(m, ids_digest(b.prefix(m))) for m in job.models}  # every path each step: a target's
+                # sink is a slice of its own block, read as a source in the same step
+            for b in [*eval_batches(job), *curve_batches(job)]:
+                keys |= {(m, ids_digest(b.prefix(m))) for m in job.models}
+                keys |= {(m, ids_digest(torch.cat([b.prefix(m)[:, :k], b.ids[m].roll(1, 0)[:, k:job.prefix_len]], 1)))
+                         for m in job.models}
     return len(keys)
 
 
