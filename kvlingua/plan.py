@@ -127,6 +127,39 @@ def model_name(path: str | Path) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", name)
 
 
+def pool_member_configs(pool_path: str | Path, names: tuple[str, ...] | None = None) -> dict[str, PretrainedConfig]:
+    """name -> transformers config of the members of a pool YAML (``names`` of them), nothing fetched or trained.
+
+    A fetchable ``model:`` member reads its checkpoint's ``config.json`` once fetched, else the
+    shape it is known to have (``configs/shapes/``, :func:`kvlingua.realmodels.model_config_path`);
+    any other ``model:`` member, its checkpoint's ``config.json``. A pre-trained member (or a
+    snapshot of one) is its size rung's config at the pool tokenizer's size; a tokenizer model
+    not fetched yet counts the vocabulary of its shape.
+    """
+    from kvlingua.config import load_config
+    from kvlingua.pretrain.pools import PoolConfig, known_vocab_size
+    from kvlingua.pretrain.sizes import gemma2_config
+    from kvlingua.realmodels import MODELS, model_config_path
+
+    def model_config(spec: str) -> PretrainedConfig:
+        return load_model_config(model_config_path(spec) if spec in MODELS else Path(spec).expanduser())
+
+    pool = load_config(PoolConfig, pool_path)
+    vocab = known_vocab_size(pool) or model_config(pool.tokenizer_model).get_text_config().vocab_size
+    runs = {m.name: m.pretrain for m in pool.members if m.pretrain is not None}
+    configs = {}
+    for m in pool.members:
+        if m.model is not None:
+            configs[m.name] = model_config(m.model)
+        else:
+            run = m.pretrain if m.pretrain is not None else runs[m.snapshot_of.member]
+            configs[m.name] = gemma2_config(run.size, vocab)
+    unknown = sorted(set(names or ()) - set(configs))
+    if unknown:
+        raise PlanError(f"pool_members: {unknown} not in pool {pool_path} (members: {sorted(configs)})")
+    return {n: configs[n] for n in names or configs}
+
+
 def meta_model(config: PretrainedConfig) -> nn.Module:
     """The causal LM of ``config`` on the meta device (eager attention), frozen."""
     config = AutoConfig.for_model(**config.to_dict())  # a copy: the attention setting below stays ours

@@ -13,7 +13,8 @@ def register(subparsers) -> None:
         "plan", help="adapter parameters, bytes, FLOPs per token and step memory, from configs alone",
         description="Print, per model, the IN/OUT adapters' parameters and bytes, their FLOPs per token against "
                     "the model's own prefill, and the memory of one training step, computed on the meta device "
-                    "from configs (no weights read, nothing allocated). Give a run config (YAML), or model "
+                    "from configs (no weights read, nothing allocated, nothing fetched: a model not fetched yet is "
+                    "planned at its known shape, configs/shapes/). Give a run config (YAML), or model "
                     "config.json files / checkpoint directories (e.g. configs/shapes/*.json), each planned alone.")
     parser.add_argument("paths", nargs="+", type=Path, help="a run config .yaml, or config.json files / checkpoint dirs")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
@@ -68,11 +69,13 @@ def _plan_models(args: argparse.Namespace) -> int:
 
 def _plan_run(args: argparse.Namespace) -> int:
     from kvlingua.config import parse_override
-    from kvlingua.plan import format_plan, plan_pool
-    from workers.run_config import load_run_config, member_configs
+    from kvlingua.plan import format_plan, load_model_config, plan_pool, pool_member_configs
+    from workers.run_config import load_run_config
 
     cfg = load_run_config(args.paths[0], dict(parse_override(o) for o in args.override))
-    configs = member_configs(cfg)
+    # from configs alone: a model not fetched yet by its known shape, a member not pre-trained yet by its size rung
+    configs = ({n: load_model_config(p) for n, p in cfg.models.items()} if cfg.models is not None
+               else pool_member_configs(cfg.pool, cfg.pool_members))
     work = _workload(args, batch_size=cfg.batch_size, prefix_len=cfg.prefix_len, suffix_len=cfg.suffix_len)
     for i, (space_name, space) in enumerate(cfg.spaces.items()):
         resolved, plans = plan_pool(configs, space, work)

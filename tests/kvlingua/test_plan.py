@@ -17,17 +17,21 @@ from kvlingua.plan import (
     meta_model,
     n_params,
     plan_pool,
+    pool_member_configs,
     resolve_output,
 )
+from kvlingua.pretrain.sizes import gemma2_config
 from kvlingua.space import SharedSpace
 from kvlingua.translator import SpaceConfig
 from orchestrator.cli import main
 from tests.helpers import tiny_model
 
-SHAPES = Path(__file__).resolve().parents[2] / "configs" / "shapes"
+ROOT = Path(__file__).resolve().parents[2]
+SHAPES = ROOT / "configs" / "shapes"
 PUBLISHED = {  # parameter counts the model cards and papers state (embeddings included, tied ones once)
     "smollm2-135m": 134_515_008, "llama-3.2-1b": 1_235_814_400, "qwen2.5-0.5b": 494_032_768,
     "gemma-2-2b": 2_614_341_888, "mistral-7b": 7_241_732_096,
+    "gemma-3-270m": 268_098_176,  # as converted by `kvlingua fetch gemma3-270m` from its GGUF
 }
 
 
@@ -136,3 +140,39 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
     with pytest.raises(PlanError, match="needs a model_type"):
         (tmp_path / "x.json").write_text("{}")
         load_model_config(tmp_path / "x.json")
+
+
+@pytest.fixture
+def fresh_home(tmp_path, monkeypatch):
+    """An empty $KVLINGUA_HOME: nothing fetched, nothing pre-trained; it must stay empty."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("KVLINGUA_HOME", str(home))
+    return home
+
+
+def test_plan_of_the_real_run_needs_no_fetch(fresh_home, capsys):
+    """A new user's first `kvlingua plan configs/real.yaml`: SmolLM2 at its known shape, the tiny member at its rung."""
+    assert main(["plan", str(ROOT / "configs" / "real.yaml")]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("smollm2 ", "tiny "))]
+    assert [r[:4] for r in rows[:2]] == [["smollm2", "30", "x", "192"], ["tiny", "2", "x", "64"]]
+    tiny = n_params(meta_model(gemma2_config("1.9m-l2-d256", 49_152)))  # its rung at SmolLM2's vocabulary
+    assert rows[0][4] == "134.5M" and rows[1][4] == f"{tiny / 1e6:.1f}M"
+    assert len(rows) == 6 and not any(fresh_home.iterdir())  # three spaces; nothing downloaded or written
+
+
+def test_pool_members_read_known_shapes_and_the_tokenizer_model_s_vocabulary(fresh_home, tmp_path):
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(json.dumps({"name": "pair", "tokenizer_model": "gemma3-270m", "members": [
+        {"name": "gemma", "model": "gemma3-270m"}, {"name": "smol", "model": "smollm2"},
+        {"name": "tiny", "pretrain": {"size": "test", "data": {"source": "bible", "view": "en"}}}]}))
+    configs = pool_member_configs(pool)
+    gemma = arch_summary(configs["gemma"])
+    assert (gemma.model_type, gemma.num_layers, gemma.n_kv_heads, gemma.head_dim) == ("gemma3_text", 18, 1, 256)
+    assert configs["gemma"].layer_types == (["sliding_attention"] * 5 + ["full_attention"]) * 3
+    assert configs["gemma"].sliding_window == 512 and arch_summary(configs["smol"]).num_layers == 30
+    assert configs["tiny"].vocab_size == 262_144  # the pool tokenizer (Gemma-3's) is not fetched: its shape's
+    assert list(pool_member_configs(pool, ("tiny", "smol"))) == ["tiny", "smol"]
+    with pytest.raises(PlanError, match=r"pool_members: \['nope'\] not in pool"):
+        pool_member_configs(pool, ("nope",))
+    assert not any(fresh_home.iterdir())
