@@ -377,10 +377,7 @@ def evaluate(
                         suffix = b.suffix(tgt)
                         if tgt not in own:
                             own[tgt] = backend.prefix_block(tgt, b.prefix(tgt))
-                        control = b.control_prefix(tgt)  # [B, P]: another sequence's prefix ...
-                        if k:  # ... after this sequence's own sink
-                            control = torch.cat([b.prefix(tgt)[:, :k], control[:, k:]], dim=1)
-                        wrong = backend.prefix_block(tgt, control)
+                        wrong = backend.prefix_block(tgt, b.control_prefix(tgt, k))  # own sink, another's content
                         refs[tgt] = {"base": backend.suffix_nll(tgt, own[tgt], suffix),
                                      "control": backend.suffix_nll(tgt, wrong, suffix),
                                      "no-prefix": backend.suffix_nll(tgt, None, suffix)}

@@ -143,9 +143,11 @@ class StoredContext:
     source: str
     """Name of the source model in the pool."""
     keys: torch.Tensor
-    """Σ keys ``[1, C, Q]``."""
+    """Σ keys ``[1, C-k, Q]``: the positions after the sink."""
     values: torch.Tensor
-    """Σ values ``[1, C, Q]``."""
+    """Σ values ``[1, C-k, Q]``: the positions after the sink."""
+    sink: int = 0
+    """``k``: the context's first positions that stay out of Σ (each target reads ``token_ids[:k]`` itself)."""
 
     @property
     def nbytes(self) -> int:
@@ -153,7 +155,8 @@ class StoredContext:
 
     @property
     def positions(self) -> int:
-        return self.keys.shape[1]
+        """C: the context's positions, the sink's included."""
+        return self.sink + self.keys.shape[1]
 
 
 class ContextStore:
@@ -184,8 +187,9 @@ class ContextStore:
 
     def put(self, ctx: StoredContext) -> list[str]:
         """Keep ``ctx`` (replacing an entry of the same key); returns the ids evicted to make room."""
-        if ctx.keys.shape != ctx.values.shape or ctx.keys.dim() != 3 or ctx.keys.shape[1] != len(ctx.token_ids):
-            raise ValueError(f"a stored context needs keys/values [1, C, Q] with C = {len(ctx.token_ids)} tokens, "
+        if ctx.keys.shape != ctx.values.shape or ctx.keys.dim() != 3 or ctx.positions != len(ctx.token_ids):
+            raise ValueError(f"a stored context needs keys/values [1, C-k, Q] with C = {len(ctx.token_ids)} tokens "
+                             f"and k = {ctx.sink} sink positions, "
                              f"got {tuple(ctx.keys.shape)} and {tuple(ctx.values.shape)}")
         return self._lru.put(ctx.key.id, ctx)
 

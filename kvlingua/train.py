@@ -102,10 +102,11 @@ class Batch:
         """``[B, S]`` suffix ids of ``model``'s text."""
         return self._ids(model)[:, self.prefix_len:]
 
-    def control_prefix(self, model: str) -> Tensor:
-        """``[B, P]`` prefix ids of *another* sequence for each row (the batch rolled by one):
-        the prefix of the evaluation's content control."""
-        return self._ids(model).roll(1, dims=0)[:, : self.prefix_len]
+    def control_prefix(self, model: str, sink: int = 0) -> Tensor:
+        """``[B, P]`` prefix ids of *another* sequence for each row (the batch rolled by one) after the row's own
+        first ``sink`` tokens: the prefix of the evaluation's content control (right sink, wrong content)."""
+        other = self._ids(model).roll(1, dims=0)[:, : self.prefix_len]  # [B, P]
+        return torch.cat([self.prefix(model)[:, :sink], other[:, sink:]], dim=1) if sink else other
 
 
 @dataclass(frozen=True)
@@ -246,11 +247,14 @@ def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: li
     def rotation(model: str):
         return backend.rotation(model) if view.unrotate else None
 
+    sources = {i for i, _ in paths}
+
     def sink(model: str) -> KVBlock | None:  # the target's own cache of its first k tokens [B, k, L, D]
         if k == 0:
             return None
-        if model in own:
-            return KVBlock(own[model].keys[:, :k], own[model].values[:, :k], own[model].n_kv_heads)
+        if model in own or model in sources:  # a slice of the block it reads (or will read) as a source
+            block = own_block(model)
+            return KVBlock(block.keys[:, :k], block.values[:, :k], block.n_kv_heads)
         return backend.prefix_block(model, batch.prefix(model)[:, :k]).to(device)
 
     encoded: dict[str, tuple[LatentBlock, LatentBlock]] = {}  # source -> (latent with IN's graph, detached leaf)

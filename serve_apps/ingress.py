@@ -413,7 +413,7 @@ class PoolIngress:
         self.metrics.observe("translate_seconds", p.route, payload["translate_s"])
         # a private copy in this process (not a view pinning the object store's buffer for as long as it is kept)
         keys, values = (tensor_from_wire(payload[k], copy=True) for k in ("keys", "values"))  # [1, C, Q]
-        ctx = StoredContext(key, list(ids), model, keys, values)
+        ctx = StoredContext(key, list(ids), model, keys, values, int(payload.get("sink", 0)))
         try:
             self.store.put(ctx)
         except StoreFullError as e:

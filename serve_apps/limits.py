@@ -33,7 +33,9 @@ class TrainedLimits:
     paths: frozenset[tuple[str, str]] | None
     """Trained (source, target) paths; None: every path."""
     max_positions: int | None
-    """Longest handed-over prefix (positions) the adapters saw; None: no known limit."""
+    """Longest handed-over prefix (positions) the adapters saw, or that was measured to hold; None: no known limit."""
+    measured: bool = False
+    """``max_positions`` is a measured limit (``held_prefix_len``: a pool with un-rotated keys), not the trained top."""
 
     @classmethod
     def from_meta(cls, meta: dict) -> "TrainedLimits":
@@ -50,17 +52,17 @@ class TrainedLimits:
             touching = {(s, t) for s, t in allowed if s in trainable or t in trainable}
             frozen = {(s, t) for s in names for t in names if s not in trainable and t not in trainable}
             paths = touching | frozen
-        max_positions = None
+        max_positions, measured = None, False
         trained = meta.get("trained_prefix_len")
         space = meta.get("space") if isinstance(meta.get("space"), dict) else {}
         if space.get("keys") == "unrotated":  # position-free keys: only a measured limit, if one was recorded
             held = meta.get("held_prefix_len")
-            max_positions = int(held) if isinstance(held, int) else None
+            max_positions, measured = (int(held), True) if isinstance(held, int) else (None, False)
         elif isinstance(trained, (list, tuple)) and len(trained) == 2:
             max_positions = int(trained[1])
         elif isinstance(job.get("prefix_len"), int):
             max_positions = int(job["prefix_len"])
-        return cls(frozenset(paths) if paths is not None else None, max_positions)
+        return cls(frozenset(paths) if paths is not None else None, max_positions, measured)
 
     def why_not_latent(self, source: str, target: str, positions: int) -> str | None:
         """Why a latent hand-off of ``positions`` positions on ``source -> target`` is outside the pool's
@@ -68,6 +70,9 @@ class TrainedLimits:
         if self.paths is not None and (source, target) not in self.paths:
             return f"the pool never trained the path {source} -> {target}"
         if self.max_positions is not None and positions > self.max_positions:
+            if self.measured:
+                return (f"the prefix has {positions} positions; the pool was measured to hold its content up to "
+                        f"{self.max_positions}")
             return (f"the prefix has {positions} positions; the pool's adapters were trained on at most "
                     f"{self.max_positions}")
         return None

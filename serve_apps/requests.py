@@ -69,6 +69,7 @@ def timings(prefill_s: float, translate_s: float, decode_s: float) -> Timings:
 
 
 def context_payload(ctx: StoredContext) -> dict:
-    """A stored context's Σ latent ``[1, C, Q]`` as a hand-off payload; ``context_id`` lets a replica keep its decode."""
+    """A stored context's Σ latent ``[1, C-k, Q]`` as a hand-off payload (with the ids of its ``k`` sink tokens, which
+    the target reads itself); ``context_id`` lets a replica keep its decode."""
     return {"kind": "latent", "keys": tensor_to_wire(ctx.keys), "values": tensor_to_wire(ctx.values),
-            "context_id": ctx.key.id}
+            "context_id": ctx.key.id, "start": 0, "sink": ctx.sink, "sink_ids": list(ctx.token_ids[:ctx.sink])}

@@ -102,14 +102,16 @@ def _warm_blocks(hosts: dict, jobs: list[TrainJob]) -> int:
             continue
         seen_data.add(data_key)
         batches = train_batches(job)
-        for _ in range(job.max_steps):
+        calibration = max((c.init_batches for c in job.spaces.values() if c.init == "closed_form"), default=0)
+        for _ in range(max(job.max_steps, calibration)):  # training, and the closed-form start's first batches
             b = next(batches)
             for m in job.models:
                 want(m, b.prefix(m))  # [B, P]
+        sink = next(iter(job.spaces.values())).sink_tokens  # one per job (JobSpec)
         for b in [*eval_batches(job), *curve_batches(job)]:  # the final table (test) and the curves (validation)
             for m in job.models:
                 want(m, b.prefix(m))
-                want(m, b.control_prefix(m))  # evaluate()'s control prefix
+                want(m, b.control_prefix(m, sink))  # evaluate()'s control prefix
     refs = [hosts[m].prefix_block.remote(tensor_to_wire(ids)) for (m, _), ids in requests.items()]
     ray.get(refs)
     return len(requests)

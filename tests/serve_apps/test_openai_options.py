@@ -10,9 +10,10 @@ import pytest
 openai = pytest.importorskip("openai")
 import torch  # noqa: E402
 
-from kvlingua.cache import cache_kwargs, extract_prefix  # noqa: E402
+from kvlingua.cache import KVBlock, cache_kwargs, extract_prefix  # noqa: E402
 from kvlingua.generate import GenerationParams, handoff_generate, model_cache  # noqa: E402
 from kvlingua.pool import load_pool  # noqa: E402
+from kvlingua.rotary import KeyRotation  # noqa: E402
 
 pytestmark = pytest.mark.ray
 PROMPT = "the cat sat on the mat and"
@@ -108,10 +109,18 @@ def test_echo_through_a_path_alias_scores_what_the_target_computed(client, local
     assert values[:h + 1] == [None] * (h + 1)
     assert got.model_extra["kvlingua"]["handoff_used"] == "latent"
     assert got.model_extra["kvlingua"]["handed_over_positions"] == h
-    # independently: a reads ids[:h], Σ carries it to b, b reads ids[h:] over it
+    # independently: a reads ids[:h]; b reads its own first k (its sink); Σ carries a's positions k..h-1, keys
+    # un-rotated at a's positions and rotated at b's; b reads ids[h:] over it
     a, b = local.models["a"], local.models["b"]
+    k = min(local.space.cfg.sink_tokens, h)
     with torch.no_grad():
-        block = local.space.translate(extract_prefix(a, torch.tensor([ids[:h]])), "a", "b")  # [1, h, L_b, D_b]
+        own = extract_prefix(a, torch.tensor([ids[:h]]))  # [1, h, L_a, D_a]
+        block = extract_prefix(b, torch.tensor([ids[:k]]))  # [1, k, L_b, D_b]
+        if h > k:
+            body = KeyRotation.from_model(a).unrotate(KVBlock(own.keys[:, k:], own.values[:, k:], own.n_kv_heads), k)
+            out = KeyRotation.from_model(b).rotate(local.space.decode(local.space.encode(body, "a"), "b"), k)
+            block = KVBlock(torch.cat([block.keys, out.keys], 1), torch.cat([block.values, out.values], 1),
+                            out.n_kv_heads)  # [1, h, L_b, D_b]
         logits = b(input_ids=torch.tensor([ids[h:]]), **cache_kwargs(b, model_cache(b, block))).logits[0]
     ref = torch.log_softmax(logits.float(), -1)  # row r predicts ids[h + r + 1]
     for j in range(h + 1, len(ids)):

@@ -12,9 +12,10 @@ import pytest
 httpx = pytest.importorskip("httpx")
 import torch  # noqa: E402
 
-from kvlingua.cache import cache_kwargs, extract_prefix  # noqa: E402
+from kvlingua.cache import KVBlock, cache_kwargs, extract_prefix  # noqa: E402
 from kvlingua.generate import GenerationParams, make_generator, model_cache, sample_tokens  # noqa: E402
 from kvlingua.pool import load_pool  # noqa: E402
+from kvlingua.rotary import KeyRotation  # noqa: E402
 from serve_apps.app import build_app  # noqa: E402
 from serve_apps.options import ServeOptions  # noqa: E402
 from tests.serve_apps.tiny_pool import SENTENCES  # noqa: E402
@@ -38,6 +39,7 @@ def limited(serve_url, pool_dir, tmp_path_factory):
     shutil.copytree(pool_dir, root)
     meta = json.loads((root / "pool.json").read_text())
     meta["job"] = LIMITED_JOB
+    meta["held_prefix_len"] = 6  # un-rotated keys: positions limit the pool only where measured (test_store.py)
     (root / "pool.json").write_text(json.dumps(meta))
     opts = ServeOptions(num_cpus=0.1, max_prompt_tokens=64, max_new_tokens=64, max_pending_requests=2,
                         request_timeout_s=30, verify=False)
@@ -54,11 +56,19 @@ def completion(client, body, status=200):
 
 
 def in_process_with_context(local, source, target, context, rest, n):
-    """Independent reference: OUT_target(IN_source(source's cache of ``context``)), the target reads ``rest[:-1]``."""
+    """Independent reference: the target's own cache of the context's first k tokens (its sink), then
+    OUT_target(IN_source(source's cache of the rest)) with keys un-rotated at the source's positions and rotated
+    at the target's; the target reads ``rest[:-1]``."""
+    k = local.space.cfg.sink_tokens
     with torch.no_grad():
-        latent = local.space.encode(extract_prefix(local.models[source], torch.tensor([context])), source)
         model = local.models[target]
-        cache = model_cache(model, local.space.decode(latent, target))  # [1, C, L, D]
+        own = extract_prefix(local.models[source], torch.tensor([context]))  # [1, C, L_s, D_s]
+        body = KeyRotation.from_model(local.models[source]).unrotate(
+            KVBlock(own.keys[:, k:], own.values[:, k:], own.n_kv_heads), k)  # [1, C-k, L_s, D_s]
+        out = KeyRotation.from_model(model).rotate(local.space.decode(local.space.encode(body, source), target), k)
+        sink = extract_prefix(model, torch.tensor([context[:k]]))  # [1, k, L, D]
+        cache = model_cache(model, KVBlock(torch.cat([sink.keys, out.keys], 1), torch.cat([sink.values, out.values], 1),
+                                           out.n_kv_heads))  # [1, C, L, D]
         if len(rest) > 1:
             model(input_ids=torch.tensor([rest[:-1]]), use_cache=True, **cache_kwargs(model, cache))
         gen, _ = make_generator(0)
@@ -70,7 +80,7 @@ def test_stored_context_answers_equal_the_plain_prompt_through_the_same_handoff(
     context = tok.encode(" ".join(SENTENCES[:3]))
     rest = tok.encode("the cat sat")
     stored = server.post("/v1/contexts", json={"model": "a", "tokens": context}).json()
-    assert stored["positions"] == len(context) and stored["bytes"] == 2 * len(context) * local.space.cfg.q_dim * 4
+    assert stored["positions"] == len(context) and stored["bytes"] == 2 * (len(context) - local.space.cfg.sink_tokens) * local.space.cfg.q_dim * 4  # the sink stays out of Σ
     cid = stored["id"]
     ext = {"ignore_eos": True}
     for target in ("b", "c", "b"):  # b twice: its decoded copy of the context is reused
@@ -135,8 +145,8 @@ def test_outside_trained_limits_falls_back_to_text_or_is_refused_when_strict(lim
     assert ok["kvlingua"]["handoff_used"] == "latent" and ok["kvlingua"]["handoff_reason"] is None
     long = local.tokenizer.encode(SENTENCES[0])  # 10 tokens: 9 positions > 6
     fell = completion(limited, {"model": "b", "prompt": long, "max_tokens": 2, "kvlingua": {"source": "a"}})
-    assert "trained on at most 6" in fell["kvlingua"]["handoff_reason"]
-    for prompt, what in ((ids, "a -> c"), (long, "at most 6")):
+    assert "measured to hold its content up to 6" in fell["kvlingua"]["handoff_reason"]
+    for prompt, what in ((ids, "a -> c"), (long, "up to 6")):
         r = limited.post("/v1/completions", json={"model": "c" if prompt is ids else "b", "prompt": prompt,
                                                   "kvlingua": {"source": "a", "strict": True}})
         assert r.status_code == 400 and r.json()["error"]["code"] == "outside_trained_limits", r.text

@@ -74,6 +74,13 @@ def test_trained_limits_from_pool_json():
     assert ext.why_not_latent("a", "b", 5) is None and ext.why_not_latent("c", "a", 5) is None  # frozen pair; touches c
     all_paths = {(s, t) for s in "abc" for t in "abc"}
     assert ext.paths == frozenset(all_paths)
+    # un-rotated keys say nothing of positions: only a measured limit holds them back
+    free = TrainedLimits.from_meta(meta({"prefix_len": 8}, trained_prefix_len=[4, 8], space={"keys": "unrotated"}))
+    assert free.max_positions is None and free.why_not_latent("a", "b", 10_000) is None
+    held = TrainedLimits.from_meta(meta({"prefix_len": 8}, trained_prefix_len=[4, 8], space={"keys": "unrotated"},
+                                        held_prefix_len=512))
+    assert held.why_not_latent("a", "b", 512) is None and "measured to hold its content up to 512" in \
+        held.why_not_latent("a", "b", 513)
 
 
 def test_fit_to_machine_shares_the_cpus_among_all_replicas():

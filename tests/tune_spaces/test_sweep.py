@@ -59,7 +59,7 @@ def expected_blocks(base_yaml, lrs) -> int:
             for b in [*eval_batches(job), *curve_batches(job)]:
                 keys |= {(m, ids_digest(b.prefix(m))) for m in job.models}
                 keys |= {(m, ids_digest(torch.cat([b.prefix(m)[:, :k], b.ids[m].roll(1, 0)[:, k:job.prefix_len]], 1)))
-                         for m in job.models}
+                         for m in job.models}  # own sink, then the rolled batch: computed here, not by control_prefix
     return len(keys)
 
 
