@@ -271,7 +271,8 @@ class EvalResult:
                 parts.append("| " + " | ".join(cells) + " |")
             parts.append("")
         parts.append("Content transferred = (NLL_control − NLL) / (NLL_control − NLL_base): 0 is a wrong-content "
-                     "cache, 1 the target's own cache. Control = the target's own cache of another sequence's prefix. "
+                     "cache, 1 the target's own cache. Control = the target's own cache of another sequence's prefix "
+                     "(after the row's own first `sink_tokens` positions, which every condition but no-prefix keeps). "
                      f"n/a: base does not beat control by more than {self.content_min_se:g} standard errors of their "
                      "paired per-batch difference (the gap control − base ± its standard error is shown).")
         if self.trained is not None and any(not self.is_trained(p) for p in self.paths):
