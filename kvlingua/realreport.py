@@ -277,7 +277,7 @@ def acceptance_section(result: EvalResult, run_dir: Path, positions: Sequence[in
     cross = result.summary_for((shallow, deep), space).content
     rows.append((f"{shallow} → {deep} content ≥ 0.6", _fmt(cross, 2), cross >= 0.6))
     floor_ok = all(result.summary_for(p, c).nll_mean <= result.summary_for(p, "no-prefix").nll_mean
-                   for p in result.paths for c in result.conditions if c not in ("base", "control", "no-prefix"))
+                   for p in result.paths for c in result.conditions_of(p) if c not in ("base", "control", "no-prefix"))
     rows.append(("no space ends worse than no prefix on any path", "yes" if floor_ok else "no", floor_ok))
     at = {}
     for p in positions:
