@@ -175,7 +175,9 @@ def sizes_section(shapes_dir: Path) -> list[str]:
     lines = ["## Adapter sizes at public model shapes", "",
              f"IN + OUT of one model at Σ width Q = {Q_PER_LAYER}·L, counted on the meta device from the "
              "`config.json` files in `configs/shapes/` (no weights): the paper's adapter (`dense`) against the "
-             "depth-linear one (`per_layer`), as a share of the model's own parameters. Target ≤ 0.1×.", "",
+             "depth-linear one (`per_layer`), as a share of the model's own parameters, both with the default "
+             "closed-form start, whose short path is dense (L·D × Q per map: the per-layer short path would be Q/L "
+             "of that). Target ≤ 0.1×.", "",
              "| model | L × D | params | dense IN + OUT | share | per_layer IN + OUT | share |",
              "|---|---|---|---|---|---|---|"]
     for f in sorted(shapes_dir.glob("*.json")):
