@@ -30,7 +30,6 @@ import torch
 from torch import Tensor, nn
 
 from kvlingua.backend import PoolBackend
-from kvlingua.cache import KVBlock
 from kvlingua.outinit import rank_mean
 from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace, space_device

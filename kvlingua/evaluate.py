@@ -10,11 +10,9 @@ cache built in one of these ways (all NLLs are per suffix token, via
 * ``no-prefix``: no cache at all (a looser floor);
 * ``identity``: i's cache handed over unchanged (only when the cache layouts match);
 * one condition per named space: ``space.translate(i's cache, i, j)`` through the space's
-  :class:`~kvlingua.view.CacheView`: Σ carries i's positions after the sink (keys un-rotated),
-  and j reads them after its *own* cache of its first ``sink_tokens`` tokens.
-
-With ``sink_tokens = k > 0`` every condition but no-prefix keeps the target's own first ``k``
-positions (control and identity too), so content transferred counts only what Σ carries.
+  :class:`~kvlingua.view.CacheView`. With ``sink_tokens = k > 0`` every condition but no-prefix
+  keeps j's *own* first ``k`` positions (its sink; control and identity too), so content
+  transferred counts only what Σ carries.
 
 Each NLL is averaged per batch, then reported as mean ± std over the held-out batches,
 over the whole suffix and over its first ``first_tokens`` tokens. The headline number

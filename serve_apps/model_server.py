@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
-from kvlingua.cache import KVBlock, block_from_cache, cache_kwargs, check_block_fits, extract_prefix
+from kvlingua.cache import KVBlock, block_from_cache, check_block_fits, extract_prefix
 from kvlingua.config import from_dict
 from kvlingua.generate import (
     GenerationParams,

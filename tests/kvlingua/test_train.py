@@ -33,16 +33,12 @@ def random_batches(names, seed=0, batch=B, length=P + S):
         step += 1
 
 
-LEGACY = dict(init="random", sink_tokens=0, keys="rotated")
-"""The paper's setting: every position translated, keys as cached, a random start. The loop's mechanics are
-checked against direct autograd on it; the sink, un-rotation and closed form are tested in test_view.py and
-test_closedform.py (and below where named)."""
+LEGACY = dict(init="random", sink_tokens=0, keys="rotated")  # the paper's setting (the rest: test_view, test_closedform)
 
 
 def make_space(backend, seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = {**LEGACY, **kw, "q_dim": kw.get("q_dim", 24)}
-    return SharedSpace({n: backend.summary(n) for n in backend.names()}, SpaceConfig(**cfg))
+    return SharedSpace({n: backend.summary(n) for n in backend.names()}, SpaceConfig(**{**LEGACY, "q_dim": 24, **kw}))
 
 
 @pytest.fixture(scope="module")
