@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from kvlingua.backend import LocalBackend
-from kvlingua.closedform import closed_form_init
 from kvlingua.evaluate import EvalResult, evaluate
 from kvlingua.job import all_paths, eval_batches, train_batches
-from kvlingua.outinit import match_init
 from kvlingua.space import SharedSpace
+from kvlingua.train import start_adapters
 
 DEFAULT_LEVERS: dict[str, dict] = {
     "start (closed form)": {},
@@ -39,10 +38,7 @@ def start_space(members: dict, cfg, backend: LocalBackend, job, seed: int) -> Sh
     torch.manual_seed(seed)
     space = SharedSpace(members, cfg)
     names = list(members)
-    if cfg.init == "closed_form":
-        closed_form_init(space, backend, list(islice(train_batches(job), cfg.init_batches)), names)
-    elif cfg.init == "match":
-        match_init(space, backend, next(iter(train_batches(job))), names, names)
+    start_adapters(space, backend, islice(train_batches(job), cfg.init_batches), names, names)
     return space.eval()
 
 

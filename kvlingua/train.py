@@ -237,6 +237,25 @@ def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: li
     return metrics
 
 
+def start_adapters(space: SharedSpace, backend: PoolBackend, batches: Iterable[Batch], ins: list[str], outs: list[str],
+                   runtime: Runtime | None = None, view: CacheView | None = None) -> tuple[dict, Iterable[Batch]]:
+    """Start a fresh space as ``space.cfg.init`` says, before its first step: ``closed_form`` on the first
+    ``init_batches`` batches (every member in ``ins``/``outs`` fitted), ``match`` on the first batch (IN of ``ins``,
+    OUT of ``outs``), ``random`` as built. Returns the init's record and the batches, none of them consumed."""
+    batch_iter = iter(batches)
+    n = {"closed_form": space.cfg.init_batches, "match": 1}.get(space.cfg.init, 0)
+    first = list(itertools.islice(batch_iter, n))
+    if len(first) < min(n, 1):
+        raise ValueError("batches ran out at step 0")
+    record = {}
+    if space.cfg.init == "closed_form":
+        record = closed_form_init(space, backend, first, sorted(set(ins) | set(outs), key=space.names.index),
+                                  runtime, view)
+    elif space.cfg.init == "match":
+        record = match_init(space, backend, first[0], ins, outs, runtime, view=view)
+    return record, itertools.chain(first, batch_iter)
+
+
 def _sync_state(state: TrainState, opt: torch.optim.Optimizer, sched: Any) -> None:
     state.optimizer_state = opt.state_dict()
     state.scheduler_state = sched.state_dict()
@@ -322,25 +341,12 @@ def fit(
                         weights={id(p): p.detach().clone() for p in params})
 
     batch_iter = iter(batches)
-    fresh = fresh and state.step == 0
-    if fresh and space.cfg.init == "closed_form":
-        calib = list(itertools.islice(batch_iter, space.cfg.init_batches))
-        if not calib:
-            raise ValueError("batches ran out at step 0")
-        init = closed_form_init(space, backend, calib, trainable_names(space, cfg), runtime, view)
-        state.history.append({"step": 0, "kind": "init", **init})
-        batch_iter = itertools.chain(calib, batch_iter)
-    elif fresh and space.cfg.init == "match":
-        try:
-            first = next(batch_iter)
-        except StopIteration:
-            raise ValueError("batches ran out at step 0") from None
+    if fresh and state.step == 0 and space.cfg.init in ("closed_form", "match"):
         trainable = trainable_names(space, cfg)
         ins = [m for m in trainable if any(i == m for i, _ in sampler.allowed)]
         outs = [m for m in trainable if any(j == m for _, j in sampler.allowed)]
-        init = match_init(space, backend, first, ins, outs, runtime, view=view)
+        init, batch_iter = start_adapters(space, backend, batch_iter, ins, outs, runtime, view)
         state.history.append({"step": 0, "kind": "init", **init})
-        batch_iter = itertools.chain([first], batch_iter)
     if eval_fn is not None and cfg.eval_every and state.step == 0:
         run_eval()
     began, spent_before = time.perf_counter(), state.train_s

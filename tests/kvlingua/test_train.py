@@ -34,8 +34,6 @@ def random_batches(names, seed=0, batch=B, length=P + S):
 
 
 LEGACY = dict(init="random", sink_tokens=0, keys="rotated")  # the paper's setting (the rest: test_view, test_closedform)
-
-
 def make_space(backend, seed=0, **kw):
     torch.manual_seed(seed)
     return SharedSpace({n: backend.summary(n) for n in backend.names()}, SpaceConfig(**{**LEGACY, "q_dim": 24, **kw}))
