@@ -15,7 +15,8 @@ the text itself (re-prefill, the ``text`` hand-off) or take the source's cache t
 Targets (DESIGN.md): default <= 1.0x re-prefill time, latency-oriented <= 0.5x. Without
 ``--pool`` the models are random ``3.8m-l4-d256`` Gemma-2s and the spaces random (timings
 are real, NLLs are not meaningful: nothing is trained). ``--pool`` / ``--latency-pool``
-take trained pools; ``--text FILE`` gives real text (tokenized with the pool's tokenizer).
+take trained pools; ``--text FILE`` gives real text (tokenized with the pool's tokenizer; in a pool whose members
+tokenize differently, each model reads its own tokens of one cut of the text and Σ is read along the token map).
 
     python bench/bench_handoff.py [--pool DIR] [--latency-pool DIR] [--text FILE] [--threads 1]
 """
@@ -32,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kvlingua.align import token_map  # noqa: E402
 from kvlingua.backend import suffix_token_nll  # noqa: E402
 from kvlingua.cache import arch_summary, extract_prefix  # noqa: E402
 from kvlingua.view import CacheView, model_rotation, translate_cache  # noqa: E402
@@ -95,12 +97,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     trained = {"default": False, "latency": False, "1 layer": False}
-    tokenizer = None
+    tokenizer = tokenizers = None
     if args.pool is not None:
         from kvlingua.pool import load_pool
 
         pool = load_pool(args.pool)
         models, spaces, tokenizer = pool.models, {"default": pool.space}, pool.tokenizer
+        tokenizers = pool.tokenizers if pool.mixed_tokenizers else None
         trained["default"] = True
     else:
         models = random_models(args.size)
@@ -127,13 +130,28 @@ def main(argv=None) -> int:
 
     n = args.prefix + args.suffix
     vocab = min(s.vocab_size for s in members.values())
-    if args.text is not None and tokenizer is not None:
+    ends = None
+    if tokenizers is not None:  # two tokenizers: each model reads its own tokens of one cut of the text
+        if args.text is None:
+            raise SystemExit("a pool whose members tokenize differently needs --text")
+        from kvlingua.data.rows import text_rows
+
+        rows = text_rows([args.text.read_text()], {m: tokenizers[m] for m in (source, target)}, args.prefix,
+                         args.suffix)
+        if rows[f"ids/{target}"].shape[0] < args.batch:
+            raise SystemExit(f"--text yields {rows[f'ids/{target}'].shape[0]} rows of {n} tokens; --batch asks {args.batch}")
+        ids = rows[f"ids/{target}"][: args.batch]  # [B, P+S] the target's tokens
+        src_ids = rows[f"ids/{source}"][: args.batch]  # [B, P+S] the source's tokens of the same text
+        ends = (rows[f"ends/{source}"][: args.batch], rows[f"ends/{target}"][: args.batch])  # each [B, P]
+    elif args.text is not None and tokenizer is not None:
         ids = torch.tensor(tokenizer.encode(args.text.read_text())[: n * args.batch]).view(args.batch, n)  # [B, P+S]
+        src_ids = ids
     else:
         ids = torch.randint(4, vocab, (args.batch, n), generator=torch.Generator().manual_seed(0))  # [B, P+S]
+        src_ids = ids
     prefix, suffix = ids[:, : args.prefix], ids[:, args.prefix :]  # [B, P], [B, S]
 
-    src_block = extract_prefix(models[source], prefix)  # [B, P, L_s, D_s]: the source has read the prefix anyway
+    src_block = extract_prefix(models[source], src_ids[:, : args.prefix])  # [B, P, L_s, D_s]: read by the source anyway
     rows = []
     with torch.no_grad():
         kinds = tuple(k for k in ("default", "latency", "1 layer") if k in spaces)
@@ -143,7 +161,8 @@ def main(argv=None) -> int:
             k = view.sink_tokens
             rot = (model_rotation(models[source]), model_rotation(models[target])) if view.unrotate else (None, None)
             sink = extract_prefix(models[target], prefix[:, :k]) if k else None
-            return translate_cache(sp, src_block, source, target, *rot, sink, view=view)
+            index = token_map(ends[0][:, k:], ends[1][:, k:]) if ends is not None else None  # [B, P-k]
+            return translate_cache(sp, src_block, source, target, *rot, sink, view=view, index=index)
 
         fns.update({k: (lambda sp=spaces[k]: through(sp)) for k in kinds})
         secs, outs = timed(fns, args.repeats)

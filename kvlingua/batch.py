@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kvlingua.align import token_map
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -16,6 +18,11 @@ class Batch:
     ``ids[j][:, P:]`` as the target suffix. Monolingual views give every model the same
     tensor; a parallel corpus gives each model the aligned text of its own language, so
     the target's own first P tokens are skipped ("weak alignment", paper §4.2).
+
+    A pool whose members tokenize differently reads *text-first* rows
+    (:func:`kvlingua.data.rows.text_rows`): each model's ids are its own tokenization of one prefix text
+    and one suffix text, P and S tokens each, and ``ends`` says where each prefix token's characters end,
+    so a path reads the source's positions along :meth:`align`.
     """
 
     ids: dict[str, Tensor]
@@ -25,6 +32,10 @@ class Batch:
     key: str = ""
     """Name of the batch in messages (``"train/P64S64/bs16/w1r0/b00017"``); may be empty. Source blocks
     are cached by the digest of their ids (:func:`kvlingua.blockstore.ids_digest`), not by this name."""
+    ends: dict[str, Tensor] | None = None
+    """model name -> ``[B, P]`` character end of each prefix token relative to the cut (``<= 0``;
+    :data:`kvlingua.align.NO_CHARS` for a BOS), for rows of text that models tokenize differently; None: every
+    model reads the same positions (one tokenizer, or a parallel corpus read position by position)."""
 
     def __post_init__(self) -> None:
         if not self.ids:
@@ -42,6 +53,12 @@ class Batch:
             sizes.add(t.shape[0])
         if len(sizes) != 1:
             raise ValueError(f"Batch.ids tensors disagree on batch size: {sorted(sizes)}")
+        if self.ends is not None:
+            for name, t in self.ids.items():
+                e = self.ends.get(name)
+                if e is None or tuple(e.shape) != (t.shape[0], self.prefix_len):
+                    raise ValueError(f"Batch.ends[{name!r}] must be [B, P] = [{t.shape[0]}, {self.prefix_len}], got "
+                                     f"{None if e is None else tuple(e.shape)}")
 
     @staticmethod
     def same_text(ids: Tensor, names: Iterable[str], prefix_len: int, key: str = "") -> "Batch":
@@ -60,6 +77,19 @@ class Batch:
     def suffix(self, model: str) -> Tensor:
         """``[B, S]`` suffix ids of ``model``'s text."""
         return self._ids(model)[:, self.prefix_len:]
+
+    def align(self, source: str, target: str, sink: int = 0) -> Tensor | None:
+        """``[B, P-k]`` index of the source position (after its ``k = sink`` sink positions) that each of the target's
+        positions after its own sink reads (:func:`kvlingua.align.token_map`); None where both read the same
+        tokens (one tokenizer: the identity, skipped so nothing is computed differently)."""
+        if self.ends is None or source == target:
+            return None
+        src, tgt = self._ids(source), self._ids(target)
+        if self.ends[source] is self.ends[target] or (
+                torch.equal(self.ends[source], self.ends[target]) and torch.equal(src[:, :self.prefix_len],
+                                                                                  tgt[:, :self.prefix_len])):
+            return None
+        return token_map(self.ends[source][:, sink:], self.ends[target][:, sink:])  # [B, P-k]
 
     def control_prefix(self, model: str, sink: int = 0) -> Tensor:
         """``[B, P]`` prefix ids of *another* sequence for each row (the batch rolled by one) after the row's own

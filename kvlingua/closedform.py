@@ -5,7 +5,8 @@ One calibration pass over a few training batches reads every member's cache the 
 ``x_m`` of width ``d_m = L_m·D_m``, keys and values apart. Then, from second moments only:
 
 1. **Σ**: each member's centred cache is scaled to unit total variance (so no member dominates by
-   its scale), the members are stacked side by side at aligned positions, and Σ's ``Q`` directions
+   its scale), the members are stacked side by side at aligned positions (members that tokenize
+   differently are read at the first member's positions along :func:`kvlingua.align.token_map`), and Σ's ``Q`` directions
    are their joint principal directions ``W`` (``z = g·Wᵀ x̃``, ``g`` so that Σ has unit variance per
    channel on average). With one member this is its own PCA.
 2. **IN_i** by ridge regression from ``x_i`` to ``z``: ``A_i = Cov(z, x_i) (C_ii + λ_i I)⁻¹``, bias
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from kvlingua.align import gather_positions, read_along
 from kvlingua.backend import PoolBackend
 from kvlingua.outinit import rank_mean
 from kvlingua.runtime import Runtime
@@ -68,7 +70,12 @@ def _moments(space: SharedSpace, backend: PoolBackend, batches: Sequence, view: 
     for batch in batches:
         view.check_prefix(batch.prefix_len)
         blocks = {m: view.to_space(backend.prefix_block(m, batch.prefix(m)), rotations.get(m)) for m in names}
-        latents = [space.encode(blocks[m].to(device), m) for m in frozen]  # each [B, P-k, Q]
+        latents = [read_along(space.encode(blocks[m].to(device), m), batch.align(m, names[0], view.sink_tokens))
+                   for m in frozen]  # each [B, P-k, Q] at the first member's positions
+        for m in names[1:]:  # members that tokenize differently: read at the first member's positions
+            index = batch.align(m, names[0], view.sink_tokens)  # [B, P-k] or None
+            if index is not None:
+                blocks[m] = blocks[m].map(lambda t, index=index: gather_positions(t, index))  # [B, P-k, L, D]
         for kind in KINDS:
             cols = [_flat(getattr(blocks[m], kind)) for m in names]  # each [N, d_m]
             if latents:  # Σ as the frozen members write it: their mean encoding

