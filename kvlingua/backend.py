@@ -10,6 +10,10 @@ the backend; only blocks, ids, losses and block gradients cross it.
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Protocol
 
 import torch
@@ -25,7 +29,6 @@ from kvlingua.cache import (
     as_past_key_values,
     cache_kwargs,
     check_block_fits,
-    check_same_vocab,
     extract_prefix,
     fingerprint,
 )
@@ -56,6 +59,16 @@ class PoolBackend(Protocol):
         ``[B, P, L, D]``), so a caller can back-propagate into whatever produced the block.
         """
 
+    def suffix_kl_and_grad(self, model: str, block: KVBlock, suffix_ids: Tensor,
+                           prefix_ids: Tensor) -> tuple[Tensor, KVBlock]:
+        """Mean over the tokens of ``suffix_ids[:, 1:]`` of KL(teacher ‖ student), and d loss / d block.
+
+        The student is ``model`` reading ``block``; the teacher is ``model`` reading its own cache of
+        ``prefix_ids`` ``[B, P]`` (the *base* condition of every evaluation), computed by the backend itself
+        with no grad and kept for recurring ids, so no teacher tensor crosses the seam. Returns
+        ``(loss, grad)`` as :meth:`suffix_loss_and_grad` does.
+        """
+
     def suffix_nll(self, model: str, block: KVBlock | None, suffix_ids: Tensor) -> Tensor:
         """Per-token NLL ``[B, S-1]`` of ``suffix_ids[:, 1:]`` after ``block`` (``None``: no prefix)."""
 
@@ -73,25 +86,97 @@ def suffix_token_nll(model: PreTrainedModel, block: KVBlock | None, suffix_ids: 
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view_as(targets)
 
 
+def suffix_log_probs(model: PreTrainedModel, block: KVBlock | None, suffix_ids: Tensor) -> Tensor:
+    """Next-token log-probabilities ``[B, S-1, V]`` (fp32) at the positions that predict ``suffix_ids[:, 1:]``,
+    read after ``block`` as :func:`suffix_token_nll` reads it. Differentiable w.r.t. the block."""
+    cache = as_past_key_values(block) if block is not None else None
+    out = model(input_ids=suffix_ids, use_cache=cache is not None, **cache_kwargs(model, cache))
+    return F.log_softmax(out.logits[:, :-1].float(), dim=-1)  # [B, S-1, V]
+
+
+def token_kl(student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean over tokens of KL(teacher ‖ student) = Σ_v p_t (log p_t − log p_s); both ``[B, T, V]`` log-probs."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student and teacher log-probs differ in shape: {tuple(student.shape)} and "
+                         f"{tuple(teacher.shape)}")
+    tokens = student.shape[0] * student.shape[1]  # B·T
+    return F.kl_div(student, teacher, reduction="sum", log_target=True) / tokens
+
+
+class TeacherCache:
+    """A small LRU of teacher log-probabilities, bounded in bytes; thread-safe (a host serves several ranks).
+
+    Args:
+        max_bytes: entries are dropped, least recently used first, while the cache holds more; an entry
+            larger than this is computed and not kept.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[tuple, Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, compute: Callable[[], Tensor]) -> Tensor:
+        """The entry of ``key``, computed by ``compute()`` on a miss (outside the lock) and kept."""
+        with self._lock:
+            if key in self._entries:
+                self.hits += 1
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            self.misses += 1
+        value = compute()
+        size = value.numel() * value.element_size()
+        with self._lock:
+            if size <= self.max_bytes and key not in self._entries:
+                self._entries[key] = value
+                self._bytes += size
+                while self._bytes > self.max_bytes:
+                    _, old = self._entries.popitem(last=False)
+                    self._bytes -= old.numel() * old.element_size()
+        return value
+
+
+TEACHER_CACHE_BYTES = 1 << 30
+"""Bytes of teacher log-probabilities a :class:`LocalBackend` keeps (``[B, S-1, V]`` fp32 each: 49 MB for a batch of
+8 × 32 suffix tokens over SmolLM2's 49,152 tokens), so the paths into one target share its teacher."""
+
+
+FROZEN_PRECISIONS = ("fp32", "bf16")
+"""How a backend runs its frozen models: ``fp32`` as loaded, or ``bf16`` autocast of their forward passes."""
+
+
 class LocalBackend:
     """In-process backend: the frozen models live in this process.
 
     Args:
         models: name -> frozen causal LM (the pool, in order).
         device: where the models run; blocks are returned on CPU in fp32.
+        precision: ``fp32`` runs the models as loaded; ``bf16`` runs their forward passes under
+            ``torch.autocast(dtype=bfloat16)`` on ``device`` (a backward through them follows the dtypes autocast
+            chose): weights stay as loaded; blocks, gradients and NLLs are still returned in fp32 (rounded through
+            bf16 inside the model).
 
     Raises:
-        ValueError: no models, or two models with different vocabularies (named, with both sizes).
+        ValueError: no models, or an unknown ``precision`` / one ``device`` cannot autocast to.
     """
 
-    def __init__(self, models: dict[str, PreTrainedModel], device: str | torch.device = "cpu"):
+    def __init__(self, models: dict[str, PreTrainedModel], device: str | torch.device = "cpu",
+                 precision: str = "fp32"):
         if not models:
             raise ValueError("a pool needs at least one model")
+        if precision not in FROZEN_PRECISIONS:
+            raise ValueError(f"precision must be one of {list(FROZEN_PRECISIONS)}, got {precision!r}")
         self.models = models
         self.device = torch.device(device)
+        if precision == "bf16" and not torch.amp.is_autocast_available(self.device.type):
+            raise ValueError(f"precision 'bf16' needs autocast, which device type {self.device.type!r} lacks")
+        self.precision = precision
         self._summaries = {n: arch_summary(m) for n, m in models.items()}
         self._rotations: dict[str, KeyRotation] = {}
-        check_same_vocab(self._summaries)
+        self._teachers = TeacherCache(TEACHER_CACHE_BYTES)  # (model, prefix digest, suffix digest) -> [B, S-1, V]
 
     def names(self) -> list[str]:
         return list(self.models)
@@ -112,9 +197,16 @@ class LocalBackend:
             raise KeyError(f"unknown pool model {model!r}; pool has {list(self.models)}")
         return model
 
+    def _autocast(self):
+        """The context of every frozen forward pass: bf16 autocast, or nothing (fp32, bit for bit as before)."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
     def prefix_block(self, model: str, input_ids: Tensor) -> KVBlock:
         m = self.models[self._check(model)]
-        block = extract_prefix(m, input_ids.to(self.device))
+        with self._autocast():
+            block = extract_prefix(m, input_ids.to(self.device))
         return block.map(lambda t: t.float().cpu().contiguous())
 
     def suffix_loss_and_grad(self, model: str, block: KVBlock, suffix_ids: Tensor) -> tuple[Tensor, KVBlock]:
@@ -123,10 +215,53 @@ class LocalBackend:
         dtype = next(m.parameters()).dtype
         leaf = block.map(lambda t: t.detach().to(self.device, dtype).requires_grad_(True))
         with torch.enable_grad():
-            loss = suffix_token_nll(m, leaf, suffix_ids.to(self.device)).mean()
+            with self._autocast():
+                loss = suffix_token_nll(m, leaf, suffix_ids.to(self.device)).mean()
             gk, gv = torch.autograd.grad(loss, [leaf.keys, leaf.values])
         grad = KVBlock(gk.float().cpu(), gv.float().cpu(), block.n_kv_heads)
         return loss.detach().float().cpu(), grad
+
+    def suffix_kl_and_grad(self, model: str, block: KVBlock, suffix_ids: Tensor,
+                           prefix_ids: Tensor) -> tuple[Tensor, KVBlock]:
+        m = self.models[self._check(model)]
+        check_block_fits(block, self._summaries[model], model)
+        if not block.batch_size == prefix_ids.shape[0] == suffix_ids.shape[0]:
+            raise ValueError(f"block, prefix ids and suffix ids of {model!r} differ in batch size: "
+                             f"{block.batch_size}, {prefix_ids.shape[0]} and {suffix_ids.shape[0]}")
+        teacher = self.teacher_log_probs(model, prefix_ids, suffix_ids)  # [B, S-1, V], no grad
+        dtype = next(m.parameters()).dtype
+        leaf = block.map(lambda t: t.detach().to(self.device, dtype).requires_grad_(True))
+        with torch.enable_grad():
+            with self._autocast():
+                student = suffix_log_probs(m, leaf, suffix_ids.to(self.device))  # [B, S-1, V]
+            loss = token_kl(student, teacher)
+            gk, gv = torch.autograd.grad(loss, [leaf.keys, leaf.values])
+        grad = KVBlock(gk.float().cpu(), gv.float().cpu(), block.n_kv_heads)
+        return loss.detach().float().cpu(), grad
+
+    def teacher_log_probs(self, model: str, prefix_ids: Tensor, suffix_ids: Tensor) -> Tensor:
+        """``model``'s log-probs ``[B, S-1, V]`` (fp32, on ``device``) of the suffix read after its own cache of
+        ``prefix_ids``: the *base* condition, computed as :meth:`suffix_nll` computes it, once per recurring ids."""
+        from kvlingua.blockstore import ids_digest  # here: blockstore imports this module
+
+        def compute() -> Tensor:
+            m = self.models[model]
+            own = self.prefix_block(model, prefix_ids).to(self.device, next(m.parameters()).dtype)  # [B, P, L, D]
+            with torch.no_grad(), self._autocast():
+                return suffix_log_probs(m, own, suffix_ids.to(self.device))
+
+        key = (self._check(model), ids_digest(prefix_ids), ids_digest(suffix_ids))
+        return self._teachers.get(key, compute)
+
+    @property
+    def teacher_hits(self) -> int:
+        """Teacher log-probs served from the cache (:meth:`teacher_log_probs`)."""
+        return self._teachers.hits
+
+    @property
+    def teacher_misses(self) -> int:
+        """Teacher log-probs computed."""
+        return self._teachers.misses
 
     @torch.no_grad()
     def suffix_nll(self, model: str, block: KVBlock | None, suffix_ids: Tensor) -> Tensor:
@@ -135,4 +270,6 @@ class LocalBackend:
             check_block_fits(block, self._summaries[model], model)
             dtype = next(m.parameters()).dtype
             block = block.to(self.device, dtype)
-        return suffix_token_nll(m, block, suffix_ids.to(self.device)).float().cpu()
+        with self._autocast():
+            nll = suffix_token_nll(m, block, suffix_ids.to(self.device))
+        return nll.float().cpu()

@@ -167,5 +167,9 @@ class CachingBackend:
     def suffix_loss_and_grad(self, model: str, block: KVBlock, suffix_ids: Tensor) -> tuple[Tensor, KVBlock]:
         return self.inner.suffix_loss_and_grad(model, block, suffix_ids)
 
+    def suffix_kl_and_grad(self, model: str, block: KVBlock, suffix_ids: Tensor,
+                           prefix_ids: Tensor) -> tuple[Tensor, KVBlock]:
+        return self.inner.suffix_kl_and_grad(model, block, suffix_ids, prefix_ids)
+
     def suffix_nll(self, model: str, block: KVBlock | None, suffix_ids: Tensor) -> Tensor:
         return self.inner.suffix_nll(model, block, suffix_ids)

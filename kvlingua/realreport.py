@@ -166,6 +166,31 @@ def bench_section(bench: dict | None) -> list[str]:
     return lines
 
 
+def context_bytes_section(pool_json: dict, bench: dict | None) -> list[str]:
+    """Bytes of a context stored once in Σ (what the serve context store keeps: keys and values ``[1, P-k, Q]``)
+    against every member's native cache of the same text (``[1, P, L, D]`` keys and values), fp32."""
+    if bench is None:
+        return []
+    p = int(bench["config"]["prefix"])
+    space = pool_json.get("space", {})
+    q, k = int(space["q_dim"]), int(space.get("sink_tokens", 0))
+    sigma = 2 * (p - k) * q * 4
+    native = {m["name"]: 2 * p * m["summary"]["num_layers"] * m["summary"]["n_kv_heads"] * m["summary"]["head_dim"] * 4
+              for m in pool_json["members"]}
+    lines = ["## A stored context against the native caches", "",
+             f"A {p}-token context stored once in Σ (keys and values of its {p - k} positions after the sink, Q = {q}, "
+             "fp32, as the serve context store keeps it; each reader computes its own sink) against each member's "
+             "own cache of it (fp32), computed from the pool's shapes. Target (issue #22): ≤ 0.25× the two native "
+             "caches together.", "",
+             "| what | bytes | × Σ |", "|---|---|---|", f"| Σ (stored once, read by every member) | {sigma:,} | 1.00 |"]
+    for name, b in native.items():
+        lines.append(f"| {name}'s own cache | {b:,} | {b / sigma:.2f} |")
+    both = sum(native.values())
+    lines += [f"| all members' caches together | {both:,} | {both / sigma:.2f} |", "",
+              f"Σ is **{sigma / both:.3f}×** the members' caches together.", ""]
+    return lines
+
+
 def sizes_section(shapes_dir: Path) -> list[str]:
     """IN + OUT of the paper's adapter against the depth-linear one at each public shape (Q = 32 L)."""
     from kvlingua.cache import arch_summary
@@ -265,8 +290,52 @@ def levers_section(run_dir: Path, deep: str, shallow: str) -> list[str]:
             else:
                 cells += [cell, "—"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "The objective lever (suffix KL to the target's own-cache distribution, reconstruction) needs "
-              "training runs of its own and is not in this table.", ""]
+    return lines + ["", *objectives_section(run_dir)]
+
+
+def objectives_section(run_dir: Path) -> list[str]:
+    """The objective lever (``objectives/``): the main space trained afresh per objective for the same wall time,
+    each against the default objective on the levers' rows, and which objective the numbers make the default."""
+    d = run_dir / "objectives"
+    if not (d / "runs.json").is_file():
+        return ["The objective lever (suffix KL to the target's own-cache distribution, reconstruction) trains one "
+                "space per objective; this run skipped it (`kvlingua real-model --objective-seconds S`).", ""]
+    meta = json.loads((d / "runs.json").read_text())
+    runs = meta["runs"]
+    res = {n: EvalResult.from_dict(json.loads((d / f"{n}.json").read_text())) for n in runs}
+    default = next(iter(runs))
+    paths = [tuple(p) for p in res[default].paths]
+    lines = ["## Objectives at equal wall time (test split)", "",
+             f"Each row trains the main space afresh from its start for {meta['seconds']:g} wall seconds "
+             "(evaluations included; the schedule is planned from the measured step cost to end a little past the "
+             "budget, so the budget ends every run), keeps its best validation evaluation, and is scored on the "
+             "levers' rows. `suffix`: the paper's suffix cross-entropy; `kl`: the mean over suffix tokens of "
+             "KL(target after its own cache ‖ target after the translated cache); `recon`: suffix cross-entropy + "
+             f"the reconstruction loss (weight 1, in Σ's view). NLL difference against `{default}` on the same rows "
+             "(paired, ± SE; negative = the objective helps).", "",
+             "| objective | steps (schedule) | train s | kept step | "
+             + " | ".join(f"{path_name(p)} NLL (content) | − {default} (± SE)" for p in paths) + " |",
+             "|---|---|---|---|" + "---|---|" * len(paths)]
+    beats = {}
+    for name, run in runs.items():
+        r, cells, wins = res[name], [], []
+        for path in paths:
+            cells.append(f"{r.summary_for(path, 'space').nll_mean:.3f} ({_fmt(_content(r, path), 2)})")
+            if name == default:
+                cells.append("—")
+                continue
+            diff, se = paired_difference(_series(r, path, "space"), _series(res[default], path, "space"))
+            cells.append(f"{diff:+.3f} ± {se:.3f}")
+            wins.append(diff < 0 and outcome(diff, se, "le", 0.0) == "holds")
+        if wins and all(wins):
+            beats[name] = sum(r.summary_for(p, "space").nll_mean for p in paths)
+        lines.append(f"| {name} | {run['steps']} ({run['schedule_steps']}) | {run['train_s']:.1f} | "
+                     f"{run['best_step']} | " + " | ".join(cells) + " |")
+    best = min(beats, key=beats.get) if beats else default
+    verdict = (f"it beats `{default}` on every path by more than 2 standard errors at equal wall time"
+               if best != default else
+               "no other objective beats it on every path by more than 2 standard errors at equal wall time")
+    lines += ["", f"**Default objective: `{best}`**: {verdict}.", ""]
     return lines
 
 
@@ -363,6 +432,9 @@ def write_real_model_report(run_dir: str | Path, report: str | Path, *, command:
     lines += curves_section(run_dir, report, deep, shallow)
     lines += positions_section(run_dir, positions, trained, deep, shallow)
     lines += bench_section(bench)
+    reverse = run_dir / "bench_handoff_reverse.json"
+    lines += bench_section(json.loads(reverse.read_text()) if reverse.is_file() else None)
+    lines += context_bytes_section(pool_json, bench)
     lines += sizes_section(Path(shapes_dir))
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(lines) + "\n")

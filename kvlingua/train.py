@@ -9,7 +9,9 @@ Every step samples paths i->j (:class:`~kvlingua.paths.PathSampler`) and, for ea
    ``out = space.decode(z, j)`` — ``OUT_j(IN_i(src))`` with autograd;
 3. ``cache = view.to_cache(out, ...)`` — keys rotated at the target's positions after the target's
    own sink block (``[B, P, L_j, D_j]``); ``(loss, g) = backend.suffix_loss_and_grad(j, cache, ids[j][:, P:])``
-   — the frozen target reads it as its cache; the backend returns d loss / d cache;
+   — the frozen target reads it as its cache; the backend returns d loss / d cache (``objective: kl``:
+   ``backend.suffix_kl_and_grad(j, cache, ids[j][:, P:], ids[j][:, :P])``, the target after its own cache
+   as the teacher);
 4. ``backward([cache.keys, cache.values], [g.keys * w, g.values * w])`` with ``w = 1/#paths``
    through the rotation into ``OUT_j`` and a detached copy of ``z``; once every path is done, the summed
    d loss / d z goes back through ``IN_i`` in one pass,
@@ -35,10 +37,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from kvlingua.align import read_along
 from kvlingua.backend import PoolBackend
 from kvlingua.batch import Batch  # noqa: F401  (re-exported: ``from kvlingua.train import Batch``)
 from kvlingua.cache import KVBlock
-from kvlingua.losses import reconstruction_loss, suffix_lm_loss
+from kvlingua.losses import reconstruction_loss, suffix_kl_loss, suffix_lm_loss
 from kvlingua.closedform import closed_form_init
 from kvlingua.outinit import match_init
 from kvlingua.paths import PathSampler, PathT, path_name
@@ -48,6 +51,7 @@ from kvlingua.runtime import Runtime
 from kvlingua.schedule import warmup_cosine
 
 PRECISIONS = ("fp32", "bf16")
+OBJECTIVES = ("suffix", "kl")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,11 @@ class TrainConfig:
     """Paths i->j sampled per step; None trains every allowed path every step."""
     recon_weight: float = 0.0
     """Weight of the reconstruction loss ||OUT_j(IN_i(KV_i)) - KV_j||² (paper default: off)."""
+    objective: str = "suffix"
+    """What a path's target learns from its suffix: ``suffix``, the cross-entropy of the suffix tokens (the
+    paper's), or ``kl``, the mean over suffix tokens of KL(target after its own cache of its own prefix ‖ target
+    after the translated cache): the *base* condition as teacher (:func:`kvlingua.losses.suffix_kl_loss`).
+    ``recon_weight`` adds to either."""
     precision: str = "fp32"
     """fp32, or bf16 autocast of the adapters (frozen models keep their own dtype)."""
     eval_every: int = 0
@@ -108,6 +117,8 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {self.objective!r}")
         if self.trainable is not None and not self.trainable:
             raise ValueError("trainable is empty; use None to train every model's adapters")
         if self.paths is not None:
@@ -164,8 +175,8 @@ def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: li
     ``view`` (default the space's, :meth:`CacheView.of`) says what Σ carries of a cache: the positions after
     the target's own sink, keys un-rotated.
 
-    Returns metrics: ``loss`` (mean over paths), and per path ``loss/i->j``, ``suffix/i->j``
-    and, with ``recon_weight > 0``, ``recon/i->j``.
+    Returns metrics: ``loss`` (mean over paths), and per path ``loss/i->j``, ``suffix/i->j`` (``kl/i->j`` with
+    ``objective: kl``) and, with ``recon_weight > 0``, ``recon/i->j``.
     """
     if not paths:
         raise ValueError("train_step needs at least one path")
@@ -212,15 +223,18 @@ def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: li
     total = 0.0
     for src_name, tgt_name in paths:
         name = path_name((src_name, tgt_name))
-        with autocast():
-            out = space.decode(latent(src_name), tgt_name)  # [B, P-k, L_j, D_j]
+        with autocast():  # Σ read at the target's positions where the two tokenize differently
+            out = space.decode(read_along(latent(src_name), batch.align(src_name, tgt_name, k)), tgt_name)  # [B, P-k, L_j, D_j]
         if not out.keys.requires_grad:
             raise ValueError(f"path {name} produced a block without gradient: are both of its adapters frozen?")
         cache = view.to_cache(out, rotation(tgt_name), sink(tgt_name))  # [B, P, L_j, D_j]: sink + rotated keys
-        loss, g = suffix_lm_loss(backend, cache, tgt_name, batch.suffix(tgt_name))
+        if cfg.objective == "kl":  # the teacher: the target after its own cache of its own prefix
+            loss, g = suffix_kl_loss(backend, cache, tgt_name, batch.suffix(tgt_name), batch.prefix(tgt_name))
+        else:
+            loss, g = suffix_lm_loss(backend, cache, tgt_name, batch.suffix(tgt_name))
         tensors, grads = [cache.keys, cache.values], [g.keys * w, g.values * w]
         path_loss = float(loss)
-        metrics[f"suffix/{name}"] = path_loss
+        metrics[f"{cfg.objective}/{name}"] = path_loss  # suffix/i->j (cross-entropy) or kl/i->j
         if cfg.recon_weight > 0:  # in Σ's view of the target's cache: after its sink, keys position-free
             recon = reconstruction_loss(out, view.to_space(own_block(tgt_name), rotation(tgt_name)))
             tensors.append(recon * (cfg.recon_weight * w))
@@ -274,6 +288,7 @@ def fit(
     checkpoint_fn: Callable[[TrainState], None] | None = None,
     view: CacheView | None = None,
     fresh: bool = True,
+    budget_s: float | None = None,
 ) -> TrainState:
     """Train the space's adapters until ``cfg.steps`` optimiser steps are done.
 
@@ -298,6 +313,9 @@ def fit(
         view: what Σ carries of a cache (default the space's own; soft-prompt modules have no sink).
         fresh: start the adapters as ``space.cfg.init`` says at step 0 (``closed_form`` or ``match``); False for
             a space that is already trained (meta-training a pool's Σ).
+        budget_s: end early, after the step during which this many wall seconds of training (``state.train_s``
+            of this call, evaluations included) ran out, as if it were the last step (evaluation, selection,
+            checkpoint); the schedule still spans ``cfg.steps``. For comparisons at equal wall time.
 
     Returns:
         The final :class:`TrainState` with optimiser, scheduler and RNG state.
@@ -377,8 +395,8 @@ def fit(
         opt.step()
         sched.step()
         state.step += 1
-        last = state.step == cfg.steps
-        per_path = {k.split("/", 1)[1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith("suffix/")}
+        last = state.step == cfg.steps or (budget_s is not None and time.perf_counter() - began >= budget_s)
+        per_path = {k.split("/", 1)[1]: f"{v:.3f}" for k, v in metrics.items() if k.startswith(f"{cfg.objective}/")}
         bar.set_postfix({**per_path, "loss": f"{metrics['loss']:.3f}"}, refresh=False)
         bar.update(1)  # one redraw per step, with this step's losses
         if last or (cfg.log_every and state.step % cfg.log_every == 0):
@@ -390,6 +408,8 @@ def fit(
         if checkpoint_fn is not None and cfg.checkpoint_every and (last or state.step % cfg.checkpoint_every == 0):
             _sync_state(state, opt, sched)
             checkpoint_fn(state)
+        if last:  # cfg.steps reached, or the wall-time budget spent
+            break
     bar.close()
     if best and best["step"] != state.step:  # the last evaluation was not the best: end at the best one
         with torch.no_grad():

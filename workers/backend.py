@@ -127,6 +127,17 @@ class RayBackend:
         return tensor_from_wire(loss, copy=True), KVBlock(tensor_from_wire(gk, copy=True),
                                                           tensor_from_wire(gv, copy=True), block.n_kv_heads)
 
+    def suffix_kl_and_grad(self, model: str, block: KVBlock, suffix_ids: Tensor,
+                           prefix_ids: Tensor) -> tuple[Tensor, KVBlock]:
+        """Suffix KL after ``block`` to ``model`` after its own cache of ``prefix_ids`` and d loss / d block; the
+        host computes (and keeps) that teacher from the ids: only ids, the block and its gradient cross."""
+        check_block_fits(block, self.summary(model), model)
+        wire = block_to_wire(block.map(lambda t: t.float()))  # [B, P, L, D] fp32
+        loss, gk, gv = ray.get(self.hosts[model].suffix_kl_and_grad.remote(wire, tensor_to_wire(suffix_ids),
+                                                                           tensor_to_wire(prefix_ids)))
+        return tensor_from_wire(loss, copy=True), KVBlock(tensor_from_wire(gk, copy=True),
+                                                          tensor_from_wire(gv, copy=True), block.n_kv_heads)
+
     def suffix_nll(self, model: str, block: KVBlock | None, suffix_ids: Tensor) -> Tensor:
         """Per-token NLL ``[B, S-1]`` of the suffix after ``block`` (``None``: no prefix)."""
         self._check(model)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kvlingua.backend import FROZEN_PRECISIONS
+
 
 @dataclass(frozen=True)
 class HostOptions:
@@ -30,8 +32,13 @@ class HostOptions:
     """Intra-op torch threads inside the host process."""
     block_dir: str | None = None
     """Block store directory for source blocks (extract once, reuse); None: extract every time."""
+    precision: str = "fp32"
+    """How the host runs its frozen model: ``fp32`` as loaded, ``bf16`` autocast of its forward passes (blocks,
+    gradients and NLLs still cross as fp32; :class:`kvlingua.backend.LocalBackend`)."""
 
     def __post_init__(self) -> None:
+        if self.precision not in FROZEN_PRECISIONS:
+            raise ValueError(f"precision must be one of {list(FROZEN_PRECISIONS)}, got {self.precision!r}")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError(f"num_cpus and num_gpus must be >= 0, got {self.num_cpus}, {self.num_gpus}")
         if any(v < 0 for v in (self.resources or {}).values()):

@@ -9,6 +9,9 @@ actor boundary, never a transformers ``Cache``:
   ``[B, P, L, D]`` fp32);
 * :meth:`ModelHost.suffix_loss_and_grad`: a (translated) block and ``[B, S]`` suffix
   ids -> ``(loss, grad_keys, grad_values)``; frozen weights never leave the host;
+* :meth:`ModelHost.suffix_kl_and_grad`: the same with the suffix KL to the model's own-cache
+  distribution; the host computes that teacher from the prefix ids and keeps it for recurring ids
+  (no teacher tensor crosses the wire);
 * :meth:`ModelHost.suffix_nll`: per-token NLL ``[B, S-1]`` for evaluation.
 
 **The wire.** Every tensor crosses as a :class:`WireTensor`: its bytes as a NumPy
@@ -141,10 +144,13 @@ class ModelHost:
         block_dir: optional :class:`~kvlingua.blockstore.BlockStore` directory; source
             blocks are then extracted once and served from disk afterwards.
         torch_threads: intra-op threads for this process.
+        precision: ``fp32`` or ``bf16`` (autocast of the frozen model's passes; see
+            :class:`~kvlingua.backend.LocalBackend`). A bf16 host keeps its blocks apart from fp32 ones in a
+            shared block store (its store key is the fingerprint with ``+bf16`` appended).
     """
 
     def __init__(self, name: str, path: str, device: str | None = None, block_dir: str | None = None,
-                 torch_threads: int = 1):
+                 torch_threads: int = 1, precision: str = "fp32"):
         torch.set_num_threads(torch_threads)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -152,13 +158,14 @@ class ModelHost:
         self.device = device
         model = load_frozen(path, device)
         self._fingerprint = fingerprint(model)
-        local = LocalBackend({name: model}, device)
+        local = LocalBackend({name: model}, device, precision)
         self._summary = local.summary(name)
+        store_key = self._fingerprint if precision == "fp32" else f"{self._fingerprint}+{precision}"
         self._backend = local if block_dir is None else CachingBackend(
-            local, BlockStore(block_dir), {name: self._fingerprint}
+            local, BlockStore(block_dir), {name: store_key}
         )
         self._lock = threading.Lock()
-        self._calls = {"prefix_block": 0, "suffix_loss_and_grad": 0, "suffix_nll": 0}
+        self._calls = {"prefix_block": 0, "suffix_loss_and_grad": 0, "suffix_kl_and_grad": 0, "suffix_nll": 0}
 
     def _count(self, what: str) -> None:
         with self._lock:
@@ -175,6 +182,8 @@ class ModelHost:
             out = dict(self._calls)
         if isinstance(self._backend, CachingBackend):
             out.update(extractions=self._backend.extractions, hits=self._backend.hits)
+        local = getattr(self._backend, "inner", self._backend)  # the LocalBackend, under a block store or not
+        out.update(teacher_hits=local.teacher_hits, teacher_misses=local.teacher_misses)
         return out
 
     def rotation(self) -> bytes:
@@ -199,6 +208,17 @@ class ModelHost:
         self._count("suffix_loss_and_grad")
         loss, grad = self._backend.suffix_loss_and_grad(self.name, block_from_wire(block, copy=False),
                                                         as_tensor(suffix_ids, copy=True))
+        return tensor_to_wire(loss), tensor_to_wire(grad.keys), tensor_to_wire(grad.values)
+
+    def suffix_kl_and_grad(self, block: WireBlock, suffix_ids: Tensor | WireTensor,
+                           prefix_ids: Tensor | WireTensor) -> tuple[WireTensor, WireTensor, WireTensor]:
+        """Suffix KL after the block to the model after its own cache of ``prefix_ids`` ``[B, P]`` (computed and
+        kept here), and its gradient: ``(loss [], grad_keys, grad_values [B, P, L, D])``; the block is read in
+        place as in :meth:`suffix_loss_and_grad`."""
+        self._count("suffix_kl_and_grad")
+        loss, grad = self._backend.suffix_kl_and_grad(self.name, block_from_wire(block, copy=False),
+                                                      as_tensor(suffix_ids, copy=True),
+                                                      as_tensor(prefix_ids, copy=True))
         return tensor_to_wire(loss), tensor_to_wire(grad.keys), tensor_to_wire(grad.values)
 
     def suffix_nll(self, block: WireBlock | None, suffix_ids: Tensor | WireTensor) -> WireTensor:
@@ -238,7 +258,7 @@ def spawn_hosts(models: dict[str, str], options: HostOptions = HostOptions(), na
                 opts["namespace"] = namespace
         device = "cuda" if options.num_gpus > 0 else "cpu"
         hosts[name] = actor_cls.options(**opts).remote(
-            name, str(Path(path).resolve()), device, options.block_dir, options.torch_threads
+            name, str(Path(path).resolve()), device, options.block_dir, options.torch_threads, options.precision
         )
     ray.get([h.info.remote() for h in hosts.values()])
     return hosts

@@ -8,13 +8,17 @@ Runs, each stage skipped when its output exists (so an interrupted run resumes):
    on the test split;
 2. ``positions`` — the trained pool re-scored at each ``--positions`` prefix length
    (:func:`kvlingua.run.evaluate_pool_dir`);
-3. ``bench`` — ``bench/bench_handoff.py`` on the trained pool: translating a ``--bench-prefix``-token
+3. ``levers`` — each lever's start against the trained space (:func:`kvlingua.levers.lever_starts`), and, with
+   ``--objective-seconds S``, ``objectives``: the main space trained afresh for S wall seconds per training
+   objective (suffix cross-entropy, suffix KL, + reconstruction; :func:`kvlingua.levers.objective_runs`);
+4. ``bench`` — ``bench/bench_handoff.py`` on the trained pool: translating a ``--bench-prefix``-token
    cache from the shallow model into the deep one against the deep one re-reading the text;
 
 then writes the report (``--report``, default ``docs/results/real-model.md``) from those files only:
 the pool, the final table, the claims with paired differences and standard errors, the depth-linear
-adapter against the paper's at the training wall times the run recorded, the position table, the
-hand-off benchmark, and the adapter sizes at the public shapes of ``configs/shapes/``.
+adapter against the paper's at the training wall times the run recorded, the levers (and the training objectives
+at equal wall time, where that stage ran), the position table, the hand-off benchmark, and the adapter sizes at the
+public shapes of ``configs/shapes/``.
 """
 from __future__ import annotations
 
@@ -51,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bench-prefix", type=int, default=512, help="prefix tokens of the hand-off benchmark")
     p.add_argument("--bench-repeats", type=int, default=5, help="timed rounds of the hand-off benchmark")
     p.add_argument("--report", default=None, help="report path (default docs/results/real-model.md)")
+    p.add_argument("--objective-seconds", type=float, default=0.0, metavar="S",
+                   help="train the main space afresh for S wall seconds per training objective (suffix, kl, recon) "
+                   "and score each on the levers' rows (default 0: skip this stage)")
     p.add_argument("--in-process", action="store_true", help="train without Ray (the reference loop)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -124,26 +131,28 @@ def _levers(run_dir: Path, out: Path) -> None:
     (out / "names.json").write_text(json.dumps(names, indent=1) + "\n")
 
 
+def _objectives(run_dir: Path, out: Path, seconds: float, progress: bool) -> None:
+    """``objectives/<name>.json`` per objective (:func:`kvlingua.levers.objective_runs`, on the levers' 4 held-out
+    batches) and ``runs.json`` (objective -> steps reached, schedule, train seconds, kept step; the budget)."""
+    from kvlingua.levers import objective_runs
+
+    out.mkdir(exist_ok=True)
+    runs = objective_runs(run_dir, seconds=seconds, batches=4, progress=progress)
+    for name, run in runs.items():
+        run.result.to_json(out / f"{name}.json")
+    table = {name: {"steps": r.steps, "schedule_steps": r.schedule_steps, "train_s": round(r.train_s, 1),
+                    "best_step": r.best_step} for name, r in runs.items()}
+    (out / "runs.json").write_text(json.dumps({"seconds": seconds, "runs": table}, indent=1) + "\n")
+
+
 def _continuations(run_dir: Path, source: str, target: str, n: int = 3, prompt_tokens: int = 48,
                    max_new_tokens: int = 32) -> None:
     """Greedy continuations of ``n`` held-out prompts: ``target`` after ``source``'s cache through Σ, and after
-    re-reading the text (``continuations.json``)."""
-    from kvlingua.data.views import DataConfig, documents
-    from kvlingua.generate import GenerationParams, handoff_generate
+    re-reading the text (``continuations.json``; :func:`kvlingua.crosstext.continuations`)."""
+    from kvlingua.crosstext import continuations
     from kvlingua.pool import load_pool
 
-    pool = load_pool(run_dir / "pool")
-    tok = pool.tokenizer
-    docs = [d for d in documents(DataConfig(view="en"), "test") if len(tok.encode(d)) > prompt_tokens]
-    params = GenerationParams(max_new_tokens=max_new_tokens)
-    rows = []
-    for doc in docs[:: max(1, len(docs) // n)][:n]:
-        ids = tok.encode(doc)[:prompt_tokens]
-        row = {"prompt": tok.decode(ids)}
-        for mode in ("latent", "text"):
-            res = handoff_generate(pool.models, pool.space, source, target, ids, params, handoff=mode, tokenizer=tok)
-            row[mode] = res.text
-        rows.append(row)
+    rows = continuations(load_pool(run_dir / "pool"), source, target, n, prompt_tokens, max_new_tokens)
     (run_dir / "continuations.json").write_text(json.dumps(
         {"source": source, "target": target, "max_new_tokens": max_new_tokens, "rows": rows}, indent=1) + "\n")
 
@@ -156,12 +165,15 @@ def run(args: argparse.Namespace) -> int:
 
     if any(p < 1 for p in args.positions) or args.bench_prefix < 1 or args.bench_repeats < 1:
         raise ConfigError("--positions, --bench-prefix and --bench-repeats must be positive")
+    if args.objective_seconds < 0:
+        raise ConfigError("--objective-seconds must be >= 0 (0: skip the objectives stage)")
     cfg = load_run_config(args.config, dict(parse_override(o) for o in args.override))
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     command = "kvlingua real-model" + (f" {args.config}" if Path(args.config).resolve() != DEFAULT_CONFIG else "")
     command += "".join(f" -o {o}" for o in args.override) + (" --in-process" if args.in_process else "")
+    command += f" --objective-seconds {args.objective_seconds:g}" if args.objective_seconds > 0 else ""
 
     if not ((run_dir / "eval.json").is_file() and (run_dir / "pool" / "pool.json").is_file()):
         print(f"[real-model] train: {args.config} -> {run_dir}", flush=True)
@@ -186,6 +198,13 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         _levers(run_dir, levers_dir)
         _record(run_dir, "levers", time.perf_counter() - start)
+    objectives_dir = run_dir / "objectives"
+    if args.objective_seconds > 0 and not (objectives_dir / "runs.json").is_file():
+        print(f"[real-model] objectives: the main space trained {args.objective_seconds:g} s per objective",
+              flush=True)
+        start = time.perf_counter()
+        _objectives(run_dir, objectives_dir, args.objective_seconds, progress)
+        _record(run_dir, "objectives", time.perf_counter() - start)
     pool_json = json.loads((run_dir / "pool" / "pool.json").read_text())
     deep, shallow = _roles(pool_json)
     if not (run_dir / "continuations.json").is_file():
@@ -193,17 +212,23 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         _continuations(run_dir, shallow, deep)
         _record(run_dir, "continuations", time.perf_counter() - start)
-    bench_json = run_dir / "bench_handoff.json"
-    if not bench_json.is_file():
-        print(f"[real-model] bench: {shallow} -> {deep}, {args.bench_prefix}-token prefix", flush=True)
+    # both ways where the members tokenize differently (two real families), else the shallow model into the deep one
+    mixed = any("tokenizer" in m for m in pool_json["members"])
+    for source, target, name in [(shallow, deep, "bench_handoff.json")] + (
+            [(deep, shallow, "bench_handoff_reverse.json")] if mixed else []):
+        bench_json = run_dir / name
+        if bench_json.is_file():
+            continue
+        print(f"[real-model] bench: {source} -> {target}, {args.bench_prefix}-token prefix", flush=True)
         start = time.perf_counter()
         text = _bench_text(run_dir / "bench_text.txt")
         cmd = [sys.executable, str(REPO / "bench" / "bench_handoff.py"), "--pool", str(run_dir / "pool"),
-               "--source", shallow, "--target", deep, "--text", str(text), "--prefix", str(args.bench_prefix),
+               "--source", source, "--target", target, "--text", str(text), "--prefix", str(args.bench_prefix),
                "--suffix", str(cfg.suffix_len), "--repeats", str(args.bench_repeats), "--threads",
                str(cfg.ray.torch_threads or 2), "--no-variants", "--json", str(bench_json)]
         subprocess.run(cmd, check=True)
-        _record(run_dir, "bench", time.perf_counter() - start)
+        _record(run_dir, "bench" if name == "bench_handoff.json" else f"bench {source} -> {target}",
+                time.perf_counter() - start)
     from kvlingua.provenance import commit, machine
     from kvlingua.realreport import write_real_model_report
 

@@ -248,3 +248,21 @@ def test_training_never_writes_the_source_blocks_it_reads_in_place(ray_local, ho
     for model, ids, block, kv, vv in backend.sources:
         assert not block.keys.is_inference() and (block.keys._version, block.values._version) == (kv, vv)
         assert (block.keys - local.prefix_block(model, ids).keys).abs().max() < 1e-6
+
+
+def test_remote_suffix_kl_matches_local_and_the_host_keeps_its_teacher(hosts, local):
+    """The KL objective over Ray: only the block and ids cross, the host computes its own-cache teacher once per
+    recurring ids, and loss and block gradient equal the in-process backend's."""
+    remote = RayBackend(hosts)
+    ids = _ids(4)
+    block = local.prefix_block("b", ids.roll(1, dims=0)[:, :6]).map(lambda t: t * 0.9)  # another text's cache
+    before = remote.stats()["b"]
+    r_loss, r_grad = remote.suffix_kl_and_grad("b", block, ids[:, 6:], ids[:, :6])
+    again = remote.suffix_kl_and_grad("b", block, ids[:, 6:], ids[:, :6])
+    after = remote.stats()["b"]
+    l_loss, l_grad = local.suffix_kl_and_grad("b", block, ids[:, 6:], ids[:, :6])
+    assert float(r_loss) > 0 and abs(float(r_loss) - float(l_loss)) < 1e-6 and torch.equal(again[0], r_loss)
+    assert (r_grad.keys - l_grad.keys).abs().max() < 1e-8 and (r_grad.values - l_grad.values).abs().max() < 1e-8
+    assert after["suffix_kl_and_grad"] - before["suffix_kl_and_grad"] == 2
+    assert after["teacher_misses"] - before["teacher_misses"] == 1  # the second call found its teacher
+    assert after["teacher_hits"] - before["teacher_hits"] == 1
