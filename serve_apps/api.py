@@ -8,7 +8,8 @@ Routes::
     GET    /v1/pool                  pool members with their architecture summaries (was /v1/models)
     POST   /v1/completions           OpenAI-compatible (see serve_apps.openai_api)
     POST   /v1/chat/completions      OpenAI-compatible
-    POST   /tokenize, /detokenize    vLLM's tokenizer routes (the pool's tokenizer); GET /tokenizer_info
+    POST   /tokenize, /detokenize    vLLM's tokenizer routes (the pool's tokenizer, or member ``model``'s where
+                                      members tokenize differently); GET /tokenizer_info
     GET    /v1/modules               served modules (soft prompts), each with the model it was learned on
     POST   /v1/contexts              {model, text | tokens} -> a context stored once in Σ
     GET    /v1/contexts              stored contexts, most recently used first

@@ -25,6 +25,15 @@ prompt after it. ``GET /v1/modules`` counts both per module.
 Every call to a model has the request's deadline (``request_timeout_s``: 504 past it,
 503 at once when the model has no running replica).
 
+**Members that tokenize differently** (``pool.mixed_tokenizers``; :mod:`serve_apps.crosstok`): text in,
+text out. Each model reads the prompt with its own tokenizer (a request's ``ids`` are the target's); a
+latent hand-off sends Σ of the source's own tokens with the token map, and the target reads Σ at its own
+positions and computes its own sink; a stored context read from text is decoded along the map by any
+member. Token-id prompts and the identity hand-off need source and target to share a tokenizer (else
+400), and so do the automatic prefix matching of stored contexts (``use_store`` without ``context_id``:
+skipped across tokenizers) and mixed schedules (refused). Members sharing one tokenizer keep the
+token-id route, exactly as a one-tokenizer pool.
+
 Mixed schedules (:mod:`serve_apps.mixed`) run segment by segment over the same handles. Every
 bad request is a :class:`RequestError` (HTTP 4xx naming what is wrong) raised before any
 model work starts.
@@ -36,10 +45,12 @@ import json
 import time
 from typing import Any, AsyncIterator
 
+from kvlingua.align import text_ends
 from kvlingua.config import from_dict
 from kvlingua.generate import check_identity
 from kvlingua.pool import load_pool
 from kvlingua.store import ContextKey, ContextStore, StoredContext, StoreFullError, adapters_digest, token_digest
+from serve_apps.crosstok import PoolTokenizers, TextContext, context_map, plan_across
 from serve_apps.limits import TrainedLimits
 from serve_apps.metrics import ServeMetrics
 from serve_apps.modules import module_key, module_library
@@ -71,7 +82,10 @@ class PoolIngress:
         pool = load_pool(pool_dir, load_models=False, verify=False)
         self.members = {m.name: m for m in pool.members}
         self.q_dim = pool.space.cfg.q_dim
-        self.tokenizer = pool.tokenizer
+        self.tokenizer = pool.tokenizer  # the first member's where members tokenize differently
+        self.tokenizers = PoolTokenizers(list(self.members), pool.tokenizers, pool.tokenizer, pool.mixed_tokenizers)
+        self.mixed = self.tokenizers.mixed
+        self.sink = pool.space.cfg.sink_tokens
         self.vocab = min(m.summary.vocab_size for m in pool.members)
         self.handles = models
         self.limits = TrainedLimits.from_meta(pool.meta)
@@ -164,22 +178,44 @@ class PoolIngress:
                                param=field, code="model_not_found")
         return name
 
-    def encode(self, text: str, field: str = "prompt", special: bool = True) -> list[int]:
-        if self.tokenizer is None:
+    def tokenizer_of(self, model: str | None, field: str = "model"):
+        """The tokenizer ``model`` reads text with: the pool's where its members share one (``model`` unread);
+        where they tokenize differently, ``model``'s own (400 without a model, 404 for an unknown one)."""
+        if not self.mixed:
+            return self.tokenizer
+        if model is None:
+            raise RequestError(400, f"{field}: this pool's members tokenize differently; name the model whose "
+                                    f"tokenizer to use (one of {sorted(self.members)})", param=field)
+        return self.tokenizers.of(self._model(model, field))
+
+    def vocab_of(self, model: str | None) -> int:
+        """Token ids ``model`` reads: ``[0, vocab)`` (every member's where they share a tokenizer)."""
+        return self.members[model].summary.vocab_size if self.mixed and model in self.members else self.vocab
+
+    def encode(self, text: str, field: str = "prompt", special: bool = True, model: str | None = None) -> list[int]:
+        """``text`` as ``model`` reads it (see :meth:`tokenizer_of`); where members tokenize differently, its leading
+        specials (with ``special``) then its tokens (:func:`kvlingua.align.text_ends`), as a hand-off maps them."""
+        tokenizer = self.tokenizer_of(model) if self.mixed else self.tokenizer
+        if tokenizer is None:
             raise RequestError(400, f"{field}: this pool has no tokenizer; send token ids", param=field)
         if len(text) > self.opts.max_prompt_chars:
             raise RequestError(400, f"{field}: {len(text)} characters; this server reads at most "
                                     f"{self.opts.max_prompt_chars}", param=field, code="prompt_too_long")
-        return list(self.tokenizer.encode(text, add_special_tokens=special))
+        if self.mixed:
+            return text_ends(tokenizer, text, specials=special)[0]
+        return list(tokenizer.encode(text, add_special_tokens=special))
 
-    def _ids(self, prompt: str | list[int], field: str = "prompt", allow_empty: bool = False) -> list[int]:
+    def _ids(self, prompt: str | list[int], field: str = "prompt", allow_empty: bool = False,
+             model: str | None = None) -> list[int]:
+        """``prompt`` as ``model``'s token ids (text tokenized by its tokenizer, see :meth:`encode`)."""
         if isinstance(prompt, str):
-            ids = self.encode(prompt, field)
+            ids = self.encode(prompt, field, model=model)
         else:
             ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.vocab]
+            vocab = self.vocab_of(model)
+            bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise RequestError(400, f"{field}: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab})",
+                raise RequestError(400, f"{field}: token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
                                    param=field, code="invalid_token")
         if not ids and not allow_empty:
             raise RequestError(400, f"{field}: empty; give at least one token of text", param=field)
@@ -199,8 +235,11 @@ class PoolIngress:
 
     def plan(self, *, target: str, source: str | None, handoff: str, strict: bool, ids: list[int],
              context_id: str | None, handoff_tokens: int | None, use_store: bool, params: dict,
-             route: str, field_prefix: str = "", module: str | None = None) -> Prepared:
+             route: str, field_prefix: str = "", module: str | None = None, text: str | None = None) -> Prepared:
         """Check models, context, module, hand-off and limits; decide what the source hands over.
+
+        ``ids`` are the target's tokens of the prompt; ``text`` the prompt as text where it was sent as text (what
+        a source or stored context of another tokenizer reads, :func:`~serve_apps.crosstok.plan_across`).
         Raises :class:`RequestError`."""
         f = field_prefix
         self._model(target, "model" if f else "target")
@@ -230,7 +269,13 @@ class PoolIngress:
                 raise RequestError(400, f"{f}context_id: a stored context is handed over in Σ: use handoff 'latent' "
                                         "and no handoff_tokens", param=f"{f}handoff")
             source = ctx.source
+            if not self.tokenizers.same(source, target):
+                return plan_across(self, target=target, source=source, handoff=handoff, strict=strict, text=text,
+                                   ctx=ctx, handoff_tokens=None, params=params, route=route, f=f)
             ids = ctx.token_ids + ids
+        elif source is not None and not self.tokenizers.same(source, target):
+            return plan_across(self, target=target, source=source, handoff=handoff, strict=strict, text=text, ctx=None,
+                               handoff_tokens=handoff_tokens, params=params, route=route, f=f)
         if not ids:
             raise RequestError(400, "prompt: empty; give at least one token of text", param="prompt")
         self._check_length(ids)
@@ -265,10 +310,13 @@ class PoolIngress:
         """A ``/v1/generate`` request checked and planned; raises :class:`RequestError`."""
         params = dict(max_new_tokens=self._n(req.max_new_tokens, "max_new_tokens"), temperature=req.temperature,
                       top_p=req.top_p, seed=request_seed(req.seed), stop_at_eos=not req.ignore_eos)
-        ids = self._ids(req.prompt, allow_empty=req.context_id is not None)
+        if self.mixed:
+            self._model(req.target, "target")
+        ids = self._ids(req.prompt, allow_empty=req.context_id is not None, model=req.target)
         return self.plan(target=req.target, source=req.source, handoff=req.handoff, strict=req.strict, ids=ids,
                          context_id=req.context_id, handoff_tokens=req.handoff_tokens, use_store=req.use_store,
-                         params=params, route="/v1/generate", module=req.module)
+                         params=params, route="/v1/generate", module=req.module,
+                         text=req.prompt if isinstance(req.prompt, str) else None)
 
     # ------------------------------------------------------------ routing
     async def _handoff(self, p: Prepared):
@@ -279,8 +327,13 @@ class PoolIngress:
         if p.module is not None:
             return await self._module_payload(p)
         if p.context is not None:
-            return context_payload(p.context) | {"positions": p.positions, "prefill_s": 0.0, "translate_s": 0.0}
+            payload = context_payload(p.context) | {"positions": p.positions, "prefill_s": 0.0, "translate_s": 0.0}
+            return payload | (p.mapped.extras() if p.mapped is not None else {})  # another tokenizer: its map, sink
         source = self.handles[p.source]
+        if p.mapped is not None:  # another tokenizer: the source's own tokens in Σ, with the target's map and sink
+            if not p.mapped.index:  # nothing past the target's own sink: it reads its positions itself
+                return None
+            return source.export_mapped.remote(p.mapped.source_ids, p.mapped.index, p.mapped.sink_ids)
         head = p.ids[:p.positions + 1]  # the source reads head[:-1] = the first ``positions`` tokens
         if p.handoff_used == "latent":
             return source.export_latent.remote(head)
@@ -307,13 +360,15 @@ class PoolIngress:
         return GenerateResponse(
             source=p.source, target=p.target, handoff=p.handoff, handoff_used=p.handoff_used,
             handoff_reason=p.reason, context_id=p.context.key.id if p.context else None, module=p.module,
-            text=self.text(tokens), tokens=tokens, prompt_tokens=len(p.ids), new_tokens=len(tokens),
+            text=self.text(tokens, p.target), tokens=tokens, prompt_tokens=len(p.ids), new_tokens=len(tokens),
             finish_reason=done["finish_reason"], seed=done["seed"],
             timings=timings(done["prefill_s"], done["translate_s"], done["decode_s"]),
         )
 
-    def text(self, tokens: list[int]) -> str | None:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer is not None else None
+    def text(self, tokens: list[int], model: str | None = None) -> str | None:
+        """``tokens`` of ``model`` as text, by its tokenizer (the pool's where its members share one)."""
+        tokenizer = self.tokenizers.of(model) if self.mixed else self.tokenizer
+        return tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
 
     def _record(self, p: Prepared, done: dict) -> None:
         if p.module is not None and done.get("decoded"):
@@ -388,7 +443,8 @@ class PoolIngress:
             try:
                 async for ev in events:
                     if "token" in ev:
-                        yield f"data: {json.dumps({'token': ev['token'], 'text': self.text([ev['token']])})}\n\n"
+                        piece = {"token": ev["token"], "text": self.text([ev["token"]], p.target)}
+                        yield f"data: {json.dumps(piece)}\n\n"
                     else:
                         yield f"event: done\ndata: {self._response(p, ev).model_dump_json()}\n\n"
             except Exception as e:  # the stream has started: report in-band, the status line is already sent
@@ -397,15 +453,20 @@ class PoolIngress:
         return sse()
 
     # ------------------------------------------------------------ context store
-    async def add_context(self, model: str, ids: list[int]) -> StoredContext:
-        """Have ``model`` read ``ids`` and keep its Σ latent; an equal context already stored is reused."""
+    async def add_context(self, model: str, ids: list[int], text: str | None = None) -> StoredContext:
+        """Have ``model`` read ``ids`` and keep its Σ latent; an equal context already stored is reused.
+
+        Where members tokenize differently, a context sent as ``text`` (``ids`` its tokens by ``model``) also keeps
+        its text and the ends of ``model``'s tokens (:class:`~serve_apps.crosstok.TextContext`), so that a member of
+        another tokenizer can decode it."""
         self._model(model, "model")
         self._check_length(ids, "text")
         if self.opts.store_bytes == 0:
             raise RequestError(400, "the context store is disabled on this server (store_bytes: 0)", code="store_disabled")
         key = ContextKey(token_digest(ids), self.members[model].fingerprint, self.adapters)
         have = self.store.peek(key.id)
-        if have is not None:
+        readable = not self.mixed or text is None or getattr(have, "text", None) is not None
+        if have is not None and readable:
             return have
         await self._check_running(model)
         p = Prepared(model, model, "latent", "latent", None, ids, len(ids), {}, None, "/v1/contexts")
@@ -414,6 +475,9 @@ class PoolIngress:
         # a private copy in this process (not a view pinning the object store's buffer for as long as it is kept)
         keys, values = (tensor_from_wire(payload[k], copy=True) for k in ("keys", "values"))  # [1, C, Q]
         ctx = StoredContext(key, list(ids), model, keys, values, int(payload.get("sink", 0)))
+        if self.mixed and text is not None:  # what a member of another tokenizer decodes it from
+            ends = text_ends(self.tokenizers.of(model), text)[1]
+            ctx = TextContext(key, list(ids), model, keys, values, ctx.sink, text=text, ends=ends)
         try:
             self.store.put(ctx)
         except StoreFullError as e:
@@ -427,17 +491,27 @@ class PoolIngress:
         LRU), so a first request from it reads only what follows; returns target -> decode seconds (0 when it
         held the decoded copy already). A target the pool was not trained to reach from ``ctx.source`` at this
         length is refused (400 naming the limit): its requests would fall back to text anyway."""
+        payloads = {}
         for i, target in enumerate(targets):
             self._model(target, f"decode_for[{i}]")
-            reason = self.limits.why_not_latent(ctx.source, target, ctx.positions)
+            payload, positions = context_payload(ctx), ctx.positions
+            if not self.tokenizers.same(ctx.source, target):  # another tokenizer: Σ along the map to its own tokens
+                if getattr(ctx, "text", None) is None:
+                    raise RequestError(400, f"decode_for[{i}]: {target!r} tokenizes differently from {ctx.source!r}, "
+                                            "and this context was stored as token ids; store it as text",
+                                       param="decode_for")
+                _, extras, positions = context_map(ctx, self.tokenizers.of(target), self.sink)
+                payload |= extras
+            reason = self.limits.why_not_latent(ctx.source, target, positions)
             if reason is not None:
                 raise RequestError(400, f"decode_for[{i}]: {reason}", param="decode_for", code="outside_trained_limits")
+            payloads[target] = (payload, positions)
         out = {}
-        for target in dict.fromkeys(targets):
+        for target, (payload, positions) in payloads.items():
             await self._check_running(target)
-            p = Prepared(target, ctx.source, "latent", "latent", None, ctx.token_ids, ctx.positions, {}, ctx,
+            p = Prepared(target, ctx.source, "latent", "latent", None, ctx.token_ids, positions, {}, ctx,
                          "/v1/contexts")
-            out[target] = round(await self._call(p, target, self.handles[target].predecode.remote(context_payload(ctx))), 6)
+            out[target] = round(await self._call(p, target, self.handles[target].predecode.remote(payload)), 6)
         return out
 
     def context_info(self, ctx: StoredContext) -> dict:

@@ -4,12 +4,16 @@ The ingress runs a schedule segment by segment: each model exports the positions
 (for its own later segments) and encoded into Σ once (for every other model), and each next model
 rebuilds its cache from those pieces, so no position is translated twice. ``self`` is the
 :class:`~serve_apps.ingress.PoolIngress` whose checks, handles and metrics the schedule uses.
+
+A schedule's models must share one tokenizer: a switch hands over positions by token, and between
+models that tokenize differently the generated text would have to be re-read along a token map at
+every switch, which is not served (400 naming the two models).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from serve_apps.requests import Prepared, request_seed, timings
+from serve_apps.requests import Prepared, RequestError, request_seed, timings
 from serve_apps.schemas import MixedRequest, MixedResponse, SwitchInfo
 
 if TYPE_CHECKING:
@@ -28,7 +32,11 @@ async def run_mixed(self: PoolIngress, req: MixedRequest) -> MixedResponse:
             merged.append([seg.model, seg.max_new_tokens])
     total = sum(n for _, n in merged)
     self._n(total, "schedule (total max_new_tokens)")
-    ids = self._ids(req.prompt)
+    apart = self.tokenizers.shared([name for name, _ in merged])
+    if apart is not None:
+        raise RequestError(400, f"schedule: {apart[0]!r} and {apart[1]!r} tokenize differently; a mixed schedule "
+                                "switches models by token and needs models of one tokenizer", param="schedule")
+    ids = self._ids(req.prompt, model=merged[0][0])
     self._check_length(ids)
     seed = request_seed(req.seed)
     params = dict(max_new_tokens=total, temperature=req.temperature, top_p=req.top_p, seed=seed,
@@ -59,6 +67,6 @@ async def run_mixed(self: PoolIngress, req: MixedRequest) -> MixedResponse:
         pending, state = out["tokens"][-1], out["generator_state"]
         history.append((name, out))
     self.metrics.observe("translate_seconds", p.route, translate_s)
-    return MixedResponse(text=self.text(tokens), tokens=tokens, models=owners, switches=switches,
+    return MixedResponse(text=self.text(tokens, merged[0][0]), tokens=tokens, models=owners, switches=switches,
                          prompt_tokens=len(ids), new_tokens=len(tokens), finish_reason=finished, seed=seed,
                          timings=timings(prefill_s, translate_s, decode_s))

@@ -3,7 +3,8 @@
 A replica holds one frozen model and the shared space's adapters. It can
 
 * prefill a prompt and hand its cache out: into Σ (``export_latent``, ``IN_self``) or raw
-  (``export_block``, for the identity hand-off);
+  (``export_block``, for the identity hand-off); to a model that tokenizes differently, its own
+  tokens of the prompt into Σ with the target's token map (``export_mapped``, :mod:`serve_apps.crosstok`);
 * take a handed-over cache (a Σ block, decoded with ``OUT_self``, or a raw block) of the
   first ``positions`` prompt tokens, read the rest of the prompt itself, and decode
   (``generate``, ``stream``); or re-read the whole prompt itself;
@@ -32,6 +33,7 @@ from typing import Any, Iterator
 
 import torch
 
+from kvlingua.align import read_along
 from kvlingua.cache import KVBlock, block_from_cache, check_block_fits, extract_prefix
 from kvlingua.config import from_dict
 from kvlingua.generate import (
@@ -95,7 +97,9 @@ class PoolModelServer:
         self.space = pool.space.eval().requires_grad_(False)
         self.view = CacheView.of(self.space.cfg)  # what Σ carries: after the target's own sink, keys un-rotated
         self.rotation = model_rotation(self.model) if self.view.unrotate else None
-        self.tokenizer = pool.tokenizer  # stop strings are found in the decoded text
+        self.tokenizer = pool.tokenizers.get(name, pool.tokenizer)  # its own: stop strings are found in its text
+        # where members tokenize differently, this model's own tokenizer's end-of-sequence token ends generation too
+        self.stop_tokenizer = self.tokenizer if pool.mixed_tokenizers else None
         self.decoded: LRUBytes[KVBlock] = LRUBytes(opts.decoded_cache_bytes, lambda b: tensor_bytes(b.keys, b.values))
         self.decoded_hits = 0
         self.modules = module_library(pool, opts.modules_dir, {name: self.model})
@@ -132,6 +136,20 @@ class PoolModelServer:
         t1 = time.perf_counter()
         payload = self._latent_payload(block, prompt_ids)
         payload.update(prefill_s=t1 - t0, translate_s=time.perf_counter() - t1)
+        return payload
+
+    @torch.no_grad()
+    def export_mapped(self, ids: list[int], index: list[int], sink_ids: list[int]) -> Payload:
+        """A hand-off to a model that tokenizes differently (:mod:`serve_apps.crosstok`): prefill all of ``ids`` (this
+        model's own tokens of the prompt, those ending at or before the target's last handed-over token) and encode
+        them into Σ, ``{"kind": "latent", keys/values [1, S-k, Q]}``, with the target's map ``index`` ``[T-k]`` and its
+        own ``sink_ids`` (the target reads Σ at its positions and computes its own sink)."""
+        t0 = time.perf_counter()
+        block = extract_prefix(self.model, as_prompt(ids))  # [1, S, L, D]
+        t1 = time.perf_counter()
+        payload = self._latent_payload(block, ids)
+        payload.update(index=list(index), sink_ids=list(sink_ids), prefill_s=t1 - t0,
+                       translate_s=time.perf_counter() - t1)
         return payload
 
     @torch.no_grad()
@@ -173,7 +191,10 @@ class PoolModelServer:
         """A handed-over cache in this model's layout ``[1, S, L, D]`` (Σ payloads decoded with ``OUT_self``),
         and whether it was decoded by this call.
 
-        A stored context or a module (``context_id`` set) is decoded once and kept (LRU) for later requests.
+        A stored context or a module (``context_id`` set) is decoded once and kept (LRU) for later requests. A Σ
+        payload from a model that tokenizes differently carries ``index`` (:mod:`serve_apps.crosstok`): this model's
+        positions after its sink read the sender's Σ rows along it before ``OUT_self``, and ``sink_ids`` are this
+        model's own; an empty ``index`` leaves only the sink, read here.
         """
         key = payload.get("context_id")
         if key is not None:
@@ -182,7 +203,11 @@ class PoolModelServer:
                 self.decoded_hits += 1
                 return block, False
         if payload["kind"] == "latent":
-            latent = LatentBlock(*_received(payload))  # [1, S-k, Q]
+            latent = LatentBlock(*_received(payload))  # [1, S-k, Q]: the sender's positions after its sink
+            index = payload.get("index")
+            if index is not None:  # another tokenizer: Σ at this model's positions after its sink
+                latent = read_along(latent, torch.tensor([index], dtype=torch.long)) if index else \
+                    latent.map(lambda t: t[:, :0])  # [1, T-k, Q]
             view = CacheView(payload.get("sink", 0), self.view.unrotate)
             sink_ids = payload.get("sink_ids") or []
             sink = extract_prefix(self.model, as_prompt(sink_ids)) if sink_ids else None  # [1, k, L, D]: our own
@@ -247,7 +272,7 @@ class PoolModelServer:
         upstream = (handoff or {}).get("prefill_s", 0.0) + (handoff or {}).get("translate_s", 0.0)
         k = (dec.top_logprobs or 0) if dec.echo_logprobs else None
         cache, times, prompt_logprobs = self._start(prompt, handoff, k)
-        stops = eos_ids(self.model)
+        stops = eos_ids(self.model, self.stop_tokenizer)
         t0 = time.perf_counter()
         tokens: list[int] = []
         logprobs: list[dict] = []
@@ -319,7 +344,7 @@ class PoolModelServer:
                 extend_cache(self.model, cache, self._payload_block(payload)[0])  # += [1, n, L, D]
             times["translate_s"] = time.perf_counter() - t0
         start = 0 if context is None else cache.get_seq_length()
-        stops = eos_ids(self.model)
+        stops = eos_ids(self.model, self.stop_tokenizer)
         t0 = time.perf_counter()
         tokens = list(sample_tokens(self.model, cache, pending, p, generator, max_new_tokens=max_new_tokens, stop_ids=stops))
         out = {"tokens": tokens, "eos": bool(p.stop_at_eos and tokens[-1] in stops), "decode_s": time.perf_counter() - t0,

@@ -13,7 +13,9 @@
   a stop string is held back until it is not); ``stream_options.include_usage`` adds the usage chunk.
 * Chat prompts are rendered with the pool tokenizer's chat template when it has one
   (``add_generation_prompt=True``), otherwise with :data:`PLAIN_TEMPLATE`: one line
-  ``"<role>: <content>"`` per message, then ``"assistant:"``.
+  ``"<role>: <content>"`` per message, then ``"assistant:"``. Where the pool's members tokenize
+  differently, the answering model's tokenizer renders the chat, reads the prompt, finds stop
+  strings and writes the text (:mod:`serve_apps.crosstok`).
 * ``GET /v1/models``: OpenAI's list shape: each pool model (``kvlingua``: cache layout, fingerprint),
   then ``TARGET@SOURCE`` for each trained path.
 * ``GET /v1/modules``: the served modules (OpenAI's list shape), each with the model it was learned on.
@@ -34,7 +36,7 @@ from fastapi.responses import StreamingResponse
 from serve_apps.decoding import cut_at_stop, held_back
 from serve_apps.ingress import PoolIngress
 from serve_apps.openai_format import chat_logprobs, completion_logprobs, finish_reason, usage
-from serve_apps.openai_plan import model_list, plan_choices
+from serve_apps.openai_plan import model_list, plan_choices, resolve_model
 from serve_apps.requests import Prepared, RequestError
 from serve_apps.openai_schemas import ChatRequest, CompletionRequest, ContextRequest
 
@@ -63,27 +65,41 @@ def _extension(p: Prepared, done: dict) -> dict:
             **({"stopped": done["stopped"]} if "stopped" in done else {})}
 
 
-def _prompts(ingress: PoolIngress, prompt, allow_empty: bool) -> list[tuple[list[int], str | None]]:
-    """Each prompt's ids and, for text prompts, its text (what echo returns)."""
+def _prompts(ingress: PoolIngress, prompt, allow_empty: bool, model: str | None = None
+             ) -> list[tuple[list[int], str | None]]:
+    """Each prompt's ids (as ``model`` reads them) and, for text prompts, its text (what echo returns)."""
     many = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
     items = prompt if many else [prompt]
     out = []
     for i, item in enumerate(items):
         field = f"prompt[{i}]" if many else "prompt"
-        out.append((ingress._ids(item, field, allow_empty=allow_empty), item if isinstance(item, str) else None))
+        out.append((ingress._ids(item, field, allow_empty=allow_empty, model=model),
+                    item if isinstance(item, str) else None))
     return out
+
+
+def _answering(ingress: PoolIngress, req) -> str | None:
+    """The model that answers ``req`` where the pool's members tokenize differently (None where they share one: the
+    request is read before its model is checked, as always)."""
+    if not ingress.mixed:
+        return None
+    target = resolve_model(ingress, req)[0]
+    ingress._model(target, "model")
+    return target
 
 
 def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
     """Add the OpenAI-compatible and context routes to ``app``."""
-    tok = ingress.tokenizer
+    def tokenizer(p: Prepared):
+        """The tokenizer of the model that answers ``p`` (the pool's where its members share one)."""
+        return ingress.tokenizers.of(p.target) if ingress.mixed else ingress.tokenizer
 
-    def text(tokens: list[int], stops: list[str]) -> str:
-        return cut_at_stop(ingress.text(tokens) or "", stops)[0]
+    def text(tokens: list[int], stops: list[str], model: str) -> str:
+        return cut_at_stop(ingress.text(tokens, model) or "", stops)[0]
 
     def choice(i: int, p: Prepared, done: dict, chat: bool, echo: tuple[list[int], str | None] | None) -> dict:
-        stops = p.decoding["stop"]
-        out = text(done["tokens"], stops)
+        stops, tok = p.decoding["stop"], tokenizer(p)
+        out = text(done["tokens"], stops, p.target)
         c = {"index": i, "finish_reason": finish_reason(done), "logprobs": None}
         if chat:
             c["message"] = {"role": "assistant", "content": out}
@@ -93,7 +109,7 @@ def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
         head = ""
         if echo is not None:
             ids, given = echo
-            head = given if given is not None else (ingress.text(ids) or "")
+            head = given if given is not None else (ingress.text(ids, p.target) or "")
         c["text"] = head + out
         if "logprobs" in done:
             ids = echo[0] if echo is not None else []  # echo: the prompt as sent (a stored context's tokens left out)
@@ -131,7 +147,7 @@ def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
 
         def piece(i: int, content: str | None, finish: str | None, tokens: list[int], entries: list[dict],
                   role: bool = False) -> dict:
-            lp = None
+            lp, tok = None, tokenizer(plans[i])
             if plans[i].decoding["top_logprobs"] is not None and tokens:
                 lp = chat_logprobs(tok, tokens, entries) if chat else completion_logprobs(tok, tokens, entries)
             if chat:
@@ -172,7 +188,7 @@ def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
                     st["tokens"].append(ev["token"])
                     if "logprob" in ev:
                         st["entries"].append({"logprob": ev["logprob"], "top": ev["top"]})
-                shown = text(ev["tokens"] if final else st["tokens"], stops)
+                shown = text(ev["tokens"] if final else st["tokens"], stops, plans[i].target)
                 if not final:
                     shown = shown[:len(shown) - held_back(shown, stops)]
                 new = shown[len(st["sent"]):] if len(shown) > len(st["sent"]) and shown.startswith(st["sent"]) else ""
@@ -208,18 +224,23 @@ def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
 
     @app.post("/v1/completions", responses=errors)
     async def completions(req: CompletionRequest):
-        prompts = _prompts(ingress, req.prompt, allow_empty=req.kvlingua.context_id is not None)
-        plans = plan_choices(ingress, req, [ids for ids, _ in prompts], "/v1/completions", chat=False)
+        prompts = _prompts(ingress, req.prompt, allow_empty=req.kvlingua.context_id is not None,
+                           model=_answering(ingress, req))
+        plans = plan_choices(ingress, req, [ids for ids, _ in prompts], "/v1/completions", chat=False,
+                             texts=[given for _, given in prompts])
         return await respond(plans, req, chat=False, prompts=prompts)
 
     @app.post("/v1/chat/completions", responses=errors)
     async def chat(req: ChatRequest):
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        target = _answering(ingress, req)
+        tok = ingress.tokenizers.of(target) if target is not None else ingress.tokenizer
         if tok is None:
             raise RequestError(400, "messages: this pool has no tokenizer; use /v1/completions with token ids",
                                param="messages")
-        ids = ingress.encode(render_chat(tok, messages), "messages", special=not req.kvlingua.context_id)
-        plans = plan_choices(ingress, req, [ids], "/v1/chat/completions", chat=True)
+        rendered = render_chat(tok, messages)
+        ids = ingress.encode(rendered, "messages", special=not req.kvlingua.context_id, model=target)
+        plans = plan_choices(ingress, req, [ids], "/v1/chat/completions", chat=True, texts=[rendered])
         return await respond(plans, req, chat=True, prompts=[(ids, None)])
 
     @app.post("/v1/contexts", responses=errors)
@@ -227,8 +248,8 @@ def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
         if (req.text is None) == (req.tokens is None):
             raise RequestError(400, "give exactly one of text and tokens", param="text")
         ids = ingress._ids(req.text if req.text is not None else req.tokens,
-                           "text" if req.text is not None else "tokens")
-        ctx = await ingress.add_context(req.model, ids)
+                           "text" if req.text is not None else "tokens", model=req.model if ingress.mixed else None)
+        ctx = await ingress.add_context(req.model, ids, text=req.text)
         decoded = await ingress.predecode(ctx, req.decode_for or [])
         return ingress.context_info(ctx) | ({"decoded_for": decoded} if req.decode_for else {})
 

@@ -71,24 +71,26 @@ def model_list(ingress: PoolIngress) -> list[dict]:
     return data
 
 
-def stop_strings(ingress: PoolIngress, stop: str | list[str] | None) -> list[str]:
+def stop_strings(ingress: PoolIngress, stop: str | list[str] | None, target: str | None = None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > 16:
         raise RequestError(400, f"stop: {len(stops)} strings; at most 16", param="stop")
     for i, s in enumerate(stops):
         if not s:
             raise RequestError(400, f"stop[{i}]: empty string", param="stop")
-    if stops and ingress.tokenizer is None:
+    if stops and (ingress.tokenizers.of(target) if ingress.mixed else ingress.tokenizer) is None:
         raise RequestError(400, "stop: this pool has no tokenizer to find stop strings with", param="stop")
     return stops
 
 
-def decoding_options(ingress: PoolIngress, req: CompletionRequest | ChatRequest, chat: bool) -> dict:
-    """``to_dict`` of :class:`serve_apps.decoding.Decoding` for ``req``; refusals name the field."""
-    bias = []
+def decoding_options(ingress: PoolIngress, req: CompletionRequest | ChatRequest, chat: bool,
+                     target: str | None = None) -> dict:
+    """``to_dict`` of :class:`serve_apps.decoding.Decoding` for ``req`` answered by ``target``; refusals name the
+    field."""
+    bias, vocab = [], ingress.vocab_of(target)
     for key, value in (req.logit_bias or {}).items():
-        if not key.isdigit() or not 0 <= int(key) < ingress.vocab:
-            raise RequestError(400, f"logit_bias: key {key!r} is not a token id in [0, {ingress.vocab})",
+        if not key.isdigit() or not 0 <= int(key) < vocab:
+            raise RequestError(400, f"logit_bias: key {key!r} is not a token id in [0, {vocab})",
                                param="logit_bias")
         if not -100.0 <= value <= 100.0:
             raise RequestError(400, f"logit_bias[{key!r}]: {value} is outside [-100, 100]", param="logit_bias")
@@ -101,7 +103,7 @@ def decoding_options(ingress: PoolIngress, req: CompletionRequest | ChatRequest,
     else:
         top, echo = req.logprobs, req.echo and req.logprobs is not None
     return {"presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty, "logit_bias": bias,
-            "top_logprobs": top, "echo_logprobs": echo, "stop": stop_strings(ingress, req.stop)}
+            "top_logprobs": top, "echo_logprobs": echo, "stop": stop_strings(ingress, req.stop, target)}
 
 
 def max_new_tokens(ingress: PoolIngress, req: CompletionRequest | ChatRequest) -> int:
@@ -110,9 +112,13 @@ def max_new_tokens(ingress: PoolIngress, req: CompletionRequest | ChatRequest) -
 
 
 def plan_choices(ingress: PoolIngress, req: CompletionRequest | ChatRequest, prompts: list[list[int]],
-                 route: str, chat: bool) -> list[Prepared]:
-    """One :class:`Prepared` per choice (prompt-major), all checked before any model work starts."""
+                 route: str, chat: bool, texts: list[str | None] | None = None) -> list[Prepared]:
+    """One :class:`Prepared` per choice (prompt-major), all checked before any model work starts.
+
+    ``prompts`` are the target's ids of each prompt, ``texts`` each prompt's text where it was sent as text (what a
+    model of another tokenizer reads, see :meth:`~serve_apps.ingress.PoolIngress.plan`)."""
     target, source, handoff = resolve_model(ingress, req)
+    texts = texts or [None] * len(prompts)
     k = req.kvlingua
     if len(prompts) * req.n > MAX_CHOICES:
         raise RequestError(400, f"n: {len(prompts)} prompts x n={req.n} = {len(prompts) * req.n} choices; at most "
@@ -124,15 +130,21 @@ def plan_choices(ingress: PoolIngress, req: CompletionRequest | ChatRequest, pro
         raise RequestError(400, "kvlingua.handoff_tokens: echo on a path scores only what the target computes; say "
                                 "how many prompt tokens the source reads (to score a continuation starting at token "
                                 "c, send c - 1)", param="kvlingua.handoff_tokens")
+    if echo and k.context_id is not None and ingress.mixed:
+        ctx = ingress.store.peek(k.context_id)
+        if ctx is not None and not ingress.tokenizers.same(ctx.source, target):
+            raise RequestError(400, f"echo: context {k.context_id!r} was read by {ctx.source!r}, which tokenizes "
+                                    f"differently from {target!r}: the prompt's tokens are not the ones sent; echo "
+                                    "without context_id", param="echo")
     n_new = max_new_tokens(ingress, req)
-    decoding = decoding_options(ingress, req, chat)
+    decoding = decoding_options(ingress, req, chat, target if ingress.mixed else None)
     out = []
-    for ids in prompts:
+    for ids, text in zip(prompts, texts):
         params = dict(max_new_tokens=n_new, temperature=req.temperature, top_p=req.top_p, seed=None,
                       stop_at_eos=not k.ignore_eos)
         p = ingress.plan(target=target, source=source, handoff=handoff, strict=k.strict, ids=ids,
                          context_id=k.context_id, handoff_tokens=k.handoff_tokens, use_store=k.use_store,
-                         params=params, route=route, field_prefix="kvlingua.", module=k.module)
+                         params=params, route=route, field_prefix="kvlingua.", module=k.module, text=text)
         for j in range(req.n):
             seed = (req.seed + j) % 2**31 if req.seed is not None else request_seed(None)
             out.append(replace(p, params={**p.params, "seed": seed}, decoding=decoding))

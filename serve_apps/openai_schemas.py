@@ -39,7 +39,8 @@ class KvlinguaOptions(_Strict):
     handoff_tokens: int | None = Field(None, ge=1, description="leading prompt tokens the source reads and hands "
                                        "over (default: all but the last); with echo, tokens 0..handoff_tokens get "
                                        "null log-probabilities and the target scores the rest")
-    use_store: bool = Field(True, description="reuse a stored context the prompt starts with")
+    use_store: bool = Field(True, description="reuse a stored context the prompt starts with (between models of "
+                                              "one tokenizer)")
     ignore_eos: bool = Field(False, description="keep generating past end-of-sequence tokens")
     module: str | None = ModuleName
 
@@ -79,7 +80,9 @@ class _Common(_Strict):
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
-        ..., description="text, token ids of the pool's tokenizer, or a list of either (one choice each)")
+        ..., description="text, token ids of the pool's tokenizer (where members tokenize differently: the "
+                         "answering model's, from a source of the same tokenizer), or a list of either (one "
+                         "choice each)")
     max_tokens: int | None = Field(None, ge=0, description="tokens to generate at most (default 16); 0 with echo "
                                                            "scores the prompt")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="log-probability of each token and "

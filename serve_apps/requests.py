@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvlingua.store import StoredContext
 from serve_apps.schemas import Timings
 from workers.host import tensor_to_wire
+
+if TYPE_CHECKING:
+    from serve_apps.crosstok import Mapped
 
 
 class RequestError(Exception):
@@ -33,8 +36,8 @@ class RequestError(Exception):
 class Prepared:
     """A validated generation request, ready to route.
 
-    ``ids`` is the whole prompt (a named context's tokens first); the source hands over its
-    first ``positions`` tokens, the target reads the rest.
+    ``ids`` is the whole prompt as the target reads it (a named context's tokens first); the source
+    hands over its first ``positions`` tokens, the target reads the rest.
     """
 
     target: str
@@ -55,6 +58,9 @@ class Prepared:
     decoding: dict[str, Any] | None = None
     """The OpenAI options beyond ``params`` (``to_dict`` of :class:`serve_apps.decoding.Decoding`)."""
     started: float = field(default_factory=time.monotonic)
+    mapped: Mapped | None = None
+    """Where the source (or the stored context's) tokenizes differently from the target: the source's own tokens,
+    the token map and the target's sink (:mod:`serve_apps.crosstok`); None otherwise."""
 
 
 def request_seed(seed: int | None) -> int:

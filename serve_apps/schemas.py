@@ -36,7 +36,9 @@ class Sampling(_Strict):
 class GenerateRequest(Sampling):
     source: str | None = Field(None, description="model that reads the prompt; null: plain generation on target")
     target: str = Field(..., description="model that writes the answer")
-    prompt: str | list[int] = Field(..., description="text, or token ids of the pool's tokenizer")
+    prompt: str | list[int] = Field(..., description="text, or token ids of the pool's tokenizer (where members "
+                                                    "tokenize differently: the target's, and only from a source of "
+                                                    "the same tokenizer)")
     max_new_tokens: int = Field(32, ge=1, description="tokens to generate at most")
     handoff: Handoff = Field("latent", description="how the prompt's cache reaches target")
     stream: bool = Field(False, description="answer with server-sent events, one per token")
@@ -45,7 +47,8 @@ class GenerateRequest(Sampling):
     context_id: str | None = ContextId
     handoff_tokens: int | None = Field(None, ge=1, description="leading prompt tokens the source reads and hands "
                                                                "over; the target reads the rest (default: all but the last)")
-    use_store: bool = Field(True, description="reuse a stored context the prompt starts with (latent hand-off)")
+    use_store: bool = Field(True, description="reuse a stored context the prompt starts with (latent hand-off "
+                                              "between models of one tokenizer)")
     module: str | None = ModuleName
 
 
