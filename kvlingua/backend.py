@@ -11,7 +11,6 @@ the backend; only blocks, ids, losses and block gradients cross it.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Protocol
@@ -22,6 +21,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from kvlingua.rotary import KeyRotation
+from kvlingua.store import LRUBytes
 from kvlingua.cache import (
     ArchSummary,
     KVBlock,
@@ -115,27 +115,22 @@ class TeacherCache:
         self.max_bytes = max_bytes
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[tuple, Tensor] = OrderedDict()
-        self._bytes = 0
+        self._lru: LRUBytes[Tensor] = LRUBytes(max_bytes, lambda t: t.numel() * t.element_size())
         self._lock = threading.Lock()
 
     def get(self, key: tuple, compute: Callable[[], Tensor]) -> Tensor:
         """The entry of ``key``, computed by ``compute()`` on a miss (outside the lock) and kept."""
+        name = repr(key)
         with self._lock:
-            if key in self._entries:
+            value = self._lru.get(name)
+            if value is not None:
                 self.hits += 1
-                self._entries.move_to_end(key)
-                return self._entries[key]
+                return value
             self.misses += 1
         value = compute()
-        size = value.numel() * value.element_size()
         with self._lock:
-            if size <= self.max_bytes and key not in self._entries:
-                self._entries[key] = value
-                self._bytes += size
-                while self._bytes > self.max_bytes:
-                    _, old = self._entries.popitem(last=False)
-                    self._bytes -= old.numel() * old.element_size()
+            if self._lru.size_of(value) <= self.max_bytes and name not in self._lru:
+                self._lru.put(name, value)
         return value
 
 
