@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objective-seconds", type=float, default=0.0, metavar="S",
                    help="train the main space afresh for S wall seconds per training objective (suffix, kl, recon) "
                    "and score each on the levers' rows (default 0: skip this stage)")
+    p.add_argument("--levers", nargs="+", default=None, metavar="NAME",
+                   help="the levers to score at the start (default all of kvlingua.levers.DEFAULT_LEVERS, e.g. "
+                   "'start (closed form)' 'sink_tokens: 0'); each costs a calibration pass and a scoring")
     p.add_argument("--in-process", action="store_true", help="train without Ray (the reference loop)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -117,12 +120,13 @@ def _record_held_prefix(run_dir: Path, positions_dir: Path, positions: list[int]
             (d / POOL_FILE).write_text(json.dumps(m, indent=2) + "\n")
 
 
-def _levers(run_dir: Path, out: Path) -> None:
+def _levers(run_dir: Path, out: Path, names: list[str] | None = None) -> None:
     """``levers/<k>.json`` per lever (:func:`kvlingua.levers.lever_starts`) and ``names.json`` (file key -> name)."""
-    from kvlingua.levers import lever_starts
+    from kvlingua.levers import DEFAULT_LEVERS, lever_starts
 
     out.mkdir(exist_ok=True)
-    results = lever_starts(run_dir, batches=4)  # 4 held-out batches: each variant is a calibration + a scoring
+    levers = None if names is None else {n: DEFAULT_LEVERS[n] for n in names}
+    results = lever_starts(run_dir, levers, batches=4)  # 4 held-out batches: each variant is a calibration + a scoring
     names = {}
     for n, (name, result) in enumerate(results.items()):
         key = "trained" if name == "trained" else f"lever{n}"
@@ -165,6 +169,12 @@ def run(args: argparse.Namespace) -> int:
 
     if any(p < 1 for p in args.positions) or args.bench_prefix < 1 or args.bench_repeats < 1:
         raise ConfigError("--positions, --bench-prefix and --bench-repeats must be positive")
+    if args.levers is not None:
+        from kvlingua.levers import DEFAULT_LEVERS
+
+        unknown = [n for n in args.levers if n not in DEFAULT_LEVERS]
+        if unknown:
+            raise ConfigError(f"--levers: unknown lever(s) {unknown}; known: {list(DEFAULT_LEVERS)}")
     if args.objective_seconds < 0:
         raise ConfigError("--objective-seconds must be >= 0 (0: skip the objectives stage)")
     cfg = load_run_config(args.config, dict(parse_override(o) for o in args.override))
@@ -174,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     command = "kvlingua real-model" + (f" {args.config}" if Path(args.config).resolve() != DEFAULT_CONFIG else "")
     command += "".join(f" -o {o}" for o in args.override) + (" --in-process" if args.in_process else "")
     command += f" --objective-seconds {args.objective_seconds:g}" if args.objective_seconds > 0 else ""
+    command += " --levers " + " ".join(f"'{n}'" for n in args.levers) if args.levers else ""
 
     if not ((run_dir / "eval.json").is_file() and (run_dir / "pool" / "pool.json").is_file()):
         print(f"[real-model] train: {args.config} -> {run_dir}", flush=True)
@@ -196,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     if not (levers_dir / "names.json").is_file():
         print("[real-model] levers: each lever's closed-form start against the trained space", flush=True)
         start = time.perf_counter()
-        _levers(run_dir, levers_dir)
+        _levers(run_dir, levers_dir, args.levers)
         _record(run_dir, "levers", time.perf_counter() - start)
     objectives_dir = run_dir / "objectives"
     if args.objective_seconds > 0 and not (objectives_dir / "runs.json").is_file():
