@@ -14,7 +14,7 @@ from kvlingua.data.rows import text_rows
 from kvlingua.data.views import DataConfig, documents
 from kvlingua.evaluate import EvalConfig, evaluate
 from kvlingua.models import load_frozen
-from kvlingua.job import TrainJob, all_paths, eval_batches, load_rows, train_batches
+from kvlingua.job import TrainJob, eval_batches, load_rows, train_batches
 from kvlingua.pool import PoolMismatchError, load_pool
 from kvlingua.run import pool_job, run_local
 from kvlingua.space import SharedSpace
