@@ -53,8 +53,8 @@ def claims_section(result: EvalResult, deep: str, shallow: str) -> list[str]:
     s = result.summary_for((deep, shallow), space)
     base = result.summary_for((deep, shallow), "base")
     lines += [
-        f"1. **Does the tiny model predict better after reading {deep}'s translated cache than after its own?** "
-        f"(the paper's §4.4 claim, with a real strong model). {shallow} reading {deep}'s cache through Σ "
+        f"1. **Does {shallow} predict better after reading {deep}'s translated cache than after its own?** "
+        f"(the paper's §4.4 claim: the shallower model reads the deeper one's). {shallow} reading {deep}'s cache through Σ "
         f"({space}): NLL {s.nll_mean:.3f}; after its own cache (base): {base.nll_mean:.3f}; paired difference "
         f"{diff:+.3f} ± {se:.3f} (SE over {result.num_batches} batches): **{oc}** "
         f"({'better' if oc == 'holds' else 'not better' if oc == 'fails' else 'no clear difference'} "
@@ -64,7 +64,7 @@ def claims_section(result: EvalResult, deep: str, shallow: str) -> list[str]:
     base2 = result.summary_for((shallow, deep), "base")
     diff2, se2, _ = compare(result, (shallow, deep), space, "base")
     lines += [
-        f"2. **How much of {deep}'s own context does the tiny model's cache give it?** {deep} reading {shallow}'s "
+        f"2. **How much of {deep}'s own context does {shallow}'s cache give it?** {deep} reading {shallow}'s "
         f"translated cache: NLL {s2.nll_mean:.3f} against {base2.nll_mean:.3f} after its own cache "
         f"(difference {diff2:+.3f} ± {se2:.3f}) and {result.summary_for((shallow, deep), 'control').nll_mean:.3f} "
         f"after another passage's cache (control): content transferred {_content_cell(result, (shallow, deep), space)} "
