@@ -33,6 +33,7 @@ import uuid
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
+from serve_apps import contexts
 from serve_apps.decoding import cut_at_stop, held_back
 from serve_apps.ingress import PoolIngress
 from serve_apps.openai_format import chat_logprobs, completion_logprobs, finish_reason, usage
@@ -249,14 +250,14 @@ def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
             raise RequestError(400, "give exactly one of text and tokens", param="text")
         ids = ingress._ids(req.text if req.text is not None else req.tokens,
                            "text" if req.text is not None else "tokens", model=req.model if ingress.mixed else None)
-        ctx = await ingress.add_context(req.model, ids, text=req.text)
-        decoded = await ingress.predecode(ctx, req.decode_for or [])
-        return ingress.context_info(ctx) | ({"decoded_for": decoded} if req.decode_for else {})
+        ctx = await contexts.add_context(ingress, req.model, ids, text=req.text)
+        decoded = await contexts.predecode(ingress, ctx, req.decode_for or [])
+        return contexts.context_info(ctx) | ({"decoded_for": decoded} if req.decode_for else {})
 
     @app.get("/v1/contexts")
     async def list_contexts() -> dict:
         s = ingress.store
-        return {"object": "list", "data": [ingress.context_info(c) for c in s.list()], "bytes": s.bytes,
+        return {"object": "list", "data": [contexts.context_info(c) for c in s.list()], "bytes": s.bytes,
                 "budget_bytes": s.budget, "evictions": s.evictions, "hits": s.hits, "misses": s.misses}
 
     def _get(context_id: str):
@@ -267,7 +268,7 @@ def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
 
     @app.get("/v1/contexts/{context_id}")
     async def get_context(context_id: str) -> dict:
-        return ingress.context_info(_get(context_id))
+        return contexts.context_info(_get(context_id))
 
     @app.delete("/v1/contexts/{context_id}")
     async def delete_context(context_id: str) -> dict:
