@@ -70,12 +70,11 @@ def _moments(space: SharedSpace, backend: PoolBackend, batches: Sequence, view: 
     for batch in batches:
         view.check_prefix(batch.prefix_len)
         blocks = {m: view.to_space(backend.prefix_block(m, batch.prefix(m)), rotations.get(m)) for m in names}
-        latents = [read_along(space.encode(blocks[m].to(device), m), batch.align(m, names[0], view.sink_tokens))
-                   for m in frozen]  # each [B, P-k, Q] at the first member's positions
-        for m in names[1:]:  # members that tokenize differently: read at the first member's positions
-            index = batch.align(m, names[0], view.sink_tokens)  # [B, P-k] or None
-            if index is not None:
-                blocks[m] = blocks[m].map(lambda t, index=index: gather_positions(t, index))  # [B, P-k, L, D]
+        # members that tokenize differently are read at the first member's positions ([B, P-k]; None: same tokens)
+        at_first = {m: batch.align(m, names[0], view.sink_tokens) for m in names}
+        latents = [read_along(space.encode(blocks[m].to(device), m), at_first[m]) for m in frozen]  # each [B, P-k, Q]
+        blocks = {m: b if at_first[m] is None else b.map(lambda t, i=at_first[m]: gather_positions(t, i))
+                  for m, b in blocks.items()}  # each [B, P-k, L_m, D_m]
         for kind in KINDS:
             cols = [_flat(getattr(blocks[m], kind)) for m in names]  # each [N, d_m]
             if latents:  # Σ as the frozen members write it: their mean encoding
