@@ -5,21 +5,18 @@ How to run (starts and stops a local Ray with 2 CPUs)::
     python bench/bench_train.py                      # 2 tiny models, B=8, P=S=32, 30 timed steps
     python bench/bench_train.py --steps 60 --warmup 5 --hidden 128 --threads 1
 
-The same tiny pool (two frozen models of different architectures, saved as
-safetensors), the same batches and the same shared space are trained with
-:func:`kvlingua.train.fit` three ways:
+The same tiny pool (two frozen models of different architectures, saved as safetensors), the same batches
+and the same shared space are trained with :func:`kvlingua.train.fit` three ways:
 
 * **in-process**: ``LocalBackend`` in this process (the reference loop);
 * **hosted**: one Ray Train worker, the frozen models in ``ModelHost`` actors reached
   through ``RayBackend`` with the bounded block prefetcher;
 * **colocated**: one Ray Train worker that loads the frozen models itself.
 
-Training tokens/s = steps x batch x (prefix + suffix) / wall time, timed from the
-end of the warm-up steps to the last step (a tracker records the time of every
-step). Printed side by side with the ratio to the in-process loop (target >= 0.8x),
-which is measured before and after the Ray runs and averaged (load on a shared
-machine drifts; the two in-process numbers show how much).
-Every process uses ``--threads`` torch threads.
+Training tokens/s = steps x batch x (prefix + suffix) / wall time, timed from the end of the warm-up steps
+to the last step (a tracker records the time of every step). Printed side by side with the ratio to the
+in-process loop (target >= 0.8x), which is measured before and after the Ray runs and averaged (load on a
+shared machine drifts; the two in-process numbers show how much). Every process uses ``--threads`` threads.
 
 **At the real shape** (``--shape smollm2``, in process, no Ray; issue #21 item 6)::
 

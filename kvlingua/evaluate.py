@@ -1,32 +1,29 @@
 """Held-out evaluation of shared spaces: suffix NLL per path under every condition.
 
-For a path i->j, target model j continues the suffix ``ids[j][:, P:]`` after a prefix
-cache built in one of these ways (all NLLs are per suffix token, via
-``backend.suffix_nll``):
+For a path i->j, target model j continues the suffix ``ids[j][:, P:]`` after a prefix cache built in one of
+these ways (all NLLs are per suffix token, via ``backend.suffix_nll``; j's own tokens where the two tokenize
+differently, and Σ is then read along :meth:`Batch.align <kvlingua.batch.Batch.align>`):
 
 * ``base``: j's own cache of its prefix ``ids[j][:, :P]`` (the ceiling to match);
 * ``control``: j's own cache of *another* sequence's prefix (``Batch.control_prefix``:
   the batch rolled by one): right positions, wrong content — the honest floor for content;
 * ``no-prefix``: no cache at all (a looser floor);
-* ``identity``: i's cache handed over unchanged (only when the cache layouts match);
+* ``identity``: i's cache handed over unchanged (only when the cache layouts and the tokens match);
 * one condition per named space: ``space.translate(i's cache, i, j)`` through the space's
-  :class:`~kvlingua.view.CacheView`. With ``sink_tokens = k > 0`` every condition but no-prefix
-  keeps j's *own* first ``k`` positions (its sink; control and identity too), so content
-  transferred counts only what Σ carries.
+  :class:`~kvlingua.view.CacheView`. With ``sink_tokens = k > 0`` every condition but no-prefix keeps j's
+  *own* first ``k`` positions (its sink; control and identity too): content counts only what Σ carries.
 
-Each NLL is averaged per batch, then reported as mean ± std over the held-out batches,
-over the whole suffix and over its first ``first_tokens`` tokens. The headline number
-is *content transferred* = (NLL_control − NLL) / (NLL_control − NLL_base): 0 is no
-better than a wrong-content cache, 1 is as good as the target's own cache. It is
-reported only where there is content to transfer: where base beats control by more
-than ``content_min_se`` standard errors of their paired per-batch difference; elsewhere
-the ratio divides noise by noise and the table says "n/a" with the gap.
+Each NLL is averaged per batch, then reported as mean ± std over the held-out batches, over the whole
+suffix and over its first ``first_tokens`` tokens. The headline number is *content transferred* =
+(NLL_control − NLL) / (NLL_control − NLL_base): 0 is no better than a wrong-content cache, 1 is as good as
+the target's own cache. It is reported only where there is content to transfer: where base beats control by
+more than ``content_min_se`` standard errors of their paired per-batch difference; elsewhere the ratio
+divides noise by noise and the table says "n/a" with the gap.
 
-Every condition and path of one evaluation is scored on the same held-out batches, so
-two conditions compare *paired*: :func:`paired_difference` gives the mean per-batch
-difference and its standard error, the unit every verdict of the paper report uses.
-Which rows are held out does not depend on the training batch size
-(:class:`EvalConfig` ``batch_size``; :func:`kvlingua.job.eval_batches`).
+Every condition and path of one evaluation is scored on the same held-out batches, so two conditions
+compare *paired*: :func:`paired_difference` gives the mean per-batch difference and its standard error, the
+unit every verdict of the paper report uses. Which rows are held out does not depend on the training batch
+size (:class:`EvalConfig` ``batch_size``; :func:`kvlingua.job.eval_batches`).
 """
 from __future__ import annotations
 
