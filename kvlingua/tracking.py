@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -83,6 +84,18 @@ class PrefixedTracker:
 
     def close(self, status: str = "FINISHED") -> None:
         self.inner.close(status)
+
+
+@contextmanager
+def tracked(tracker: Tracker) -> Iterator[Tracker]:
+    """The one lifecycle of a tracked run: yields ``tracker`` and closes it when the block ends, ``FINISHED`` when
+    the block ran through and ``FAILED`` when it raised (an interrupt included)."""
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    finally:
+        tracker.close(status)
 
 
 def space_tracker(tracker: Tracker, space: str, main: str) -> Tracker:

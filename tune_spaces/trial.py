@@ -35,7 +35,7 @@ from kvlingua.job import allowed_paths, curve_batches
 from kvlingua.paths import path_name
 from kvlingua.run import finish, train_spaces
 from kvlingua.runtime import Runtime
-from kvlingua.tracking import TrackerHandle, open_tracker
+from kvlingua.tracking import TrackerHandle, open_tracker, tracked
 from tune_spaces.spaces import apply_params
 from workers.backend import RayBackend
 from workers.run_config import RunConfig, to_job
@@ -91,8 +91,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
             nll = {path_name(p): metrics[f"eval/nll/{path_name(p)}"] for p in paths}
             tune.report({"step": step, "final": False, "mlflow_run_id": run_id, **path_metrics(nll)})
 
-    status = "FAILED"
-    try:
+    with tracked(tracker):
         tracker.log_params({"trial": config, "run": to_dict(cfg)})
         spaces, states = train_spaces(job, backend, Runtime(tracker=tracker, progress=False), on_eval=on_eval)
         result = finish(job, spaces, backend, states, tracker)
@@ -104,7 +103,5 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
         nll = {path_name(p): held_out.summary_for(p, main).nll_mean for p in paths}
         test = {f"test_{k}": v for k, v in path_metrics(
             {path_name(p): result["eval"].summary_for(p, main).nll_mean for p in paths}).items()}
-        status = "FINISHED"
-        tune.report({"step": last, "final": True, "mlflow_run_id": run_id, **path_metrics(nll), **test})
-    finally:
-        tracker.close(status)
+    # the run is closed FINISHED before the last report, as Tune may end the trial inside it
+    tune.report({"step": last, "final": True, "mlflow_run_id": run_id, **path_metrics(nll), **test})

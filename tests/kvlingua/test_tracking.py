@@ -102,3 +102,28 @@ def test_mlflow_tracker_writes_params_metrics_artifact(tmp_path, monkeypatch):
 def test_mlflow_tracker_rejects_empty_experiment(tmp_path):
     with pytest.raises(ValueError, match="experiment"):
         MlflowTracker(default_tracking_uri(tmp_path), "")
+
+
+class _Closes:
+    """A tracker that remembers how it was closed."""
+
+    def __init__(self):
+        self.closed = []
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.closed.append(status)
+
+
+def test_tracked_closes_finished_or_failed_once():
+    from kvlingua.tracking import tracked
+
+    ok, bad, interrupted = _Closes(), _Closes(), _Closes()
+    with tracked(ok) as t:
+        assert t is ok and ok.closed == []
+    with pytest.raises(ValueError):
+        with tracked(bad):
+            raise ValueError("boom")
+    with pytest.raises(KeyboardInterrupt):
+        with tracked(interrupted):
+            raise KeyboardInterrupt
+    assert (ok.closed, bad.closed, interrupted.closed) == (["FINISHED"], ["FAILED"], ["FAILED"])
