@@ -7,7 +7,8 @@ token map: each of the target's positions reads the last source token that ends 
 target computes its own sink. A text hand-off is the target reading its own tokens.
 
 With one tokenizer (or a text hand-off) it hands over to :func:`kvlingua.generate.handoff_generate`, which
-computes exactly what it did. Mixed generation (switching models mid-sequence) still needs one tokenizer.
+computes exactly what it did. Mixed generation across tokenizers (switching models mid-sequence) is
+:mod:`kvlingua.crossmixed`.
 """
 from __future__ import annotations
 

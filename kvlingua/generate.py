@@ -377,6 +377,16 @@ def handoff_generate(models: dict[str, PreTrainedModel], space: Translator | Non
     )
 
 
+def check_schedule(models: dict[str, PreTrainedModel], schedule: Sequence[tuple[str, int]]) -> None:
+    """Raise :class:`HandoffError` unless ``schedule`` is a non-empty list of (pool model, tokens >= 1)."""
+    if not schedule:
+        raise HandoffError("schedule is empty; give at least one (model, max_new_tokens) segment")
+    for i, (name, n) in enumerate(schedule):
+        _model(models, name, f"schedule[{i}]")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise HandoffError(f"schedule[{i}] ({name!r}): max_new_tokens must be an integer >= 1, got {n!r}")
+
+
 def mixed_generate(models: dict[str, PreTrainedModel], space: Translator, prompt_ids: Tensor | Sequence[int],
                    schedule: Sequence[tuple[str, int]], params: GenerationParams = GenerationParams(),
                    tokenizer=None) -> MixedResult:
@@ -392,12 +402,7 @@ def mixed_generate(models: dict[str, PreTrainedModel], space: Translator, prompt
     the lengths. One request-wide generator draws every sample, so a fixed seed fixes the
     whole output.
     """
-    if not schedule:
-        raise HandoffError("schedule is empty; give at least one (model, max_new_tokens) segment")
-    for i, (name, n) in enumerate(schedule):
-        _model(models, name, f"schedule[{i}]")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise HandoffError(f"schedule[{i}] ({name!r}): max_new_tokens must be an integer >= 1, got {n!r}")
+    check_schedule(models, schedule)
     prompt = as_prompt(prompt_ids)  # [1, P]
     sequence = prompt[0, :-1].tolist()  # every position's token so far (the sink's tokens are read from it)
     first_name = schedule[0][0]
