@@ -7,7 +7,7 @@ import torch
 
 from kvlingua.align import NO_CHARS, text_ends
 from kvlingua.cache import arch_summary, as_past_key_values, cache_kwargs, extract_prefix
-from kvlingua.crossmixed import mixed_text
+from kvlingua.crossmixed import CachedPositions, Run, SwitchPlan, merge_schedule, mixed_text, plan_switch
 from kvlingua.generate import GenerationParams, HandoffError, mixed_generate
 from kvlingua.space import SharedSpace
 from kvlingua.translator import SpaceConfig
@@ -82,7 +82,7 @@ def test_a_switch_reads_the_writers_own_cache_along_the_token_map(pool):
     with torch.no_grad():
         own = extract_prefix(models["a"], torch.tensor([seq_a]))  # [1, S_a, L, D]
         body = CacheView.of(space.cfg).to_space(own, model_rotation(models["a"]))  # after a's sink, keys unrotated
-        z = space.encode(body.map(lambda x: x[:, :max(reads) + 1 - k]), "a")  # [1, up to the last read, Q]
+        z = space.encode(body, "a")  # [1, S_a-k, Q]: a's encoded run, every position of its own after its sink
         out = space.decode(z.map(lambda x: x[:, [r - k for r in reads]]), "b")  # [1, T_b-1-own_n, L, D]
         out = model_rotation(models["b"]).rotate(out, start=own_n)
         mine = extract_prefix(models["b"], torch.tensor([ids_b[:own_n]]))  # [1, own_n, L, D]
@@ -144,9 +144,9 @@ def test_coming_back_keeps_its_own_positions_and_reads_only_what_the_other_wrote
         # a position read through Σ: b's own run (its words' cached positions) encoded, read at the pick, decoded
         full = block_from_cache(b_cache, arch_summary(models["b"]).n_kv_heads)  # [1, S_b(+), L, D]
         full = model_rotation(models["b"]).unrotate(full.map(lambda x: x[:, :max(b_pos) + 1]), start=0)
-        run = [p for p in b_pos if p <= plan[first_read - kept]]
-        z = space.encode(full.map(lambda x: x[:, run]), "b")  # [1, R, Q]
-        out = space.decode(z.map(lambda x: x[:, -1:]), "a")  # [1, 1, L_a, D_a]
+        z = space.encode(full.map(lambda x: x[:, b_pos]), "b")  # [1, R, Q]: b's encoded run, its words' positions
+        row = b_pos.index(plan[first_read - kept])
+        out = space.decode(z.map(lambda x: x[:, row:row + 1]), "a")  # [1, 1, L_a, D_a]
         out = model_rotation(models["a"]).rotate(out, start=first_read)
     torch.testing.assert_close(got.values[:, first_read:first_read + 1], out.values, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got.keys[:, first_read:first_read + 1], out.keys, atol=1e-5, rtol=1e-4)
@@ -169,3 +169,33 @@ def test_bad_requests_are_refused_in_one_line(pool):
         mixed_text(models, space, TEXT, [], tokenizers=toks)
     with pytest.raises(HandoffError, match="max_new_tokens"):
         mixed_text(models, space, TEXT, [("a", 0)], tokenizers=toks)
+
+
+def test_a_plan_keeps_unchanged_positions_and_reads_only_what_the_owner_computed_of_its_own_text():
+    """Pure bookkeeping, no models: ``a`` wrote characters 0-5 (it read the prompt), ``b`` wrote 6-9; sink k = 1."""
+    owners = ["a"] * 6 + ["b"] * 4
+    cached = {"a": CachedPositions([100, 1, 2, 3], [NO_CHARS, 2, 4, 6], [True] * 4),
+              # b: its BOS, two positions read from a through Σ, then two of its own words' tokens
+              "b": CachedPositions([200, 11, 12, 13, 14], [NO_CHARS, 3, 6, 8, 9], [True, False, False, True, True])}
+    # a comes back: its first four (token, end) are unchanged; position 4 ends at 7, before any token of b's own
+    # has ended (b's own run ends at 8, 9): a reads it itself; position 5 ends at 9: b's position 4 through Σ
+    plan = plan_switch("a", cached, owners, [100, 1, 2, 3, 4, 5, 6], [NO_CHARS, 2, 4, 6, 7, 9, 10], k=1)
+    assert plan == SwitchPlan(4, (Run("self", 4, 5, "a"), Run("sigma", 5, 6, "b", (4,), (3, 4))))
+    assert plan.runs[1].rows == [1] and plan.owners() == {"b": (3, 4)}
+    # b reads again with one token changed at position 2 (ends at 5, in a's text): a's own run is its positions
+    # 1-3 (its sink excluded), the last ending at or before 5 is position 2; positions 3, 4 end in b's own text
+    ids, ends = [200, 11, 15, 13, 14, 16], [NO_CHARS, 3, 5, 8, 9, 10]
+    plan = plan_switch("b", cached, owners, ids, ends, k=1)
+    assert plan == SwitchPlan(2, (Run("sigma", 2, 3, "a", (2,), (1, 2, 3)), Run("self", 3, 5, "b")))
+    b = cached["b"]
+    b.read(plan, ids, ends)
+    b.wrote(ids[-1], ends[-1], [20, 21], [11, 12])  # sampled 20, 21: 21 is pending, never read
+    assert (b.ids, b.ends, b.native) == ([200, 11, 15, 13, 14, 16, 20], [NO_CHARS, 3, 5, 8, 9, 10, 11],
+                                         [True, False, False, True, True, True, True])
+    # a model reading for the first time keeps nothing; its sink is its own even where another model wrote
+    plan = plan_switch("c", cached, owners, [7, 8, 9], [2, 6, 10], k=1)
+    assert plan == SwitchPlan(0, (Run("self", 0, 1, "c"), Run("sigma", 1, 2, "a", (3,), (1, 2, 3))))
+
+
+def test_consecutive_segments_of_one_model_are_one_segment():
+    assert merge_schedule([("a", 2), ("a", 3), ("b", 1), ("a", 1), ("a", 1)]) == [("a", 5), ("b", 1), ("a", 2)]
