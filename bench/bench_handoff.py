@@ -1,47 +1,21 @@
 """Hand-off benchmark: translating a prefix cache through Σ vs the target re-reading the prefix.
 
-For a 512-token prefix already read by the source model, the target can either re-read
-the text itself (re-prefill, the ``text`` hand-off) or take the source's cache through
-Σ (``OUT_target(IN_source(block))``). Reported side by side in one run, median of
-``--repeats`` timings each, with the target's suffix NLL after each cache:
-
-* ``re-prefill``: target's own cache (its NLL is the *base*);
-* ``translate (default)``: the pool's adapters (stack depth = model layers);
-* ``translate (latency)``: ``SpaceConfig(num_layers=1, embed_dim_factor=1)``: one translator layer
-  (fewer than the model's) at half the default residual width;
-* ``translate (1 layer)``: ``SpaceConfig(num_layers=1)`` alone. Measured: with the translator's
-  grouping (one layer attends to all slices of its group) depth alone saves little; the width does.
-
-Targets (DESIGN.md): default <= 1.0x re-prefill time, latency-oriented <= 0.5x. Without
-``--pool`` the models are random ``3.8m-l4-d256`` Gemma-2s and the spaces random (timings
-are real, NLLs are not meaningful: nothing is trained). ``--pool`` / ``--latency-pool``
-take trained pools; ``--text FILE`` gives real text (tokenized with the pool's tokenizer; in a pool whose members
-tokenize differently, each model reads its own tokens of one cut of the text and Σ is read along the token map).
+The command line over :mod:`experiments.realmodel.handoff` (what it measures, and how, is said there):
 
     python bench/bench_handoff.py [--pool DIR] [--latency-pool DIR] [--text FILE] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvlingua.align import token_map  # noqa: E402
-from kvlingua.backend import suffix_token_nll  # noqa: E402
-from kvlingua.cache import arch_summary, extract_prefix  # noqa: E402
-from kvlingua.view import CacheView, model_rotation, translate_cache  # noqa: E402
-from kvlingua.space import SharedSpace  # noqa: E402
-from kvlingua.translator import SpaceConfig  # noqa: E402
+from experiments.realmodel.handoff import HandoffConfig, handoff_lines, measure_handoff  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> HandoffConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pool", type=Path, default=None, help="trained pool (default adapter)")
     p.add_argument("--latency-pool", type=Path, default=None, help="trained pool with SpaceConfig(num_layers < L)")
@@ -58,139 +32,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-variants", action="store_true",
                    help="time only re-prefill and the pool's own space (no random latency/1-layer spaces: "
                    "pools whose shapes the default SpaceConfig does not fit, e.g. 30-layer models)")
-    return p.parse_args(argv)
-
-
-def timed(fns: dict, repeats: int) -> tuple[dict[str, float], dict]:
-    """Median wall time of each ``fn()`` and its last result, interleaved round by round.
-
-    One warm-up call each, then ``repeats`` rounds that call every function once, so load
-    changes on a shared machine hit every candidate alike.
-    """
-    outs = {k: fn() for k, fn in fns.items()}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            outs[k] = fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}, outs
-
-
-def random_models(size: str) -> dict:
-    """Two random Gemma-2 models (``src``, ``tgt``) of size rung ``size``, vocabulary 8192."""
-    from transformers import Gemma2ForCausalLM
-
-    from kvlingua.models import freeze
-    from kvlingua.pretrain.sizes import gemma2_config
-
-    models = {}
-    for seed, name in enumerate(("src", "tgt")):
-        torch.manual_seed(seed)
-        cfg = gemma2_config(size, vocab_size=8192)
-        cfg._attn_implementation = "eager"
-        models[name] = freeze(Gemma2ForCausalLM(cfg))
-    return models
+    return HandoffConfig(**vars(p.parse_args(argv)))
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    trained = {"default": False, "latency": False, "1 layer": False}
-    tokenizer = tokenizers = None
-    if args.pool is not None:
-        from kvlingua.pool import load_pool
-
-        pool = load_pool(args.pool)
-        models, spaces, tokenizer = pool.models, {"default": pool.space}, pool.tokenizer
-        tokenizers = pool.tokenizers if pool.mixed_tokenizers else None
-        trained["default"] = True
-    else:
-        models = random_models(args.size)
-        spaces = {}
-    names = list(models)
-    source = args.source or names[0]
-    target = args.target or names[min(1, len(names) - 1)]
-    members = {n: arch_summary(m) for n, m in models.items()}
-    L = members[target].num_layers
-    if args.latency_pool is not None:
-        from kvlingua.pool import load_pool
-
-        spaces["latency"] = load_pool(args.latency_pool).space
-        trained["latency"] = True
-    torch.manual_seed(0)
-    wanted = {"default": SpaceConfig()}  # built only where no trained space was given
-    if not args.no_variants:
-        wanted |= {"latency": SpaceConfig(num_layers=1, embed_dim_factor=1.0), "1 layer": SpaceConfig(num_layers=1)}
-    for kind, cfg in wanted.items():
-        if kind not in spaces:
-            spaces[kind] = SharedSpace(members, cfg)
-    for s in spaces.values():
-        s.eval().requires_grad_(False)
-
-    n = args.prefix + args.suffix
-    vocab = min(s.vocab_size for s in members.values())
-    ends = None
-    if tokenizers is not None:  # two tokenizers: each model reads its own tokens of one cut of the text
-        if args.text is None:
-            raise SystemExit("a pool whose members tokenize differently needs --text")
-        from kvlingua.data.rows import text_rows
-
-        rows = text_rows([args.text.read_text()], {m: tokenizers[m] for m in (source, target)}, args.prefix,
-                         args.suffix)
-        if rows[f"ids/{target}"].shape[0] < args.batch:
-            raise SystemExit(f"--text yields {rows[f'ids/{target}'].shape[0]} rows of {n} tokens; --batch asks {args.batch}")
-        ids = rows[f"ids/{target}"][: args.batch]  # [B, P+S] the target's tokens
-        src_ids = rows[f"ids/{source}"][: args.batch]  # [B, P+S] the source's tokens of the same text
-        ends = (rows[f"ends/{source}"][: args.batch], rows[f"ends/{target}"][: args.batch])  # each [B, P]
-    elif args.text is not None and tokenizer is not None:
-        ids = torch.tensor(tokenizer.encode(args.text.read_text())[: n * args.batch]).view(args.batch, n)  # [B, P+S]
-        src_ids = ids
-    else:
-        ids = torch.randint(4, vocab, (args.batch, n), generator=torch.Generator().manual_seed(0))  # [B, P+S]
-        src_ids = ids
-    prefix, suffix = ids[:, : args.prefix], ids[:, args.prefix :]  # [B, P], [B, S]
-
-    src_block = extract_prefix(models[source], src_ids[:, : args.prefix])  # [B, P, L_s, D_s]: read by the source anyway
-    rows = []
-    with torch.no_grad():
-        kinds = tuple(k for k in ("default", "latency", "1 layer") if k in spaces)
-        fns = {"prefill": lambda: extract_prefix(models[target], prefix)}
-        def through(sp):  # the target reads its own sink (prefill of k tokens, timed), Σ carries the rest
-            view = CacheView.of(sp.cfg)
-            k = view.sink_tokens
-            rot = (model_rotation(models[source]), model_rotation(models[target])) if view.unrotate else (None, None)
-            sink = extract_prefix(models[target], prefix[:, :k]) if k else None
-            index = token_map(ends[0][:, k:], ends[1][:, k:]) if ends is not None else None  # [B, P-k]
-            return translate_cache(sp, src_block, source, target, *rot, sink, view=view, index=index)
-
-        fns.update({k: (lambda sp=spaces[k]: through(sp)) for k in kinds})
-        secs, outs = timed(fns, args.repeats)
-        t_pre = secs["prefill"]
-        nll = suffix_token_nll(models[target], outs["prefill"], suffix).mean().item()
-        rows.append({"method": "re-prefill (target reads the text)", "ms": 1e3 * t_pre, "ratio": 1.0, "suffix_nll": nll,
-                     "trained": True})
-        for kind in kinds:
-            space, t = spaces[kind], secs[kind]
-            nll = suffix_token_nll(models[target], outs[kind], suffix).mean().item()
-            depth = space.cfg.num_layers or L
-            layout = "" if space.cfg.adapter == "linear" else f", {space.cfg.output_layout}"
-            label = f"translate ({kind}: {min(depth, L)}/{L} layers, D'={space.cfg.embed_factor:g}D{layout})"
-            rows.append({"method": label, "ms": 1e3 * t, "ratio": t / t_pre, "suffix_nll": nll,
-                         "trained": trained[kind]})
-        none_nll = suffix_token_nll(models[target], None, suffix).mean().item()
-
-    print(f"source {source} -> target {target}; prefix {args.prefix} tokens, suffix {args.suffix}, batch {args.batch}, "
-          f"{args.threads} torch thread(s), median of {args.repeats} interleaved rounds")
-    print(f"{'method':48s} {'time ms':>9s} {'x re-prefill':>13s} {'suffix NLL':>11s}")
-    for r in rows:
-        flag = "" if r["trained"] else "  (untrained adapters)"
-        print(f"{r['method']:48s} {r['ms']:9.2f} {r['ratio']:13.2f} {r['suffix_nll']:11.3f}{flag}")
-    print(f"{'no prefix (floor)':48s} {'':9s} {'':13s} {none_nll:11.3f}")
-    print("targets: default <= 1.0x, latency-oriented <= 0.5x re-prefill time")
-    if args.json:
-        args.json.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                                         "no_prefix_nll": none_nll}, indent=2) + "\n")
+    try:
+        measured = measure_handoff(parse_args(argv))
+    except ValueError as e:  # a pool that needs --text, or too little text for --batch
+        raise SystemExit(str(e)) from None
+    print("\n".join(handoff_lines(measured)))
     return 0
 
 

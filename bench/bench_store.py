@@ -66,7 +66,7 @@ BEGIN, END = "<!-- bench_store: generated, begin -->", "<!-- bench_store: genera
 
 def write_doc(path: Path, result: dict, med: dict, argv: list[str]) -> None:
     """Rewrite the generated section of ``path`` (appended when absent) with this run's table."""
-    from kvlingua.provenance import commit, machine
+    from experiments.toolkit.provenance import commit, machine
 
     a = result["args"]
     lines = [BEGIN, "",

@@ -237,7 +237,7 @@ class LocalBackend:
     def teacher_log_probs(self, model: str, prefix_ids: Tensor, suffix_ids: Tensor) -> Tensor:
         """``model``'s log-probs ``[B, S-1, V]`` (fp32, on ``device``) of the suffix read after its own cache of
         ``prefix_ids``: the *base* condition, computed as :meth:`suffix_nll` computes it, once per recurring ids."""
-        from kvlingua.blockstore import ids_digest  # here: blockstore imports this module
+        from kvlingua.batch import ids_digest
 
         def compute() -> Tensor:
             m = self.models[model]

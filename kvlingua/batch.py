@@ -1,6 +1,7 @@
 """One batch of Σ training or evaluation: each pool model's token ids, and where the prefix ends."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ class Batch:
     """P: prefix positions read by the source model."""
     key: str = ""
     """Name of the batch in messages (``"train/P64S64/bs16/w1r0/b00017"``); may be empty. Source blocks
-    are cached by the digest of their ids (:func:`kvlingua.blockstore.ids_digest`), not by this name."""
+    are cached by the digest of their ids (:func:`ids_digest`), not by this name."""
     ends: dict[str, Tensor] | None = None
     """model name -> ``[B, P]`` character end of each prefix token relative to the cut (``<= 0``;
     :data:`kvlingua.align.NO_CHARS` for a BOS), for rows of text that models tokenize differently; None: every
@@ -96,3 +97,14 @@ class Batch:
         first ``sink`` tokens: the prefix of the evaluation's content control (right sink, wrong content)."""
         other = self._ids(model).roll(1, dims=0)[:, : self.prefix_len]  # [B, P]
         return torch.cat([self.prefix(model)[:, :sink], other[:, sink:]], dim=1) if sink else other
+
+
+def ids_digest(input_ids: Tensor) -> str:
+    """Hex digest of ``[B, P]`` token ids (shape and int64 bytes): the content key of a batch."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"prefix ids must be [B, P], got shape {tuple(input_ids.shape)}")
+    ids = input_ids.detach().to("cpu", torch.int64).contiguous()  # [B, P]
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(tuple(ids.shape)).encode())
+    h.update(ids.numpy().tobytes())
+    return h.hexdigest()

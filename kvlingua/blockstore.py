@@ -17,7 +17,6 @@ several processes may share one store.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import threading
@@ -28,19 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from kvlingua.backend import PoolBackend
+from kvlingua.batch import ids_digest  # noqa: F401  (the key of a block; imported from here by callers)
 from kvlingua.cache import ArchSummary, KVBlock
 from kvlingua.home import data_home
-
-
-def ids_digest(input_ids: Tensor) -> str:
-    """Hex digest of ``[B, P]`` token ids (shape and int64 bytes): the content key of a batch."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"prefix ids must be [B, P], got shape {tuple(input_ids.shape)}")
-    ids = input_ids.detach().to("cpu", torch.int64).contiguous()  # [B, P]
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr(tuple(ids.shape)).encode())
-    h.update(ids.numpy().tobytes())
-    return h.hexdigest()
 
 
 class BlockStore:

@@ -21,7 +21,7 @@ from kvlingua.space import LatentBlock, SharedSpace, space_device
 from kvlingua.view import CacheView
 
 if TYPE_CHECKING:
-    from kvlingua.train import Batch
+    from kvlingua.batch import Batch
 
 
 def rank_mean(moments: list[Tensor], runtime: Runtime | None) -> list[Tensor]:

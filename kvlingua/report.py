@@ -6,11 +6,13 @@ step (the paper's Figure 3), one panel per target model, with the target's *base
 reference lines. It reads the ``kind="eval"`` records that :func:`kvlingua.train.fit`
 appends to ``TrainState.history``, with keys ``eval/nll/i->j`` (the trained space),
 ``eval/nll/i->j/<condition>`` (other conditions; ``base``/``control``/``no-prefix`` are
-references). Matplotlib is used object-oriented on the Agg canvas: no pyplot, no
-global backend switch, no display needed.
+references). Matplotlib is used object-oriented on the Agg canvas (:func:`agg_figure`): no
+pyplot, no global backend switch, no display needed. :func:`fmt` is the one number format of
+every generated report.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,32 @@ from typing import Any
 import yaml
 
 from kvlingua.evaluate import TARGET_ONLY, EvalResult
+from kvlingua.metric_names import NllKey
 
-_NLL = "eval/nll/"
+
+def fmt(x: Any, spec: str = ".3f", missing: str = "—") -> str:
+    """A number of a generated report: ``format(x, spec)``; ``missing`` for None or NaN, ``never`` for an
+    infinite step count; anything that is not a number as ``str``."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return missing
+    if isinstance(x, float) and math.isinf(x):
+        return "never"
+    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
+
+
+def agg_figure(**kwargs: Any):
+    """A matplotlib ``Figure`` drawn on its own Agg canvas (``kwargs`` to ``Figure``): no pyplot, no global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _curve_key(key: str) -> NllKey | None:
+    """The NLL a curve record's key names (``eval/nll/i->j[/cond]``), else None."""
+    return NllKey.parse(key) if key.startswith("eval/nll/") else None
 
 
 def _parse_curves(history: Sequence[dict]) -> tuple[dict[tuple[str, str, str | None], list[tuple[int, float]]],
@@ -28,18 +54,14 @@ def _parse_curves(history: Sequence[dict]) -> tuple[dict[tuple[str, str, str | N
     curves: dict[tuple[str, str, str | None], list[tuple[int, float]]] = {}
     refs: dict[tuple[str, str], float] = {}
     for rec in history:
-        for key, value in rec.items():
-            if not key.startswith(_NLL):
+        for name, value in rec.items():
+            key = _curve_key(name)
+            if key is None:
                 continue
-            rest = key[len(_NLL):]
-            path, _, cond = rest.partition("/")
-            src, arrow, tgt = path.partition("->")
-            if not arrow:
-                continue
-            if cond in TARGET_ONLY:
-                refs[(tgt, cond)] = float(value)
+            if key.condition in TARGET_ONLY:
+                refs[(key.target, key.condition)] = float(value)
             else:
-                curves.setdefault((src, tgt, cond or None), []).append((int(rec["step"]), float(value)))
+                curves.setdefault((key.source, key.target, key.condition), []).append((int(rec["step"]), float(value)))
     return curves, refs
 
 
@@ -65,9 +87,6 @@ def plot_history(
     Returns:
         ``out_png`` as a Path. Raises ``ValueError`` if no history holds ``eval/nll/...``.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     runs = dict(history) if isinstance(history, Mapping) else {"": history}
     curves: dict[tuple[str, tuple[str, str, str | None]], list[tuple[int, float]]] = {}
     refs: dict[tuple[str, str], float] = {}
@@ -89,8 +108,7 @@ def plot_history(
     run_style = {run: styles[i % len(styles)] for i, run in enumerate(runs)}
     colors = {s: f"C{i % 10}" for i, s in enumerate(sources)}
 
-    fig = Figure(figsize=(5.0 * len(targets), 4.0), constrained_layout=True)
-    FigureCanvasAgg(fig)
+    fig = agg_figure(figsize=(5.0 * len(targets), 4.0), constrained_layout=True)
     axes = fig.subplots(1, len(targets), squeeze=False)[0]
     for ax, tgt in zip(axes, targets):
         for (run, (src, t, cond)), points in curves.items():
@@ -141,7 +159,7 @@ def write_report(
     parts += ["## Held-out suffix NLL\n", result.to_markdown()]
     if history is not None:
         runs = history.values() if isinstance(history, Mapping) else [history]
-        if any(k.startswith(_NLL) for h in runs for rec in h for k in rec):
+        if any(_curve_key(k) is not None for h in runs for rec in h for k in rec):
             files["plot"] = plot_history(history, out / "eval_nll.png", references=result)
             parts += ["## Training curve\n", f"![held-out suffix NLL per path against step]({files['plot'].name})\n"]
     md = out / "eval.md"

@@ -1,4 +1,4 @@
-"""Meta-training (paper §6.1) on Ray Train: :func:`kvlingua.modules.experiment.run_meta_training` per rank.
+"""Meta-training (paper §6.1) on Ray Train: :func:`kvlingua.modules.conditions.run_meta_training` per rank.
 
 What Ray adds, as for Σ training (``workers.train_worker``), and nothing else: each rank loads
 the pool's frozen models (colocated: a meta-training step reads only small module blocks, so
@@ -22,7 +22,7 @@ import ray.train
 import torch
 
 from kvlingua.config import from_dict, to_dict
-from kvlingua.modules.experiment import ModulesConfig, run_meta_training
+from kvlingua.modules.conditions import ModulesConfig, run_meta_training
 from kvlingua.runtime import Runtime
 from kvlingua.tracking import NullTracker, Tracker, attach
 from workers.driver import check_resources, connect

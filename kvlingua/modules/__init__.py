@@ -14,8 +14,9 @@ Reading order:
   prompt-length checks, and the cache of ported blocks a server keeps.
 * :mod:`~kvlingua.modules.meta` — meta-training (§6.1): :func:`kvlingua.train.fit` over
   batches of tasks, with the modules' blocks as the sources' prefixes.
-* :mod:`~kvlingua.modules.experiment` — Figure 5 / Table 4: the conditions, the curve, the
-  share of the gap recovered, ``docs/results/modules.md``.
+* :mod:`~kvlingua.modules.conditions` — the config of a modules run, its setup (pool, tasks,
+  every model's modules), the conditions scored (no prompt, random, direct, ported) and the
+  meta-training run; the Figure-5 experiment over them is ``experiments.modules``.
 
 Nothing here imports Ray; ``workers.meta_worker`` runs meta-training on Ray Train.
 """

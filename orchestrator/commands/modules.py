@@ -1,6 +1,6 @@
 """``kvlingua modules learn|port|meta-train|eval|experiment``: portable soft-prompt modules (paper §6).
 
-Every subcommand reads a modules config (``configs/modules/*.yaml``, :class:`kvlingua.modules.experiment.ModulesConfig`)
+Every subcommand reads a modules config (``configs/modules/*.yaml``, :class:`kvlingua.modules.conditions.ModulesConfig`)
 with ``-o key=value`` overrides; errors (a module for a model not in the pool, a fingerprint mismatch, a prompt
 longer than the pool was meta-trained for, a missing pool) end in one line.
 """
@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _config(args: argparse.Namespace):
     from kvlingua.config import load_config, parse_override
-    from kvlingua.modules.experiment import ModulesConfig, check_config_pool
+    from kvlingua.modules.conditions import ModulesConfig, check_config_pool
 
     path = SMOKE if getattr(args, "smoke", False) else Path(args.config)
     cfg = load_config(ModulesConfig, path, dict(parse_override(o) for o in args.override))
@@ -90,7 +90,7 @@ def _log(msg: str) -> None:
 
 
 def run_learn(args: argparse.Namespace) -> int:
-    from kvlingua.modules.experiment import load_modules_pool
+    from kvlingua.modules.conditions import load_modules_pool
     from kvlingua.modules.prompt import ModuleError
     from kvlingua.modules.store import ModuleStore
     from kvlingua.modules.tasks import corpus_tasks
@@ -124,7 +124,7 @@ def _find_task(pool, cfg, name: str):
 def run_port(args: argparse.Namespace) -> int:
     import torch
 
-    from kvlingua.modules.experiment import load_modules_pool
+    from kvlingua.modules.conditions import load_modules_pool
     from kvlingua.modules.port import meta_prompt_len, port_module
     from kvlingua.modules.prompt import ModuleError, load_module
     from kvlingua.view import model_rotation
@@ -159,39 +159,20 @@ def run_port(args: argparse.Namespace) -> int:
 def run_meta(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from kvlingua.config import to_dict
-    from kvlingua.modules.experiment import prepare
-    from kvlingua.tracking import open_tracker
+    from experiments.modules.experiment import tracked_meta_training
 
     cfg = _config(args)
     if args.init:
         cfg = replace(cfg, meta=replace(cfg.meta, init=args.init))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    prepare(cfg, _log, roles=("meta-train",))  # learn (or reuse) every model's meta-train modules first
-    tracker = open_tracker(cfg.tracking, None, "kvlingua-modules", out, f"meta-{cfg.meta.init}")
-    status = "FAILED"
-    try:
-        tracker.log_params({"modules": to_dict(cfg)})
-        if args.in_process:
-            from kvlingua.modules.experiment import run_meta_training
-
-            result = run_meta_training(cfg, tracker=tracker, progress=not args.no_progress, log=_log)
-        else:
-            from workers.meta_worker import meta_train_distributed
-
-            result = meta_train_distributed(cfg, num_workers=args.workers, tracker=tracker,
-                                            progress=not args.no_progress)
-        status = "FINISHED"
-    finally:
-        tracker.close(status)
+    result = tracked_meta_training(cfg, in_process=args.in_process, workers=args.workers,
+                                   progress=not args.no_progress, log=_log)
     print(f"meta-trained pool ({result['init']}, {result['tasks_seen']} tasks seen, final loss "
           f"{result['loss']:.3f}): {result['pool']}")
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from kvlingua.modules.experiment import (
+    from kvlingua.modules.conditions import (
         condition_nll,
         directions,
         gap_recovered,
@@ -222,23 +203,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_experiment_cmd(args: argparse.Namespace) -> int:
-    from kvlingua.config import to_dict
-    from kvlingua.modules.experiment import run_experiment
-    from kvlingua.tracking import open_tracker
+    from experiments.modules.experiment import tracked_experiment
 
     cfg = _config(args)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    tracker = open_tracker(cfg.tracking, None, "kvlingua-modules", cfg.out_dir, "experiment")
-    status = "FAILED"
-    try:
-        tracker.log_params({"modules": to_dict(cfg)})
-        command = "kvlingua modules experiment" + (" --smoke" if args.smoke else "") + \
-            ("" if args.smoke or Path(args.config).resolve() == DEFAULT.resolve() else f" {args.config}") + \
-            "".join(f" -o {o}" for o in args.override)
-        result = run_experiment(cfg, tracker=tracker, log=_log, progress=not args.no_progress, command=command)
-        status = "FINISHED"
-    finally:
-        tracker.close(status)
+    command = "kvlingua modules experiment" + (" --smoke" if args.smoke else "") + \
+        ("" if args.smoke or Path(args.config).resolve() == DEFAULT.resolve() else f" {args.config}") + \
+        "".join(f" -o {o}" for o in args.override)
+    result = tracked_experiment(cfg, command, progress=not args.no_progress, log=_log)
     for path, stats in result["table"].items():
         gaps = ", ".join(f"{c} {s['gap_recovered']:.2f}" for c, s in stats.items() if c.startswith("meta/"))
         print(f"{path}: gap recovered after meta-training: {gaps}")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import replace
 
 from kvlingua.config import parse_override
 
@@ -35,43 +34,10 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def execute(cfg, *, address: str | None, in_process: bool, progress: bool) -> dict:
-    """Run a validated :class:`~workers.run_config.RunConfig` end to end; returns :func:`kvlingua.run.finish`'s dict."""
-    from kvlingua.config import to_dict
-    from workers.run_config import resolve_models, run_dir_of, to_job
-
-    run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    job = to_job(cfg, resolve_models(cfg, progress=progress))
-    tracker = cfg.tracking.open(run_dir, cfg.name)
-    status = "FAILED"
-    try:
-        tracker.log_params(to_dict(cfg))
-        if in_process:
-            from kvlingua.run import run_local
-
-            result = run_local(job, tracker=tracker, progress=progress)
-        else:
-            from workers.driver import train_distributed
-
-            ray_cfg = cfg.ray if address is None else replace(cfg.ray, address=address)
-            result = train_distributed(job, ray_cfg, tracker=tracker, progress=progress)
-        status = "FINISHED"
-    finally:
-        tracker.close(status)
-    result["tracking_uri"] = (tracker.handle() or {}).get("uri")
-    return result
-
-
 def print_result(result: dict) -> None:
-    print(result["markdown"])
-    print()
-    for name, t in result["timing"].items():
-        print(f"{name:>16}: {t['steps']} steps in {t['train_wall_s']:.0f} s")
-    for name, path in result["files"].items():
-        print(f"{name:>16}: {path}")
-    if result.get("tracking_uri"):
-        print(f"\nMLflow: mlflow ui --backend-store-uri {result['tracking_uri']}")
+    from experiments.training import result_lines
+
+    print("\n".join(result_lines(result)))
 
 
 def load(args):
@@ -82,8 +48,10 @@ def load(args):
 
 
 def run(args: argparse.Namespace) -> int:
+    from experiments.training import Placement, train_run
+
     cfg = load(args)
     address = args.address or os.environ.get("RAY_ADDRESS")
-    result = execute(cfg, address=address, in_process=args.in_process, progress=not args.no_progress)
+    result = train_run(cfg, Placement(address=address, in_process=args.in_process, progress=not args.no_progress))
     print_result(result)
     return 0

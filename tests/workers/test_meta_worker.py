@@ -4,7 +4,7 @@ import pytest
 
 import workers  # noqa: F401  (Ray environment before ``import ray``)
 from kvlingua.config import load_config, parse_override
-from kvlingua.modules.experiment import ModulesConfig, prepare
+from kvlingua.modules.conditions import ModulesConfig, prepare
 from kvlingua.pool import load_pool
 from kvlingua.tracking import open_tracker
 from tests.kvlingua.test_modules_cli import build_smoke_pool

@@ -1,11 +1,13 @@
-"""The module-portability experiment (paper §6, Figure 5 / Table 4) and the pieces its commands share.
+"""The conditions of module portability (paper §6) and the meta-training run, shared by every modules command.
 
 :class:`ModulesConfig` names a trained pool (Σ pre-trained by ``kvlingua train`` without the
 reconstruction loss), optionally a second one trained with it over the same models, the tasks,
 the prompt tuning and meta-training. :func:`prepare` loads the pool, builds the tasks and learns
 (or reuses, :class:`~kvlingua.modules.store.ModuleStore`) every model's modules;
-:func:`condition_nll` scores a condition per meta-test task. :func:`run_experiment` scores, for
-both directions of every pair of models, on the meta-test tasks:
+:func:`condition_nll` scores a condition per meta-test task, :func:`ported_nll` a module ported
+through Σ; :func:`run_meta_training` meta-trains Σ (one rank's share). The experiment
+(``experiments.modules.experiment``) scores, for both directions of every pair of models, on the
+meta-test tasks:
 
 * ``none`` — the target with no prompt; ``random`` — the target's initial (untrained) soft
   prompt, the lower bound; ``direct`` — a soft prompt learned on the target, the upper bound;
@@ -14,13 +16,12 @@ both directions of every pair of models, on the meta-test tasks:
 * ``meta/<start>`` after meta-training from each start, and its curve against the number of
   meta-train tasks seen (with the spread over meta-test tasks);
 
-and the share of the gap recovered, ``(NLL_random - NLL_x) / (NLL_random - NLL_direct)``.
-:func:`write_report` writes the Markdown, a JSON of every number and the Figure-5 plot.
+and the share of the gap recovered, ``(NLL_random - NLL_x) / (NLL_random - NLL_direct)``
+(:func:`gap_recovered`).
 """
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +38,11 @@ from kvlingua.modules.port import MODULES_KEY
 from kvlingua.modules.prompt import PromptConfig, init_prompts, prompt_block
 from kvlingua.modules.store import ModuleStore
 from kvlingua.modules.tasks import Task, TaskConfig, corpus_tasks, held_out_ids
-from kvlingua.provenance import provenance_line
 from kvlingua.view import module_view, translate_cache
 from kvlingua.pool import LoadedPool, PoolMismatchError, load_pool, save_pool, TOKENIZER_DIR
 from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace
-from kvlingua.tracking import NullTracker, PrefixedTracker, Tracker
+from kvlingua.tracking import NullTracker, Tracker
 
 STARTS = ("pretrained", "pretrained-recon", "random")
 
@@ -235,108 +235,10 @@ def run_meta_training(cfg: ModulesConfig, *, runtime: Runtime | None = None, tra
     return {"init": cfg.meta.init, "tasks_seen": seen, "loss": last, "pool": str(out), "steps": state.step}
 
 
-def _stats(x: Tensor) -> dict:
-    q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75]))
-    return {"mean": float(x.mean()), "std": float(x.std()) if len(x) > 1 else 0.0, "q25": float(q[0]),
-            "median": float(q[1]), "q75": float(q[2])}
-
-
 def gap_recovered(nll: float, random: float, direct: float) -> float:
     """``(random - nll) / (random - direct)``: 0 at the random prompt, 1 at the direct prompt (NaN without a gap)."""
     gap = random - direct
     return (random - nll) / gap if gap > 0 else math.nan
-
-
-def run_experiment(cfg: ModulesConfig, tracker: Tracker | None = None, log: Callable[[str], None] = print,
-                   progress: bool = True, command: str = "kvlingua modules experiment") -> dict:
-    """Every condition on the meta-test tasks for both directions, meta-training from each start; writes the report."""
-    tracker = tracker or NullTracker()
-    torch.set_num_threads(cfg.threads)
-    timing: dict[str, float] = {}
-    t0 = time.perf_counter()
-    setup = prepare(cfg, log)
-    timing["modules_s"] = time.perf_counter() - t0
-    names, chunk = setup.pool.space.names, cfg.eval_batch
-    paths = directions(names)
-    per_task: dict[str, dict[str, list[float]]] = {f"{i}->{j}": {} for i, j in paths}
-    for i, j in paths:
-        row = per_task[f"{i}->{j}"]
-        row["none"] = condition_nll(setup.backend, j, None, setup.test_tasks, chunk).tolist()
-        row["random"] = condition_nll(setup.backend, j, setup.random_blocks[j], setup.test_tasks, chunk).tolist()
-        row["direct"] = condition_nll(setup.backend, j, setup.test_blocks[j], setup.test_tasks, chunk).tolist()
-    curves: dict[str, dict[str, list[dict]]] = {}
-    t1 = time.perf_counter()
-    tasks_per_step = cfg.meta.batch_size
-    for start in cfg.starts:
-        space = copy_space(start_space(start, cfg, setup.pool))
-        space.eval()
-        with torch.no_grad():
-            for i, j in paths:
-                per_task[f"{i}->{j}"][f"ported/{start}"] = ported_nll(space, setup, i, j, chunk).tolist()
-                per_task[f"{i}->{j}"][f"other/ported/{start}"] = ported_nll(space, setup, i, j, chunk, 1).tolist()
-        curve: dict[str, list[dict]] = {f"{i}->{j}": [] for i, j in paths}
-
-        def eval_fn(step: int, space=space, curve=curve) -> dict[str, float]:
-            metrics = {}
-            for i, j in paths:
-                nll = ported_nll(space, setup, i, j, chunk)
-                curve[f"{i}->{j}"].append({"tasks_seen": step * tasks_per_step, **_stats(nll)})
-                metrics[f"meta_test/ported/{i}->{j}"] = float(nll.mean())
-            return metrics
-
-        state = meta_train(space, setup.backend, setup.train_blocks, setup.train_tasks, cfg.meta,
-                           runtime=Runtime(tracker=PrefixedTracker(tracker, start), progress=progress), eval_fn=eval_fn)
-        space.eval()
-        with torch.no_grad():
-            for i, j in paths:
-                per_task[f"{i}->{j}"][f"meta/{start}"] = ported_nll(space, setup, i, j, chunk).tolist()
-                per_task[f"{i}->{j}"][f"other/meta/{start}"] = ported_nll(space, setup, i, j, chunk, 1).tolist()
-        curves[start] = curve
-        if start == cfg.starts[0]:
-            save_meta_pool(Path(cfg.out_dir) / "pool-meta", space, setup.pool, cfg, start, state.step * tasks_per_step)
-    timing["meta_s"] = time.perf_counter() - t1
-    timing["total_s"] = time.perf_counter() - t0
-    result = summarize(per_task, curves, cfg, setup, timing)
-    result["provenance"] = provenance_line(command)
-    from kvlingua.modules.report import write_report
-
-    files = write_report(result, cfg)
-    for f in files.values():
-        tracker.log_artifact(f)
-    result["files"] = {k: str(v) for k, v in files.items()}
-    return result
-
-
-def paired(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Mean of ``a − b`` over the meta-test tasks and its standard error."""
-    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)  # [T]
-    return {"diff": float(d.mean()), "se": float(d.std() / math.sqrt(len(d))) if len(d) > 1 else math.nan}
-
-
-def summarize(per_task: dict, curves: dict, cfg: ModulesConfig, setup: Setup, timing: dict) -> dict:
-    """Statistics per direction and condition, the gap recovered, paired differences, and the curves.
-
-    Each condition's ``vs_direct`` is its paired difference to the direct prompt (± SE over tasks); a ported
-    condition's ``vs_other`` is its difference to the same Σ reading another task's module (negative: the
-    module's own content helps beyond what any ported module does).
-    """
-    table = {}
-    for path, conds in per_task.items():
-        stats = {c: _stats(torch.tensor(v)) for c, v in conds.items()}
-        rnd, direct = stats["random"]["mean"], stats["direct"]["mean"]
-        for c, s in stats.items():
-            s["gap_recovered"] = gap_recovered(s["mean"], rnd, direct)
-            s["vs_direct"] = paired(conds[c], conds["direct"])
-            if f"other/{c}" in conds:
-                s["vs_other"] = paired(conds[c], conds[f"other/{c}"])
-        for curve_start, curve in curves.items():
-            for point in curve[path]:
-                point["gap_recovered"] = gap_recovered(point["mean"], rnd, direct)
-        table[path] = stats
-    return {"table": table, "curves": curves, "per_task": per_task, "timing": {k: round(v, 1) for k, v in timing.items()},
-            "tasks": {"meta_train": len(setup.train_tasks), "meta_test": len(setup.test_tasks),
-                      "test_names": [t.name for t in setup.test_tasks]},
-            "config": to_dict(cfg), "pool": str(setup.pool.root), "modules": setup.modules}
 
 
 def check_config_pool(cfg: ModulesConfig) -> None:

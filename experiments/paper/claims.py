@@ -1,31 +1,29 @@
 """A claim of the paper as paired comparisons over held-out batches, and the verdict that follows.
 
-Every condition and path of one comparison is scored on the same held-out batches of the
-test split (:func:`kvlingua.job.eval_batches`), so a comparison of ``a`` against ``b`` is the
-mean per-batch difference ``d = a − b`` and its standard error ``se``
-(:func:`kvlingua.evaluate.paired_difference`). A comparison states a relation to a
-tolerance ``tol`` (NLL per token, nats):
-
-* ``le`` (``a`` reaches or beats ``b``): holds when ``d + 2·se <= tol``, fails when ``d − 2·se > tol``;
-* ``ge`` (``a`` is worse than ``b`` by at least ``tol``): holds when ``d − 2·se >= tol``, fails when ``d + 2·se < tol``;
-* ``within`` (``|d| <= tol``): holds when ``|d| + 2·se <= tol``, fails when ``|d| − 2·se > tol``;
-
-anything else is inconclusive. A claim is **reproduced** when every comparison holds, **not**
-reproduced when every one fails, and **partly** otherwise. Only the numbers decide.
+Every condition and path of one comparison is scored on the same held-out batches of the test split
+(:func:`kvlingua.job.eval_batches`); a comparison is a paired difference with its standard error and an
+outcome under the ±2 SE rule of :mod:`experiments.toolkit.stats` (relations ``le``, ``ge``, ``within``
+to a tolerance). A tolerance is ``tol`` nats, or ``tol_share`` of the (no-prefix − base) gap of the
+same batches. A comparison that no prefix at all (or the control: the right positions, another
+passage) would have passed too is no evidence of a claim that ``a`` reaches ``b`` (``le``, ``within``): its outcome is ``inconclusive`` and the report says
+which reference passed. A claim is **reproduced** when every comparison holds, **not** reproduced
+when every one fails, and **partly** otherwise. Only the numbers decide.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from kvlingua.evaluate import EvalResult, paired_difference
+from experiments.toolkit.stats import FAILS, HOLDS, RELATIONS, UNSURE, gap_tolerance, mean, paired_outcome, would_pass
+from kvlingua.evaluate import EvalResult
+from kvlingua.metric_names import NllKey
 from kvlingua.paths import path_name
 
-RELATIONS = ("le", "ge", "within")
+FLOORS = ("no-prefix", "control")
+"""Conditions that carry no content of the prefix: a comparison either would pass is no evidence."""
 CHECK_KINDS = ("paths", "zero_shot", "groups", "steps")
 PATH_SETS = ("all", "cyclic", "cross", "trained", "zero-shot")
-HOLDS, FAILS, UNSURE = "holds", "fails", "inconclusive"
 
 
 @dataclass(frozen=True)
@@ -46,6 +44,9 @@ class Check:
     """``le``, ``ge`` or ``within`` (see the module docstring)."""
     tol: float = 0.0
     """Tolerance in NLL per token (nats)."""
+    tol_share: float | None = None
+    """Tolerance as this share of the mean (no-prefix − base) gap of the compared path (``paths`` and
+    ``zero_shot``); replaces ``tol`` where set."""
     paths: str | tuple[str, ...] = "all"
     """Selected paths: one of all, cyclic, cross, trained, zero-shot, or a list of ``i->j``."""
     group: str = "run"
@@ -66,6 +67,9 @@ class Check:
             raise ValueError(f"paths must be one of {list(PATH_SETS)} or a list of i->j, got {self.paths!r}")
         if self.kind == "groups" and (self.group_a is None or self.group_b is None):
             raise ValueError("a groups check names group_a and group_b")
+        if self.tol_share is not None and (self.kind not in ("paths", "zero_shot") or not 0 <= self.tol_share <= 1):
+            raise ValueError("tol_share (a share of the no-prefix − base gap, within 0..1) is for paths and "
+                             "zero_shot checks")
         if self.kind == "steps" and (isinstance(self.paths, str) or len(self.paths) != 2):
             raise ValueError("a steps check names exactly two paths (the one expected to need fewer steps first)")
 
@@ -85,19 +89,11 @@ class Comparison:
     se: float
     """Its standard error over held-out batches (NaN for ``steps``)."""
     outcome: str
-    """holds, fails or inconclusive."""
-
-
-def outcome(diff: float, se: float, relation: str, tol: float) -> str:
-    """holds / fails / inconclusive for ``diff ± se`` under ``relation`` and ``tol`` (module docstring)."""
-    if math.isnan(diff):
-        return UNSURE
-    se = 0.0 if math.isnan(se) else se
-    if relation == "le":
-        return HOLDS if diff + 2 * se <= tol else FAILS if diff - 2 * se > tol else UNSURE
-    if relation == "ge":
-        return HOLDS if diff - 2 * se >= tol else FAILS if diff + 2 * se < tol else UNSURE
-    return HOLDS if abs(diff) + 2 * se <= tol else FAILS if abs(diff) - 2 * se > tol else UNSURE
+    """holds, fails or inconclusive (a comparison a floor passes too is inconclusive)."""
+    tol: float = math.nan
+    """The tolerance applied, in nats (NaN for ``steps``)."""
+    floors: dict[str, bool] = field(default_factory=dict)
+    """Floor condition (:data:`FLOORS`, where measured) -> whether it would have passed in place of ``a``."""
 
 
 def verdict(comparisons: Sequence[Comparison]) -> str:
@@ -125,21 +121,35 @@ def _series(result: EvalResult, path, cond: str) -> list[float]:
     return list(result.per_batch["all"][path_name(path)][cond])
 
 
-def _mean_over_paths(result: EvalResult, cond: str) -> list[float]:
+def mean_over_paths(result: EvalResult, cond: str) -> list[float]:
     """Per-batch NLL of ``cond`` averaged over every path that measured it."""
     rows = [_series(result, p, cond) for p in result.paths if cond in result.conditions_of(p)]
     return [sum(col) / len(col) for col in zip(*rows)]
 
 
-def _compare(what: str, a: Sequence[float], b: Sequence[float], check: Check) -> Comparison:
-    diff, se = paired_difference(a, b)
-    return Comparison(what, sum(a) / len(a), sum(b) / len(b), diff, se, outcome(diff, se, check.relation, check.tol))
+def _compare(what: str, a: Sequence[float], b: Sequence[float], check: Check,
+             result: EvalResult | None = None, path=None) -> Comparison:
+    """``a`` against ``b``; with ``result`` and ``path``, the tolerance from the path's gap (``tol_share``) and
+    whether each floor of that path, in place of ``a``, would have passed."""
+    have = result.conditions_of(path) if result is not None else ()
+    tol = check.tol
+    if check.tol_share is not None:
+        if not {"no-prefix", "base"} <= set(have):
+            raise KeyError(f"check {check.label!r}: tol_share needs no-prefix and base on {path_name(path)}")
+        tol = gap_tolerance(check.tol_share, _series(result, path, "no-prefix"), _series(result, path, "base"))
+    diff, se, oc = paired_outcome(a, b, check.relation, tol)
+    floors = {f: would_pass(_series(result, path, f), b, check.relation, tol)  # only "reaches b" claims
+              for f in FLOORS if f in have and f not in (check.a, check.b) and check.relation != "ge"}
+    if oc == HOLDS and any(floors.values()):
+        oc = UNSURE
+    return Comparison(what, mean(a), mean(b), diff, se, oc, tol, floors)
 
 
 def first_step_at_base(history: Sequence[Mapping], path: str) -> float:
     """First curve step at which ``path``'s NLL is at or below its target's base (inf if never)."""
-    for rec in sorted((r for r in history if f"eval/nll/{path}" in r), key=lambda r: r["step"]):
-        if rec[f"eval/nll/{path}"] <= rec[f"eval/nll/{path}/base"]:
+    space, base = NllKey.of_path(path).curve(), NllKey.of_path(path, "base").curve()
+    for rec in sorted((r for r in history if space in r), key=lambda r: r["step"]):
+        if rec[space] <= rec[base]:
             return float(rec["step"])
     return math.inf
 
@@ -156,7 +166,7 @@ def run_check(check: Check, evals: Mapping[str, EvalResult], histories: Mapping[
         if missing:
             raise KeyError(f"check {check.label!r} compares groups {missing} that the experiment did not run; "
                            f"it ran {sorted(evals)}")
-        a, b = _mean_over_paths(evals[ga], check.a), _mean_over_paths(evals[check.group_b], check.a)
+        a, b = mean_over_paths(evals[ga], check.a), mean_over_paths(evals[check.group_b], check.a)
         return [_compare(f"{check.a}, mean over paths: {ga} vs {check.group_b}", a, b, check)]
     if check.kind == "steps":
         hist = (histories or {})[check.group]
@@ -177,11 +187,11 @@ def run_check(check: Check, evals: Mapping[str, EvalResult], histories: Mapping[
                 continue
             ref = [sum(col) / len(col) for col in zip(*(_series(result, q, check.a) for q in trained))]
             out.append(_compare(f"{path_name(p)} (zero-shot) vs trained paths into {p[1]}",
-                                _series(result, p, check.a), ref, check))
+                                _series(result, p, check.a), ref, check, result, p))
         return out
     for p in select_paths(result, check.paths):
         have = result.conditions_of(p)
         if check.a in have and check.b in have:
             out.append(_compare(f"{path_name(p)}: {check.a} vs {check.b}", _series(result, p, check.a),
-                                _series(result, p, check.b), check))
+                                _series(result, p, check.b), check, result, p))
     return out

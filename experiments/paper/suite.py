@@ -3,7 +3,7 @@
 An experiment names the paper's section and figure, the claim it tests, the run config
 it trains (a :class:`workers.run_config.RunConfig` as a mapping, written out beside its
 results), for §7.2/§7.3 the Ray Tune sweep over it, the overrides of its ``--smoke``
-version, its claim checks (:class:`kvlingua.paper.claims.Check`) and its estimated wall
+version, its claim checks (:class:`experiments.paper.claims.Check`) and its estimated wall
 time on 2 cores.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlingua.config import load_config
-from kvlingua.paper.claims import Check
+from experiments.paper.claims import Check
 
 KINDS = ("train", "sweep")
 

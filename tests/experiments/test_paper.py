@@ -5,18 +5,19 @@ import json
 
 import pytest
 
+from experiments.paper.claims import Check, run_check, verdict
+from experiments.paper.report import RESULT_FILE, write_paper_report
+from experiments.paper.suite import PaperExperiment, load_experiments, window_hidden
+from experiments.toolkit.stats import outcome
 from kvlingua.evaluate import EvalResult
-from kvlingua.paper.claims import Check, outcome, run_check, verdict
-from kvlingua.paper.experiments import PaperExperiment, load_experiments, window_hidden
-from kvlingua.paper.report import RESULT_FILE, write_paper_report
 
 CONDS = ["base", "control", "no-prefix", "translator"]
 
 
-def result(translator: dict[str, list[float]], base: list[float], trained=None) -> EvalResult:
-    """One target ``b`` read from sources a and b; per-batch NLLs given."""
-    rows = {p: {"base": base, "control": [x + 1 for x in base], "no-prefix": [x + 2 for x in base], "translator": t}
-            for p, t in translator.items()}
+def result(translator: dict[str, list[float]], base: list[float], trained=None, no_prefix_gap: float = 2.0) -> EvalResult:
+    """One target ``b`` read from sources a and b; per-batch NLLs given (no prefix ``no_prefix_gap`` above base)."""
+    rows = {p: {"base": base, "control": [x + 1 for x in base], "no-prefix": [x + no_prefix_gap for x in base],
+                "translator": t} for p, t in translator.items()}
     paths = [tuple(p.split("->")) for p in translator]
     return EvalResult(paths, CONDS, 4, {"all": rows, "first": rows}, trained)
 
@@ -53,6 +54,25 @@ def test_outcomes_and_verdicts_follow_the_numbers():
     assert run_check(steps, {}, {"run": hist})[0].outcome == "holds"
 
 
+def test_a_row_no_prefix_would_pass_is_no_evidence_and_tolerances_follow_the_gap():
+    """§4.3's flaw by hand: no prefix lands 0.04 above base, so 'within 0.05 of base' is passed by no prefix too."""
+    base = [3.0, 3.1, 2.9, 3.0]
+    near = result({"a->b": [x + 0.01 for x in base]}, base, no_prefix_gap=0.04)
+    nats = run_check(Check(kind="paths", tol=0.05), {"run": near})[0]
+    assert nats.floors == {"no-prefix": True, "control": False} and nats.outcome == "inconclusive"
+    assert nats.diff == pytest.approx(0.01) and nats.tol == 0.05
+    share = run_check(Check(kind="paths", tol_share=0.5), {"run": near})[0]  # 0.5 × 0.04 = 0.02 nats
+    assert share.tol == pytest.approx(0.02) and share.floors == {"no-prefix": False, "control": False}
+    assert share.outcome == "holds" and verdict([share]) == "reproduced"
+    far = result({"a->b": [x + 0.03 for x in base]}, base, no_prefix_gap=0.04)  # 0.03 > 0.02: fails
+    assert run_check(Check(kind="paths", tol_share=0.5), {"run": far})[0].outcome == "fails"
+    # a claim that a is worse than b (ge) is not weakened by a floor that is worse too
+    worse = run_check(Check(kind="paths", relation="ge", tol=0.005), {"run": near})[0]
+    assert worse.floors == {} and worse.outcome == "holds"
+    with pytest.raises(ValueError, match="tol_share"):
+        Check(kind="groups", group_a="x", group_b="y", tol_share=0.5)
+
+
 def test_window_hidden_against_counting():
     def count(P, S, W):
         return sum(1 for t in range(P, P + S) for k in range(P) if not k > t - W) / (P * S)
@@ -83,5 +103,6 @@ def test_report_verdict_flips_with_the_numbers(tmp_path):
         (res / "4.3" / RESULT_FILE).write_text(json.dumps({"evals": {"run": "run/eval.json"}, "wall_s": 60.0}))
         md = write_paper_report({"4.3": exp}, res, res / "paper.md").read_text()
         assert f"**Verdict: {expected}.**" in md and f"| {tally} | {expected} | 1.0 |" in md
+        assert "| le 0 | no-prefix: no, control: no |" in md  # no floor passes: the verdict stands
         assert "kvlingua paper --only 4.3" in md
         assert f"| a->b | {sum(base) / 4:.3f} ± " in md and f"{sum(nll) / 4:.3f} ± " in md  # the full per-path table

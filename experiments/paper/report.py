@@ -5,7 +5,8 @@ experiment finished): its wall time, its evaluations on the test split (label ->
 its training histories, for sweeps the group chosen per swept value on validation, and what the
 sliding window hides. :func:`write_paper_report` turns them into one Markdown page with,
 per experiment, the paper's numbers beside ours, every paired comparison (difference ± standard
-error over held-out batches), the verdict that follows (:mod:`kvlingua.paper.claims`), the wall
+error over held-out batches, and whether no prefix or the control would have passed it), the verdict that
+follows (:mod:`experiments.paper.claims`), the wall
 time, the exact command to rerun it, and its plot beside the page.
 """
 from __future__ import annotations
@@ -13,14 +14,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from collections.abc import Iterable
 from typing import NamedTuple
 
-from kvlingua.provenance import provenance_line
+from experiments.paper.claims import FAILS, HOLDS, UNSURE, mean_over_paths, run_check, verdict
+from experiments.paper.suite import PaperExperiment
+from experiments.toolkit.pools import pool_table
+from experiments.toolkit.provenance import provenance_line
+from experiments.toolkit.stats import paired_difference
 from kvlingua.evaluate import EvalResult
-from kvlingua.paper.claims import FAILS, HOLDS, UNSURE, run_check, verdict
-from kvlingua.paper.experiments import PaperExperiment
-from kvlingua.report import plot_history
+from kvlingua.report import agg_figure, fmt, plot_history
 
 RESULT_FILE = "result.json"
 
@@ -41,16 +43,9 @@ def _step(x: float) -> str:
     return "never" if math.isinf(x) else f"step {x:.0f}"
 
 
-def _fmt(x: float, digits: int = 3) -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else (
-        "never" if isinstance(x, float) and math.isinf(x) else f"{x:.{digits}f}")
-
-
 def _group_nll(result: EvalResult, main: str) -> tuple[list[float], list[float]]:
     """Per-batch NLL of a sweep group's space and of base, each averaged over paths (plot and table)."""
-    from kvlingua.paper.claims import _mean_over_paths
-
-    return _mean_over_paths(result, main), _mean_over_paths(result, "base")
+    return mean_over_paths(result, main), mean_over_paths(result, "base")
 
 
 def _plot(exp: PaperExperiment, res: dict, evals: dict[str, EvalResult], hists: dict[str, list], png: Path) -> Path | None:
@@ -62,15 +57,9 @@ def _plot(exp: PaperExperiment, res: dict, evals: dict[str, EvalResult], hists: 
         zero = [f"{p[0]}->{p[1]}" for p in evals["run"].paths if not evals["run"].is_trained(p)]
         return plot_history(hist, png, references=evals["run"], zero_shot=zero,
                             title=f"§{exp.section} ({exp.figure}): held-out (validation) suffix NLL per path")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from kvlingua.evaluate import paired_difference
-
     labels = list(res["groups"])
     main = res.get("main_space", "translator")
-    fig = Figure(figsize=(6, 4), constrained_layout=True)
-    FigureCanvasAgg(fig)
+    fig = agg_figure(figsize=(6, 4), constrained_layout=True)
     ax = fig.subplots()
     means, ses = [], []
     for lab in labels:
@@ -97,16 +86,14 @@ def _numbers(exp: PaperExperiment, res: dict, evals: dict[str, EvalResult]) -> l
     if exp.kind == "train":
         return ["<details><summary>Every path under every condition (test split)</summary>\n",
                 evals["run"].to_markdown(), "</details>\n"]
-    from kvlingua.evaluate import paired_difference
-
     main = res.get("main_space", "translator")
     rows = [f"| {exp.group_by} | validation NLL (selects lr) | Σ test NLL, mean over paths | base | Σ − base ± se |",
             "|---|---|---|---|---|"]
     for label in res["groups"]:
         sigma, base = _group_nll(evals[label], main)
         diff, se = paired_difference(sigma, base)
-        rows.append(f"| {label} | {_fmt(res['validation'][label])} | {_fmt(sum(sigma) / len(sigma))} | "
-                    f"{_fmt(sum(base) / len(base))} | {_fmt(diff)} ± {_fmt(se)} |")
+        rows.append(f"| {label} | {fmt(res['validation'][label])} | {fmt(sum(sigma) / len(sigma))} | "
+                    f"{fmt(sum(base) / len(base))} | {fmt(diff)} ± {fmt(se)} |")
     return rows + [""]
 
 
@@ -147,7 +134,7 @@ def _spaces(run_dir: Path) -> str:
         params = sum(c["in"] + c["out"] for c in counts.values())
         t = timing.get(name, {})
         parts.append(f"{name} {params / 1e6:.2f}M adapter parameters, {t.get('steps')} steps in "
-                     f"{_fmt(t.get('train_wall_s', math.nan) / 60, 1)} min")
+                     f"{fmt(t.get('train_wall_s', math.nan) / 60, '.1f')} min")
     return "Spaces: " + "; ".join(parts) + ".\n"
 
 
@@ -164,6 +151,18 @@ class Section(NamedTuple):
     """Its wall time in minutes (NaN when it has not run)."""
     run: dict | None
     """The run config it ran with (None when it has not run)."""
+
+
+def _needs(check, c) -> str:
+    """The relation and the tolerance applied (nats; with ``tol_share``, the share of the gap it came from)."""
+    if check.tol_share is None:
+        return f"{check.relation} {check.tol:g}"
+    return f"{check.relation} {c.tol:.3f} ({check.tol_share:g} of no-prefix − base)"
+
+
+def _floors(c) -> str:
+    """``no-prefix: yes, control: no`` for the floors measured on the row's path; ``—`` where none applies."""
+    return ", ".join(f"{f}: {'**yes**' if ok else 'no'}" for f, ok in c.floors.items()) or "—"
 
 
 def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | None, md_dir: Path) -> Section:
@@ -184,20 +183,23 @@ def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | Non
         comparisons += cs
         for c in cs:
             if check.kind == "steps":  # curve steps to reach base, not NLL: no standard error
-                cells = f"{_step(c.a)} | {_step(c.b)} | {_fmt(c.diff, 0) if math.isfinite(c.diff) else '—'} | fewer"
+                cells = f"{_step(c.a)} | {_step(c.b)} | {fmt(c.diff, '.0f') if math.isfinite(c.diff) else '—'} | fewer"
             else:
-                cells = f"{_fmt(c.a)} | {_fmt(c.b)} | {_fmt(c.diff)} ± {_fmt(c.se)} | {check.relation} {check.tol:g}"
-            rows.append(f"| {check.label} | {c.what} | {cells} | {c.outcome} |")
+                cells = f"{fmt(c.a)} | {fmt(c.b)} | {fmt(c.diff)} ± {fmt(c.se)} | {_needs(check, c)}"
+            rows.append(f"| {check.label} | {c.what} | {cells} | {_floors(c)} | {c.outcome} |")
     v = verdict(comparisons)
     n = next(iter(evals.values())).num_batches
     lines = head + [f"**Verdict: {v}.** Each row is a paired comparison over the same {n} held-out batches of the "
                     f"test split (difference a − b ± its standard error); a row holds when the difference is within "
-                    f"the tolerance by 2 standard errors, fails when it is outside by 2 standard errors.\n",
-                    "| claim | comparison | a (NLL) | b (NLL) | a − b ± se | needs | outcome |", "|---|---|---|---|---|---|---|",
+                    f"the tolerance by 2 standard errors, fails when it is outside by 2 standard errors. *Would a floor pass*: "
+                    f"whether no prefix at all, or the control (another passage's cache), in place of a would have "
+                    f"passed the same row; a row a floor passes is no evidence and counts as inconclusive.\n",
+                    "| claim | comparison | a (NLL) | b (NLL) | a − b ± se | needs | would a floor pass | outcome |",
+                    "|---|---|---|---|---|---|---|---|",
                     *rows, ""]
     lines += _numbers(exp, res, evals)
     if res.get("best"):
-        lines.append(f"Sweep groups (each the best lr on the validation curve): " +
+        lines.append("Sweep groups (each the best lr on the validation curve): " +
                      ", ".join(f"{g} → trial {t}" for g, t in res["groups"].items()) +
                      f"; best {exp.group_by} on validation: {res['best']}.\n")
     if res.get("window"):
@@ -221,50 +223,6 @@ def experiment_section(exp: PaperExperiment, results: Path, plot_dir: Path | Non
     return Section("\n".join(lines), v, counts, res["wall_s"] / 60, run)
 
 
-def _made_by(mem: dict, met: dict) -> str:
-    """How a pool member was made, from its manifest entry: pre-trained here, a snapshot, or a fetched model."""
-    if mem.get("snapshot_of"):
-        return f"{mem['snapshot_of']['member']} at step {mem['snapshot_of']['step']}"
-    if mem.get("model"):
-        fetch = Path(met.get("path", "")) / "fetch.json"
-        source = json.loads(fetch.read_text())["requirement"] if fetch.is_file() else "its checkpoint"
-        return f"pretrained `{mem['model']}` ({source}), frozen as is"
-    run = mem.get("pretrain") or {}
-    return (f"{run.get('size')}, {run.get('steps')} steps on {run.get('data', {}).get('view')}"
-            + (f" from {mem['init_from']}" if mem.get("init_from") else f", seed {run.get('seed')}"))
-
-
-def pool_section(pools: Iterable[str]) -> list[str]:
-    """A table per pool YAML (from the manifest beside the pool): how each member was made, its pre-training
-    minutes, held-out NLL and how much it uses its context (own prefix against another passage's), which bounds
-    what Σ can carry. Pools not pre-trained yet are left out."""
-    from kvlingua.config import load_config
-    from kvlingua.pretrain.pools import MANIFEST, PoolConfig, pool_dir
-
-    out = []
-    for pool in sorted(pools):
-        manifest = pool_dir(load_config(PoolConfig, pool)) / MANIFEST
-        if not manifest.is_file():
-            continue
-        m = json.loads(manifest.read_text())
-        ctx0 = m["members"][0]["metrics"].get("context_use", {})
-        out += [f"**Pool `{m['name']}`** (vocabulary {m['vocab_size']:,}; `{Path(pool).name}`). "
-                f"Context use: held-out NLL after the passage's own {ctx0.get('prefix_len')}-token prefix against "
-                "after another passage's, over the rows shown (the gap is what a cache can carry).\n",
-                "| member | made by | pre-training (min) | held-out NLL | own prefix | other prefix | gap | rows |",
-                "|---|---|---|---|---|---|---|---|"]
-        for e in m["members"]:
-            mem, met = e["member"], e["metrics"]
-            made = _made_by(mem, met)
-            ctx = met.get("context_use", {})
-            wall = _fmt(met["train_wall_s"] / 60, 1) if "train_wall_s" in met else "—"
-            out.append(f"| {e['name']} | {made} | {wall} | {_fmt(met.get('held_out_loss'))} | {_fmt(ctx.get('nll_own'))} | "
-                       f"{_fmt(ctx.get('nll_other'))} | {_fmt(100 * ctx['relative_gap'], 1) + ' %' if 'relative_gap' in ctx else '—'} | "
-                       f"{ctx.get('rows', '—')} |")
-        out.append("")
-    return out
-
-
 def write_paper_report(experiments: dict[str, PaperExperiment], results: str | Path, out_md: str | Path,
                        command: str = "kvlingua paper") -> Path:
     """Generate the report of every experiment (finished or not) into ``out_md``; plots in ``<out_md stem>/``."""
@@ -276,16 +234,16 @@ def write_paper_report(experiments: dict[str, PaperExperiment], results: str | P
     for sec, exp in experiments.items():
         part = done[sec]
         tally = " / ".join(str(part.counts[o]) for o in (HOLDS, UNSURE, FAILS)) if part.counts else "—"
-        summary.append(f"| §{sec} | {exp.figure} | {exp.title} | {tally} | {part.verdict} | {_fmt(part.wall_min, 1)} | "
+        summary.append(f"| §{sec} | {exp.figure} | {exp.title} | {tally} | {part.verdict} | {fmt(part.wall_min, '.1f')} | "
                        f"{exp.estimate_min:.0f} |")
     total = sum(p.wall_min for p in done.values() if not math.isnan(p.wall_min))
     parts = ["# The paper, reproduced at CPU scale\n",
              f"{provenance_line(command)} Results read from `{results}`. Every number is measured on the "
              "**test** split; curves and selection use the validation split. Verdicts follow from the paired "
-             "differences (see `kvlingua/paper/claims.py`).\n",
+             "differences (see `experiments/paper/claims.py`).\n",
              "| section | paper | experiment | comparisons: hold / inconclusive / fail | verdict | wall (min) | "
              "estimate (min) |", "|---|---|---|---|---|---|---|",
              *summary, "", f"Total wall time of the finished experiments: {total:.1f} min.\n",
-             *pool_section(sorted({p.run.get('pool') for p in done.values() if p.run is not None} - {None})), *(p.text for p in done.values())]
+             *pool_table(sorted({p.run.get('pool') for p in done.values() if p.run is not None} - {None})), *(p.text for p in done.values())]
     out_md.write_text("\n".join(parts))
     return out_md

@@ -1,12 +1,14 @@
 """The module-portability report: Markdown table per direction, the headline, the content control and the
-Figure-5 plot, written from :func:`kvlingua.modules.experiment.run_experiment`'s result dict only."""
+Figure-5 plot, written from :func:`experiments.modules.experiment.run_experiment`'s result dict only."""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
 
-from kvlingua.modules.experiment import ModulesConfig
+from experiments.toolkit.stats import HOLDS, outcome
+from kvlingua.modules.conditions import ModulesConfig
+from kvlingua.report import agg_figure
 
 
 CONDITION_NAMES = {
@@ -67,7 +69,8 @@ def to_markdown(result: dict, plot_name: str | None) -> str:
     first = list(result["curves"])[0]
     reached = all(stats[f"meta/{first}"]["gap_recovered"] >= 0.6 for stats in result["table"].values())
     content = {path: stats[f"meta/{first}"].get("vs_other") for path, stats in result["table"].items()}
-    carried = all(c is not None and c["diff"] + 2 * c["se"] < 0 for c in content.values())
+    # the own module beats another task's module by 2 SE (``le`` with a tolerance just below 0: strictly better)
+    carried = all(c is not None and outcome(c["diff"], c["se"], "le", -math.ulp(0.0)) == HOLDS for c in content.values())
     lines += ["", f"Target (≥ 0.6 on both directions, from the first start): **{'reached' if reached else 'not reached'}**.",
               "", "Does the ported module carry its task, or does meta-training teach Σ a prefix that helps any task? "
               f"After meta-training from `{first}`, the own module against another task's module through the same Σ: "
@@ -89,13 +92,9 @@ def to_markdown(result: dict, plot_name: str | None) -> str:
 
 def plot(result: dict, path: Path) -> Path:
     """Figure 5: ported NLL (mean, band q25–q75 over meta-test tasks) against meta-train tasks seen."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     dirs = list(result["table"])
-    fig, axes = plt.subplots(1, len(dirs), figsize=(5.5 * len(dirs), 4), squeeze=False)
+    fig = agg_figure(figsize=(5.5 * len(dirs), 4))
+    axes = fig.subplots(1, len(dirs), squeeze=False)
     for ax, path_name in zip(axes[0], dirs):
         stats = result["table"][path_name]
         for start, curve in result["curves"].items():
@@ -111,7 +110,6 @@ def plot(result: dict, path: Path) -> Path:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

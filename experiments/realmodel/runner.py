@@ -1,0 +1,259 @@
+"""``kvlingua real-model``: a pool with a real pretrained model, end to end, into one generated report.
+
+Runs, each stage skipped when its output exists (so an interrupted run resumes):
+
+1. ``train`` — the run config (default ``configs/real.yaml``) through :func:`experiments.training.train_run`,
+   on Ray unless in process: the pool is fetched/pre-trained first, every space trains, the final table is on
+   the test split;
+2. ``positions`` — the trained pool re-scored at each prefix length (:func:`kvlingua.run.evaluate_pool_dir`);
+3. ``levers`` — each lever's start against the trained space (:func:`experiments.realmodel.levers.lever_starts`),
+   and, with ``objective_seconds``, ``objectives``: the main space trained afresh for that many wall seconds per
+   training objective (:func:`experiments.realmodel.levers.objective_runs`);
+4. ``continuations`` — held-out prompts continued by the deep model after the shallow one's cache;
+5. ``bench`` — :func:`experiments.realmodel.handoff.measure_handoff` on the trained pool: translating a
+   ``bench_prefix``-token cache from the shallow model into the deep one against the deep one re-reading the
+   text (both ways when the members tokenize differently);
+
+then :meth:`RealModel.write_report` writes the report from those files only
+(:func:`experiments.realmodel.report.write_real_model_report`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from experiments.realmodel.report import ReportRun, write_real_model_report
+from experiments.toolkit.pools import deep_and_shallow
+from experiments.training import Placement, train_run
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO / "configs" / "real.yaml"
+SHAPES = REPO / "configs" / "shapes"
+STAGES_FILE = "real_model_stages.json"
+"""Wall seconds of each finished stage, kept beside the run so a resumed run reports every stage."""
+LEVER_BATCHES = 4
+"""Held-out batches of the levers and objectives stages: each variant is a calibration and a scoring."""
+
+
+@dataclass(frozen=True)
+class RealModelConfig:
+    """What ``kvlingua real-model`` was asked (its flags)."""
+
+    config: Path = DEFAULT_CONFIG
+    """The run YAML."""
+    overrides: tuple[str, ...] = ()
+    """``-o key=value`` overrides of the run YAML."""
+    positions: tuple[int, ...] = (16, 64, 256, 512)
+    """Prefix lengths of the position table."""
+    bench_prefix: int = 512
+    """Prefix tokens of the hand-off benchmark."""
+    bench_repeats: int = 5
+    """Timed rounds of the hand-off benchmark."""
+    objective_seconds: float = 0.0
+    """Wall seconds per training objective (0: skip the objectives stage)."""
+    levers: tuple[str, ...] | None = None
+    """The levers to score at the start (None: all of ``levers.DEFAULT_LEVERS``)."""
+    placement: Placement = Placement()
+
+    def __post_init__(self) -> None:
+        from kvlingua.config import ConfigError
+
+        if any(p < 1 for p in self.positions) or self.bench_prefix < 1 or self.bench_repeats < 1:
+            raise ConfigError("--positions, --bench-prefix and --bench-repeats must be positive")
+        if self.levers is not None:
+            from experiments.realmodel.levers import DEFAULT_LEVERS
+
+            unknown = [n for n in self.levers if n not in DEFAULT_LEVERS]
+            if unknown:
+                raise ConfigError(f"--levers: unknown lever(s) {unknown}; known: {list(DEFAULT_LEVERS)}")
+        if self.objective_seconds < 0:
+            raise ConfigError("--objective-seconds must be >= 0 (0: skip the objectives stage)")
+
+    @property
+    def command(self) -> str:
+        """The command line the report names."""
+        command = "kvlingua real-model" + (f" {self.config}" if Path(self.config).resolve() != DEFAULT_CONFIG else "")
+        command += "".join(f" -o {o}" for o in self.overrides) + (" --in-process" if self.placement.in_process else "")
+        command += f" --objective-seconds {self.objective_seconds:g}" if self.objective_seconds > 0 else ""
+        command += " --levers " + " ".join(f"'{n}'" for n in self.levers) if self.levers else ""
+        return command
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """``kvlingua real-model``: a config → its stages → the run directory → the report."""
+
+    cfg: RealModelConfig
+
+    def run_config(self):
+        from kvlingua.config import parse_override
+        from workers.run_config import load_run_config
+
+        return load_run_config(self.cfg.config, dict(parse_override(o) for o in self.cfg.overrides))
+
+    def run(self) -> Path:
+        """Every stage whose files are missing; returns the run directory."""
+        from kvlingua.run import evaluate_pool_dir
+        from workers.run_config import run_dir_of
+
+        cfg, progress = self.run_config(), self.cfg.placement.progress
+        run_dir = run_dir_of(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stage = _Stages(run_dir)
+        if not ((run_dir / "eval.json").is_file() and (run_dir / "pool" / "pool.json").is_file()):
+            with stage("train", f"train: {self.cfg.config} -> {run_dir}"):
+                train_run(cfg, self.cfg.placement)
+        positions_dir = run_dir / "positions"
+        positions_dir.mkdir(exist_ok=True)
+        for p in self.cfg.positions:
+            out = positions_dir / f"eval-test-P{p}.json"
+            if not out.is_file():
+                with stage(f"positions P={p}", f"positions: P = {p}"):
+                    evaluate_pool_dir(run_dir, split="test", prefix_len=p)[0].to_json(out)
+        record_held_prefix(run_dir, positions_dir, self.cfg.positions)
+        if not (run_dir / "levers" / "names.json").is_file():
+            with stage("levers", "levers: each lever's closed-form start against the trained space"):
+                _levers(run_dir, run_dir / "levers", self.cfg.levers)
+        if self.cfg.objective_seconds > 0 and not (run_dir / "objectives" / "runs.json").is_file():
+            with stage("objectives", f"objectives: the main space trained {self.cfg.objective_seconds:g} s per "
+                       "objective"):
+                _objectives(run_dir, run_dir / "objectives", self.cfg.objective_seconds, progress)
+        pool_json = json.loads((run_dir / "pool" / "pool.json").read_text())
+        deep, shallow = deep_and_shallow(pool_json["members"])
+        if not (run_dir / "continuations.json").is_file():
+            with stage("continuations", f"continuations: {shallow} -> {deep}, latent and text"):
+                _continuations(run_dir, shallow, deep)
+        # both ways where the members tokenize differently (two real families), else the shallow model into the deep one
+        mixed = any("tokenizer" in m for m in pool_json["members"])
+        for source, target, name in [(shallow, deep, "bench_handoff.json")] + (
+                [(deep, shallow, "bench_handoff_reverse.json")] if mixed else []):
+            if not (run_dir / name).is_file():
+                label = "bench" if name == "bench_handoff.json" else f"bench {source} -> {target}"
+                with stage(label, f"bench: {source} -> {target}, {self.cfg.bench_prefix}-token prefix"):
+                    self._bench(run_dir, source, target, cfg, run_dir / name)
+        return run_dir
+
+    def write_report(self, report: Path) -> Path:
+        """The report from the run directory's files only."""
+        from experiments.toolkit.provenance import commit, machine
+        from workers.run_config import run_dir_of
+
+        cfg = self.run_config()
+        run_dir = run_dir_of(cfg)
+        return write_real_model_report(run_dir, report, ReportRun(
+            command=self.cfg.command, positions=self.cfg.positions, shapes_dir=SHAPES, machine=machine(),
+            stages=_Stages(run_dir).read(), commit=commit(), pool=cfg.pool))
+
+    def _bench(self, run_dir: Path, source: str, target: str, cfg, out: Path) -> None:
+        from experiments.realmodel.handoff import HandoffConfig, handoff_lines, measure_handoff
+
+        measured = measure_handoff(HandoffConfig(
+            pool=run_dir / "pool", source=source, target=target, text=_bench_text(run_dir / "bench_text.txt"),
+            prefix=self.cfg.bench_prefix, suffix=cfg.suffix_len, repeats=self.cfg.bench_repeats,
+            threads=cfg.ray.torch_threads or 2, no_variants=True, json=out))
+        print("\n".join(handoff_lines(measured)), flush=True)
+
+
+class _Stages:
+    """The stages file of a run directory: ``with stages(name, what):`` prints, times and records one stage."""
+
+    def __init__(self, run_dir: Path):
+        self.file = run_dir / STAGES_FILE
+
+    def read(self) -> dict:
+        return json.loads(self.file.read_text()) if self.file.is_file() else {}
+
+    def __call__(self, name: str, what: str):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def timed():
+            print(f"[real-model] {what}", flush=True)
+            start = time.perf_counter()
+            yield
+            stages = self.read()
+            stages[name] = round(time.perf_counter() - start, 1)
+            self.file.write_text(json.dumps(stages, indent=1) + "\n")
+
+        return timed()
+
+
+def _bench_text(path: Path, split: str = "test") -> Path:
+    """The held-out split's English text in one file (the benchmark's real prefix and suffix)."""
+    from kvlingua.data.views import DataConfig, documents
+
+    path.write_text("\n".join(documents(DataConfig(view="en"), split)))
+    return path
+
+
+def record_held_prefix(run_dir: Path, positions_dir: Path, positions, tol: float = 0.05) -> None:
+    """Write ``held_prefix_len`` into each pool's ``pool.json``: the longest prefix of the position grid up to which
+    every path of the main space keeps its content within ``tol`` of its content at the trained top. Serving then
+    hands over latents up to that length (a pool with un-rotated keys has no other position limit)."""
+    from kvlingua.evaluate import EvalResult
+    from kvlingua.pool import POOL_FILE
+    from kvlingua.rundir import main_space, read_run_pools
+
+    pools = read_run_pools(run_dir)
+    meta = json.loads((pools[main_space(pools)] / POOL_FILE).read_text())
+    top = meta.get("trained_prefix_len", [None, None])[1]
+    files = {p: positions_dir / f"eval-test-P{p}.json" for p in sorted(positions)}
+    if top not in files or not all(f.is_file() for f in files.values()):
+        return
+    results = {p: EvalResult.from_dict(json.loads(f.read_text())) for p, f in files.items()}
+    space = main_space(pools)
+    ref = {path: results[top].summary_for(path, space).content for path in results[top].paths}
+    held = None
+    for p, r in results.items():
+        if p > top and any(r.summary_for(path, space).content < ref[path] - tol for path in r.paths):
+            break
+        held = p
+    for d in pools.values():
+        m = json.loads((d / POOL_FILE).read_text())
+        if m.get("held_prefix_len", "unset") != held:  # a rerun leaves the file as it is
+            m["held_prefix_len"] = held
+            (d / POOL_FILE).write_text(json.dumps(m, indent=2) + "\n")
+
+
+def _levers(run_dir: Path, out: Path, names: tuple[str, ...] | None = None) -> None:
+    """``levers/<k>.json`` per lever (:func:`~experiments.realmodel.levers.lever_starts`) and ``names.json``
+    (file key -> name)."""
+    from experiments.realmodel.levers import DEFAULT_LEVERS, lever_starts
+
+    out.mkdir(exist_ok=True)
+    levers = None if names is None else {n: DEFAULT_LEVERS[n] for n in names}
+    results = lever_starts(run_dir, levers, batches=LEVER_BATCHES)
+    keys = {}
+    for n, (name, result) in enumerate(results.items()):
+        key = "trained" if name == "trained" else f"lever{n}"
+        result.to_json(out / f"{key}.json")
+        keys[key] = name
+    (out / "names.json").write_text(json.dumps(keys, indent=1) + "\n")
+
+
+def _objectives(run_dir: Path, out: Path, seconds: float, progress: bool) -> None:
+    """``objectives/<name>.json`` per objective (:func:`~experiments.realmodel.levers.objective_runs`, on the levers'
+    held-out batches) and ``runs.json`` (objective -> steps reached, schedule, train seconds, kept step; the budget)."""
+    from experiments.realmodel.levers import objective_runs
+
+    out.mkdir(exist_ok=True)
+    runs = objective_runs(run_dir, seconds=seconds, batches=LEVER_BATCHES, progress=progress)
+    for name, run in runs.items():
+        run.result.to_json(out / f"{name}.json")
+    table = {name: {"steps": r.steps, "schedule_steps": r.schedule_steps, "train_s": round(r.train_s, 1),
+                    "best_step": r.best_step} for name, r in runs.items()}
+    (out / "runs.json").write_text(json.dumps({"seconds": seconds, "runs": table}, indent=1) + "\n")
+
+
+def _continuations(run_dir: Path, source: str, target: str, n: int = 3, prompt_tokens: int = 48,
+                   max_new_tokens: int = 32) -> None:
+    """Greedy continuations of ``n`` held-out prompts: ``target`` after ``source``'s cache through Σ, and after
+    re-reading the text (``continuations.json``; :func:`kvlingua.crosstext.continuations`)."""
+    from kvlingua.crosstext import continuations
+    from kvlingua.pool import load_pool
+
+    rows = continuations(load_pool(run_dir / "pool"), source, target, n, prompt_tokens, max_new_tokens)
+    (run_dir / "continuations.json").write_text(json.dumps(
+        {"source": source, "target": target, "max_new_tokens": max_new_tokens, "rows": rows}, indent=1) + "\n")
