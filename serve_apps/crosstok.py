@@ -17,6 +17,9 @@ The semantics are those of :func:`kvlingua.crosstext.handoff_text`, split betwee
   hands over the decoded positions of the longest prefix of the target's tokens of ``context text + prompt`` that
   equals its tokens of the context text alone (all but the last at most); the target reads the rest.
 
+* **Mixed schedules** (:mod:`serve_apps.mixed`): at each switch the new model re-tokenizes the text so far; the
+  ingress plans what it keeps, reads itself and reads through Σ (:func:`kvlingua.crossmixed.plan_switch`).
+
 Members that share a tokenizer (:class:`PoolTokenizers`) keep the token-id route of a one-tokenizer pool unchanged.
 :func:`plan_across` is the ingress's planning of a request between two tokenizers (``self`` the
 :class:`~serve_apps.ingress.PoolIngress`, as in :mod:`serve_apps.mixed`); the rest is pure Python + PyTorch.

@@ -24,10 +24,10 @@ Every call to a model has the request's deadline (``request_timeout_s``: 504 pas
 text out. Each model reads the prompt with its own tokenizer (a request's ``ids`` are the target's); a
 latent hand-off sends Σ of the source's own tokens with the token map, and the target reads Σ at its own
 positions and computes its own sink; a stored context read from text is decoded along the map by any
-member. Token-id prompts and the identity hand-off need source and target to share a tokenizer (else
-400), and so do the automatic prefix matching of stored contexts (``use_store`` without ``context_id``:
-skipped across tokenizers) and mixed schedules (refused). Members sharing one tokenizer keep the
-token-id route, exactly as a one-tokenizer pool.
+member; a mixed schedule re-tokenizes the text so far at each switch. Token-id prompts and the identity
+hand-off need the models to share a tokenizer (else 400), and so does the automatic prefix matching of
+stored contexts (``use_store`` without ``context_id``: skipped across tokenizers). Members sharing one
+tokenizer keep the token-id route, exactly as a one-tokenizer pool.
 
 Mixed schedules (:mod:`serve_apps.mixed`) run segment by segment over the same handles. Every
 bad request is a :class:`RequestError` (HTTP 4xx naming what is wrong) raised before any

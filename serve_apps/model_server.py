@@ -15,7 +15,8 @@ A replica holds one frozen model and the shared space's adapters. It can
   stored context (once, then kept) and reads the whole prompt after it;
 * run one segment of a mixed schedule: rebuild its cache from the segments so far (its own
   raw, the others' in Σ, each encoded once by the model that computed it) and export the
-  positions it computed, raw and into Σ (``segment``).
+  positions it computed, raw and into Σ (``segment``); across tokenizers, encode its own run
+  into Σ and run a planned segment (``encode_run``, ``segment_text``: :mod:`serve_apps.mixed_replica`).
 
 Caches cross deployments as dicts whose ``keys``/``values`` are :class:`~workers.host.WireTensor`
 (``[1, S, Q]`` in Σ or ``[1, S, L, D]`` raw, fp32; a mixed schedule's generator state too), never
@@ -47,6 +48,7 @@ from kvlingua.generate import (
     sample_tokens,
 )
 from serve_apps.decoding import Decoding, decode, read_and_score
+from serve_apps.mixed_replica import TextSegments
 from kvlingua.models import load_frozen
 from kvlingua.modules.port import module_latent
 from kvlingua.pool import PoolMismatchError, load_pool, verify_member
@@ -70,7 +72,7 @@ def _received(payload: Payload):
     return tensor_from_wire(payload["keys"], copy=False), tensor_from_wire(payload["values"], copy=False)
 
 
-class PoolModelServer:
+class PoolModelServer(TextSegments):
     """Serve replica of pool model ``name`` (frozen weights + the space's adapters).
 
     Args:

@@ -58,7 +58,8 @@ class Segment(_Strict):
 
 
 class MixedRequest(Sampling):
-    prompt: str | list[int]
+    prompt: str | list[int] = Field(..., description="text, or token ids of the pool's tokenizer (where the "
+                                                    "schedule's models tokenize differently: text only)")
     schedule: list[Segment] = Field(..., min_length=1, description="models in turn; the cache is translated at each switch")
 
 
@@ -92,12 +93,22 @@ class SwitchInfo(BaseModel):
     positions: int
 
 
+class SwitchSpan(SwitchInfo):
+    """A switch between models that tokenize differently: ``target``'s positions ``[start, end)`` (in its own
+    tokens of the text so far) read ``source``'s own positions through Σ along the token map."""
+
+    start: int
+    end: int
+
+
 class MixedResponse(BaseModel):
-    text: str | None
-    tokens: list[int]
+    text: str | None = Field(..., description="what the schedule wrote (where its models tokenize differently: "
+                                              "each segment's text, concatenated)")
+    tokens: list[int] = Field(..., description="generated token ids, each in the vocabulary of the model that wrote "
+                                               "it (models[i]); across tokenizers read text")
     models: list[str]
-    switches: list[SwitchInfo]
-    prompt_tokens: int
+    switches: list[SwitchSpan | SwitchInfo]
+    prompt_tokens: int = Field(..., description="the prompt's tokens (the first model's)")
     new_tokens: int
     finish_reason: str
     seed: int

@@ -82,6 +82,7 @@ def test_mixed_schedule_equals_in_process_mixed_generate(server, local):
     assert [(s["source"], s["target"], s["positions"]) for s in got["switches"]] == [
         (s.source, s.target, s.positions) for s in want.switches] == [
         ("a", "c", a1), ("a", "b", a1), ("c", "b", c1), ("c", "a", c1), ("b", "a", b1), ("a", "b", a2)]
+    assert all(set(s) == {"source", "target", "positions"} for s in got["switches"])  # spans only across tokenizers
 
 
 def test_fixed_seed_same_output_other_seed_differs(server):

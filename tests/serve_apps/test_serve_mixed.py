@@ -2,8 +2,8 @@
 
 Two tiny models with two byte-level BPEs (``a``: 290 tokens, no BOS; ``b``: 330 tokens with ``<bos>`` first),
 served at ``/mixed`` beside the package's app, checked against the same computation in this process:
-:func:`kvlingua.crosstext.handoff_text` for hand-offs, and a stored context decoded along the map from kvlingua's
-pieces for the context store.
+:func:`kvlingua.crosstext.handoff_text` for hand-offs, :func:`kvlingua.crossmixed.mixed_text` for mixed schedules,
+and a stored context decoded along the map from kvlingua's pieces for the context store.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 from kvlingua.align import text_ends, token_map  # noqa: E402
 from kvlingua.cache import arch_summary, cache_kwargs, extract_prefix, fingerprint  # noqa: E402
+from kvlingua.crossmixed import mixed_text  # noqa: E402
 from kvlingua.crosstext import handoff_text  # noqa: E402
 from kvlingua.generate import (GenerationParams, eos_ids, make_generator, model_cache, sample_tokens,  # noqa: E402
                                translate_block)
@@ -24,6 +25,7 @@ from kvlingua.pool import PoolMember, load_pool, save_pool  # noqa: E402
 from kvlingua.space import SharedSpace  # noqa: E402
 from kvlingua.translator import SpaceConfig  # noqa: E402
 from serve_apps.openai_api import render_chat  # noqa: E402
+from tests.serve_apps.test_transport import _transport_warnings_logged  # noqa: E402
 from tests.helpers import bpe_tokenizer, tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -205,8 +207,8 @@ def test_what_needs_one_tokenizer_is_refused_with_one_line(mixed, local):
                  "send the prompt as text")
     one_line_400(mixed.post("/v1/completions", json={"model": "b@a:identity", "prompt": PROMPT}), "identity",
                  "tokenize differently")
-    one_line_400(mixed.post("/v1/generate/mixed", json={"prompt": PROMPT, "schedule": [
-        {"model": "a", "max_new_tokens": 2}, {"model": "b", "max_new_tokens": 2}]}), "schedule", "tokenize differently")
+    one_line_400(mixed.post("/v1/generate/mixed", json={"prompt": ids_a, "schedule": [
+        {"model": "a", "max_new_tokens": 2}, {"model": "b", "max_new_tokens": 2}]}), "token ids", "tokenize differently")
     cid = mixed.post("/v1/contexts", json={"model": "a", "tokens": ids_a}).json()["id"]  # ids: only a can read it
     one_line_400(mixed.post("/v1/completions", json={"model": "b", "prompt": REST, "kvlingua": {"context_id": cid}}),
                  "store it as text")
@@ -221,3 +223,48 @@ def test_what_needs_one_tokenizer_is_refused_with_one_line(mixed, local):
     plain = mixed.post("/v1/generate", json={"target": "a", "prompt": ids_a, "max_new_tokens": 3})
     assert plain.status_code == 200 and plain.json()["tokens"] == \
         reference(local, "a", "a", PROMPT, n=3, handoff="text").tokens
+
+
+def schedule_body(sched, **kw):
+    return {"prompt": PROMPT, "schedule": [{"model": m, "max_new_tokens": n} for m, n in sched], **kw}
+
+
+@pytest.mark.parametrize("sched,params", [
+    ([("a", 4), ("b", 5), ("a", 3), ("b", 2)], {}),
+    ([("b", 3), ("b", 3), ("a", 5), ("b", 4)], {"temperature": 1.0, "seed": 5}),
+])
+def test_a_mixed_schedule_across_tokenizers_is_mixed_text_in_process(mixed, local, sched, params):
+    """Each switch re-tokenizes the text so far for the new model; served, the ingress plans and measures and the
+    replicas encode, read and sample: the same tokens, writers, text and switches as in one process."""
+    want = mixed_text(local.models, local.space, PROMPT, sched,
+                      GenerationParams(stop_at_eos=False, **params), tokenizers=local.tokenizers)
+    r = mixed.post("/v1/generate/mixed", json=schedule_body(sched, ignore_eos=True, **params))
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["tokens"] == want.tokens and got["models"] == want.models and got["text"] == want.text
+    assert got["prompt_tokens"] == want.prompt_tokens == len(text_ends(local.tokenizers[sched[0][0]], PROMPT)[0])
+    spans = [(s.source, s.target, s.start, s.end, s.positions) for s in want.switches]
+    assert [(s["source"], s["target"], s["start"], s["end"], s["positions"]) for s in got["switches"]] == spans
+    assert {s[:2] for s in spans} == {("a", "b"), ("b", "a")}, "the test's premise: both read the other through Σ"
+    assert got["new_tokens"] == sum(n for _, n in sched) and got["finish_reason"] == "length"
+    assert _transport_warnings_logged() == []  # caches and Σ runs crossed as WireTensors, read in place
+
+
+def test_a_schedule_of_one_tokenizer_keeps_the_token_route_in_a_mixed_pool(mixed, local):
+    ids = text_ends(local.tokenizers["b"], PROMPT)[0]
+    want = mixed_text(local.models, local.space, PROMPT, [("b", 3), ("b", 2)], tokenizers=local.tokenizers)
+    for prompt in (PROMPT, ids):  # text, or b's own token ids
+        got = mixed.post("/v1/generate/mixed", json={**schedule_body([("b", 3), ("b", 2)]), "prompt": prompt}).json()
+        assert got["tokens"] == want.tokens and got["switches"] == [] and got["text"] == want.text
+
+
+def test_bad_schedules_across_tokenizers_are_refused_in_one_line(mixed):
+    cross = [("a", 2), ("b", 2)]
+    one_line_400(mixed.post("/v1/generate/mixed", json={**schedule_body(cross), "prompt": ""}), "prompt", "empty")
+    one_line_400(mixed.post("/v1/generate/mixed", json=schedule_body([("a", 10), ("b", 10)])), "schedule", "16")
+    one_line_400(mixed.post("/v1/generate/mixed", json={**schedule_body(cross), "prompt": "moon " * 300}),
+                 "prompt", "128")
+    r = mixed.post("/v1/generate/mixed", json=schedule_body([("a", 2), ("zz", 2)]))
+    assert r.status_code == 404 and "zz" in r.json()["detail"]
+    assert mixed.post("/v1/generate/mixed", json={"prompt": PROMPT, "schedule": []}).status_code == 422
+    assert mixed.post("/v1/generate/mixed", json=schedule_body([("a", 0), ("b", 2)])).status_code == 422
