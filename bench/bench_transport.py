@@ -6,7 +6,7 @@ How to run (a local Ray with 2 CPUs is started and stopped by the script)::
     python bench/bench_transport.py --batch 4 --positions 512 --layers 26 --width 256 --rounds 9
 
 A producer actor holds a KV block (keys and values ``[B, P, L, D]`` fp32) and returns
-it exactly as ``ModelHost.prefix_block`` does (``workers.host.block_to_wire``); a
+it exactly as ``ModelHost.prefix_block`` does (``workers.wire.block_to_wire``); a
 consumer actor receives the object ref, rebuilds the block as ``RayBackend.prefix_block``
 does (``block_from_wire``, a view of the stored bytes) and reads one element of every
 ``[B, P, L]`` row of keys and values, so every page of the block is reached. The time
@@ -39,7 +39,7 @@ import ray
 import torch
 
 from kvlingua.cache import KVBlock
-from workers.host import WireBlock, block_from_wire, block_to_wire
+from workers.wire import WireBlock, block_from_wire, block_to_wire
 
 
 @ray.remote(num_cpus=0.5)

@@ -16,7 +16,7 @@ from kvlingua.align import text_ends
 from kvlingua.store import ContextKey, StoredContext, StoreFullError, token_digest
 from serve_apps.crosstok import TextContext, context_map
 from serve_apps.requests import Prepared, RequestError, context_payload
-from workers.host import tensor_from_wire
+from workers.wire import tensor_from_wire
 
 if TYPE_CHECKING:
     from serve_apps.ingress import PoolIngress

@@ -8,7 +8,7 @@ re-reads the prompt; ``identity``: the raw source cache (equal layouts only).
 
 **Context store** (:mod:`serve_apps.contexts`): a request naming a stored context (or, with a latent
 hand-off from its source, whose prompt starts with its tokens) sends the stored latent to the target,
-which decodes it once and keeps the result. Caches cross Ray as :class:`~workers.host.WireTensor` s.
+which decodes it once and keeps the result. Caches cross Ray as :class:`~workers.wire.WireTensor` s.
 
 **Modules.** A request naming a ``module`` (:mod:`serve_apps.modules`) takes the same latent
 path: the replica of the model the module was learned on encodes it into Σ once (kept here), and
@@ -57,7 +57,7 @@ from serve_apps.schemas import (
     ModelInfo,
     ModelList,
 )
-from workers.host import tensor_from_wire, tensor_to_wire
+from workers.wire import tensor_from_wire, tensor_to_wire
 
 HEALTH_TTL_S = 2.0  # replica states are re-read from the Serve controller at most this often
 

@@ -10,7 +10,7 @@ holds; a replica only computes, with the functions :func:`kvlingua.crossmixed.mi
   its positions), samples its segment and exports the positions it added, raw, for its own later segments.
 
 A model's cache travels as raw pieces ``[(payload, take)]``: each piece's ``keys``/``values`` are
-:class:`~workers.host.WireTensor` s ``[1, n, L, D]`` (fp32), of which the first ``take`` positions are still cached;
+:class:`~workers.wire.WireTensor` s ``[1, n, L, D]`` (fp32), of which the first ``take`` positions are still cached;
 read in place (``copy=False``), as :mod:`serve_apps.model_server` reads received caches.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from kvlingua.cache import KVBlock, block_from_cache, check_block_fits
 from kvlingua.crossmixed import SwitchPlan, encode_run, read_plan
 from kvlingua.generate import GenerationParams, eos_ids, make_generator, model_cache, sample_tokens
 from kvlingua.space import LatentBlock
-from workers.host import WireTensor, tensor_from_wire, tensor_to_wire
+from workers.wire import WireTensor, tensor_from_wire, tensor_to_wire
 
 Pieces = list[tuple[dict, int]]
 """A cache as raw pieces: ``(payload with keys/values [1, n, L, D], positions of it still cached)``, in order."""

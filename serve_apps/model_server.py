@@ -18,7 +18,7 @@ A replica holds one frozen model and the shared space's adapters. It can
   positions it computed, raw and into Σ (``segment``); across tokenizers, encode its own run
   into Σ and run a planned segment (``encode_run``, ``segment_text``: :mod:`serve_apps.mixed_replica`).
 
-Caches cross deployments as dicts whose ``keys``/``values`` are :class:`~workers.host.WireTensor`
+Caches cross deployments as dicts whose ``keys``/``values`` are :class:`~workers.wire.WireTensor`
 (``[1, S, Q]`` in Σ or ``[1, S, L, D]`` raw, fp32; a mixed schedule's generator state too), never
 torch tensors or transformers ``Cache`` objects: Ray's zero-copy torch reducer warns on every use
 and hands the object store's read-only buffers to torch as writable. A received cache is read in
@@ -57,7 +57,7 @@ from kvlingua.view import CacheView, model_rotation
 from kvlingua.store import LRUBytes, tensor_bytes
 from serve_apps.modules import module_library
 from serve_apps.options import ServeOptions
-from workers.host import WireTensor, tensor_from_wire, tensor_to_wire
+from workers.wire import WireTensor, tensor_from_wire, tensor_to_wire
 
 Payload = dict[str, Any]
 

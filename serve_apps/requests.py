@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvlingua.store import StoredContext
 from serve_apps.schemas import Timings
-from workers.host import tensor_to_wire
+from workers.wire import tensor_to_wire
 
 if TYPE_CHECKING:
     from serve_apps.crosstok import Mapped

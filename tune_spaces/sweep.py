@@ -40,7 +40,8 @@ from tune_spaces.spaces import apply_params, resolve_space, validate_trials
 from tune_spaces.sweep_config import SweepConfig
 from tune_spaces.trial import TrialContext, run_trial
 from workers.driver import NAMESPACE, check_resources, connect
-from workers.host import spawn_hosts, tensor_to_wire
+from workers.host import spawn_hosts
+from workers.wire import tensor_to_wire
 from workers.run_config import RunConfig, load_run_config, resolve_models, to_job
 
 EXPERIMENT = "tune"

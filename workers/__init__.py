@@ -12,7 +12,7 @@ Importing this package sets the environment Ray must see *before* ``import ray``
   of ``ray start`` on every node.
 * zero-copy torch tensors through the object store for code that sends ``torch.Tensor``
   objects (the default torch transport is about 20x slower than memcpy); the model hosts
-  send bytes as ``workers.host.WireTensor`` and do not depend on it;
+  send bytes as ``workers.wire.WireTensor`` and do not depend on it;
 * no usage-stats reporting.
 
 Every Ray import in the project goes through ``workers`` (or imports it first).

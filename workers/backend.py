@@ -9,7 +9,7 @@ by :class:`workers.streaming.BlockPrefetcher`): ``prefix_block`` then takes the 
 that is already in flight (or done) for the same model and ids instead of asking
 again.
 
-Tensors cross as :class:`workers.host.WireTensor` (see ``workers/host.py``). Source
+Tensors cross as :class:`workers.wire.WireTensor` (see ``workers/wire.py``). Source
 blocks are views of the object store's read-only bytes, not copies: the loop only
 reads them (they are the input of ``IN_i``, and autograd never writes into a tensor
 that does not require grad); ``tests/workers/test_host.py`` checks their version
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from kvlingua.blockstore import ids_digest
 from kvlingua.cache import ArchSummary, KVBlock, check_block_fits
-from workers.host import block_from_wire, block_to_wire, tensor_from_wire, tensor_to_wire
+from workers.wire import block_from_wire, block_to_wire, tensor_from_wire, tensor_to_wire
 
 
 class RayBackend:

@@ -11,13 +11,14 @@ httpx = pytest.importorskip("httpx")
 import torch  # noqa: E402
 
 from kvlingua.config import to_dict  # noqa: E402
-from kvlingua.generate import GenerationParams, handoff_generate, mixed_generate  # noqa: E402
+from kvlingua.generate import GenerationParams, handoff_generate  # noqa: E402
+from kvlingua.mixed import mixed_generate  # noqa: E402
 from kvlingua.pool import load_pool  # noqa: E402
 from serve_apps.model_server import PoolModelServer  # noqa: E402
 from serve_apps.options import ServeOptions  # noqa: E402
 from tests.serve_apps.tiny_pool import SENTENCES  # noqa: E402
 from tests.workers.test_host import transport_warnings_are_errors  # noqa: E402
-from workers.host import WireTensor, tensor_from_wire  # noqa: E402
+from workers.wire import WireTensor, tensor_from_wire  # noqa: E402
 
 pytestmark = pytest.mark.ray
 PROMPT = "the cat sat on the mat and"

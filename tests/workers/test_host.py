@@ -12,7 +12,8 @@ from kvlingua.models import load_frozen
 from tests.helpers import VOCAB
 from workers.backend import RayBackend
 from workers.config import HostOptions
-from workers.host import ModelHost, block_from_wire, block_to_wire, spawn_hosts, tensor_from_wire, tensor_to_wire
+from workers.host import ModelHost, spawn_hosts
+from workers.wire import block_from_wire, block_to_wire, tensor_from_wire, tensor_to_wire
 from workers.streaming import BlockPrefetcher
 
 pytestmark = pytest.mark.ray

@@ -8,7 +8,8 @@ from kvlingua.config import ConfigError, from_dict
 from kvlingua.models import load_frozen
 from tests.helpers import VOCAB
 from workers.config import HostOptions, RayConfig
-from workers.host import ModelHost, block_from_wire, spawn_hosts, tensor_from_wire, tensor_to_wire
+from workers.host import ModelHost, spawn_hosts
+from workers.wire import block_from_wire, tensor_from_wire, tensor_to_wire
 
 
 def _ids(seed, b=2, n=8):
