@@ -1,6 +1,6 @@
 """Mixed generation between models that tokenize differently: the schedule switches models, text is the interface.
 
-:func:`kvlingua.generate.mixed_generate` switches models mid-sequence when they share one tokenizer: every
+:func:`kvlingua.mixed.mixed_generate` switches models mid-sequence when they share one tokenizer: every
 position is one token for every model. Across tokenizers a position is not: at each switch the model taking
 over **re-tokenizes the text so far** with its own tokenizer, keeps the part of its cache whose tokens are still
 the same, and fills every position after it, position by position in its own tokens:
@@ -26,9 +26,9 @@ state, whoever reads it) and :func:`read_plan` (the reader fills its cache along
 composes them in one process; :mod:`serve_apps.mixed` composes the same functions across Serve replicas (the
 ingress plans and measures, the replicas encode, read and sample), so the algorithm exists once.
 
-Tokens are ids in each writer's own vocabulary, so :attr:`~kvlingua.generate.MixedResult.text` (the concatenated
+Tokens are ids in each writer's own vocabulary, so :attr:`~kvlingua.mixed.MixedResult.text` (the concatenated
 text of every segment) is what to read; ``tokens`` come with ``models``, which says whose vocabulary each id is
-in. Where every model of the schedule shares one tokenizer this is :func:`~kvlingua.generate.mixed_generate` on
+in. Where every model of the schedule shares one tokenizer this is :func:`~kvlingua.mixed.mixed_generate` on
 its tokens, exactly. Shapes: every cache and block is one sequence, ``[1, S, L, D]``; Σ blocks ``[1, R, Q]``.
 """
 from __future__ import annotations
@@ -44,8 +44,9 @@ from transformers import DynamicCache, PreTrainedModel
 from kvlingua.align import NO_CHARS, gather_positions, read_along, text_ends
 from kvlingua.cache import KVBlock, arch_summary, block_from_cache, cache_kwargs
 from kvlingua.crosstext import _tokenizer, same_tokenizer
-from kvlingua.generate import (GenerationParams, HandoffError, MixedResult, Switch, Translator, check_schedule,
-                               eos_ids, extend_cache, make_generator, mixed_generate, sample_tokens)
+from kvlingua.generate import (GenerationParams, HandoffError, Translator, eos_ids, extend_cache, make_generator,
+                               sample_tokens)
+from kvlingua.mixed import MixedResult, Switch, check_schedule, mixed_generate
 from kvlingua.space import LatentBlock
 from kvlingua.view import CacheView, model_rotation
 
@@ -265,8 +266,8 @@ def mixed_text(models: dict[str, PreTrainedModel], space: Translator, text: str,
         tokenizers: pool name -> that model's tokenizer (each model of the schedule needs one).
 
     Returns:
-        :class:`~kvlingua.generate.MixedResult`: ``tokens`` (each in its writer's vocabulary, ``models`` says
-        whose), ``text`` (what the segments wrote), one :class:`~kvlingua.generate.Switch` per run of positions a
+        :class:`~kvlingua.mixed.MixedResult`: ``tokens`` (each in its writer's vocabulary, ``models`` says
+        whose), ``text`` (what the segments wrote), one :class:`~kvlingua.mixed.Switch` per run of positions a
         reader read through Σ (``start``/``end`` in the reader's positions), ``prompt_tokens`` in the first model's
         tokens.
     """

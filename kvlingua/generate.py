@@ -13,12 +13,9 @@ the first decode input, so the target's first logits predict token ``P`` exactly
 would after reading the whole prompt. With greedy decoding the ``text`` hand-off therefore
 reproduces the target's own ``model.generate(do_sample=False)``.
 
-:func:`mixed_generate` switches models mid-sequence (the paper's mixed language
-modelling). Each model keeps its own cache for the positions it computed; at a switch the
-next model's cache is brought up to date by translating each segment it has not read yet
-once, from the model that computed it (never a cache that already holds translated
-positions, so no untrained chain A→Σ→B→Σ→C is ever run). Every request builds its own
-caches and its own ``torch.Generator``; nothing is shared between requests.
+:func:`kvlingua.mixed.mixed_generate` switches models mid-sequence (the paper's mixed language
+modelling) with the building blocks of this module. Every request builds its own caches and its
+own ``torch.Generator``; nothing is shared between requests.
 
 Shapes: ``[1, P]`` prompt ids; KV blocks ``[1, S, L, D]``. Generation runs one sequence
 at a time (batch size 1).
@@ -39,7 +36,6 @@ from kvlingua.cache import (
     KVBlock,
     append_block,
     arch_summary,
-    block_from_cache,
     cache_kwargs,
     check_block_fits,
     check_same_layout,
@@ -127,46 +123,6 @@ class GenerationResult:
     @property
     def total_s(self) -> float:
         return self.prefill_s + self.translate_s + self.decode_s
-
-
-@dataclass
-class Switch:
-    """One translated segment of a mixed schedule: positions ``[start, end)`` computed by ``source``,
-    translated once into ``target``'s cache."""
-
-    source: str
-    target: str
-    start: int
-    """First translated position (0 is the first prompt token)."""
-    end: int
-    """One past the last translated position."""
-    translate_s: float
-
-    @property
-    def positions(self) -> int:
-        """Positions translated (``end - start``)."""
-        return self.end - self.start
-
-
-@dataclass
-class MixedResult:
-    """Output of :func:`mixed_generate`: tokens, which model wrote each, and the switches."""
-
-    tokens: list[int]
-    models: list[str]
-    """Name of the model that produced each token (same length as ``tokens``)."""
-    switches: list[Switch]
-    """Every segment translation, in order (a switch to a model can translate several segments)."""
-    prompt_tokens: int
-    prefill_s: float
-    decode_s: float
-    finish_reason: str
-    seed: int
-    text: str | None = None
-
-    @property
-    def translate_s(self) -> float:
-        return sum(s.translate_s for s in self.switches)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -375,81 +331,3 @@ def handoff_generate(models: dict[str, PreTrainedModel], space: Translator | Non
         handoff_positions=prompt.shape[1] - 1, prefill_s=t1 - t0, translate_s=t2 - t1, decode_s=t3 - t2,
         finish_reason=finished, seed=seed, text=_decode_text(tokenizer, tokens),
     )
-
-
-def check_schedule(models: dict[str, PreTrainedModel], schedule: Sequence[tuple[str, int]]) -> None:
-    """Raise :class:`HandoffError` unless ``schedule`` is a non-empty list of (pool model, tokens >= 1)."""
-    if not schedule:
-        raise HandoffError("schedule is empty; give at least one (model, max_new_tokens) segment")
-    for i, (name, n) in enumerate(schedule):
-        _model(models, name, f"schedule[{i}]")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise HandoffError(f"schedule[{i}] ({name!r}): max_new_tokens must be an integer >= 1, got {n!r}")
-
-
-def mixed_generate(models: dict[str, PreTrainedModel], space: Translator, prompt_ids: Tensor | Sequence[int],
-                   schedule: Sequence[tuple[str, int]], params: GenerationParams = GenerationParams(),
-                   tokenizer=None) -> MixedResult:
-    """Generate with a model schedule ``[(model, max_new_tokens), ...]``, switching models mid-sequence.
-
-    The first model prefills ``prompt[:-1]``. Every model keeps its own cache, in its own
-    layout, for the positions it computed. When a model takes over, each segment it has
-    not read yet is translated once, from the model that computed it
-    (``OUT_next(IN_owner(owner's own KV of those positions))``, ``[1, n, L_o, D_o] ->
-    [1, n, L_b, D_b]``) and appended to its cache; it then reads the pending token and
-    continues. A translated position is never translated again, so every path run is a
-    trained one (owner -> reader). ``params.max_new_tokens`` is ignored; the schedule sets
-    the lengths. One request-wide generator draws every sample, so a fixed seed fixes the
-    whole output.
-    """
-    check_schedule(models, schedule)
-    prompt = as_prompt(prompt_ids)  # [1, P]
-    sequence = prompt[0, :-1].tolist()  # every position's token so far (the sink's tokens are read from it)
-    first_name = schedule[0][0]
-    first = models[first_name]
-    generator, seed = make_generator(params.seed, next(first.parameters()).device)
-
-    t0 = time.perf_counter()
-    caches: dict[str, Cache] = {first_name: model_cache(first, prefill(first, prompt))}  # [0, P-1) read by first
-    prefill_s = time.perf_counter() - t0
-    owners_of: list[str] = [first_name] * (prompt.shape[1] - 1)  # which model computed each cached position
-    read = {first_name: prompt.shape[1] - 1}  # positions each model's cache holds
-    pending, tokens, owners, switches = int(prompt[0, -1]), [], [], []
-    finished, decode_s = "length", 0.0
-    for name, n in schedule:
-        model = models[name]
-        cache = caches.setdefault(name, DynamicCache())
-        for owner, start, end in _segments(owners_of, read.get(name, 0)):
-            t = time.perf_counter()
-            own = block_from_cache(caches[owner], arch_summary(models[owner]).n_kv_heads)  # [1, S_o, L_o, D_o]
-            piece = own.map(lambda x: x[:, start:end])  # [1, end-start, L_o, D_o]: positions the owner computed
-            ids = torch.tensor([sequence[:end]], device=prompt.device)  # [1, end]
-            extend_cache(model, cache, translate_block(space, piece, owner, name, models[owner], model, ids, start))
-            switches.append(Switch(owner, name, start, end, time.perf_counter() - t))
-        stops = eos_ids(model, tokenizer)
-        t = time.perf_counter()
-        new = list(sample_tokens(model, cache, pending, params, generator, max_new_tokens=n, stop_ids=stops))
-        decode_s += time.perf_counter() - t
-        owners_of += [name] * len(new)  # read: the pending token and every new one but the last
-        sequence += [pending, *new[:-1]]
-        read[name] = len(owners_of)
-        tokens += new
-        owners += [name] * len(new)
-        pending = new[-1]
-        if params.stop_at_eos and pending in stops:
-            finished = "eos"
-            break
-    return MixedResult(tokens=tokens, models=owners, switches=switches, prompt_tokens=prompt.shape[1],
-                       prefill_s=prefill_s, decode_s=decode_s, finish_reason=finished, seed=seed,
-                       text=_decode_text(tokenizer, tokens))
-
-
-def _segments(owners: list[str], start: int) -> list[tuple[str, int, int]]:
-    """Maximal runs ``(owner, start, end)`` of equal owners in ``owners[start:]``, as absolute positions."""
-    runs: list[tuple[str, int, int]] = []
-    for pos in range(start, len(owners)):
-        if runs and runs[-1][0] == owners[pos]:
-            runs[-1] = (owners[pos], runs[-1][1], pos + 1)
-        else:
-            runs.append((owners[pos], pos, pos + 1))
-    return runs

@@ -8,7 +8,8 @@ import torch
 from kvlingua.align import NO_CHARS, text_ends
 from kvlingua.cache import arch_summary, as_past_key_values, cache_kwargs, extract_prefix
 from kvlingua.crossmixed import CachedPositions, Run, SwitchPlan, merge_schedule, mixed_text, plan_switch
-from kvlingua.generate import GenerationParams, HandoffError, mixed_generate
+from kvlingua.generate import GenerationParams, HandoffError
+from kvlingua.mixed import mixed_generate
 from kvlingua.space import SharedSpace
 from kvlingua.translator import SpaceConfig
 from kvlingua.view import CacheView, model_rotation

@@ -9,8 +9,8 @@ from kvlingua.generate import (
     GenerationParams,
     HandoffError,
     handoff_generate,
-    mixed_generate,
 )
+from kvlingua.mixed import mixed_generate
 from kvlingua.space import SharedSpace
 from kvlingua.translator import SpaceConfig
 from tests.helpers import tiny_model

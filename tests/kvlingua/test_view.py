@@ -6,7 +6,8 @@ import torch
 
 from kvlingua.backend import LocalBackend, suffix_token_nll
 from kvlingua.cache import KVBlock, arch_summary, extract_prefix
-from kvlingua.generate import GenerationParams, handoff_generate, mixed_generate
+from kvlingua.generate import GenerationParams, handoff_generate
+from kvlingua.mixed import mixed_generate
 from kvlingua.rotary import KeyRotation
 from kvlingua.space import SharedSpace
 from kvlingua.translator import SpaceConfig

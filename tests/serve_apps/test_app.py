@@ -11,7 +11,8 @@ httpx = pytest.importorskip("httpx")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from kvlingua.generate import GenerationParams, handoff_generate, mixed_generate  # noqa: E402
+from kvlingua.generate import GenerationParams, handoff_generate  # noqa: E402
+from kvlingua.mixed import mixed_generate  # noqa: E402
 from kvlingua.pool import load_pool  # noqa: E402
 
 pytestmark = pytest.mark.ray
