@@ -77,6 +77,9 @@ class TrainConfig:
     paper's), or ``kl``, the mean over suffix tokens of KL(target after its own cache of its own prefix ‖ target
     after the translated cache): the *base* condition as teacher (:func:`kvlingua.losses.suffix_kl_loss`).
     ``recon_weight`` adds to either."""
+    stack_lr_scale: float = 1.0
+    """The translator stack's learning rate as a multiple of ``lr``; the short path (the linear map a closed-form
+    start sets to the pool's optimum) keeps ``lr``. 1: one rate for every parameter."""
     precision: str = "fp32"
     """fp32, or bf16 autocast of the adapters (frozen models keep their own dtype)."""
     eval_every: int = 0
@@ -106,8 +109,8 @@ class TrainConfig:
             positive_int(name, getattr(self, name), zero_ok=True)
         if self.paths_per_step is not None:
             positive_int("paths_per_step", self.paths_per_step)
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.lr > 0 or not self.stack_lr_scale > 0:
+            raise ValueError(f"lr and stack_lr_scale must be > 0, got {self.lr}, {self.stack_lr_scale}")
         if self.weight_decay < 0 or self.recon_weight < 0:
             raise ValueError(
                 f"weight_decay and recon_weight must be >= 0, got {self.weight_decay}, {self.recon_weight}")
@@ -159,11 +162,26 @@ def trainable_names(space: nn.Module, cfg: TrainConfig) -> list[str]:
 
 def make_optimizer(space: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over the trainable models' adapters and its warm-up + cosine schedule."""
-    params = space.parameters_of(trainable_names(space, cfg))
+    names = trainable_names(space, cfg)
+    params = space.parameters_of(names)
     if not params:
         raise ValueError("the trainable adapters have no parameters")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups: list = params
+    if cfg.stack_lr_scale != 1.0:  # the short path at lr, the stack at lr * scale
+        short = {id(p) for m in names for side in ("in", "out") for p in _short_params(space.adapters(m)[side])}
+        groups = [{"params": [p for p in params if id(p) in short], "lr": cfg.lr},
+                  {"params": [p for p in params if id(p) not in short], "lr": cfg.lr * cfg.stack_lr_scale}]
+        groups = [g for g in groups if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return opt, warmup_cosine(opt, cfg.steps, cfg.warmup_frac)
+
+
+def _short_params(adapter: nn.Module) -> list[nn.Parameter]:
+    """The short path's parameters of an adapter (a translator's ``short_k``/``short_v``; all of a linear one)."""
+    maps = [getattr(adapter, n, None) for n in ("short_k", "short_v")]
+    if all(m is None for m in maps):
+        return list(adapter.parameters()) if not hasattr(adapter, "use_short") else []
+    return [p for m in maps if m is not None for p in m.parameters()]
 
 
 
@@ -331,7 +349,7 @@ def fit(
     # (model, "in"|"out") -> that adapter's parameters, for the trainable models
     adapter_params = {(m, side): list(space.adapters(m)[side].parameters())
                       for m in trainable_names(space, cfg) for side in ("in", "out")}
-    params = opt.param_groups[0]["params"]  # the trainable models' adapters
+    params = [p for g in opt.param_groups for p in g["params"]]  # the trainable models' adapters
     space.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)

@@ -105,6 +105,22 @@ def test_schedule_is_linear_warmup_then_cosine_to_zero(pool2):
     assert n_opt == sum(p.numel() for p in space.parameters())
 
 
+def test_stack_lr_scale_gives_the_stack_its_own_rate(pool2):
+    space = make_space(pool2, short_path=True)  # the translator with a dense short path
+    cfg = TrainConfig(steps=20, lr=1e-3, stack_lr_scale=30.0, warmup_frac=0.0)
+    opt, _ = make_optimizer(space, cfg)
+    short = {id(p) for m in space.names for side in ("in", "out")
+             for name in ("short_k", "short_v") for p in getattr(space.adapters(m)[side], name).parameters()}
+    assert short, "the space has a short path"
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-3), pytest.approx(3e-2)]
+    assert {id(p) for p in opt.param_groups[0]["params"]} == short
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in space.parameters()} - short
+    one, _ = make_optimizer(space, TrainConfig(steps=20, lr=1e-3))  # the default: one group, as before
+    assert len(one.param_groups) == 1
+    with pytest.raises(ValueError, match="stack_lr_scale"):
+        TrainConfig(steps=1, stack_lr_scale=0.0)
+
+
 def test_gradients_are_clipped_to_one(pool2):
     space = make_space(pool2, adapter="linear")
     seen = {}
