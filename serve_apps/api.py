@@ -20,7 +20,8 @@ Routes::
     POST   /v1/generate/mixed        {prompt, schedule: [{model, max_new_tokens}], temperature, top_p, seed}
 
 Built per replica by :meth:`serve_apps.ingress.PoolIngress.__serve_build_asgi_app__`, so
-nothing is created at import. Errors: the kvlingua routes answer ``{"detail": message}``
+nothing is created at import; the handlers call the public methods of the
+:class:`~serve_apps.service.PoolService` parts. Errors: the kvlingua routes answer ``{"detail": message}``
 (schema errors 422, refusals 400/404); the OpenAI-compatible and context routes answer
 OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` (schema errors 400).
 Every request beyond ``max_pending_requests`` gets 503 with ``Retry-After``; bodies over
@@ -36,12 +37,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from kvlingua import __version__
-from serve_apps.ingress import PoolIngress
-from serve_apps.mixed import run_mixed
-from serve_apps.requests import RequestError
 from serve_apps.openai_api import add_openai_routes, is_openai_path
-from serve_apps.tokenizer_routes import add_tokenizer_routes
+from serve_apps.requests import RequestError
 from serve_apps.schemas import GenerateRequest, GenerateResponse, MixedRequest, MixedResponse, ModelList
+from serve_apps.service import PoolService
+from serve_apps.tokenizer_routes import add_tokenizer_routes
 
 _ERRORS = {400: {"description": "refused request (prompt too long, identity on mismatched layouts, ...)"},
            404: {"description": "unknown model, module or stored context"},
@@ -52,7 +52,7 @@ ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: 
                422: "invalid_request_error", 503: "server_overloaded", 504: "timeout"}
 
 
-def max_body_bytes(ingress: PoolIngress) -> int:
+def max_body_bytes(ingress: PoolService) -> int:
     """Largest request body read: room for a prompt of ``max_prompt_chars`` as JSON, at least 1 MiB."""
     return max(2**20, 8 * ingress.opts.max_prompt_chars)
 
@@ -103,7 +103,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None, li
     return "; ".join(parts) or "invalid request", first, errors
 
 
-def make_api(ingress: PoolIngress) -> FastAPI:
+def make_api(ingress: PoolService) -> FastAPI:
     """The HTTP API over ``ingress``."""
     app = FastAPI(title="kvlingua", version=__version__,
                   description="Cross-model generation over a pool of frozen LMs sharing a KV latent space; "
@@ -150,33 +150,33 @@ def make_api(ingress: PoolIngress) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        states = await ingress.replica_states()
+        states = await ingress.router.replica_states()
         ok = all(s == "RUNNING" for s in states.values())
         return JSONResponse(status_code=200 if ok else 503,
-                            content={"status": "ok" if ok else "degraded", "models": list(ingress.members),
+                            content={"status": "ok" if ok else "degraded", "models": list(ingress.planner.members),
                                      "replicas": states})
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
-        s = ingress.store
+        s = ingress.contexts.store
         ingress.metrics.store(s.hits, s.misses, s.bytes, len(s))
         return PlainTextResponse(ingress.metrics.prometheus(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/pool", response_model=ModelList)
     async def pool() -> ModelList:
-        return ingress.model_list()
+        return ingress.planner.model_list()
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=_ERRORS)
     async def generate(req: GenerateRequest):
-        prepared = ingress.prepare(req)
+        prepared = ingress.planner.prepare(req)
         if req.stream:
             return StreamingResponse(await ingress.stream(prepared), media_type="text/event-stream")
         return await ingress.generate(prepared)
 
     @app.post("/v1/generate/mixed", response_model=MixedResponse, responses=_ERRORS)
     async def mixed(req: MixedRequest) -> MixedResponse:
-        return await run_mixed(ingress, req)
+        return await ingress.mixed.run(req)
 
     add_openai_routes(app, ingress, _ERRORS)
-    add_tokenizer_routes(app, ingress)
+    add_tokenizer_routes(app, ingress.planner)
     return app

@@ -1,4 +1,4 @@
-"""Serving a pool whose members tokenize differently: text is the interface (DESIGN.md, *Different tokenizers*).
+"""Serving a pool whose members tokenize differently: text is the interface.
 
 The semantics are those of :func:`kvlingua.crosstext.handoff_text`, split between the ingress and the replicas:
 
@@ -21,23 +21,17 @@ The semantics are those of :func:`kvlingua.crosstext.handoff_text`, split betwee
   ingress plans what it keeps, reads itself and reads through Σ (:func:`kvlingua.crossmixed.plan_switch`).
 
 Members that share a tokenizer (:class:`PoolTokenizers`) keep the token-id route of a one-tokenizer pool unchanged.
-:func:`plan_across` is the ingress's planning of a request between two tokenizers (``self`` the
-:class:`~serve_apps.ingress.PoolIngress`, as in :mod:`serve_apps.mixed`); the rest is pure Python + PyTorch.
+:class:`serve_apps.planner.Planner` plans a request between two tokenizers with the functions here (pure Python +
+PyTorch).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
 from kvlingua.align import text_ends, token_map
 from kvlingua.crosstext import same_tokenizer
 from kvlingua.store import StoredContext
-from serve_apps.requests import Prepared, RequestError
-
-if TYPE_CHECKING:
-    from serve_apps.ingress import PoolIngress
 
 
 class PoolTokenizers:
@@ -173,51 +167,3 @@ def context_request(ctx: TextContext, target_tok, text: str, sink: int) -> tuple
     ctx_ids, extras, n = context_map(ctx, target_tok, sink)
     ids = text_ends(target_tok, ctx.text + text)[0]
     return ids, min(common_prefix(ids, ctx_ids), n, len(ids) - 1), extras
-
-
-def plan_across(self: PoolIngress, *, target: str, source: str, handoff: str, strict: bool, text: str | None,
-                 ctx: StoredContext | None, handoff_tokens: int | None, params: dict, route: str, f: str
-                 ) -> Prepared:
-    """:meth:`~serve_apps.ingress.PoolIngress.plan` where ``source`` (or the stored context's) and ``target`` tokenize
-    differently: the target's tokens of the prompt ``text``, and what reaches it through Σ along the token map.
-
-    ``handoff_tokens`` counts the target's tokens; limits count the target's positions. Token ids (``text`` None), the
-    identity hand-off and a context stored as token ids are refused (400)."""
-    if handoff == "identity":
-        raise RequestError(400, f"{f}handoff: identity from {source!r} to {target!r}: they tokenize differently; "
-                                "use 'latent' or 'text'", param=f"{f}handoff")
-    if text is None:
-        raise RequestError(400, f"prompt: token ids are one tokenizer's, and {source!r} and {target!r} tokenize "
-                                "differently; send the prompt as text", param="prompt", code="invalid_token")
-    tok = self.tokenizers.of(target)
-    mapped, why = None, None
-    if ctx is not None:
-        if getattr(ctx, "text", None) is None:
-            raise RequestError(400, f"{f}context_id: context {ctx.key.id!r} was stored as token ids of {source!r}, "
-                                    f"which {target!r} cannot read (another tokenizer); store it as text",
-                               param=f"{f}context_id")
-        ids, positions, extras = context_request(ctx, tok, text, self.sink)
-        mapped = Mapped([], extras["index"], extras["sink_ids"])
-    else:
-        ids = text_ends(tok, text)[0] if text else []
-    if not ids:
-        raise RequestError(400, "prompt: empty; give at least one token of text", param="prompt")
-    self._check_length(ids)
-    if ctx is None:
-        if handoff_tokens is not None and handoff_tokens > len(ids) - 1:
-            raise RequestError(400, f"{f}handoff_tokens: {handoff_tokens}, but the prompt has {len(ids)} tokens "
-                                    f"of {target!r} and the target must read at least the last",
-                               param=f"{f}handoff_tokens")
-        if handoff == "text":
-            return Prepared(target, source, handoff, "text", None, ids, handoff_tokens or len(ids) - 1, params,
-                            None, route)
-        mapped, positions = handoff_map(self.tokenizers.of(source), tok, text, handoff_tokens, self.sink)
-        if mapped is None:
-            why = f"{source!r} reads the handed-over text within its own sink: nothing for Σ to carry"
-    used, reason = "latent", self.limits.why_not_latent(source, target, positions) or why
-    if reason is not None:
-        if strict:
-            raise RequestError(400, f"{f}handoff: latent refused: {reason} (strict); drop strict to fall back to "
-                                    "text", param=f"{f}handoff", code="outside_trained_limits")
-        used, ctx, mapped = "text", None, None
-    return Prepared(target, source, handoff, used, reason, ids, positions, params, ctx, route, mapped=mapped)

@@ -15,15 +15,12 @@ A latent hand-off ``source -> target`` is trusted only on
 
 Outside those limits a request falls back to text hand-off (the target re-reads the
 prompt) and the answer says so (``handoff_used``, ``handoff_reason``); a request with
-``strict: true`` is refused instead (HTTP 400 naming the limit). Pure Python: no Ray.
+``strict: true`` is refused instead (HTTP 400 naming the limit, raised by
+:class:`serve_apps.planner.Planner`). Pure Python: no Ray.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-
-class LimitError(ValueError):
-    """A strict latent request outside what the pool was trained for."""
 
 
 @dataclass(frozen=True)

@@ -322,7 +322,7 @@ class PoolModelServer(TextSegments):
     @torch.no_grad()
     def segment(self, prompt_ids: list[int], pending: int, max_new_tokens: int, params: dict,
                 generator_state: WireTensor | None, context: list[Payload] | None, export: bool) -> dict:
-        """One segment of a mixed schedule (see :func:`kvlingua.generate.mixed_generate`).
+        """One segment of a mixed schedule (see :func:`kvlingua.mixed.mixed_generate`; the ingress keeps its :class:`~kvlingua.mixed.Ledger`).
 
         ``context`` holds every cached position so far as segments in order: this model's own
         (``kind: block``, raw) and the other models' (``kind: latent``, encoded once by the model

@@ -21,25 +21,29 @@
 * ``GET /v1/modules``: the served modules (OpenAI's list shape), each with the model it was learned on.
 * ``/v1/contexts``: store (``POST {model, text | tokens}``), list, read, delete Σ contexts.
 
-Errors use OpenAI's shape (see :mod:`serve_apps.api`).
+Errors use OpenAI's shape (see :mod:`serve_apps.api`). The handlers call the public methods of the
+:class:`~serve_apps.service.PoolService` parts: planning (:mod:`serve_apps.openai_plan` over the
+:class:`~serve_apps.planner.Planner`), :class:`~serve_apps.router.Router` ``run``/``events``, the
+:class:`~serve_apps.contexts.ContextService`; streamed chunks go through :func:`serve_apps.sse.sse`.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-from serve_apps import contexts
+from serve_apps.contexts import context_info
 from serve_apps.decoding import cut_at_stop, held_back
-from serve_apps.ingress import PoolIngress
 from serve_apps.openai_format import chat_logprobs, completion_logprobs, finish_reason, usage
 from serve_apps.openai_plan import model_list, plan_choices, resolve_model
-from serve_apps.requests import Prepared, RequestError
 from serve_apps.openai_schemas import ChatRequest, CompletionRequest, ContextRequest
+from serve_apps.planner import Planner
+from serve_apps.requests import Prepared, RequestError
+from serve_apps.service import PoolService
+from serve_apps.sse import DONE, sse
 
 OPENAI_PREFIXES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/modules", "/v1/contexts",
                    "/tokenize", "/detokenize", "/tokenizer_info")
@@ -66,7 +70,7 @@ def _extension(p: Prepared, done: dict) -> dict:
             **({"stopped": done["stopped"]} if "stopped" in done else {})}
 
 
-def _prompts(ingress: PoolIngress, prompt, allow_empty: bool, model: str | None = None
+def _prompts(planner: Planner, prompt, allow_empty: bool, model: str | None = None
              ) -> list[tuple[list[int], str | None]]:
     """Each prompt's ids (as ``model`` reads them) and, for text prompts, its text (what echo returns)."""
     many = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
@@ -74,29 +78,31 @@ def _prompts(ingress: PoolIngress, prompt, allow_empty: bool, model: str | None 
     out = []
     for i, item in enumerate(items):
         field = f"prompt[{i}]" if many else "prompt"
-        out.append((ingress._ids(item, field, allow_empty=allow_empty, model=model),
+        out.append((planner.ids(item, field, allow_empty=allow_empty, model=model),
                     item if isinstance(item, str) else None))
     return out
 
 
-def _answering(ingress: PoolIngress, req) -> str | None:
+def _answering(planner: Planner, req) -> str | None:
     """The model that answers ``req`` where the pool's members tokenize differently (None where they share one: the
     request is read before its model is checked, as always)."""
-    if not ingress.mixed:
+    if not planner.mixed:
         return None
-    target = resolve_model(ingress, req)[0]
-    ingress._model(target, "model")
+    target = resolve_model(planner, req)[0]
+    planner.model(target, "model")
     return target
 
 
-def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
+def add_openai_routes(app: FastAPI, ingress: PoolService, errors: dict) -> None:
     """Add the OpenAI-compatible and context routes to ``app``."""
+    planner, router, contexts = ingress.planner, ingress.router, ingress.contexts
+
     def tokenizer(p: Prepared):
         """The tokenizer of the model that answers ``p`` (the pool's where its members share one)."""
-        return ingress.tokenizers.of(p.target) if ingress.mixed else ingress.tokenizer
+        return planner.tokenizers.of(p.target) if planner.mixed else planner.tokenizer
 
     def text(tokens: list[int], stops: list[str], model: str) -> str:
-        return cut_at_stop(ingress.text(tokens, model) or "", stops)[0]
+        return cut_at_stop(planner.text(tokens, model) or "", stops)[0]
 
     def choice(i: int, p: Prepared, done: dict, chat: bool, echo: tuple[list[int], str | None] | None) -> dict:
         stops, tok = p.decoding["stop"], tokenizer(p)
@@ -110,7 +116,7 @@ def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
         head = ""
         if echo is not None:
             ids, given = echo
-            head = given if given is not None else (ingress.text(ids, p.target) or "")
+            head = given if given is not None else (planner.text(ids, p.target) or "")
         c["text"] = head + out
         if "logprobs" in done:
             ids = echo[0] if echo is not None else []  # echo: the prompt as sent (a stored context's tokens left out)
@@ -123,7 +129,7 @@ def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         n_prompt = sum(len(plans[i * req.n].ids) for i in range(len(prompts)))
         if not req.stream:
-            dones = await asyncio.gather(*(ingress.run(p) for p in plans))
+            dones = await asyncio.gather(*(router.run(p) for p in plans))
             echo = getattr(req, "echo", False)
             choices = [choice(i, p, d, chat, prompts[i // req.n] if echo else None)
                        for i, (p, d) in enumerate(zip(plans, dones))]
@@ -135,7 +141,7 @@ def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
                     "usage": usage(n_prompt, sum(len(d["tokens"]) for d in dones)),
                     "kvlingua": _extension(plans[0], dones[0])}
         # the first token of every choice (or a 4xx/5xx) before any byte is sent
-        streams = await asyncio.gather(*(ingress.events(p) for p in plans))
+        streams = await asyncio.gather(*(router.events(p) for p in plans))
         return StreamingResponse(_sse(rid, req, plans, streams, chat, n_prompt), media_type="text/event-stream")
 
     async def _sse(rid: str, req, plans: list[Prepared], streams: list, chat: bool, n_prompt: int):
@@ -143,8 +149,7 @@ def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def chunk(choices: list, **extra) -> str:
-            body = {"id": rid, "object": obj, "created": created, "model": req.model, "choices": choices, **extra}
-            return f"data: {json.dumps(body)}\n\n"
+            return sse({"id": rid, "object": obj, "created": created, "model": req.model, "choices": choices, **extra})
 
         def piece(i: int, content: str | None, finish: str | None, tokens: list[int], entries: list[dict],
                   role: bool = False) -> dict:
@@ -209,69 +214,60 @@ def add_openai_routes(app: FastAPI, ingress: PoolIngress, errors: dict) -> None:
         except Exception as e:  # the status line is sent: report in-band, OpenAI's error shape
             err = {"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None,
                              "code": None}}
-            yield f"data: {json.dumps(err)}\n\n"
+            yield sse(err)
         finally:
             for t in tasks:
                 t.cancel()
-        yield "data: [DONE]\n\n"
+        yield sse(DONE)
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": model_list(ingress)}
+        return {"object": "list", "data": model_list(planner, ingress.created)}
 
     @app.get("/v1/modules")
     async def modules() -> dict:
-        return {"object": "list", "data": ingress.module_list()}
+        return {"object": "list", "data": router.module_list()}
 
     @app.post("/v1/completions", responses=errors)
     async def completions(req: CompletionRequest):
-        prompts = _prompts(ingress, req.prompt, allow_empty=req.kvlingua.context_id is not None,
-                           model=_answering(ingress, req))
-        plans = plan_choices(ingress, req, [ids for ids, _ in prompts], "/v1/completions", chat=False,
+        prompts = _prompts(planner, req.prompt, allow_empty=req.kvlingua.context_id is not None,
+                           model=_answering(planner, req))
+        plans = plan_choices(planner, req, [ids for ids, _ in prompts], "/v1/completions", chat=False,
                              texts=[given for _, given in prompts])
         return await respond(plans, req, chat=False, prompts=prompts)
 
     @app.post("/v1/chat/completions", responses=errors)
     async def chat(req: ChatRequest):
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
-        target = _answering(ingress, req)
-        tok = ingress.tokenizers.of(target) if target is not None else ingress.tokenizer
+        target = _answering(planner, req)
+        tok = planner.tokenizers.of(target) if target is not None else planner.tokenizer
         if tok is None:
             raise RequestError(400, "messages: this pool has no tokenizer; use /v1/completions with token ids",
                                param="messages")
         rendered = render_chat(tok, messages)
-        ids = ingress.encode(rendered, "messages", special=not req.kvlingua.context_id, model=target)
-        plans = plan_choices(ingress, req, [ids], "/v1/chat/completions", chat=True, texts=[rendered])
+        ids = planner.encode(rendered, "messages", special=not req.kvlingua.context_id, model=target)
+        plans = plan_choices(planner, req, [ids], "/v1/chat/completions", chat=True, texts=[rendered])
         return await respond(plans, req, chat=True, prompts=[(ids, None)])
 
     @app.post("/v1/contexts", responses=errors)
     async def add_context(req: ContextRequest) -> dict:
         if (req.text is None) == (req.tokens is None):
             raise RequestError(400, "give exactly one of text and tokens", param="text")
-        ids = ingress._ids(req.text if req.text is not None else req.tokens,
-                           "text" if req.text is not None else "tokens", model=req.model if ingress.mixed else None)
-        ctx = await contexts.add_context(ingress, req.model, ids, text=req.text)
-        decoded = await contexts.predecode(ingress, ctx, req.decode_for or [])
-        return contexts.context_info(ctx) | ({"decoded_for": decoded} if req.decode_for else {})
+        ids = planner.ids(req.text if req.text is not None else req.tokens,
+                          "text" if req.text is not None else "tokens", model=req.model if planner.mixed else None)
+        ctx = await contexts.add(req.model, ids, text=req.text)
+        decoded = await contexts.predecode(ctx, req.decode_for or [])
+        return context_info(ctx) | ({"decoded_for": decoded} if req.decode_for else {})
 
     @app.get("/v1/contexts")
     async def list_contexts() -> dict:
-        s = ingress.store
-        return {"object": "list", "data": [contexts.context_info(c) for c in s.list()], "bytes": s.bytes,
-                "budget_bytes": s.budget, "evictions": s.evictions, "hits": s.hits, "misses": s.misses}
-
-    def _get(context_id: str):
-        ctx = ingress.store.peek(context_id)
-        if ctx is None:
-            raise RequestError(404, f"no stored context {context_id!r}", param="context_id", code="context_not_found")
-        return ctx
+        return contexts.listing()
 
     @app.get("/v1/contexts/{context_id}")
     async def get_context(context_id: str) -> dict:
-        return contexts.context_info(_get(context_id))
+        return context_info(contexts.get(context_id))
 
     @app.delete("/v1/contexts/{context_id}")
     async def delete_context(context_id: str) -> dict:
-        _get(context_id)
-        ingress.store.delete(context_id)
+        contexts.delete(context_id)
         return {"id": context_id, "object": "context.deleted", "deleted": True}

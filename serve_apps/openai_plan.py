@@ -15,14 +15,16 @@
   ``handoff_tokens`` (to score a continuation that starts at token ``c``, send ``c - 1``); without
   it the request is refused (400), since the default hand-off (all but the last token) leaves
   nothing to score.
+
+Pure Python over the :class:`~serve_apps.planner.Planner` (no Ray).
 """
 from __future__ import annotations
 
 from dataclasses import replace
 
-from serve_apps.ingress import PoolIngress
 from serve_apps.openai_schemas import ChatRequest, CompletionRequest
-from serve_apps.requests import Prepared, RequestError, request_seed
+from serve_apps.planner import Planner
+from serve_apps.requests import HandoffAsk, Prepared, RequestError, sampling_params
 
 DEFAULT_MAX_TOKENS = 16
 HANDOFFS = ("latent", "text", "identity")
@@ -30,7 +32,7 @@ MAX_CHOICES = 128
 """Most choices (prompts x n) one request may ask for."""
 
 
-def resolve_model(ingress: PoolIngress, req: CompletionRequest | ChatRequest) -> tuple[str, str | None, str]:
+def resolve_model(planner: Planner, req: CompletionRequest | ChatRequest) -> tuple[str, str | None, str]:
     """``(target, source, handoff)`` of a request: ``model`` as a pool member or a path alias, with ``kvlingua``."""
     k = req.kvlingua
     if "@" not in req.model:
@@ -42,9 +44,9 @@ def resolve_model(ingress: PoolIngress, req: CompletionRequest | ChatRequest) ->
         raise RequestError(400, f"model: {req.model!r}: hand-off {handoff!r} is not one of {list(HANDOFFS)} "
                                 "(TARGET@SOURCE[:latent|text|identity])", param="model")
     for name in (target, source):
-        if name not in ingress.members:
+        if name not in planner.members:
             raise RequestError(404, f"model: {req.model!r}: {name!r} is not a pool model; this pool serves "
-                                    f"{sorted(ingress.members)}; see GET /v1/models", param="model",
+                                    f"{sorted(planner.members)}; see GET /v1/models", param="model",
                                code="model_not_found")
     if k.source is not None and k.source != source:
         raise RequestError(400, f"kvlingua.source: {k.source!r} contradicts model {req.model!r}; leave it unset",
@@ -55,39 +57,39 @@ def resolve_model(ingress: PoolIngress, req: CompletionRequest | ChatRequest) ->
     return target, source, handoff
 
 
-def model_list(ingress: PoolIngress) -> list[dict]:
+def model_list(planner: Planner, created: int) -> list[dict]:
     """OpenAI's model entries: each pool member, then ``TARGET@SOURCE`` for each trained path."""
-    data = [{"id": m.name, "object": "model", "created": ingress.created, "owned_by": "kvlingua",
-             "kvlingua": {"fingerprint": m.fingerprint, **m.summary.to_dict()}} for m in ingress.members.values()]
-    paths = ingress.limits.paths
-    for target in ingress.members:
-        for source in ingress.members:
+    data = [{"id": m.name, "object": "model", "created": created, "owned_by": "kvlingua",
+             "kvlingua": {"fingerprint": m.fingerprint, **m.summary.to_dict()}} for m in planner.members.values()]
+    paths = planner.limits.paths
+    for target in planner.members:
+        for source in planner.members:
             if paths is not None and (source, target) not in paths:
                 continue
-            data.append({"id": f"{target}@{source}", "object": "model", "created": ingress.created,
+            data.append({"id": f"{target}@{source}", "object": "model", "created": created,
                          "owned_by": "kvlingua", "root": target, "parent": target,
                          "kvlingua": {"target": target, "source": source, "handoff": "latent", "trained": True,
-                                      "max_positions": ingress.limits.max_positions}})
+                                      "max_positions": planner.limits.max_positions}})
     return data
 
 
-def stop_strings(ingress: PoolIngress, stop: str | list[str] | None, target: str | None = None) -> list[str]:
+def stop_strings(planner: Planner, stop: str | list[str] | None, target: str | None = None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > 16:
         raise RequestError(400, f"stop: {len(stops)} strings; at most 16", param="stop")
     for i, s in enumerate(stops):
         if not s:
             raise RequestError(400, f"stop[{i}]: empty string", param="stop")
-    if stops and (ingress.tokenizers.of(target) if ingress.mixed else ingress.tokenizer) is None:
+    if stops and (planner.tokenizers.of(target) if planner.mixed else planner.tokenizer) is None:
         raise RequestError(400, "stop: this pool has no tokenizer to find stop strings with", param="stop")
     return stops
 
 
-def decoding_options(ingress: PoolIngress, req: CompletionRequest | ChatRequest, chat: bool,
+def decoding_options(planner: Planner, req: CompletionRequest | ChatRequest, chat: bool,
                      target: str | None = None) -> dict:
     """``to_dict`` of :class:`serve_apps.decoding.Decoding` for ``req`` answered by ``target``; refusals name the
     field."""
-    bias, vocab = [], ingress.vocab_of(target)
+    bias, vocab = [], planner.vocab_of(target)
     for key, value in (req.logit_bias or {}).items():
         if not key.isdigit() or not 0 <= int(key) < vocab:
             raise RequestError(400, f"logit_bias: key {key!r} is not a token id in [0, {vocab})",
@@ -103,21 +105,21 @@ def decoding_options(ingress: PoolIngress, req: CompletionRequest | ChatRequest,
     else:
         top, echo = req.logprobs, req.echo and req.logprobs is not None
     return {"presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty, "logit_bias": bias,
-            "top_logprobs": top, "echo_logprobs": echo, "stop": stop_strings(ingress, req.stop, target)}
+            "top_logprobs": top, "echo_logprobs": echo, "stop": stop_strings(planner, req.stop, target)}
 
 
-def max_new_tokens(ingress: PoolIngress, req: CompletionRequest | ChatRequest) -> int:
+def max_new_tokens(planner: Planner, req: CompletionRequest | ChatRequest) -> int:
     n = req.max_tokens if req.max_tokens is not None else getattr(req, "max_completion_tokens", None)
-    return ingress._n(n if n is not None else DEFAULT_MAX_TOKENS, "max_tokens")
+    return planner.new_tokens(n if n is not None else DEFAULT_MAX_TOKENS, "max_tokens")
 
 
-def plan_choices(ingress: PoolIngress, req: CompletionRequest | ChatRequest, prompts: list[list[int]],
+def plan_choices(planner: Planner, req: CompletionRequest | ChatRequest, prompts: list[list[int]],
                  route: str, chat: bool, texts: list[str | None] | None = None) -> list[Prepared]:
     """One :class:`Prepared` per choice (prompt-major), all checked before any model work starts.
 
     ``prompts`` are the target's ids of each prompt, ``texts`` each prompt's text where it was sent as text (what a
-    model of another tokenizer reads, see :meth:`~serve_apps.ingress.PoolIngress.plan`)."""
-    target, source, handoff = resolve_model(ingress, req)
+    model of another tokenizer reads, see :meth:`~serve_apps.planner.Planner.plan`)."""
+    target, source, handoff = resolve_model(planner, req)
     texts = texts or [None] * len(prompts)
     k = req.kvlingua
     if len(prompts) * req.n > MAX_CHOICES:
@@ -130,22 +132,23 @@ def plan_choices(ingress: PoolIngress, req: CompletionRequest | ChatRequest, pro
         raise RequestError(400, "kvlingua.handoff_tokens: echo on a path scores only what the target computes; say "
                                 "how many prompt tokens the source reads (to score a continuation starting at token "
                                 "c, send c - 1)", param="kvlingua.handoff_tokens")
-    if echo and k.context_id is not None and ingress.mixed:
-        ctx = ingress.store.peek(k.context_id)
-        if ctx is not None and not ingress.tokenizers.same(ctx.source, target):
+    if echo and k.context_id is not None and planner.mixed:
+        ctx = planner.store.peek(k.context_id)
+        if ctx is not None and not planner.tokenizers.same(ctx.source, target):
             raise RequestError(400, f"echo: context {k.context_id!r} was read by {ctx.source!r}, which tokenizes "
                                     f"differently from {target!r}: the prompt's tokens are not the ones sent; echo "
                                     "without context_id", param="echo")
-    n_new = max_new_tokens(ingress, req)
-    decoding = decoding_options(ingress, req, chat, target if ingress.mixed else None)
+    n_new = max_new_tokens(planner, req)
+    decoding = decoding_options(planner, req, chat, target if planner.mixed else None)
+    ask = HandoffAsk(target=target, source=source, handoff=handoff, strict=k.strict, context_id=k.context_id,
+                     handoff_tokens=k.handoff_tokens, use_store=k.use_store, module=k.module)
+
+    def params(j: int) -> dict:  # choice j of a prompt samples with seed + j (a fresh seed each without seed)
+        seed = (req.seed + j) % 2**31 if req.seed is not None else None
+        return sampling_params(n_new, req.temperature, req.top_p, seed, k.ignore_eos)
+
     out = []
     for ids, text in zip(prompts, texts):
-        params = dict(max_new_tokens=n_new, temperature=req.temperature, top_p=req.top_p, seed=None,
-                      stop_at_eos=not k.ignore_eos)
-        p = ingress.plan(target=target, source=source, handoff=handoff, strict=k.strict, ids=ids,
-                         context_id=k.context_id, handoff_tokens=k.handoff_tokens, use_store=k.use_store,
-                         params=params, route=route, field_prefix="kvlingua.", module=k.module, text=text)
-        for j in range(req.n):
-            seed = (req.seed + j) % 2**31 if req.seed is not None else request_seed(None)
-            out.append(replace(p, params={**p.params, "seed": seed}, decoding=decoding))
+        p = planner.plan(ask, ids, params(0), route, field_prefix="kvlingua.", text=text)
+        out += [replace(p, params=params(j), decoding=decoding) for j in range(req.n)]
     return out

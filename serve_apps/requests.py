@@ -1,5 +1,9 @@
 """What a request becomes before it is routed: a refusal (:class:`RequestError`) or a
-:class:`Prepared` generation, shared by the kvlingua routes and the OpenAI-compatible ones."""
+:class:`Prepared` generation, shared by the kvlingua routes and the OpenAI-compatible ones.
+
+Pure Python (no Ray): :class:`Prepared` is built by keyword only, by :class:`serve_apps.planner.Planner`;
+:func:`sampling_params` is the one builder of the sampling parameters a replica reads
+(:class:`kvlingua.generate.GenerationParams` as a dict)."""
 from __future__ import annotations
 
 import os
@@ -32,9 +36,9 @@ class RequestError(Exception):
         self.headers = headers
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Prepared:
-    """A validated generation request, ready to route.
+    """A validated generation request, ready to route (built by :class:`serve_apps.planner.Planner`).
 
     ``ids`` is the whole prompt as the target reads it (a named context's tokens first); the source
     hands over its first ``positions`` tokens, the target reads the rest.
@@ -63,9 +67,32 @@ class Prepared:
     the token map and the target's sink (:mod:`serve_apps.crosstok`); None otherwise."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class HandoffAsk:
+    """What a request asks of the pool: who answers, who reads the prompt first and how it is handed over (the
+    fields of ``/v1/generate``, or of an OpenAI request's ``model`` and ``kvlingua``)."""
+
+    target: str
+    source: str | None = None
+    handoff: str = "latent"
+    strict: bool = False
+    """Refuse (400) instead of falling back to text outside the pool's training."""
+    context_id: str | None = None
+    handoff_tokens: int | None = None
+    use_store: bool = True
+    module: str | None = None
+
+
 def request_seed(seed: int | None) -> int:
     """The request's sampling seed, or a fresh one when it gave none."""
     return seed if seed is not None else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+def sampling_params(max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
+                    ignore_eos: bool) -> dict[str, Any]:
+    """The sampling parameters a replica reads (``GenerationParams(**params)``); ``seed`` None draws a fresh one."""
+    return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=request_seed(seed),
+                stop_at_eos=not ignore_eos)
 
 
 def timings(prefill_s: float, translate_s: float, decode_s: float) -> Timings:

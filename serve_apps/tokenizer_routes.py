@@ -15,7 +15,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_apps.ingress import PoolIngress
+from serve_apps.planner import Planner
 from serve_apps.requests import RequestError
 
 class _Strict(BaseModel):
@@ -34,31 +34,31 @@ class DetokenizeRequest(_Strict):
     model: str | None = Field(None, max_length=256, description="as for /tokenize")
 
 
-def add_tokenizer_routes(app: FastAPI, ingress: PoolIngress) -> None:
+def add_tokenizer_routes(app: FastAPI, planner: Planner) -> None:
     def tokenizer(field: str, model: str | None):
-        tok = ingress.tokenizer_of(model)  # a pool of one tokenizer: its own, whatever ``model`` says
+        tok = planner.tokenizer_of(model)  # a pool of one tokenizer: its own, whatever ``model`` says
         if tok is None:
             raise RequestError(400, f"{field}: this pool has no tokenizer", param=field)
         return tok
 
     def member(model: str | None) -> str | None:
-        return model if ingress.mixed else None
+        return model if planner.mixed else None
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict:
         tokenizer("prompt", req.model)
-        ids = ingress.encode(req.prompt, "prompt", special=req.add_special_tokens, model=member(req.model))
-        return {"tokens": ids, "count": len(ids), "max_model_len": ingress.opts.max_prompt_tokens}
+        ids = planner.encode(req.prompt, "prompt", special=req.add_special_tokens, model=member(req.model))
+        return {"tokens": ids, "count": len(ids), "max_model_len": planner.opts.max_prompt_tokens}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:
         tok = tokenizer("tokens", req.model)
-        ids = ingress._ids(req.tokens, "tokens", allow_empty=True, model=member(req.model))
+        ids = planner.ids(req.tokens, "tokens", allow_empty=True, model=member(req.model))
         return {"prompt": tok.decode(ids)}
 
     @app.get("/tokenizer_info")
     async def tokenizer_info(model: str | None = None) -> dict:
         tok = tokenizer("tokenizer", model)
         return {"eos_token": tok.eos_token, "bos_token": tok.bos_token, "pad_token": tok.pad_token,
-                "unk_token": tok.unk_token, "vocab_size": ingress.vocab_of(member(model)),
+                "unk_token": tok.unk_token, "vocab_size": planner.vocab_of(member(model)),
                 "chat_template": getattr(tok, "chat_template", None), "tokenizer_class": type(tok).__name__}

@@ -1,5 +1,6 @@
 """The layers hold: ``kvlingua`` never imports Ray (every submodule, in a fresh interpreter), and no file of
-``kvlingua``, ``experiments`` or ``orchestrator`` imports another in a circle (the import graph from ``ast``)."""
+``kvlingua``, ``experiments``, ``orchestrator``, ``workers`` or ``serve_apps`` imports another in a circle (the import
+graph from ``ast``)."""
 from __future__ import annotations
 
 import ast
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kvlingua", "experiments", "orchestrator")
+PACKAGES = ("kvlingua", "experiments", "orchestrator", "workers", "serve_apps")
 
 
 def test_no_kvlingua_module_imports_ray():
