@@ -39,6 +39,9 @@ from kvlingua.translator import LayerwiseTranslator, LinearAdapter
 from kvlingua.view import CacheView
 
 KINDS = ("keys", "values")
+FLUSH_BATCHES = 8
+"""Calibration batches whose fp32 second moments are summed before they join the fp64 total (each batch is
+centred on the first batch's mean, so fp32 loses nothing that matters over a few batches)."""
 
 
 def short_maps(adapter: nn.Module) -> tuple[nn.Linear, nn.Linear]:
@@ -65,9 +68,10 @@ def _moments(space: SharedSpace, backend: PoolBackend, batches: Sequence, view: 
     device = space_device(space)
     sums: dict[str, Tensor] = {}
     grams: dict[str, Tensor] = {}
+    recent: dict[str, Tensor] = {}  # fp32 products of the last few batches, added to ``grams`` in fp64 in one go
     shifts: dict[str, Tensor] = {}
     rows = 0
-    for batch in batches:
+    for n, batch in enumerate(batches, 1):
         view.check_prefix(batch.prefix_len)
         blocks = {m: view.to_space(backend.prefix_block(m, batch.prefix(m)), rotations.get(m)) for m in names}
         # members that tokenize differently are read at the first member's positions ([B, P-k]; None: same tokens)
@@ -85,8 +89,15 @@ def _moments(space: SharedSpace, backend: PoolBackend, batches: Sequence, view: 
                 shifts[kind] = rank_mean([x.mean(0)], runtime)[0]  # the same on every rank
             x = (x - shifts[kind]).float()
             sums[kind] = sums.get(kind, 0) + x.sum(0).double()
-            grams[kind] = grams.get(kind, 0) + (x.T @ x).double()
+            if kind in recent:
+                recent[kind].addmm_(x.T, x)  # [d, d] in place: no new matrix per batch
+            else:
+                recent[kind] = x.T @ x
+            if n % FLUSH_BATCHES == 0:
+                grams[kind] = grams.get(kind, 0) + recent.pop(kind).double()
         rows += x.shape[0]
+    for kind in list(recent):
+        grams[kind] = grams.get(kind, 0) + recent.pop(kind).double()
     return {kind: {"shift": shifts[kind], "mean": sums[kind] / rows, "gram": grams[kind] / rows} for kind in KINDS}
 
 
@@ -96,13 +107,14 @@ def _top_directions(cov: Tensor, q: int) -> tuple[Tensor, Tensor]:
     if q >= d // 2:
         vals, vecs = torch.linalg.eigh(cov)  # ascending
         vals, vecs = vals.flip(0)[:q], vecs.flip(1)[:, :q]
-    else:  # a randomized range finder: a few products with cov instead of a full eigendecomposition
+    else:  # a randomized range finder in fp32 (the products dominate): a few products instead of a full eigh
+        c = cov.float()
         gen = torch.Generator().manual_seed(0)
-        basis = torch.linalg.qr(cov @ torch.randn(d, q + 32, dtype=cov.dtype, generator=gen)).Q  # [d, q+32]
+        basis = torch.linalg.qr(c @ torch.randn(d, q + 32, generator=gen)).Q  # [d, q+32]
         for _ in range(4):
-            basis = torch.linalg.qr(cov @ basis).Q
-        small, rot = torch.linalg.eigh(basis.T @ cov @ basis)  # [q+32]
-        vals, vecs = small.flip(0)[:q], (basis @ rot.flip(1))[:, :q]
+            basis = torch.linalg.qr(c @ basis).Q
+        small, rot = torch.linalg.eigh((basis.T @ c @ basis).double())  # [q+32]
+        vals, vecs = small.flip(0)[:q], (basis.double() @ rot.flip(1))[:, :q]
     if vecs.shape[1] < q:  # Σ wider than the caches: the extra channels start silent
         vecs = torch.cat([vecs, vecs.new_zeros(d, q - vecs.shape[1])], dim=1)
         vals = torch.cat([vals, vals.new_zeros(q - vals.shape[0])])

@@ -55,7 +55,7 @@ def test_narrow_sigma_loses_exactly_what_pca_discards():
     s = backend.summary("a")
     q = 8  # of L*D = 32
     space = SharedSpace({"a": s}, SpaceConfig(adapter="linear", q_dim=q, ridge=1e-8))
-    calib = batches(["a"], 6)
+    calib = batches(["a"], 10)  # more than FLUSH_BATCHES: fp32 products summed in two flushes
     closed_form_init(space, backend, calib, ["a"])
     for got, x in zip(cyclic(space, backend, "a", calib), flat_views(backend, space, "a", calib)):
         xc = (x - x.mean(0)).double()
