@@ -19,7 +19,9 @@ torch.set_num_threads(2)
 from kvlingua.backend import LocalBackend
 from kvlingua.models import load_frozen
 from kvlingua.space import SharedSpace
-from kvlingua.train import Batch, TrainConfig, fit
+from kvlingua.batch import Batch
+from kvlingua.train import fit
+from kvlingua.train_config import TrainConfig
 from kvlingua.translator import SpaceConfig
 
 import os

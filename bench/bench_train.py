@@ -61,7 +61,9 @@ from kvlingua.cache import arch_summary
 from kvlingua.models import load_frozen
 from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace
-from kvlingua.train import Batch, TrainConfig, fit, make_optimizer, train_step
+from kvlingua.batch import Batch
+from kvlingua.train import fit, train_step
+from kvlingua.train_config import TrainConfig, make_optimizer
 from kvlingua.translator import SpaceConfig
 
 REPO = Path(__file__).resolve().parents[1]

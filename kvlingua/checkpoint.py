@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from kvlingua.train import TrainState
+from kvlingua.train_config import TrainState
 
 ADAPTERS_FILE = "adapters.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"

@@ -41,7 +41,7 @@ from kvlingua.backend import PoolBackend
 from kvlingua.cache import KVBlock
 from kvlingua.paths import PathT, path_name
 from kvlingua.space import LatentBlock, SharedSpace, identity_translate, space_device
-from kvlingua.train import Batch
+from kvlingua.batch import Batch
 from kvlingua.view import CacheView
 
 TARGET_ONLY = ("base", "control", "no-prefix")

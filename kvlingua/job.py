@@ -26,7 +26,8 @@ from kvlingua.paths import PathSampler
 from kvlingua.rundir import main_space
 from kvlingua.schedule import epoch_order
 from kvlingua.space import SharedSpace
-from kvlingua.train import Batch, TrainConfig
+from kvlingua.batch import Batch
+from kvlingua.train_config import TrainConfig
 from kvlingua.translator import SpaceConfig
 
 

@@ -39,7 +39,9 @@ from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace
 from kvlingua.tracking import NullTracker, Tracker
 from kvlingua.checkpoint import load_checkpoint, save_checkpoint
-from kvlingua.train import Batch, TrainConfig, TrainState, fit
+from kvlingua.batch import Batch
+from kvlingua.train import fit
+from kvlingua.train_config import TrainConfig, TrainState
 
 BatchWrapper = Callable[[SharedSpace, TrainConfig, Iterable[Batch], int], Iterable[Batch]]
 """``(space, cfg, batches, start_step) -> batches``: e.g. a prefetcher of the sources' blocks."""

@@ -18,7 +18,8 @@ from torch import nn
 from kvlingua.tracking import NullTracker, Tracker, space_tracker
 
 GradSync = Callable[[list[nn.Parameter]], None]
-"""Reduces the gradients of the given parameters across ranks, in place (DDP all-reduce)."""
+"""Averages the gradients of the given parameters over the ranks, in place (a Ray Train rank: one flat
+``torch.distributed`` all-reduce, then a division by the world size: :func:`workers.train_worker.allreduce_mean`)."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Runtime:
     world_size: int = 1
     """Number of training ranks; each reads its own shard of the batches."""
     grad_sync: GradSync | None = None
-    """All-reduce of the trainable adapters' gradients after backward; None on a single rank."""
+    """Averages the trainable adapters' gradients over the ranks after backward; None on a single rank."""
     tracker: Tracker = field(default_factory=NullTracker)
     """Where this rank's metrics go (a do-nothing tracker on ranks other than 0)."""
     progress: bool = True

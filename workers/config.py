@@ -62,7 +62,7 @@ class RayConfig:
     placement: Literal["hosted", "colocated"] = "hosted"
     """hosted: one ModelHost actor per frozen model; colocated: every worker loads the frozen models."""
     num_workers: int = 1
-    """Ray Train workers (DDP ranks); each holds all adapters and reads its own data shard."""
+    """Ray Train workers (ranks); each holds all adapters, reads its own data shard, and the ranks average their gradients."""
     worker_num_cpus: float = 1.0
     """CPUs reserved per Train worker (a fraction is fine: Ray does not cap a process at its reservation)."""
     use_gpu: bool = False

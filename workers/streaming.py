@@ -26,7 +26,7 @@ class BlockPrefetcher:
     Args:
         backend: the ``RayBackend`` the loop uses.
         batches: the loop's batches; each has ``ids: dict[model, LongTensor [B, P+S]]``
-            and ``prefix_len`` (``kvlingua.train.Batch``).
+            and ``prefix_len`` (``kvlingua.batch.Batch``).
         depth: most requests in flight (``0`` disables prefetching).
         sources: step -> source models that step reads; default: every pool model.
         start_step: the step of the first batch (a resumed run starts later).

@@ -38,7 +38,7 @@ from kvlingua.run import finish, save_spaces, train_spaces
 from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace
 from kvlingua.tracking import attach
-from kvlingua.train import TrainConfig, TrainState
+from kvlingua.train_config import TrainConfig, TrainState
 from workers.backend import RayBackend
 from workers.streaming import BlockPrefetcher
 

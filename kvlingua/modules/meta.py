@@ -11,7 +11,7 @@ sync across Ray Train ranks, tracking and checkpoints are :func:`kvlingua.train.
   ``prefix_block(i, ids)`` with model i's module blocks of the tasks the batch names; the rest
   (the target's suffix loss and its gradient) goes to the wrapped backend;
 * :func:`meta_batches` names a batch's tasks in its prefix positions: row ``b`` of a
-  :class:`~kvlingua.train.Batch` is ``[task index] * p + held-out ids`` (``[B, p + eval_len]``).
+  :class:`~kvlingua.batch.Batch` is ``[task index] * p + held-out ids`` (``[B, p + eval_len]``).
   The task index is a handle for :class:`ModuleBackend`, never read by a model.
 """
 from __future__ import annotations
@@ -29,7 +29,9 @@ from kvlingua.modules.tasks import Task, held_out_ids
 from kvlingua.runtime import Runtime
 from kvlingua.schedule import epoch_order
 from kvlingua.space import SharedSpace
-from kvlingua.train import Batch, TrainConfig, TrainState, fit
+from kvlingua.batch import Batch
+from kvlingua.train import fit
+from kvlingua.train_config import TrainConfig, TrainState
 from kvlingua.view import module_view
 
 INITS = ("pretrained", "random")

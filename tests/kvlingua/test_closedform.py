@@ -6,7 +6,9 @@ import torch
 from kvlingua.backend import LocalBackend
 from kvlingua.closedform import closed_form_init
 from kvlingua.space import SharedSpace
-from kvlingua.train import Batch, TrainConfig, fit
+from kvlingua.batch import Batch
+from kvlingua.train import fit
+from kvlingua.train_config import TrainConfig
 from kvlingua.translator import SpaceConfig
 from kvlingua.view import CacheView
 from tests.helpers import tiny_model

@@ -15,7 +15,7 @@ from kvlingua.cache import as_past_key_values, cache_kwargs, extract_prefix
 from kvlingua.evaluate import EvalConfig, EvalResult, content_transferred, evaluate, make_eval_fn, paired_difference
 from kvlingua.report import plot_history, write_report
 from kvlingua.space import SharedSpace
-from kvlingua.train import Batch
+from kvlingua.batch import Batch
 from kvlingua.translator import SpaceConfig
 from tests.helpers import VOCAB, tiny_model
 

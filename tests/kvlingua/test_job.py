@@ -17,7 +17,7 @@ from kvlingua.job import (EVAL_ROW_SEED, TrainJob, build_space, curve_batches, e
 from kvlingua.pool import load_pool
 from kvlingua.run import run_local
 from kvlingua.space import SharedSpace
-from kvlingua.train import TrainConfig
+from kvlingua.train_config import TrainConfig
 from kvlingua.translator import SpaceConfig
 from tests.helpers import fake_corpus_home, tiny_model
 

@@ -10,7 +10,7 @@ from kvlingua.modules.prompt import Module, ModuleError, PromptConfig, learn_pro
 from kvlingua.modules.store import ModuleStore
 from kvlingua.modules.tasks import Task, TaskConfig, chapter_task, example_windows, held_out_ids
 from kvlingua.space import SharedSpace
-from kvlingua.train import TrainConfig
+from kvlingua.train_config import TrainConfig
 from kvlingua.rotary import KeyRotation
 from kvlingua.translator import SpaceConfig
 from tests.helpers import tiny_model

@@ -12,7 +12,9 @@ from kvlingua.config import ConfigError, from_dict
 from kvlingua.losses import suffix_kl_loss, suffix_lm_loss
 from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace
-from kvlingua.train import Batch, TrainConfig, fit, train_step
+from kvlingua.batch import Batch
+from kvlingua.train import fit, train_step
+from kvlingua.train_config import TrainConfig
 from kvlingua.translator import SpaceConfig
 from tests.helpers import VOCAB, tiny_model
 

@@ -18,7 +18,8 @@ from kvlingua.job import TrainJob, eval_batches, load_rows, train_batches
 from kvlingua.pool import PoolMismatchError, load_pool
 from kvlingua.run import pool_job, run_local
 from kvlingua.space import SharedSpace
-from kvlingua.train import TrainConfig, train_step
+from kvlingua.train import train_step
+from kvlingua.train_config import TrainConfig
 from kvlingua.translator import SpaceConfig
 from tests.helpers import bpe_tokenizer, fake_corpus_home, tiny_model
 

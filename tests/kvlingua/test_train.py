@@ -16,7 +16,9 @@ from kvlingua.space import SharedSpace
 from kvlingua.runtime import Runtime
 from kvlingua.checkpoint import load_checkpoint, save_checkpoint
 from kvlingua.outinit import match_init
-from kvlingua.train import Batch, TrainConfig, TrainState, fit, make_optimizer, train_step
+from kvlingua.batch import Batch
+from kvlingua.train import fit, train_step
+from kvlingua.train_config import TrainConfig, TrainState, make_optimizer
 from kvlingua.translator import SpaceConfig
 from tests.helpers import VOCAB, tiny_model
 
@@ -125,7 +127,7 @@ def test_gradients_are_clipped_to_one(pool2):
     space = make_space(pool2, adapter="linear")
     seen = {}
 
-    def inflate(params):  # runs after backward, before clipping (where DDP all-reduces)
+    def inflate(params):  # runs after backward, before clipping (where the ranks average their gradients)
         for p in params:
             p.grad.mul_(1e3)
         seen["pre"] = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()

@@ -106,7 +106,7 @@ def test_latent_handoff_through_a_lossless_space_is_the_text_handoff(sink):
 def test_evaluate_keeps_the_sink_in_control_and_translated_alike():
     """Σ as a lossless map scores the target's own NLL (base), and control keeps the row's own sink."""
     from kvlingua.evaluate import evaluate
-    from kvlingua.train import Batch
+    from kvlingua.batch import Batch
 
     a = tiny_model("gemma2", seed=4, layers=2, kv_heads=1)
     models = {"a": a}

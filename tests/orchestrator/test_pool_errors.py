@@ -23,7 +23,7 @@ from kvlingua.job import TrainJob
 from kvlingua.pool import PoolMember, save_pool
 from kvlingua.rundir import main_space, space_pool_dir
 from kvlingua.space import SharedSpace
-from kvlingua.train import TrainConfig
+from kvlingua.train_config import TrainConfig
 from kvlingua.translator import SpaceConfig
 from orchestrator.cli import main
 from tests.helpers import tiny_model

@@ -52,7 +52,7 @@ def make_tiny_job(root, *, steps: int = 6, name: str = "tiny", spaces: tuple[str
     from kvlingua.data.views import DataConfig
     from kvlingua.evaluate import EvalConfig
     from kvlingua.job import TrainJob
-    from kvlingua.train import TrainConfig
+    from kvlingua.train_config import TrainConfig
     from kvlingua.translator import SpaceConfig
 
     root = Path(root)

@@ -226,7 +226,9 @@ def test_training_never_writes_the_source_blocks_it_reads_in_place(ray_local, ho
     """Source blocks are zero-copy views of the store: after Σ steps through them, their version
     counters (bumped by any in-place write, also through views) and their values are unchanged."""
     from kvlingua.space import SharedSpace
-    from kvlingua.train import Batch, TrainConfig, fit
+    from kvlingua.batch import Batch
+    from kvlingua.train import fit
+    from kvlingua.train_config import TrainConfig
     from kvlingua.translator import SpaceConfig
 
     class Recording(RayBackend):

@@ -136,7 +136,9 @@ def test_sigma_training_through_a_host_on_another_node_matches_in_process(ray_tw
     from kvlingua.backend import LocalBackend
     from kvlingua.models import load_frozen
     from kvlingua.space import SharedSpace
-    from kvlingua.train import Batch, TrainConfig, fit
+    from kvlingua.batch import Batch
+    from kvlingua.train import fit
+    from kvlingua.train_config import TrainConfig
     from kvlingua.translator import SpaceConfig
     from workers.backend import RayBackend
     from workers.config import HostOptions
