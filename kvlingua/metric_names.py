@@ -6,7 +6,7 @@ files already use, written by one method here and read back by the one parser, :
 
 ==============================  ===========================================================================
 ``eval/nll/i->j[/cond]``        a curve record (``TrainState.history``, :func:`kvlingua.evaluate.make_eval_fn`);
-                                ``<prefix>/nll/i->j/cond`` for :meth:`kvlingua.evaluate.EvalResult.metrics`
+                                ``<prefix>/nll/i->j/cond`` for :meth:`kvlingua.eval_result.EvalResult.metrics`
 ``eval_nll/i->j``               what a Ray Tune trial reports (``eval_nll`` alone: the mean over paths)
 ``nll/<cond>/i->j``             a column of a sweep's results table (``tune_spaces.results``)
 ==============================  ===========================================================================

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from kvlingua.evaluate import TARGET_ONLY, EvalResult
+from kvlingua.eval_result import TARGET_ONLY, EvalResult
 from kvlingua.metric_names import NllKey
 
 

@@ -153,7 +153,7 @@ def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
     training seconds, for equal-wall-time comparisons).
 
     Returns a dict with ``markdown`` (the evaluation table), ``timing``, ``eval`` (the
-    :class:`~kvlingua.evaluate.EvalResult`) and ``files`` (the paths written).
+    :class:`~kvlingua.eval_result.EvalResult`) and ``files`` (the paths written).
     """
     tracker = tracker or NullTracker()
     out = Path(job.out_dir)

@@ -43,6 +43,7 @@ from kvlingua.batch import Batch
 from kvlingua.cache import KVBlock
 from kvlingua.losses import reconstruction_loss, suffix_kl_loss, suffix_lm_loss
 from kvlingua.closedform import closed_form_init
+from kvlingua.metric_names import NllKey
 from kvlingua.outinit import match_init
 from kvlingua.paths import PathSampler, PathT, path_name
 from kvlingua.space import LatentBlock, SharedSpace, space_device
@@ -306,5 +307,5 @@ def fit(
 
 def selection_score(metrics: dict[str, float]) -> float | None:
     """The number a run keeps its best adapters by: the mean over paths of ``eval/nll/<path>`` (None if absent)."""
-    nll = [v for k, v in metrics.items() if k.startswith("eval/nll/") and k.count("/") == 2]
+    nll = [v for k, v in metrics.items() if (key := NllKey.parse(k)) is not None and k == key.curve()]
     return sum(nll) / len(nll) if nll else None

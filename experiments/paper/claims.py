@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from experiments.toolkit.stats import FAILS, HOLDS, RELATIONS, UNSURE, gap_tolerance, mean, paired_outcome, would_pass
-from kvlingua.evaluate import EvalResult
+from kvlingua.eval_result import EvalResult
 from kvlingua.metric_names import NllKey
 from kvlingua.paths import path_name
 

@@ -21,7 +21,7 @@ from experiments.paper.suite import PaperExperiment
 from experiments.toolkit.pools import pool_table
 from experiments.toolkit.provenance import provenance_line
 from experiments.toolkit.stats import paired_difference
-from kvlingua.evaluate import EvalResult
+from kvlingua.eval_result import EvalResult
 from kvlingua.report import agg_figure, fmt, plot_history
 
 RESULT_FILE = "result.json"

@@ -19,7 +19,7 @@ from experiments.realmodel.sections import (_fmt, bench_section, compare, conten
                                             continuations_section, levers_section, sizes_section)
 from experiments.toolkit.pools import deep_and_shallow, pool_table, pretraining_seconds
 from experiments.toolkit.stats import FAILS, HOLDS
-from kvlingua.evaluate import EvalResult
+from kvlingua.eval_result import EvalResult
 from kvlingua.metric_names import NllKey
 from kvlingua.paths import path_name
 

@@ -192,7 +192,7 @@ def record_held_prefix(run_dir: Path, positions_dir: Path, positions, tol: float
     """Write ``held_prefix_len`` into each pool's ``pool.json``: the longest prefix of the position grid up to which
     every path of the main space keeps its content within ``tol`` of its content at the trained top. Serving then
     hands over latents up to that length (a pool with un-rotated keys has no other position limit)."""
-    from kvlingua.evaluate import EvalResult
+    from kvlingua.eval_result import EvalResult
     from kvlingua.pool import POOL_FILE
     from kvlingua.rundir import main_space, read_run_pools
 

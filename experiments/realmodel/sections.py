@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from experiments.toolkit.stats import HOLDS, paired_difference, paired_outcome
-from kvlingua.evaluate import EvalResult
+from kvlingua.eval_result import EvalResult
 from kvlingua.paths import path_name
 from kvlingua.report import fmt
 

@@ -2,7 +2,7 @@
 
 Every condition of one comparison is scored on the same held-out batches, so ``a`` against ``b`` is the
 mean per-batch difference ``d = a − b`` and its standard error ``se``
-(:func:`kvlingua.evaluate.paired_difference`). A comparison states a relation to a tolerance ``tol``
+(:func:`kvlingua.eval_result.paired_difference`). A comparison states a relation to a tolerance ``tol``
 (NLL per token, nats):
 
 * ``le`` (``a`` reaches or beats ``b``): holds when ``d + 2·se <= tol``, fails when ``d − 2·se > tol``;
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from kvlingua.evaluate import paired_difference
+from kvlingua.eval_result import paired_difference
 
 HOLDS, FAILS, UNSURE = "holds", "fails", "inconclusive"
 RELATIONS = ("le", "ge", "within")

@@ -9,7 +9,7 @@ from experiments.paper.claims import Check, run_check, verdict
 from experiments.paper.report import RESULT_FILE, write_paper_report
 from experiments.paper.suite import PaperExperiment, load_experiments, window_hidden
 from experiments.toolkit.stats import outcome
-from kvlingua.evaluate import EvalResult
+from kvlingua.eval_result import EvalResult
 
 CONDS = ["base", "control", "no-prefix", "translator"]
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from kvlingua.backend import LocalBackend
 from kvlingua.cache import as_past_key_values, cache_kwargs, extract_prefix
-from kvlingua.evaluate import EvalConfig, EvalResult, content_transferred, evaluate, make_eval_fn, paired_difference
+from kvlingua.eval_result import EvalResult, content_transferred, paired_difference
+from kvlingua.evaluate import EvalConfig, evaluate, make_eval_fn
 from kvlingua.report import plot_history, write_report
 from kvlingua.space import SharedSpace
 from kvlingua.batch import Batch

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from kvlingua.evaluate import EvalResult
+from kvlingua.eval_result import EvalResult
 from orchestrator.cli import main
 from tests.helpers import fake_corpus_home, tiny_model
 
@@ -108,7 +108,7 @@ def test_the_report_says_what_the_numbers_say(real):
 def test_objectives_train_for_equal_wall_time_on_the_levers_rows(real):
     """Each objective trained for the same wall-time budget (not the same steps), kept its best validation step,
     and was scored on the levers' held-out rows, so the report's rows are paired with the default."""
-    from kvlingua.evaluate import paired_difference
+    from kvlingua.eval_result import paired_difference
     from kvlingua.paths import path_name
 
     root = real[0]
