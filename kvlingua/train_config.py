@@ -72,8 +72,9 @@ class TrainConfig:
             positive_int(name, getattr(self, name), zero_ok=True)
         if self.paths_per_step is not None:
             positive_int("paths_per_step", self.paths_per_step)
-        if not self.lr > 0 or not self.stack_lr_scale > 0:
-            raise ValueError(f"lr and stack_lr_scale must be > 0, got {self.lr}, {self.stack_lr_scale}")
+        for name in ("lr", "stack_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.weight_decay < 0 or self.recon_weight < 0:
             raise ValueError(
                 f"weight_decay and recon_weight must be >= 0, got {self.weight_decay}, {self.recon_weight}")

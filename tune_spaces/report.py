@@ -8,7 +8,7 @@ searched keys. Reference NLLs per path that do not depend on the key are drawn a
 dashed lines and listed in the table: the target's own cache (``base``), the content
 control, the ``identity`` map (where layouts match) and the ``linear`` space.
 
-Output: ``ablation_<key>.png`` (matplotlib Agg) and ``ablations.md`` in the sweep
+Output: ``ablation_<key>.png`` (:func:`kvlingua.report.agg_figure`: no pyplot) and ``ablations.md`` in the sweep
 directory (or ``out_dir``).
 """
 from __future__ import annotations
@@ -20,15 +20,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tune_spaces.results import read_csv
+from kvlingua.metric_names import NllKey
+from kvlingua.report import agg_figure
+from tune_spaces.results import column_paths, read_csv
 
 DASHED = ("base", "control", "identity", "linear")
 """Conditions drawn as dashed lines beside the main space's curve when present in the table."""
 LOG_KEYS = ("train.lr",)
-
-
-def _paths(rows: Sequence[Mapping[str, Any]], cond: str) -> list[str]:
-    return sorted({c.split("/", 2)[2] for r in rows for c in r if c.startswith(f"nll/{cond}/")})
 
 
 def _mean(values: list[float]) -> float:
@@ -40,16 +38,16 @@ def ablation_table(rows: Sequence[Mapping[str, Any]], key: str, main: str) -> di
     """``{"x": values, "paths": {path: [best NLL at each x]}, "refs": {cond: {path: mean NLL}}}``."""
     done = [r for r in rows if r.get("status") == "finished"]
     xs = sorted({r[key] for r in done if key in r})
-    paths = _paths(done, main)
+    paths = column_paths(done, main)
     curves = {}
     for p in paths:
-        col = f"nll/{main}/{p}"
+        col = NllKey.of_path(p, main).column()
         curves[p] = [min((r[col] for r in done if r.get(key) == x and col in r), default=math.nan) for x in xs]
     refs = {}
     for cond in DASHED:
         if cond == main:
             continue
-        per_path = {p: _mean([r.get(f"nll/{cond}/{p}", math.nan) for r in done]) for p in paths}
+        per_path = {p: _mean([r.get(NllKey.of_path(p, cond).column(), math.nan) for r in done]) for p in paths}
         if any(not math.isnan(v) for v in per_path.values()):
             refs[cond] = per_path
     return {"x": xs, "paths": curves, "refs": refs}
@@ -57,12 +55,8 @@ def ablation_table(rows: Sequence[Mapping[str, Any]], key: str, main: str) -> di
 
 def plot_ablation(table: Mapping[str, Any], key: str, main: str, out: Path) -> Path:
     """NLL per path against ``key`` (one colour per path), dashed reference lines in the same colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig = agg_figure(figsize=(6.4, 4.2), constrained_layout=True)
+    ax = fig.add_subplot()
     styles = {"base": ":", "control": "--", "identity": "-.", "linear": (0, (5, 1))}
     for i, (path, ys) in enumerate(table["paths"].items()):
         color = f"C{i % 10}"
@@ -80,10 +74,8 @@ def plot_ablation(table: Mapping[str, Any], key: str, main: str, out: Path) -> P
     ax.set_ylabel("held-out suffix NLL per token")
     ax.set_title(f"NLL per translation direction vs {key}")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out
 
 

@@ -1,7 +1,7 @@
 """The sweep's results table (CSV and Markdown) and its best config as a run YAML.
 
 One row per trial: its status, its searched values, the sweep metric, and from its
-``eval.json`` (:class:`kvlingua.evaluate.EvalResult`) the held-out NLL of every path
+``eval.json`` (:class:`kvlingua.eval_result.EvalResult`) the held-out NLL of every path
 under every condition (``nll/<condition>/<src>-><tgt>``: base, control, no-prefix,
 identity where layouts match, then each trained space) and the content transferred
 (``content/<condition>/<src>-><tgt>``). The Markdown table keeps the main space's
@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from kvlingua.metric_names import NllKey
+
 STATUSES = ("finished", "stopped", "error", "unfinished")
 """finished: full evaluation done; stopped: ended early by ASHA; error: raised; unfinished: interrupted."""
 
@@ -30,11 +32,17 @@ def eval_columns(eval_dict: Mapping[str, Any]) -> dict[str, float]:
             if cond not in row:
                 continue
             summary = row[cond]
-            out[f"nll/{cond}/{name}"] = summary["nll_mean"]
+            out[NllKey.of_path(name, cond).column()] = summary["nll_mean"]
             if cond not in ("base", "control"):
                 content = summary["content"]
                 out[f"content/{cond}/{name}"] = math.nan if content is None else content
     return out
+
+
+def column_paths(rows: Sequence[Mapping[str, Any]], condition: str) -> list[str]:
+    """The paths ``i->j`` that have an NLL column of ``condition`` (``nll/<condition>/i->j``) in any row, sorted."""
+    return sorted({key.path for r in rows for c in r
+                   if (key := NllKey.parse(c)) is not None and key.condition == condition and c == key.column()})
 
 
 def trial_row(trial_id: str, status: str, params: Mapping[str, Any], metric: str, value: float | None,
@@ -85,14 +93,14 @@ def _fmt(v: Any) -> str:
 def to_markdown(rows: Sequence[Mapping[str, Any]], params: Sequence[str], metric: str, main: str,
                 header: str = "") -> str:
     """Per trial: searched values, the metric, then per path the main space's NLL and content transferred."""
-    paths = sorted({c.split("/", 2)[2] for r in rows for c in r if c.startswith(f"nll/{main}/")})
+    paths = column_paths(rows, main)
     cols = ["trial", "status", *params, metric, *[f"NLL {p}" for p in paths], *[f"content {p}" for p in paths]]
     lines = [header] if header else []
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     ordered = sorted(rows, key=lambda r: (r["status"] != "finished", _sort_key(r.get(metric))))
     for r in ordered:
         cells = [r["trial_id"], r["status"], *[_fmt(r.get(p, "")) for p in params], _fmt(r.get(metric, math.nan))]
-        cells += [_fmt(r.get(f"nll/{main}/{p}", math.nan)) for p in paths]
+        cells += [_fmt(r.get(NllKey.of_path(p, main).column(), math.nan)) for p in paths]
         cells += [_fmt(r.get(f"content/{main}/{p}", math.nan)) for p in paths]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")

@@ -34,6 +34,7 @@ from ray import tune
 from kvlingua.blockstore import BlockStore, ids_digest
 from kvlingua.config import ConfigError, from_dict, to_dict
 from kvlingua.job import TrainJob, curve_batches, eval_batches, train_batches
+from kvlingua.metric_names import TUNE_MEAN, NllKey
 from kvlingua.tracking import TrackerHandle, attach, end_if_running
 from tune_spaces.results import best_row, to_markdown, trial_row, write_best_config, write_csv
 from tune_spaces.spaces import apply_params, resolve_space, validate_trials
@@ -70,9 +71,9 @@ def plan(cfg: SweepConfig, progress: bool = False) -> dict[str, Any]:
         raise ConfigError("asha needs train.eval_every > 0: trials report the eval metric every eval_every steps")
     if cfg.asha is not None and any(c.train.steps < cfg.asha.grace_period for c in configs):
         raise ConfigError(f"asha.grace_period={cfg.asha.grace_period} exceeds train.steps of some trials")
-    metric = cfg.metric or kwargs.get("metric", "eval_nll")
-    if metric != "eval_nll":
-        names = {f"eval_nll/{i}->{j}" for c in configs for i, j in
+    metric = cfg.metric or kwargs.get("metric", TUNE_MEAN)
+    if metric != TUNE_MEAN:
+        names = {NllKey(i, j).tune() for c in configs for i, j in
                  (c.train.paths or [(a, b) for a in known for b in known])}
         if metric not in names:
             raise ConfigError(f"metric {metric!r} names no trained path; choose eval_nll or one of {sorted(names)}")
@@ -133,7 +134,7 @@ def _tuner(cfg: SweepConfig, trainable, grid: dict, kwargs: dict, sweep_dir: Pat
     exp_dir = sweep_dir / EXPERIMENT
     if resume:
         return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-    metric = cfg.metric or kwargs.get("metric", "eval_nll")
+    metric = cfg.metric or kwargs.get("metric", TUNE_MEAN)
     mode = kwargs.get("mode", "min")
     scheduler = None
     if cfg.asha is not None:
@@ -212,7 +213,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True, 
         for h in hosts.values():
             ray.kill(h, no_restart=True)
     extractions = int(state.get("extractions", 0)) + sum(s.get("extractions", 0) for s in stats)
-    metric = cfg.metric or p["tune_kwargs"].get("metric", "eval_nll")
+    metric = cfg.metric or p["tune_kwargs"].get("metric", TUNE_MEAN)
     rows, run_ids = _rows(grid_result, list(p["grid"]), metric, sweep_dir, asha=cfg.asha is not None)
     expected = len(jobs) * (cfg.num_samples or p["tune_kwargs"].get("num_samples", 1))
     complete = len(rows) == expected and all(r["status"] != "unfinished" for r in rows)

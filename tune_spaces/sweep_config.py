@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlingua.config import ConfigError, apply_override, from_dict, load_yaml
+from kvlingua.metric_names import TUNE_MEAN, NllKey
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ class SweepConfig:
             raise ValueError(f"name must be a non-empty name without '/', got {self.name!r}")
         if self.num_samples is not None and self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.metric is not None and not (self.metric == "eval_nll" or self.metric.startswith("eval_nll/")):
+        key = NllKey.parse(self.metric) if self.metric is not None else None
+        if self.metric is not None and self.metric != TUNE_MEAN and (key is None or self.metric != key.tune()):
             raise ValueError(f"metric must be 'eval_nll' or 'eval_nll/<src>-><tgt>', got {self.metric!r}")
         if self.max_concurrent_trials < 1 or self.torch_threads < 1:
             raise ValueError("max_concurrent_trials and torch_threads must be >= 1")

@@ -32,6 +32,7 @@ from ray import tune
 from kvlingua.config import from_dict, to_dict
 from kvlingua.evaluate import evaluate
 from kvlingua.job import allowed_paths, curve_batches
+from kvlingua.metric_names import TUNE_MEAN, NllKey
 from kvlingua.paths import path_name
 from kvlingua.run import finish, train_spaces
 from kvlingua.runtime import Runtime
@@ -67,8 +68,8 @@ class TrialContext:
 
 def path_metrics(nll_by_path: Mapping[str, float]) -> dict[str, float]:
     """``{"a->b": nll}`` -> ``{"eval_nll": mean, "eval_nll/a->b": nll, ...}``."""
-    out = {"eval_nll": float(sum(nll_by_path.values()) / len(nll_by_path))}
-    out.update({f"eval_nll/{p}": float(v) for p, v in nll_by_path.items()})
+    out = {TUNE_MEAN: float(sum(nll_by_path.values()) / len(nll_by_path))}
+    out.update({NllKey.of_path(p).tune(): float(v) for p, v in nll_by_path.items()})
     return out
 
 
@@ -88,7 +89,7 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
 
     def on_eval(space: str, step: int, metrics: dict[str, float]) -> None:
         if space == main and step < last:  # the last step is reported once, after the final evaluation
-            nll = {path_name(p): metrics[f"eval/nll/{path_name(p)}"] for p in paths}
+            nll = {path_name(p): metrics[NllKey(*p).curve()] for p in paths}
             tune.report({"step": step, "final": False, "mlflow_run_id": run_id, **path_metrics(nll)})
 
     with tracked(tracker):
