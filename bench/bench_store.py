@@ -97,7 +97,8 @@ def build_pool(root: Path, args) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kvlingua.cache import arch_summary, fingerprint
-    from kvlingua.pool import PoolMember, save_pool
+    from kvlingua.pool import save_pool
+    from kvlingua.pool_members import PoolMember
     from kvlingua.space import SharedSpace
     from kvlingua.translator import SpaceConfig
     from tests.serve_apps.tiny_pool import train_tiny_tokenizer

@@ -25,7 +25,7 @@ class KvlinguaError(Exception):
 
     Its message reads ``<file or key>: <what is wrong>`` and needs no traceback to be understood:
     the ``kvlingua`` command line prints it as one line and exits non-zero. Every package's known
-    errors derive from it (:class:`ConfigError`, :class:`kvlingua.pool.PoolMismatchError`, ...);
+    errors derive from it (:class:`ConfigError`, :class:`kvlingua.pool_members.PoolMismatchError`, ...);
     an exception that does not is a bug and keeps its traceback.
     """
 

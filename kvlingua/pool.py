@@ -8,7 +8,7 @@ A pool directory holds::
     tokenizer/                     the pool's shared tokenizer (optional; ``"tokenizer"`` says whether)
 
 Each member entry records ``name``, ``path`` (the frozen model's ``save_pretrained``
-directory, written to survive a move: see :func:`model_path_record`), ``path_when_saved``
+directory, written to survive a move: see :func:`kvlingua.pool_members.model_path_record`), ``path_when_saved``
 (the absolute directory at save time, tried when ``path`` does not resolve), ``summary``
 (its :class:`~kvlingua.cache.ArchSummary`), ``fingerprint`` (:func:`kvlingua.cache.fingerprint`
 of its weights), ``adapter_sha256`` (SHA-256 of its adapter file) and ``params`` (adapter
@@ -16,8 +16,9 @@ parameter counts). Format 1 files (absolute or pool-relative paths, no adapter d
 are still read.
 
 :func:`load_pool` refuses a pool that is damaged or no longer matches its models with a
-:class:`PoolMismatchError`, and a missing piece with a :class:`PoolNotFoundError`; both
-messages start with the file concerned (``<file>: <what is wrong>``).
+:class:`~kvlingua.pool_members.PoolMismatchError`, and a missing piece with a
+:class:`~kvlingua.pool_members.PoolNotFoundError`; both messages start with the file concerned
+(``<file>: <what is wrong>``). Finding and checking the members' checkpoints is :mod:`kvlingua.pool_members`.
 
 Where a training run keeps its pools (one per trained space) is :mod:`kvlingua.rundir`.
 """
@@ -25,55 +26,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
-from kvlingua.cache import ArchSummary, arch_summary, check_same_vocab, fingerprint
-from kvlingua.config import ConfigError, KvlinguaError, to_dict
-from kvlingua.home import data_home
-from kvlingua.models import load_frozen
+from kvlingua.cache import check_same_vocab
+from kvlingua.config import ConfigError, to_dict
+from kvlingua.pool_members import (POOL_FILE, PoolMember, PoolMismatchError, PoolNotFoundError, load_member_model,
+                                   model_path_record, resolve_model, verify_member)
 from kvlingua.space import SharedSpace, adapter_file, summary_from_dict
 
-POOL_FILE = "pool.json"
 POOL_FORMAT = 2
 """Written format; 1 (absolute or pool-relative model paths, no adapter digests) is still read."""
 READ_FORMATS = (1, 2)
 TOKENIZER_DIR = "tokenizer"
 MEMBER_TOKENIZERS = "tokenizers"
 """Where a pool that mixes tokenizers keeps each member's (``tokenizers/<member>``)."""
-HOME_PREFIX = "$KVLINGUA_HOME/"
-"""A recorded model path starting with this lies under :func:`kvlingua.home.data_home` where it is read."""
 _RESERVED = ("format", "space", "members", "tokenizer")
-
-
-class PoolMismatchError(KvlinguaError, ValueError):
-    """A pool directory is damaged or no longer matches its models (names the file and what differs)."""
-
-
-class PoolNotFoundError(KvlinguaError, FileNotFoundError):
-    """A pool directory, or a file or model it needs, is missing (names where it was looked for)."""
-
-
-@dataclass(frozen=True)
-class PoolMember:
-    """One frozen model of a pool."""
-
-    name: str
-    """Name of the model inside the pool (used for adapter file names and paths ``i -> j``)."""
-    path: str
-    """Its ``save_pretrained`` directory; relative paths resolve against the pool directory."""
-    summary: ArchSummary
-    """Cache layout the adapters were built for."""
-    fingerprint: str
-    """Digest of its weights (:func:`kvlingua.cache.fingerprint`)."""
 
 
 @dataclass
@@ -103,53 +78,6 @@ class LoadedPool:
     def mixed_tokenizers(self) -> bool:
         """Whether members tokenize differently (text is then the interface between them)."""
         return any("tokenizer" in e for e in self.meta.get("members", []))
-
-
-# ---------------------------------------------------------------- model paths
-def model_path_record(model_dir: str | Path, pool_dir: str | Path) -> str:
-    """How ``pool.json`` records a model directory so the pool can move.
-
-    ``$KVLINGUA_HOME/<relative path>`` when the model lies under :func:`kvlingua.home.data_home`;
-    a path relative to the pool directory when the model lies beside the pool (under the pool
-    directory's parent, e.g. in the same run directory); else the absolute path.
-    """
-    model_dir, pool_dir = Path(model_dir).resolve(), Path(pool_dir).resolve()
-    home = data_home().resolve()
-    if model_dir.is_relative_to(home):
-        return HOME_PREFIX + model_dir.relative_to(home).as_posix()
-    if model_dir.is_relative_to(pool_dir.parent):
-        return Path(os.path.relpath(model_dir, pool_dir)).as_posix()
-    return str(model_dir)
-
-
-def _model_candidates(entry: dict, root: Path, models_root: str | Path | None) -> list[Path]:
-    """Directories to look for a member's model in, best first (see :func:`load_pool`)."""
-    recorded = entry["path"]
-    if models_root is not None:
-        base = Path(models_root).expanduser().resolve()
-        found = [base / Path(recorded).name, base / entry["name"]]
-    else:
-        if recorded.startswith(HOME_PREFIX):
-            first = data_home() / recorded[len(HOME_PREFIX):]
-        else:
-            first = root / recorded  # an absolute recorded path stays itself
-        found = [first.resolve()]
-        if isinstance(entry.get("path_when_saved"), str):
-            found.append(Path(entry["path_when_saved"]))
-    return list(dict.fromkeys(found))
-
-
-def _resolve_model(entry: dict, root: Path, models_root: str | Path | None) -> tuple[Path, str | None]:
-    """The member's model directory, and, when none of the candidates exists, why (a one-line message)."""
-    candidates = _model_candidates(entry, root, models_root)
-    for c in candidates:
-        if c.is_dir():
-            return c, None
-    where = f"looked in {models_root}" if models_root is not None else f"pool.json records {entry['path']!r}"
-    also = f"; also tried {', '.join(map(str, candidates[1:]))}" if len(candidates) > 1 else ""
-    hint = "" if models_root is not None else "; if the models moved, point models_root (--models-root DIR) at them"
-    return candidates[0], (f"{candidates[0]}: model {entry['name']!r}: checkpoint directory not found "
-                           f"({where}{also}{hint})")
 
 
 # ---------------------------------------------------------------- writing
@@ -268,7 +196,7 @@ def _members(meta: dict, root: Path, models_root: str | Path | None) -> tuple[li
             summary = summary_from_dict(entry["summary"], f"model {entry['name']!r}")
         except (TypeError, ValueError) as e:
             raise PoolMismatchError(f"{root / POOL_FILE}: {e}") from e
-        path, why = _resolve_model(entry, root, models_root)
+        path, why = resolve_model(entry, root, models_root)
         if why is not None:
             missing[entry["name"]] = why
         members.append(PoolMember(entry["name"], str(path), summary, entry["fingerprint"]))
@@ -308,63 +236,6 @@ def _load_tokenizer(meta: dict, root: Path, sub: str = TOKENIZER_DIR) -> Any | N
         return AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise PoolMismatchError(f"{tok_dir}: cannot load the pool's tokenizer ({e})") from e
-
-
-def verify_member(member: PoolMember, model: PreTrainedModel | None = None) -> None:
-    """Check a loaded ``model`` (or, without one, its checkpoint's ``config.json``) against ``member``.
-
-    Raises:
-        PoolNotFoundError: the member's checkpoint directory does not exist (named with the model).
-        PoolMismatchError: architecture fields differ (``model 'seed-1': num_layers: 2 != 4``) or the
-            weights' fingerprint differs (``model 'seed-2': fingerprint 1a2b.. != 9f8e.. (weights changed)``).
-    """
-    if model is None:
-        if not Path(member.path).is_dir():
-            raise PoolNotFoundError(f"{member.path}: model {member.name!r}: checkpoint directory not found")
-        try:
-            actual = arch_summary(member.path)
-        except FileNotFoundError as e:
-            raise PoolNotFoundError(f"{member.path}: model {member.name!r}: {e}") from e
-        except (OSError, ValueError) as e:
-            raise PoolMismatchError(f"{member.path}: model {member.name!r}: unreadable config.json ({e})") from e
-    else:
-        actual = arch_summary(model)
-    diffs = actual.diff(member.summary)
-    if diffs:
-        raise PoolMismatchError(f"{member.path}: model {member.name!r}: {'; '.join(diffs)} "
-                                f"(the checkpoint differs from {POOL_FILE})")
-    if model is not None:
-        fp = fingerprint(model)
-        if fp != member.fingerprint:
-            raise PoolMismatchError(
-                f"{member.path}: model {member.name!r}: fingerprint {fp[:8]}.. != {member.fingerprint[:8]}.. "
-                f"(weights changed since the pool was trained)"
-            )
-
-
-def load_member_model(member: PoolMember, device: str | torch.device = "cpu", verify: bool = True
-                      ) -> PreTrainedModel:
-    """Load ``member``'s frozen model (safetensors only) and, with ``verify``, check it against the pool.
-
-    Raises:
-        PoolNotFoundError: no checkpoint directory, config.json or safetensors weights.
-        PoolMismatchError: unreadable weights, other architecture or other weights (fingerprint).
-    """
-    try:
-        model = load_frozen(member.path, device="cpu")
-    except FileNotFoundError as e:
-        raise PoolNotFoundError(f"{member.path}: model {member.name!r}: {e}") from e
-    except (OSError, SafetensorError, ValueError) as e:
-        raise PoolMismatchError(f"{member.path}: model {member.name!r}: cannot load the checkpoint ({e})") from e
-    if verify:
-        verify_member(member, model)
-    return model.to(device)
-
-
-def verify_models(members: Iterable[PoolMember]) -> None:
-    """Load each member's checkpoint in turn (CPU, one in memory at a time) and check its fingerprint."""
-    for m in members:
-        load_member_model(m)  # checked, then dropped
 
 
 def load_pool(pool_dir: str | Path, *, device: str | torch.device = "cpu", load_models: bool = True,

@@ -32,7 +32,8 @@ from kvlingua.evaluate import evaluate, make_eval_fn
 from kvlingua.job import (TrainJob, all_paths, allowed_paths, build_space, curve_batches, eval_batches, train_batches,
                           trained_paths)
 from kvlingua.models import load_frozen
-from kvlingua.pool import PoolMember, save_pool
+from kvlingua.pool import save_pool
+from kvlingua.pool_members import PoolMember
 from kvlingua.rundir import space_pool_dir
 from kvlingua.report import write_report
 from kvlingua.runtime import Runtime

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from kvlingua.pool import POOL_FILE, PoolMismatchError, PoolNotFoundError, read_pool_meta
+from kvlingua.pool import POOL_FILE, read_pool_meta
+from kvlingua.pool_members import PoolMismatchError, PoolNotFoundError
 
 
 def main_space(names: Iterable[str]) -> str:

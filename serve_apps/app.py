@@ -14,7 +14,8 @@ from pathlib import Path
 from ray import serve
 
 from kvlingua.config import to_dict
-from kvlingua.pool import LoadedPool, load_pool, verify_models
+from kvlingua.pool import LoadedPool, load_pool
+from kvlingua.pool_members import verify_models
 from serve_apps.ingress import PoolIngress
 from serve_apps.model_server import PoolModelServer
 from serve_apps.modules import module_library
@@ -30,8 +31,8 @@ def check_pool(pool_dir: str | Path, options: ServeOptions = ServeOptions()) -> 
     ``options.modules_dir`` are checked against the pool. Needs no Ray.
 
     Raises:
-        kvlingua.pool.PoolNotFoundError: ``pool_dir`` is not a pool directory, or a file or model is missing.
-        kvlingua.pool.PoolMismatchError: the pool is damaged or a model checkpoint no longer matches ``pool.json``.
+        kvlingua.pool_members.PoolNotFoundError: ``pool_dir`` is not a pool directory, or a file or model is missing.
+        kvlingua.pool_members.PoolMismatchError: the pool is damaged or a model checkpoint no longer matches ``pool.json``.
         kvlingua.modules.prompt.ModuleError: a module that cannot be served (see :func:`module_library`).
     """
     pool = load_pool(Path(pool_dir).resolve(), load_models=False, verify=options.verify,

@@ -51,7 +51,8 @@ from serve_apps.decoding import Decoding, decode, read_and_score
 from serve_apps.mixed_replica import TextSegments
 from kvlingua.models import load_frozen
 from kvlingua.modules.port import module_latent
-from kvlingua.pool import PoolMismatchError, load_pool, verify_member
+from kvlingua.pool import load_pool
+from kvlingua.pool_members import PoolMismatchError, verify_member
 from kvlingua.space import LatentBlock
 from kvlingua.view import CacheView, model_rotation
 from kvlingua.store import LRUBytes, tensor_bytes

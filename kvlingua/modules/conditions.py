@@ -39,7 +39,8 @@ from kvlingua.modules.prompt import PromptConfig, init_prompts, prompt_block
 from kvlingua.modules.store import ModuleStore
 from kvlingua.modules.tasks import Task, TaskConfig, corpus_tasks, held_out_ids
 from kvlingua.view import module_view, translate_cache
-from kvlingua.pool import LoadedPool, PoolMismatchError, load_pool, save_pool, TOKENIZER_DIR
+from kvlingua.pool import LoadedPool, load_pool, save_pool, TOKENIZER_DIR
+from kvlingua.pool_members import PoolMismatchError
 from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace
 from kvlingua.tracking import NullTracker, Tracker

@@ -8,7 +8,8 @@ from kvlingua.cache import arch_summary, fingerprint
 from kvlingua.data.corpus import prepare_corpus
 from kvlingua.data.tokenizer import train_tokenizer
 from kvlingua.data.views import DataConfig
-from kvlingua.pool import PoolMember, load_pool, save_pool
+from kvlingua.pool import load_pool, save_pool
+from kvlingua.pool_members import PoolMember
 from kvlingua.space import SharedSpace
 from kvlingua.translator import SpaceConfig
 from orchestrator.cli import main

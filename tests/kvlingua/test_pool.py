@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from kvlingua.cache import arch_summary, extract_prefix, fingerprint
-from kvlingua.pool import PoolMember, PoolMismatchError, PoolNotFoundError, load_pool, save_pool, verify_member
+from kvlingua.pool import load_pool, save_pool
+from kvlingua.pool_members import PoolMember, PoolMismatchError, PoolNotFoundError, verify_member
 from kvlingua.rundir import main_space, read_run_pools, space_pool_dir
 from kvlingua.space import SharedSpace
 from kvlingua.translator import SpaceConfig

@@ -15,7 +15,8 @@ from kvlingua.data.views import DataConfig, documents
 from kvlingua.evaluate import EvalConfig, evaluate
 from kvlingua.models import load_frozen
 from kvlingua.job import TrainJob, eval_batches, load_rows, train_batches
-from kvlingua.pool import PoolMismatchError, load_pool
+from kvlingua.pool import load_pool
+from kvlingua.pool_members import PoolMismatchError
 from kvlingua.run import pool_job, run_local
 from kvlingua.space import SharedSpace
 from kvlingua.train import train_step

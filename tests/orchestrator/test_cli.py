@@ -78,7 +78,7 @@ def test_known_errors_share_one_base_and_bugs_keep_their_traceback(monkeypatch, 
     from kvlingua.cache import CacheAPIError
     from kvlingua.config import ConfigError, KvlinguaError
     from kvlingua.data.corpus import CorpusError
-    from kvlingua.pool import PoolMismatchError, PoolNotFoundError
+    from kvlingua.pool_members import PoolMismatchError, PoolNotFoundError
 
     known = (ConfigError, PoolMismatchError, PoolNotFoundError, CacheAPIError, CorpusError)
     assert all(issubclass(cls, KvlinguaError) for cls in known)

@@ -20,7 +20,8 @@ from kvlingua.config import to_dict
 from kvlingua.data.views import DataConfig
 from kvlingua.evaluate import EvalConfig
 from kvlingua.job import TrainJob
-from kvlingua.pool import PoolMember, save_pool
+from kvlingua.pool import save_pool
+from kvlingua.pool_members import PoolMember
 from kvlingua.rundir import main_space, space_pool_dir
 from kvlingua.space import SharedSpace
 from kvlingua.train_config import TrainConfig

@@ -21,7 +21,8 @@ from kvlingua.crossmixed import mixed_text  # noqa: E402
 from kvlingua.crosstext import handoff_text  # noqa: E402
 from kvlingua.generate import (GenerationParams, eos_ids, make_generator, model_cache, sample_tokens,  # noqa: E402
                                translate_block)
-from kvlingua.pool import PoolMember, load_pool, save_pool  # noqa: E402
+from kvlingua.pool import load_pool, save_pool  # noqa: E402
+from kvlingua.pool_members import PoolMember  # noqa: E402
 from kvlingua.space import SharedSpace  # noqa: E402
 from kvlingua.translator import SpaceConfig  # noqa: E402
 from serve_apps.openai_api import render_chat  # noqa: E402

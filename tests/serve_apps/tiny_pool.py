@@ -15,7 +15,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from kvlingua.cache import arch_summary, fingerprint
-from kvlingua.pool import PoolMember, save_pool
+from kvlingua.pool import save_pool
+from kvlingua.pool_members import PoolMember
 from kvlingua.space import SharedSpace
 from kvlingua.translator import SpaceConfig
 from tests.helpers import tiny_model
