@@ -81,7 +81,8 @@ class JobSpec:
     batch_size: int = 16
     """Sequences per step (per Ray Train rank)."""
     spaces: dict[str, SpaceConfig] = field(default_factory=_default_spaces)
-    """Named shared spaces to train with the same loop and data: the translator and baselines (linear)."""
+    """Named shared spaces to train with the same loop and data: the translator and baselines (linear). The first
+    is the run's main space (:attr:`main_space`)."""
     space_steps: dict[str, int] | None = None
     """Per-space override of ``train.steps`` (e.g. ``{linear: 900}``: an equal-wall-time baseline)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -151,7 +152,8 @@ class JobSpec:
 
     @property
     def main_space(self) -> str:
-        """The space the run is about (its pool is ``<out_dir>/pool``): ``translator`` if trained, else the first."""
+        """The space the run is about: the first of ``spaces`` (its pool is ``<out_dir>/pool``; the curves Tune
+        selects on and the reports' headline are its)."""
         return main_space(self.spaces)
 
 

@@ -34,7 +34,7 @@ from kvlingua.job import (TrainJob, all_paths, allowed_paths, build_space, curve
 from kvlingua.models import load_frozen
 from kvlingua.pool import save_pool
 from kvlingua.pool_members import PoolMember
-from kvlingua.rundir import space_pool_dir
+from kvlingua.rundir import MAIN_SPACE_KEY, space_pool_dir
 from kvlingua.report import write_report
 from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace
@@ -171,8 +171,8 @@ def finish(job: TrainJob, spaces: dict[str, SharedSpace], backend: PoolBackend,
     members = pool_members(job, backend)
     for name, space in spaces.items():
         pool_dir = space_pool_dir(out, name, main)
-        extra = {"run": job.name, "space_name": name, "job": job_dict, "trained_prefix_len": list(job.trained_prefix_len),
-                 "trained_paths": [list(p) for p in trained]}
+        extra = {"run": job.name, "space_name": name, MAIN_SPACE_KEY: main, "job": job_dict,
+                 "trained_prefix_len": list(job.trained_prefix_len), "trained_paths": [list(p) for p in trained]}
         if space.cfg.keys == "unrotated":  # how each member's keys were un-rotated (RoPE, or none)
             extra["key_rotation"] = {m: backend.rotation(m).describe() for m in job.models}
         save_pool(pool_dir, space, members, tokenizer_dir=job.tokenizer, extra=extra, tokenizers=job.tokenizers)

@@ -249,34 +249,49 @@ def test_member_entry_without_fingerprint_is_refused(pool):
         load_pool(pool["root"])
 
 
-def _run(tmp_path, pool, spaces=("translator", "linear"), run="r1"):
-    """A run directory as a training run lays it out: one pool per space, placed by space_pool_dir."""
-    main = main_space(spaces)
+def _run(tmp_path, pool, spaces=("translator", "linear"), run="r1", main=None):
+    """A run directory as a training run lays it out: one pool per space, placed by space_pool_dir. ``main``: a
+    run written before pool.json recorded its main space, which it then put at ``pool/``."""
     job = {"spaces": {name: {} for name in spaces}}
+    recorded = {} if main else {"main_space": main_space(spaces)}
     for name in spaces:
-        save_pool(space_pool_dir(tmp_path / run, name, main), pool["space"], pool["members"],
-                  extra={"run": run, "space_name": name, "job": job})
+        save_pool(space_pool_dir(tmp_path / run, name, main or main_space(spaces)), pool["space"], pool["members"],
+                  extra={"run": run, "space_name": name, "job": job, **recorded})
     return tmp_path / run
 
 
 def test_main_space_and_its_pool_directory(tmp_path):
-    assert main_space(["linear", "translator"]) == "translator" and main_space(["linear", "big"]) == "linear"
+    assert main_space(["linear", "translator"]) == "linear" and main_space(["big"]) == "big"
+    with pytest.raises(ValueError, match="at least one space"):
+        main_space([])
     assert space_pool_dir(tmp_path, "translator", "translator") == tmp_path / "pool"
     assert space_pool_dir(tmp_path, "linear", "translator") == tmp_path / "pool-linear"
 
 
 def test_run_pools_are_found_from_the_run_or_any_of_its_pools(pool, tmp_path):
-    run = _run(tmp_path, pool, ("linear", "translator", "small"))
-    expected = {"linear": run / "pool-linear", "translator": run / "pool", "small": run / "pool-small"}
-    for given in (run, run / "pool", run / "pool-linear", run / "pool-small"):
-        assert read_run_pools(given) == expected
+    run = _run(tmp_path, pool, ("linear", "translator", "small"))  # the first space is the main one
+    expected = {"linear": run / "pool", "translator": run / "pool-translator", "small": run / "pool-small"}
+    for given in (run, run / "pool", run / "pool-translator", run / "pool-small"):
+        found = read_run_pools(given)
+        assert found == expected and main_space(found) == "linear"
     shutil.rmtree(run / "pool-small")
-    assert read_run_pools(run) == {"linear": run / "pool-linear", "translator": run / "pool"}
-    shutil.copytree(run / "pool-linear", tmp_path / "alone")  # a pool copied away from its run
-    assert read_run_pools(tmp_path / "alone") == {"linear": tmp_path / "alone"}
+    assert read_run_pools(run) == {"linear": run / "pool", "translator": run / "pool-translator"}
+    shutil.copytree(run / "pool-translator", tmp_path / "alone")  # a pool copied away from its run
+    assert read_run_pools(tmp_path / "alone") == {"translator": tmp_path / "alone"}
     assert read_run_pools(pool["root"]) == {"translator": pool["root"]}  # not written by a run
     with pytest.raises(PoolNotFoundError, match="not a pool or run directory"):
         read_run_pools(tmp_path / "nowhere")
+
+
+def test_a_run_that_did_not_record_its_main_space_is_read_as_it_was_written(pool, tmp_path):
+    """Before pool.json named the main space, a run made ``translator`` its main space wherever it stood."""
+    run = _run(tmp_path, pool, ("linear", "translator", "small"), main="translator")
+    for given in (run, run / "pool", run / "pool-linear"):
+        found = read_run_pools(given)
+        assert list(found) == ["translator", "linear", "small"] and main_space(found) == "translator"
+        assert found == {"translator": run / "pool", "linear": run / "pool-linear", "small": run / "pool-small"}
+    old = _run(tmp_path, pool, ("linear", "small"), run="r2", main="linear")  # no translator: its first space
+    assert read_run_pools(old / "pool-small") == {"linear": old / "pool", "small": old / "pool-small"}
 
 
 def test_a_sibling_of_another_run_or_other_models_is_refused(pool, tmp_path):
