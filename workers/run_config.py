@@ -3,7 +3,7 @@
 ``RunConfig`` mirrors ``configs/*.yaml`` field for field. It either names a pool
 YAML to pre-train first (``pool:``, as the paper pre-trains its own pool) or
 explicit checkpoint directories (``models:``, for your own models); the data, the
-shared spaces, the loop and evaluation are the fields of :class:`kvlingua.job.JobSpec`
+shared spaces, the loop and evaluation are the fields of :class:`kvlingua.job_spec.JobSpec`
 (inherited, with their checks); then Ray placement (:class:`workers.config.RayConfig`)
 and tracking. Everything is validated on load, before any compute, and without
 importing Ray; :func:`to_job` resolves it into the backend-independent
@@ -19,7 +19,8 @@ from typing import Any
 
 from kvlingua.config import ConfigError, apply_override, from_dict, load_yaml
 from kvlingua.tracking import Tracker, TrackerHandle, open_tracker
-from kvlingua.job import JobSpec, TrainJob, check_langs, check_space_fits
+from kvlingua.job import TrainJob
+from kvlingua.job_spec import JobSpec, check_langs, check_space_fits
 from workers.config import RayConfig
 
 
