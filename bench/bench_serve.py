@@ -7,7 +7,7 @@ clients, requests/s, generated tokens/s and p50/p99 latency for
 * ``text``:   source -> target, the target re-reads the prompt (baseline hand-off);
 * ``latent``: source prefills, its cache goes through Σ, the target decodes from it.
 
-Target (DESIGN.md): latent throughput at 8 clients >= 0.7x single. Without ``--pool`` a
+Target (docs/results/benchmarks.md): latent throughput at 8 clients >= 0.7x single. Without ``--pool`` a
 tiny random pool is built in a temporary directory (timings only; its text is noise).
 
     python bench/bench_serve.py [--pool DIR] [--clients 1 8] [--requests 6] [--max-new-tokens 32]

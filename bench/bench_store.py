@@ -11,7 +11,7 @@ time to first token = until the first token's chunk arrives):
   every target (each decodes it at store time): a target's first request reads only the question.
 
 Bytes held: the store keeps one latent ``[1, C, Q]`` (keys + values) instead of one native
-cache ``[1, C, L_i, D_i]`` per target. Target (DESIGN.md): TTFT with the store ≤ 0.5× re-read.
+cache ``[1, C, L_i, D_i]`` per target. Target (README.md, *Benchmarks*): TTFT with the store ≤ 0.5× re-read.
 The pool is built here from configs (random weights, no download): a source and N targets,
 Llama-style, ``--layers`` layers of width ``--hidden``.
 

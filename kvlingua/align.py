@@ -1,6 +1,6 @@
 """Which source position a target position reads when the two models tokenize differently.
 
-Text is the interface between tokenizers (DESIGN.md, *Different tokenizers*): both models tokenize the
+Text is the interface between tokenizers (README.md, *Your own models*): both models tokenize the
 same text, and every token knows the character where it ends. Target position ``t`` reads Σ at the
 **last source token that ends at or before t's last character**, so no target position ever reads a
 source token that reaches past it (causal), and the map is monotone in ``t``. A target token that ends

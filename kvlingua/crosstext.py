@@ -1,4 +1,4 @@
-"""Generation between models that tokenize differently: text is the interface (DESIGN.md, *Different tokenizers*).
+"""Generation between models that tokenize differently: text is the interface (README.md, *Your own models*).
 
 A prompt arrives as text. Each model reads it with its own tokenizer (:func:`kvlingua.align.text_ends`). A
 latent hand-off prefills the *source's* tokens, and the target's cache of the prompt (all its tokens but the

@@ -2,8 +2,8 @@
 
 * :func:`lr_factor` (and :func:`warmup_cosine`, the same as a ``LambdaLR``): linear
   warm-up from 0 over ``round(warmup_frac * total)`` steps, then half a cosine from 1
-  down to ``min_lr_ratio`` (0 unless given), reached at ``step == total`` (DESIGN.md's
-  optimiser; the shape of torchtune's ``get_cosine_schedule_with_warmup``). Σ training
+  down to ``min_lr_ratio`` (0 unless given), reached at ``step == total`` (the shape
+  of torchtune's ``get_cosine_schedule_with_warmup``). Σ training
   decays to 0; pool pre-training to ``min_lr_ratio = 0.1``.
 * :func:`epoch_order`: the order in which epoch ``epoch`` of a run with seed ``seed``
   visits ``n`` items, a seeded permutation that is a pure function of

@@ -157,7 +157,7 @@ class SpaceConfig:
     translated cache has the target's own per-(layer, channel) mean and standard deviation
     (:func:`kvlingua.outinit.match_init`). ``random`` and ``match`` are kept for ablations."""
     init_batches: int = 16
-    """Training batches the ``closed_form`` calibration reads (DESIGN.md measured 128 passages)."""
+    """Training batches the ``closed_form`` calibration reads."""
     ridge: float = 1e-2
     """Ridge of the ``closed_form`` regressions, relative to the mean variance of a regressor channel."""
     sink_tokens: int = 1

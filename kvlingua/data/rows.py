@@ -1,4 +1,4 @@
-"""Text-first rows for a pool whose members tokenize differently (DESIGN.md, *Different tokenizers*).
+"""Text-first rows for a pool whose members tokenize differently (README.md, *Your own models*).
 
 A row is one cut in a document: the prefix text ends, and the suffix text starts, at a space
 (``text[c] == " "``, so the suffix's first word keeps its space as every tokenizer here expects). Each
