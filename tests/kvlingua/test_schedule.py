@@ -16,8 +16,8 @@ def test_lr_factor_matches_hand_values(step, expected):
 
 def test_lr_factor_floor_and_edges():
     # Cosine to a floor: 0.1 + 0.9 * (1 + cos(pi * t)) / 2.
-    assert lr_factor(10, 20, 0.25, min_lr_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.75)
-    assert lr_factor(15, 20, 0.25, min_lr_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.25)
+    assert lr_factor(10, 20, 0.25, min_lr_ratio=0.1) == pytest.approx(0.775)
+    assert lr_factor(15, 20, 0.25, min_lr_ratio=0.1) == pytest.approx(0.325)
     assert lr_factor(20, 20, 0.25, min_lr_ratio=0.1) == pytest.approx(0.1)
     assert lr_factor(5, 20, 0.25, min_lr_ratio=0.1) == 1.0
     # No warm-up: the first step is at the peak; 200 steps at 5% warm up over 10 steps.
@@ -67,11 +67,20 @@ def test_warmup_cosine_drives_the_optimizer_and_resumes():
         warmup_cosine(opt, 20, 1.0)
 
 
-def test_epoch_order_is_the_seeded_randperm_the_batches_have_always_used():
-    # The contract that keeps existing runs' batches bit-identical: randperm under seed * 1000 + epoch.
-    for n, seed, epoch in ((10, 0, 0), (10, 0, 3), (37, 2, 1), (1, 5, 0)):
-        expected = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        assert torch.equal(epoch_order(n, seed, epoch), expected)
+# The orders existing runs' batches have always been visited in, written down once: a change to how an epoch's
+# order is drawn changes which batch a resumed or repeated run reads at each step.
+PINNED_ORDERS = {
+    (10, 0, 0): [4, 1, 7, 5, 3, 9, 0, 8, 6, 2],
+    (10, 0, 3): [6, 0, 3, 7, 8, 5, 1, 9, 2, 4],
+    (37, 2, 1): [19, 13, 12, 27, 35, 11, 2, 21, 1, 8, 3, 17, 6, 5, 9, 20, 22, 26, 28, 16, 25, 31, 30, 32, 36, 10,
+                 29, 18, 24, 0, 33, 15, 34, 23, 14, 4, 7],
+    (1, 5, 0): [0],
+}
+
+
+@pytest.mark.parametrize("n,seed,epoch", sorted(PINNED_ORDERS))
+def test_epoch_order_is_the_order_the_batches_have_always_used(n, seed, epoch):
+    assert epoch_order(n, seed, epoch).tolist() == PINNED_ORDERS[(n, seed, epoch)]
 
 
 def test_epoch_order_is_a_fresh_permutation_per_epoch_and_seed():
