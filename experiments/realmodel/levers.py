@@ -37,6 +37,7 @@ DEFAULT_LEVERS: dict[str, dict] = {
     "keys: rotated": {"keys": "rotated"},
     "q_dim: 240": {"q_dim": 240},
     "init: match": {"init": "match"},
+    "init_batches: 16": {"init_batches": 16},
 }
 """Variant name -> the space-config fields it changes (the first is the run's own start)."""
 

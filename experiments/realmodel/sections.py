@@ -136,9 +136,10 @@ def levers_section(run_dir: Path, deep: str, shallow: str) -> list[str]:
                      f"{_fmt(_content(trained, path), 2)} | {diff:+.3f} ± {se:.3f} |")
     lines += ["", "## Levers at the start (test split)", "",
               "Each row changes one setting of the main space against its own start and recomputes the start "
-              "(no training: every variant costs the same, seconds). `sink_tokens: k` = the target keeps its own "
-              "first k positions (its attention sink), `keys: rotated` = keys travel with RoPE, `q_dim` = Σ's width, "
-              "`init: match` = the earlier random start rescaled to the target's statistics. NLL difference against "
+              "(no training: each variant is one calibration and one scoring). `sink_tokens: k` = the target keeps "
+              "its own first k positions (its attention sink), `keys: rotated` = keys travel with RoPE, `q_dim` = Σ's "
+              "width, `init: match` = the earlier random start rescaled to the target's statistics, `init_batches: n` "
+              "= the closed form calibrated on the first n training batches instead of the run's. NLL difference against "
               "the default start on the same rows (paired, ± SE; negative = the lever helps). A row's control keeps "
               "its own sink, so content compares within a row; the NLL difference compares across rows.", "",
               "| lever | " + " | ".join(f"{path_name(p)} NLL (content) | − start (± SE)" for p in paths) + " |",
