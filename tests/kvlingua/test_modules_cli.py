@@ -138,3 +138,32 @@ def test_meta_train_in_process_writes_a_pool_that_records_its_prompt_length(smok
     assert "8 tasks seen" in capsys.readouterr().out  # 2 steps x 4 tasks
     meta = load_pool(root / "meta-only" / "pool-meta", load_models=False, verify=False).meta["modules"]
     assert (meta["init"], meta["tasks_seen"], meta["prompt_len"]) == ("random", 8, 3)
+
+
+def test_one_tokenizer_tasks_are_what_they_were(smoke):
+    """The smoke tasks of one tokenizer, written down from the single-tokenizer code (before tasks were text):
+    the same names, and the same ids (SHA-256 over names, training and held-out ids)."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    from kvlingua.config import load_config
+    from kvlingua.modules.conditions import ModulesConfig
+    from kvlingua.modules.tasks import corpus_tasks, member_tasks
+
+    root, _ = smoke
+    tok = AutoTokenizer.from_pretrained(str(root / "tok"))
+    cfg = load_config(ModulesConfig, "configs/modules/smoke.yaml").tasks
+    expected = {"meta-train": (["en/2.18", "en/3.14", "en/3.16", "es/1.18", "es/1.19", "es/2.12", "es/2.3", "es/2.7"],
+                               "367dd7a1408ad7a2"),
+                "meta-test": (["en/1.7", "en/2.17", "es/2.6", "es/3.7"], "d4e6080792761c81")}
+    for role, (names, digest) in expected.items():
+        tasks = corpus_tasks(tok, cfg, role)
+        h = hashlib.sha256()
+        for t in tasks:
+            h.update(t.name.encode()), h.update(t.train.numpy().tobytes()), h.update(t.held_out.numpy().tobytes())
+        assert [t.name for t in tasks] == names and h.hexdigest()[:16] == digest
+        shared = member_tasks({"seed0": tok, "seed1": tok}, cfg, role)
+        assert shared["seed0"] is shared["seed1"]  # one list: every model reads the same ids
+        assert all(torch.equal(a.train, b.train) and torch.equal(a.held_out, b.held_out)
+                   for a, b in zip(shared["seed0"], tasks))
