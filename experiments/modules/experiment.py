@@ -45,11 +45,11 @@ def run_experiment(cfg: ModulesConfig, tracker: Tracker | None = None, log: Call
     names, chunk = setup.pool.space.names, cfg.eval_batch
     paths = directions(names)
     per_task: dict[str, dict[str, list[float]]] = {f"{i}->{j}": {} for i, j in paths}
-    for i, j in paths:
-        row = per_task[f"{i}->{j}"]
-        row["none"] = condition_nll(setup.backend, j, None, setup.test_tasks, chunk).tolist()
-        row["random"] = condition_nll(setup.backend, j, setup.random_blocks[j], setup.test_tasks, chunk).tolist()
-        row["direct"] = condition_nll(setup.backend, j, setup.test_blocks[j], setup.test_tasks, chunk).tolist()
+    for i, j in paths:  # each target scored on its own tokens of the held-out verses
+        row, held = per_task[f"{i}->{j}"], setup.tasks["meta-test"][j]
+        row["none"] = condition_nll(setup.backend, j, None, held, chunk).tolist()
+        row["random"] = condition_nll(setup.backend, j, setup.random_blocks[j], held, chunk).tolist()
+        row["direct"] = condition_nll(setup.backend, j, setup.test_blocks[j], held, chunk).tolist()
     curves: dict[str, dict[str, list[dict]]] = {}
     t1 = time.perf_counter()
     tasks_per_step = cfg.meta.batch_size
@@ -70,7 +70,7 @@ def run_experiment(cfg: ModulesConfig, tracker: Tracker | None = None, log: Call
                 metrics[f"meta_test/ported/{i}->{j}"] = float(nll.mean())
             return metrics
 
-        state = meta_train(space, setup.backend, setup.train_blocks, setup.train_tasks, cfg.meta,
+        state = meta_train(space, setup.backend, setup.train_blocks, setup.tasks["meta-train"], cfg.meta,
                            runtime=Runtime(tracker=PrefixedTracker(tracker, start), progress=progress), eval_fn=eval_fn)
         space.eval()
         with torch.no_grad():
@@ -117,9 +117,10 @@ def summarize(per_task: dict, curves: dict, cfg: ModulesConfig, setup: Setup, ti
             for point in curve[path]:
                 point["gap_recovered"] = gap_recovered(point["mean"], rnd, direct)
         table[path] = stats
+    test_names = setup.task_names("meta-test")
     return {"table": table, "curves": curves, "per_task": per_task, "timing": {k: round(v, 1) for k, v in timing.items()},
-            "tasks": {"meta_train": len(setup.train_tasks), "meta_test": len(setup.test_tasks),
-                      "test_names": [t.name for t in setup.test_tasks]},
+            "tasks": {"meta_train": len(setup.task_names("meta-train")), "meta_test": len(test_names),
+                      "test_names": test_names},
             "config": to_dict(cfg), "pool": str(setup.pool.root), "modules": setup.modules}
 
 

@@ -18,6 +18,11 @@ meta-test tasks:
 
 and the share of the gap recovered, ``(NLL_random - NLL_x) / (NLL_random - NLL_direct)``
 (:func:`gap_recovered`).
+
+The pool's members may tokenize differently: the tasks are text (:func:`kvlingua.modules.tasks.member_tasks`),
+each member learns its modules on its own tokens of a task and every target is scored on its own tokens of the
+task's held-out verses, so an NLL is always the target's, in its vocabulary, and the conditions of one target
+compare. A member without a tokenizer is refused (:func:`load_modules_pool`).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from kvlingua.modules.meta import MetaConfig, meta_train
 from kvlingua.modules.port import MODULES_KEY
 from kvlingua.modules.prompt import PromptConfig, init_prompts, prompt_block
 from kvlingua.modules.store import ModuleStore
-from kvlingua.modules.tasks import Task, TaskConfig, corpus_tasks, held_out_ids
+from kvlingua.modules.tasks import Task, TaskConfig, held_out_ids, member_tasks
 from kvlingua.view import module_view, translate_cache
 from kvlingua.pool import LoadedPool, load_pool, save_pool, TOKENIZER_DIR
 from kvlingua.pool_members import PoolMismatchError
@@ -96,8 +101,9 @@ class Setup:
 
     pool: LoadedPool
     backend: LocalBackend
-    train_tasks: list[Task]
-    test_tasks: list[Task]
+    tasks: dict[str, dict[str, list[Task]]]
+    """role (``meta-train``, ``meta-test``) -> model -> its tasks in its own tokens: the same names in the same
+    order for every model (empty for a role not prepared)."""
     train_blocks: dict[str, KVBlock]
     """model -> blocks of its meta-train modules ``[T_train, p, L, D]``."""
     test_blocks: dict[str, KVBlock]
@@ -108,12 +114,18 @@ class Setup:
     modules: dict[str, int] = field(default_factory=dict)
     """``{"learned": n, "read": m}``: modules learned by this run and read back from the module store."""
 
+    def task_names(self, role: str) -> list[str]:
+        """The names of ``role``'s tasks (one list for every model)."""
+        return [t.name for t in next(iter(self.tasks[role].values()), [])]
+
 
 def load_modules_pool(path: str | Path) -> LoadedPool:
-    """A pool with models and tokenizer (prompt-recovery tasks need the tokenizer)."""
+    """A pool with its models and every member's tokenizer (each member reads the tasks' text with its own)."""
     pool = load_pool(path)
-    if pool.tokenizer is None:
-        raise PoolMismatchError(f"{pool.root}: this pool has no tokenizer; modules need one to build the tasks")
+    lacking = [m.name for m in pool.members if pool.tokenizers.get(m.name) is None]
+    if lacking:
+        raise PoolMismatchError(f"{pool.root}: member(s) {lacking} have no tokenizer; modules need each member's "
+                                "to read the tasks' text")
     return pool
 
 
@@ -126,33 +138,40 @@ def blocks_of(model, prompts: Tensor, chunk: int) -> KVBlock:
 
 def prepare(cfg: ModulesConfig, log: Callable[[str], None] = print, roles: Sequence[str] = ("meta-train", "meta-test"),
             pool: LoadedPool | None = None) -> Setup:
-    """Load the pool, build the tasks of ``roles`` and learn (or reuse) every model's modules of them."""
+    """Load the pool, build the tasks of ``roles`` (each model's own tokens of them) and learn (or reuse) every
+    model's modules of them, each on its own tokens."""
     pool = pool or load_modules_pool(cfg.pool)
     backend = LocalBackend(pool.models)
     fps = {m.name: m.fingerprint for m in pool.members}
     store = ModuleStore(cfg.store_dir())
-    tasks = {role: corpus_tasks(pool.tokenizer, cfg.tasks, role) if role in roles else [] for role in ("meta-train", "meta-test")}
+    toks = {name: pool.tokenizers[name] for name in pool.models}
+    tasks = {role: member_tasks(toks, cfg.tasks, role) if role in roles else {name: [] for name in pool.models}
+             for role in ("meta-train", "meta-test")}
     blocks: dict[str, dict[str, KVBlock]] = {"meta-train": {}, "meta-test": {}, "random": {}}
     for name, model in pool.models.items():
-        for role, ts in tasks.items():
+        for role, per_model in tasks.items():
+            ts = per_model[name]
             if not ts:
                 continue
             mods = store.learn(name, model, ts, cfg.prompt, cfg.tasks.train_len, log=log, fingerprint=fps[name])
             blocks[role][name] = blocks_of(model, torch.stack([m.prompt for m in mods]), cfg.eval_batch)
-        if tasks["meta-test"]:
-            init = init_prompts(model, [t.name for t in tasks["meta-test"]], cfg.prompt.length, cfg.prompt.seed)
+        if tasks["meta-test"][name]:
+            init = init_prompts(model, [t.name for t in tasks["meta-test"][name]], cfg.prompt.length, cfg.prompt.seed)
             blocks["random"][name] = blocks_of(model, init, cfg.eval_batch)
-    log(f"store: {store.root} ({len(tasks['meta-train'])} meta-train, {len(tasks['meta-test'])} meta-test tasks "
-        f"per model; {store.learned} learned now, {store.read} read back)")
-    return Setup(pool, backend, tasks["meta-train"], tasks["meta-test"], blocks["meta-train"], blocks["meta-test"],
-                 blocks["random"], fps, {"learned": store.learned, "read": store.read})
+    setup = Setup(pool, backend, tasks, blocks["meta-train"], blocks["meta-test"], blocks["random"], fps,
+                  {"learned": store.learned, "read": store.read})
+    log(f"store: {store.root} ({len(setup.task_names('meta-train'))} meta-train, "
+        f"{len(setup.task_names('meta-test'))} meta-test tasks per model; {store.learned} learned now, "
+        f"{store.read} read back)")
+    return setup
 
 
 @torch.no_grad()
 def condition_nll(backend: PoolBackend, target: str, blocks: KVBlock | None, tasks: Sequence[Task], chunk: int,
                   translate: Callable[[KVBlock], KVBlock] | None = None) -> Tensor:
     """Mean held-out NLL per task ``[T]`` of ``target`` after ``blocks`` (row t before task t; None: no prompt),
-    each chunk passed through ``translate`` first when given (a path through Σ)."""
+    each chunk passed through ``translate`` first when given (a path through Σ). ``tasks`` are the target's own
+    (its tokens of the held-out verses)."""
     held = held_out_ids(tasks)  # [T, eval_len]
     out = []
     for s in range(0, len(tasks), chunk):
@@ -165,7 +184,7 @@ def condition_nll(backend: PoolBackend, target: str, blocks: KVBlock | None, tas
 
 
 def ported_nll(space: SharedSpace, setup: Setup, source: str, target: str, chunk: int, shift: int = 0) -> Tensor:
-    """Per meta-test task NLL of ``target`` after ``source``'s modules ported through ``space``.
+    """Per meta-test task NLL of ``target`` (on its own tokens) after ``source``'s modules ported through ``space``.
 
     ``shift > 0`` is the content control: task t is scored after the module of task ``(t + shift) mod T``
     (another chapter's), so what a ported module adds beyond what any ported module adds is
@@ -176,7 +195,7 @@ def ported_nll(space: SharedSpace, setup: Setup, source: str, target: str, chunk
         blocks = KVBlock(blocks.keys.roll(-shift, dims=0), blocks.values.roll(-shift, dims=0), blocks.n_kv_heads)
     view = module_view(space.cfg)
     rot_s, rot_t = (setup.backend.rotation(source), setup.backend.rotation(target)) if view.unrotate else (None, None)
-    return condition_nll(setup.backend, target, blocks, setup.test_tasks, chunk,
+    return condition_nll(setup.backend, target, blocks, setup.tasks["meta-test"][target], chunk,
                          lambda b: translate_cache(space, b, source, target, rot_s, rot_t, view=view))
 
 
@@ -211,13 +230,15 @@ def copy_space(space: SharedSpace) -> SharedSpace:
 
 def save_meta_pool(out: str | Path, space: SharedSpace, pool: LoadedPool, cfg: ModulesConfig, start: str,
                    tasks_seen: int) -> Path:
-    """Write a meta-trained pool: the pool's models and tokenizer, the meta-trained Σ, and in ``pool.json``
-    ``modules: {prompt_len, meta_train_tasks, tasks_seen, init, from}`` (what porting checks against)."""
+    """Write a meta-trained pool: the pool's models and tokenizer(s) (each member's where they differ), the
+    meta-trained Σ, and in ``pool.json`` ``modules: {prompt_len, meta_train_tasks, tasks_seen, init, from}`` (what
+    porting checks against)."""
     record = {"prompt_len": cfg.prompt.length, "meta_train_tasks": cfg.tasks.meta_train, "tasks_seen": tasks_seen,
               "init": start, "from": str(pool.root), "config": to_dict(cfg)}
     extra = {MODULES_KEY: record, **({"job": pool.meta["job"]} if "job" in pool.meta else {})}
-    tok = pool.root / TOKENIZER_DIR if pool.tokenizer is not None else None
-    return save_pool(out, space, pool.members, tokenizer_dir=tok, extra=extra)
+    tok = pool.root / TOKENIZER_DIR if (pool.root / TOKENIZER_DIR).is_dir() else None
+    own = {e["name"]: pool.root / e["tokenizer"] for e in pool.meta["members"]} if pool.mixed_tokenizers else None
+    return save_pool(out, space, pool.members, tokenizer_dir=tok, extra=extra, tokenizers=own)
 
 
 def run_meta_training(cfg: ModulesConfig, *, runtime: Runtime | None = None, tracker: Tracker | None = None,
@@ -227,7 +248,8 @@ def run_meta_training(cfg: ModulesConfig, *, runtime: Runtime | None = None, tra
     runtime = runtime or Runtime(tracker=tracker or NullTracker(), progress=progress)
     setup = prepare(cfg, log if runtime.is_main else (lambda _: None), roles=("meta-train",))
     space = copy_space(start_space(cfg.meta.init, cfg, setup.pool))
-    state = meta_train(space, setup.backend, setup.train_blocks, setup.train_tasks, cfg.meta, runtime=runtime)
+    state = meta_train(space, setup.backend, setup.train_blocks, setup.tasks["meta-train"], cfg.meta,
+                       runtime=runtime)
     seen = state.step * cfg.meta.batch_size * runtime.world_size
     last = next((r["loss"] for r in reversed(state.history) if r["kind"] == "train"), float("nan"))
     out = Path(cfg.out_dir) / "pool-meta"

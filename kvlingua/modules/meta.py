@@ -12,11 +12,14 @@ sync across Ray Train ranks, tracking and checkpoints are :func:`kvlingua.train.
   (the target's suffix loss and its gradient) goes to the wrapped backend;
 * :func:`meta_batches` names a batch's tasks in its prefix positions: row ``b`` of a
   :class:`~kvlingua.batch.Batch` is ``[task index] * p + held-out ids`` (``[B, p + eval_len]``).
-  The task index is a handle for :class:`ModuleBackend`, never read by a model.
+  The task index is a handle for :class:`ModuleBackend`, never read by a model. The held-out ids
+  are each model's own: in a pool whose members tokenize differently, each target reads its own
+  tokens of the same held-out verses (:func:`kvlingua.modules.tasks.member_tasks`); the p module
+  positions are virtual, so path i -> j carries them one for one (no token map).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import islice
 from dataclasses import dataclass, field, replace
 
@@ -25,7 +28,7 @@ from torch import Tensor
 
 from kvlingua.backend import PoolBackend
 from kvlingua.cache import ArchSummary, KVBlock
-from kvlingua.modules.tasks import Task, held_out_ids
+from kvlingua.modules.tasks import Task, held_out_ids, per_member
 from kvlingua.runtime import Runtime
 from kvlingua.schedule import epoch_order
 from kvlingua.space import SharedSpace
@@ -118,19 +121,30 @@ class ModuleBackend:
         return self.inner.suffix_nll(model, block, suffix_ids)
 
 
-def task_batch(indices: Tensor, tasks: Sequence[Task], names: Sequence[str], prompt_len: int, key: str = "") -> Batch:
+Tasks = Sequence[Task] | Mapping[str, Sequence[Task]]
+"""Meta-train tasks: one list every model reads (one tokenizer), or each model's own list of the same tasks."""
+
+
+def task_batch(indices: Tensor, tasks: Tasks, names: Sequence[str], prompt_len: int, key: str = "") -> Batch:
     """The batch of tasks ``indices`` ``[B]``: prefix = each task's index repeated ``p`` times, suffix = its
-    held-out ids; ``[B, p + eval_len]`` for every model."""
-    held = held_out_ids([tasks[i] for i in indices.tolist()])  # [B, eval_len]
+    held-out ids in each model's own tokens; ``[B, p + eval_len]`` for every model (models that share a task
+    list share one tensor)."""
     handle = indices.long()[:, None].expand(-1, prompt_len)  # [B, p]
-    return Batch.same_text(torch.cat([handle, held], dim=1), names, prompt_len, key)
+    own, rows = per_member(tasks, names), {}
+    for ts in own.values():
+        if id(ts) not in rows:
+            held = held_out_ids([ts[i] for i in indices.tolist()])  # [B, eval_len]
+            rows[id(ts)] = torch.cat([handle, held], dim=1)  # [B, p + eval_len]
+    return Batch({n: rows[id(ts)] for n, ts in own.items()}, prompt_len, key)
 
 
-def meta_batches(tasks: Sequence[Task], names: Sequence[str], prompt_len: int, batch_size: int, seed: int,
+def meta_batches(tasks: Tasks, names: Sequence[str], prompt_len: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
     """Endless batches of this rank's meta-train tasks (task t goes to rank ``t % world_size``), in a
     seeded order reshuffled each epoch (:func:`kvlingua.schedule.epoch_order`)."""
-    mine = torch.arange(len(tasks))[torch.arange(len(tasks)) % world_size == rank]
+    tasks = per_member(tasks, names)
+    count = len(next(iter(tasks.values())))
+    mine = torch.arange(count)[torch.arange(count) % world_size == rank]
     if len(mine) < batch_size:
         raise ValueError(f"rank {rank} has {len(mine)} meta-train tasks, fewer than one batch of {batch_size}")
     epoch = 0
@@ -142,10 +156,11 @@ def meta_batches(tasks: Sequence[Task], names: Sequence[str], prompt_len: int, b
         epoch += 1
 
 
-def meta_train(space: SharedSpace, backend: PoolBackend, blocks: dict[str, KVBlock], tasks: Sequence[Task],
+def meta_train(space: SharedSpace, backend: PoolBackend, blocks: dict[str, KVBlock], tasks: Tasks,
                cfg: MetaConfig, *, runtime: Runtime | None = None, eval_fn=None,
                state: TrainState | None = None, checkpoint_fn=None) -> TrainState:
-    """Meta-train ``space`` on the modules ``blocks`` (``[T, p, L, D]`` per model) of ``tasks``.
+    """Meta-train ``space`` on the modules ``blocks`` (``[T, p, L, D]`` per model) of ``tasks`` (one list, or each
+    model's own, row t of every model's blocks being task t).
 
     ``eval_fn(step)`` (rank 0) gets called every ``cfg.train.eval_every`` steps, as in ``fit``.
     Tasks seen after ``step`` steps: ``step * cfg.batch_size * runtime.world_size``.

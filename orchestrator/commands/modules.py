@@ -2,7 +2,8 @@
 
 Every subcommand reads a modules config (``configs/modules/*.yaml``, :class:`kvlingua.modules.conditions.ModulesConfig`)
 with ``-o key=value`` overrides; errors (a module for a model not in the pool, a fingerprint mismatch, a prompt
-longer than the pool was meta-trained for, a missing pool) end in one line.
+longer than the pool was meta-trained for, a missing pool, a member without a tokenizer) end in one line. The pool's
+members may tokenize differently: each learns on, and is scored on, its own tokens of the tasks' text.
 """
 from __future__ import annotations
 
@@ -93,13 +94,13 @@ def run_learn(args: argparse.Namespace) -> int:
     from kvlingua.modules.conditions import load_modules_pool
     from kvlingua.modules.prompt import ModuleError
     from kvlingua.modules.store import ModuleStore
-    from kvlingua.modules.tasks import corpus_tasks
+    from kvlingua.modules.tasks import member_tasks
 
     cfg = _config(args)
     pool = load_modules_pool(cfg.pool)
     if args.model not in pool.models:
         raise ModuleError(f"model {args.model!r} is not in the pool ({sorted(pool.models)})")
-    tasks = corpus_tasks(pool.tokenizer, cfg.tasks, args.role)
+    tasks = member_tasks(pool.tokenizers, cfg.tasks, args.role)[args.model]  # eligible for every member
     fp = {m.name: m.fingerprint for m in pool.members}[args.model]
     store = ModuleStore(cfg.store_dir())
     modules = store.learn(args.model, pool.models[args.model], tasks, cfg.prompt, cfg.tasks.train_len, log=_log,
@@ -110,12 +111,13 @@ def run_learn(args: argparse.Namespace) -> int:
     return 0
 
 
-def _find_task(pool, cfg, name: str):
+def _find_task(pool, cfg, name: str, model: str):
+    """Task ``name`` in ``model``'s own tokens."""
     from kvlingua.modules.prompt import ModuleError
-    from kvlingua.modules.tasks import corpus_tasks
+    from kvlingua.modules.tasks import member_tasks
 
     for role in ("meta-test", "meta-train"):
-        for t in corpus_tasks(pool.tokenizer, cfg.tasks, role):
+        for t in member_tasks(pool.tokenizers, cfg.tasks, role)[model]:
             if t.name == name:
                 return t
     raise ModuleError(f"task {name!r} is not among this config's tasks; cannot score it")
@@ -144,7 +146,7 @@ def run_port(args: argparse.Namespace) -> int:
                             target_rotation=model_rotation(pool.models[args.target]))
     except ModuleError as e:
         raise ModuleError(f"{args.module}: {e}") from None
-    task = _find_task(pool, cfg, module.task)
+    task = _find_task(pool, cfg, module.task, args.target)  # scored on the target's tokens
     from kvlingua.backend import LocalBackend
 
     backend = LocalBackend(pool.models)
@@ -193,9 +195,10 @@ def run_eval(args: argparse.Namespace) -> int:
     c = cfg.eval_batch
     print("| direction | no prompt | random | direct | ported | gap recovered |\n|---|---|---|---|---|---|")
     for i, j in directions(pool.space.names):
-        none = float(condition_nll(setup.backend, j, None, setup.test_tasks, c).mean())
-        rnd = float(condition_nll(setup.backend, j, setup.random_blocks[j], setup.test_tasks, c).mean())
-        direct = float(condition_nll(setup.backend, j, setup.test_blocks[j], setup.test_tasks, c).mean())
+        held = setup.tasks["meta-test"][j]  # the target's own tokens of the held-out verses
+        none = float(condition_nll(setup.backend, j, None, held, c).mean())
+        rnd = float(condition_nll(setup.backend, j, setup.random_blocks[j], held, c).mean())
+        direct = float(condition_nll(setup.backend, j, setup.test_blocks[j], held, c).mean())
         ported = float(ported_nll(pool.space, setup, i, j, c).mean())
         print(f"| {i}->{j} | {none:.3f} | {rnd:.3f} | {direct:.3f} | {ported:.3f} | "
               f"{gap_recovered(ported, rnd, direct):.2f} |")
