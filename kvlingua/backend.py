@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from kvlingua.rotary import KeyRotation
-from kvlingua.store import LRUBytes
+from kvlingua.context_store import LRUBytes
 from kvlingua.cache import (
     ArchSummary,
     KVBlock,

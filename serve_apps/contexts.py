@@ -1,7 +1,7 @@
 """The context service: a context read once into Σ, kept in the ingress, decoded by any member.
 
 ``POST /v1/contexts`` has the source prefill a context and encode it into Σ once (:meth:`ContextService.add`); the
-latent ``[1, C, Q]`` is kept in the ingress (:class:`kvlingua.store.ContextStore`, keyed by token digest, source
+latent ``[1, C, Q]`` is kept in the ingress (:class:`kvlingua.context_store.ContextStore`, keyed by token digest, source
 fingerprint and adapter digest, LRU within ``ServeOptions.store_bytes``), as a private copy (the store sends views
 of it). ``decode_for`` has targets decode it ahead of their first request (:meth:`ContextService.predecode`:
 ``OUT_target`` once per target, kept in its replica). Where members tokenize differently, a context stored from text
@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 from kvlingua.align import text_ends
-from kvlingua.store import ContextKey, ContextStore, StoredContext, StoreFullError, token_digest
+from kvlingua.context_store import ContextKey, ContextStore, StoredContext, StoreFullError, token_digest
 from serve_apps.crosstok import TextContext, context_map
 from serve_apps.metrics import ServeMetrics
 from serve_apps.planner import Planner

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from kvlingua.align import text_ends, token_map
+from kvlingua.context_store import StoredContext
 from kvlingua.crosstext import same_tokenizer
-from kvlingua.store import StoredContext
 
 
 class PoolTokenizers:

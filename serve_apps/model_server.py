@@ -49,13 +49,13 @@ from kvlingua.generate import (
 )
 from serve_apps.decoding import Decoding, decode, read_and_score
 from serve_apps.mixed_replica import TextSegments
+from kvlingua.context_store import LRUBytes, tensor_bytes
 from kvlingua.models import load_frozen
 from kvlingua.modules.port import module_latent
 from kvlingua.pool import load_pool
 from kvlingua.pool_members import PoolMismatchError, verify_member
 from kvlingua.space import LatentBlock
 from kvlingua.view import CacheView, model_rotation
-from kvlingua.store import LRUBytes, tensor_bytes
 from serve_apps.modules import module_library
 from serve_apps.options import ServeOptions
 from workers.wire import WireTensor, tensor_from_wire, tensor_to_wire

@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from kvlingua.align import text_ends
+from kvlingua.context_store import ContextStore, StoredContext, adapters_digest
 from kvlingua.generate import check_identity
 from kvlingua.pool import LoadedPool
-from kvlingua.store import ContextStore, StoredContext, adapters_digest
 from serve_apps.crosstok import Mapped, PoolTokenizers, context_request, handoff_map
 from serve_apps.limits import TrainedLimits
 from serve_apps.modules import module_library

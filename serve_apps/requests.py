@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kvlingua.store import StoredContext
+from kvlingua.context_store import StoredContext
 from serve_apps.schemas import Timings
 from workers.wire import tensor_to_wire
 

@@ -17,7 +17,7 @@ import asyncio
 import time
 from typing import Any, AsyncIterator
 
-from kvlingua.store import ContextStore
+from kvlingua.context_store import ContextStore
 from serve_apps.metrics import ServeMetrics
 from serve_apps.modules import module_key
 from serve_apps.options import ServeOptions

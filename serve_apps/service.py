@@ -16,8 +16,8 @@ import time
 from typing import Any, AsyncIterator
 
 from kvlingua.config import from_dict
+from kvlingua.context_store import ContextStore
 from kvlingua.pool import load_pool
-from kvlingua.store import ContextStore
 from serve_apps.contexts import ContextService
 from serve_apps.metrics import ServeMetrics
 from serve_apps.mixed import MixedSchedules

@@ -9,7 +9,7 @@ Reading order:
   verses the examples, a few held out for scoring; meta-train and meta-test tasks come from
   disjoint chapters (corpus splits). A task is text: each pool member reads it with its own
   tokenizer, so a pool that mixes tokenizers learns, ports and scores modules like any other.
-* :mod:`~kvlingua.modules.store` — every task's module learned once per model and kept on
+* :mod:`~kvlingua.modules.module_store` — every task's module learned once per model and kept on
   disk with its KV block, so meta-training, evaluation and sweeps reuse it.
 * :mod:`~kvlingua.modules.port` — porting: ``OUT_j(IN_i(block_i))``, the fingerprint and
   prompt-length checks, and the cache of ported blocks a server keeps.

@@ -3,7 +3,7 @@
 :class:`ModulesConfig` names a trained pool (Σ pre-trained by ``kvlingua train`` without the
 reconstruction loss), optionally a second one trained with it over the same models, the tasks,
 the prompt tuning and meta-training. :func:`prepare` loads the pool, builds the tasks and learns
-(or reuses, :class:`~kvlingua.modules.store.ModuleStore`) every model's modules;
+(or reuses, :class:`~kvlingua.modules.module_store.ModuleStore`) every model's modules;
 :func:`condition_nll` scores a condition per meta-test task, :func:`ported_nll` a module ported
 through Σ; :func:`run_meta_training` meta-trains Σ (one rank's share). The experiment
 (``experiments.modules.experiment``) scores, for both directions of every pair of models, on the
@@ -41,7 +41,7 @@ from kvlingua.home import data_home
 from kvlingua.modules.meta import MetaConfig, meta_train
 from kvlingua.modules.port import MODULES_KEY
 from kvlingua.modules.prompt import PromptConfig, init_prompts, prompt_block
-from kvlingua.modules.store import ModuleStore
+from kvlingua.modules.module_store import ModuleStore
 from kvlingua.modules.tasks import Task, TaskConfig, held_out_ids, member_tasks
 from kvlingua.view import module_view, translate_cache
 from kvlingua.pool import LoadedPool, load_pool, save_pool, TOKENIZER_DIR

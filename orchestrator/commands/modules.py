@@ -93,7 +93,7 @@ def _log(msg: str) -> None:
 def run_learn(args: argparse.Namespace) -> int:
     from kvlingua.modules.conditions import load_modules_pool
     from kvlingua.modules.prompt import ModuleError
-    from kvlingua.modules.store import ModuleStore
+    from kvlingua.modules.module_store import ModuleStore
     from kvlingua.modules.tasks import member_tasks
 
     cfg = _config(args)

@@ -10,7 +10,7 @@ from kvlingua.modules.conditions import ModulesConfig, load_modules_pool, ported
 from kvlingua.modules.meta import task_batch
 from kvlingua.modules.port import port_module
 from kvlingua.modules.prompt import load_module
-from kvlingua.modules.store import ModuleStore, task_digest
+from kvlingua.modules.module_store import ModuleStore, task_digest
 from kvlingua.modules.tasks import TaskConfig, choose_tasks, held_out_ids, member_tasks
 from kvlingua.pool import load_pool, save_pool
 from kvlingua.pool_members import PoolMember, PoolMismatchError

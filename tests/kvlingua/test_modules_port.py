@@ -7,7 +7,7 @@ from kvlingua.cache import cache_kwargs, fingerprint, KVBlock
 from kvlingua.modules.meta import MetaConfig, ModuleBackend, meta_batches, meta_train, task_batch
 from kvlingua.modules.port import ModuleLibrary, generate_after, port_module
 from kvlingua.modules.prompt import Module, ModuleError, PromptConfig, learn_prompts, prompt_block, save_module
-from kvlingua.modules.store import ModuleStore
+from kvlingua.modules.module_store import ModuleStore
 from kvlingua.modules.tasks import Task, TaskConfig, chapter_task, example_windows, held_out_ids
 from kvlingua.space import SharedSpace
 from kvlingua.train_config import TrainConfig

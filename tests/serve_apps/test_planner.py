@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
+from kvlingua.context_store import ContextKey, ContextStore, StoredContext, token_digest
 from kvlingua.pool import load_pool
-from kvlingua.store import ContextKey, ContextStore, StoredContext, token_digest
 from serve_apps.limits import TrainedLimits
 from serve_apps.openai_plan import plan_choices, resolve_model
 from serve_apps.openai_schemas import CompletionRequest

@@ -177,7 +177,7 @@ def test_one_stored_context_is_decoded_by_both_members_as_in_process(client, mix
 
 def test_a_request_after_a_context_takes_the_positions_its_text_alone_tokenizes_to(local):
     from serve_apps.crosstok import TextContext, context_request
-    from kvlingua.store import ContextKey
+    from kvlingua.context_store import ContextKey
 
     tok_a, tok_b = local.tokenizers["a"], local.tokenizers["b"]
     context, rest = "the mat and the ca", "t sat"  # b reads " cat" across the cut

@@ -39,7 +39,7 @@ def limited(serve_url, pool_dir, tmp_path_factory):
     shutil.copytree(pool_dir, root)
     meta = json.loads((root / "pool.json").read_text())
     meta["job"] = LIMITED_JOB
-    meta["held_prefix_len"] = 6  # un-rotated keys: positions limit the pool only where measured (test_store.py)
+    meta["held_prefix_len"] = 6  # un-rotated keys: positions limit the pool only where measured (test_context_store.py)
     (root / "pool.json").write_text(json.dumps(meta))
     opts = ServeOptions(num_cpus=0.1, max_prompt_tokens=64, max_new_tokens=64, max_pending_requests=2,
                         request_timeout_s=30, verify=False)

@@ -1,10 +1,10 @@
-"""The Σ context store (kvlingua.store), the trained limits and machine sizing: pure, no Ray."""
+"""The Σ context store (kvlingua.context_store), the trained limits and machine sizing: pure, no Ray."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvlingua.store import ContextKey, ContextStore, LRUBytes, StoredContext, StoreFullError, token_digest
+from kvlingua.context_store import ContextKey, ContextStore, LRUBytes, StoredContext, StoreFullError, token_digest
 from serve_apps.limits import TrainedLimits
 from serve_apps.options import ServeOptions, fit_to_machine
 
