@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -49,6 +50,20 @@ BatchWrapper = Callable[[SharedSpace, TrainConfig, Iterable[Batch], int], Iterab
 Saver = Callable[[str, dict[str, SharedSpace], dict[str, TrainState]], None]
 """``save(space in training, spaces, states)``: checkpoints every space trained so far (``states`` has
 the one in training too, at its current step)."""
+
+
+@dataclass(frozen=True)
+class SpaceHooks:
+    """What a runtime adds around :func:`train_spaces`'s one loop (each optional)."""
+
+    save: Saver | None = None
+    """Called every ``train.checkpoint_every`` steps and at each space's end."""
+    wrap_batches: BatchWrapper | None = None
+    """Wraps each space's batch stream (e.g. prefetching source blocks)."""
+    on_eval: Callable[[str, int, dict[str, float]], None] | None = None
+    """``on_eval(space, step, metrics)`` after each curve evaluation (rank 0 only)."""
+
+
 JOB_FILE = "job.json"
 """In an in-process checkpoint directory: the job it belongs to."""
 
@@ -81,9 +96,7 @@ def train_spaces(
     *,
     device: torch.device | str = "cpu",
     resume_from: str | Path | None = None,
-    save: Saver | None = None,
-    wrap_batches: BatchWrapper | None = None,
-    on_eval: Callable[[str, int, dict[str, float]], None] | None = None,
+    hooks: SpaceHooks = SpaceHooks(),
 ) -> tuple[dict[str, SharedSpace], dict[str, TrainState]]:
     """Train every space of ``job`` (:func:`space_order`) with the same loop and data.
 
@@ -93,9 +106,7 @@ def train_spaces(
         runtime: this rank (tracker, progress, gradient sync); default one in-process rank.
         device: where the adapters live.
         resume_from: a checkpoint directory (:func:`save_spaces`) to resume from.
-        save: called every ``train.checkpoint_every`` steps and at each space's end.
-        wrap_batches: wraps each space's batch stream (e.g. prefetching source blocks).
-        on_eval: ``on_eval(space, step, metrics)`` after each curve evaluation (rank 0 only).
+        hooks: what the caller's runtime adds to the loop (:class:`SpaceHooks`): saving, batch wrapping, eval reports.
 
     Returns:
         ``(spaces, states)``, both keyed by space name in :func:`space_order`.
@@ -117,21 +128,21 @@ def train_spaces(
         start = state.step if state is not None else 0
         batches: Iterable[Batch] = islice(train_batches(job, rank=runtime.rank, world_size=runtime.world_size),
                                           start, None)
-        if wrap_batches is not None:
-            batches = wrap_batches(space, cfg, batches, start)
+        if hooks.wrap_batches is not None:
+            batches = hooks.wrap_batches(space, cfg, batches, start)
         eval_fn = None
         if runtime.is_main and cfg.eval_every:
             curve_fn = make_eval_fn(backend, curve, all_paths(job), space, first_tokens=job.eval.first_tokens)
 
             def eval_fn(step: int, curve_fn=curve_fn, name=name) -> dict[str, float]:
                 metrics = curve_fn(step)
-                if on_eval is not None:
-                    on_eval(name, step, metrics)
+                if hooks.on_eval is not None:
+                    hooks.on_eval(name, step, metrics)
                 return metrics
 
         checkpoint_fn = None
-        if save is not None:
-            def checkpoint_fn(s: TrainState, name=name) -> None:
+        if hooks.save is not None:
+            def checkpoint_fn(s: TrainState, name=name, save=hooks.save) -> None:
                 states[name] = s
                 save(name, spaces, states)
 
@@ -213,7 +224,7 @@ def run_local(job: TrainJob, tracker: Tracker | None = None, progress: bool = Tr
     resume, save = local_checkpoints(job)
     runtime = Runtime(tracker=tracker, progress=progress)
     spaces, states = train_spaces(job, backend, runtime, resume_from=resume,
-                                  save=save if job.train.checkpoint_every else None)
+                                  hooks=SpaceHooks(save=save if job.train.checkpoint_every else None))
     return finish(job, spaces, backend, states, tracker)
 
 

@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -108,7 +109,7 @@ def attach(handle: TrackerHandle | None) -> Tracker:
     ``close`` leaves the run open for its owner. ``None``: a :class:`NullTracker`."""
     if handle is None:
         return NullTracker()
-    tracker = MlflowTracker(handle["uri"], run_id=handle["run_id"])
+    tracker = MlflowTracker(handle["uri"], ExistingRun(handle["run_id"]))
     return PrefixedTracker(tracker, handle["prefix"]) if handle.get("prefix") else tracker
 
 
@@ -118,8 +119,8 @@ def open_tracker(enabled: bool, uri: str | None, experiment: str, run_dir: str |
     nested under ``parent`` if given, or a :class:`NullTracker` when tracking is off."""
     if not enabled:
         return NullTracker()
-    return MlflowTracker(uri or default_tracking_uri(run_dir), experiment, run_name=run_name,
-                         parent_run_id=parent["run_id"] if parent else None, tags=tags)
+    run = NewRun(experiment, name=run_name, parent_run_id=parent["run_id"] if parent else None, tags=tags)
+    return MlflowTracker(uri or default_tracking_uri(run_dir), run)
 
 
 def reopen_tracker(handle: TrackerHandle) -> Tracker | None:
@@ -131,7 +132,7 @@ def reopen_tracker(handle: TrackerHandle) -> Tracker | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return MlflowTracker(handle["uri"], run_id=handle["run_id"], reopen=True)
+        return MlflowTracker(handle["uri"], ExistingRun(handle["run_id"], reopen=True))
     except MlflowException:
         return None
 
@@ -174,56 +175,68 @@ def _default_artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class NewRun:
+    """An MLflow run to create."""
+
+    experiment: str
+    """Experiment name; created if missing."""
+    name: str | None = None
+    """Display name of the run."""
+    parent_run_id: str | None = None
+    """Make this a nested run under that run (Tune trials under a sweep)."""
+    tags: Mapping[str, str] | None = None
+    """Extra run tags."""
+    artifact_location: str | None = None
+    """Where a newly created experiment stores artifacts; default ``<db dir>/mlartifacts`` for a SQLite
+    store, else the server's default."""
+
+    def __post_init__(self):
+        if not self.experiment:
+            raise ValueError("MlflowTracker needs a non-empty experiment name")
+
+
+@dataclass(frozen=True)
+class ExistingRun:
+    """An MLflow run that exists already."""
+
+    run_id: str
+    """Write into this run instead of creating one (a Ray Train rank writing into the driver's run);
+    ``close`` then leaves the run open for its owner."""
+    reopen: bool = False
+    """Take the run over instead: mark it running again and end it on ``close`` (a resumed suite's
+    parent run)."""
+
+
 class MlflowTracker:
     """Track one MLflow run through ``mlflow.MlflowClient`` (no global fluent state).
 
     Args:
         tracking_uri: MLflow store, e.g. ``default_tracking_uri(run_dir)`` or ``http://127.0.0.1:5000``.
-        experiment: experiment name; created if missing. Not needed with ``run_id``.
-        run_name: display name of the run.
-        parent_run_id: make this a nested run under that run (Tune trials under a sweep).
-        tags: extra run tags.
-        artifact_location: where a newly created experiment stores artifacts; default
-            ``<db dir>/mlartifacts`` for a SQLite store, else the server's default.
-        run_id: write into this existing run instead of creating one (a Ray Train rank writing
-            into the driver's run); ``close`` then leaves the run open for its owner.
-        reopen: with ``run_id``, take the run over instead: mark it running again and end it on
-            ``close`` (a resumed suite's parent run).
+        run: a run to create (:class:`NewRun`) or one that exists (:class:`ExistingRun`).
     """
 
-    def __init__(
-        self,
-        tracking_uri: str,
-        experiment: str | None = None,
-        run_name: str | None = None,
-        parent_run_id: str | None = None,
-        tags: Mapping[str, str] | None = None,
-        artifact_location: str | None = None,
-        run_id: str | None = None,
-        reopen: bool = False,
-    ):
+    def __init__(self, tracking_uri: str, run: NewRun | ExistingRun):
         from mlflow import MlflowClient
 
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        self._owner = run_id is None or reopen
-        if run_id is not None:
-            self.run_id: str = self.client.get_run(run_id).info.run_id  # raises if the run does not exist
-            if reopen:
+        self._owner = isinstance(run, NewRun) or run.reopen
+        if isinstance(run, ExistingRun):
+            self.run_id: str = self.client.get_run(run.run_id).info.run_id  # raises if the run does not exist
+            if run.reopen:
                 self.client.update_run(self.run_id, status="RUNNING")
             return
-        if not experiment:
-            raise ValueError("MlflowTracker needs a non-empty experiment name")
-        exp = self.client.get_experiment_by_name(experiment)
+        exp = self.client.get_experiment_by_name(run.experiment)
         if exp is None:
-            location = artifact_location or _default_artifact_location(tracking_uri)
-            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            location = run.artifact_location or _default_artifact_location(tracking_uri)
+            experiment_id = self.client.create_experiment(run.experiment, artifact_location=location)
         else:
             experiment_id = exp.experiment_id
-        run_tags = {str(k): str(v) for k, v in (tags or {}).items()}
-        if parent_run_id is not None:
-            run_tags["mlflow.parentRunId"] = parent_run_id
-        self.run_id = self.client.create_run(experiment_id, tags=run_tags, run_name=run_name).info.run_id
+        run_tags = {str(k): str(v) for k, v in (run.tags or {}).items()}
+        if run.parent_run_id is not None:
+            run_tags["mlflow.parentRunId"] = run.parent_run_id
+        self.run_id = self.client.create_run(experiment_id, tags=run_tags, run_name=run.name).info.run_id
 
     def handle(self) -> TrackerHandle:
         return {"uri": self.tracking_uri, "run_id": self.run_id, "prefix": ""}

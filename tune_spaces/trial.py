@@ -34,7 +34,7 @@ from kvlingua.evaluate import evaluate
 from kvlingua.job import allowed_paths, curve_batches
 from kvlingua.metric_names import TUNE_MEAN, NllKey
 from kvlingua.paths import path_name
-from kvlingua.run import finish, train_spaces
+from kvlingua.run import SpaceHooks, finish, train_spaces
 from kvlingua.runtime import Runtime
 from kvlingua.tracking import TrackerHandle, open_tracker, tracked
 from tune_spaces.spaces import apply_params
@@ -94,7 +94,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
 
     with tracked(tracker):
         tracker.log_params({"trial": config, "run": to_dict(cfg)})
-        spaces, states = train_spaces(job, backend, Runtime(tracker=tracker, progress=False), on_eval=on_eval)
+        spaces, states = train_spaces(job, backend, Runtime(tracker=tracker, progress=False),
+                                      hooks=SpaceHooks(on_eval=on_eval))
         result = finish(job, spaces, backend, states, tracker)
         (out_dir / "params.json").write_text(json.dumps(config, indent=1))
         tracker.log_metrics(result["eval"].metrics("final"), last)

@@ -34,7 +34,7 @@ from kvlingua.config import from_dict
 from kvlingua.job import TrainJob
 from kvlingua.models import load_frozen
 from kvlingua.paths import PathSampler
-from kvlingua.run import finish, save_spaces, train_spaces
+from kvlingua.run import SpaceHooks, finish, save_spaces, train_spaces
 from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace
 from kvlingua.tracking import attach
@@ -109,8 +109,8 @@ def train_loop(config: dict) -> None:
         def wrap(space, cfg, batches, start):
             return BlockPrefetcher(backend, batches, config["prefetch"], step_sources(space, cfg), start)
 
-    spaces, states = train_spaces(job, backend, runtime, device=device, resume_from=resume_from,
-                                  save=save if job.train.checkpoint_every else None, wrap_batches=wrap)
+    hooks = SpaceHooks(save=save if job.train.checkpoint_every else None, wrap_batches=wrap)
+    spaces, states = train_spaces(job, backend, runtime, device=device, resume_from=resume_from, hooks=hooks)
     result = {}
     if runtime.is_main:
         result = finish(job, spaces, backend, states, runtime.tracker)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvlingua.tracking import (MlflowTracker, NullTracker, PrefixedTracker, attach, default_tracking_uri,
+from kvlingua.tracking import (MlflowTracker, NewRun, NullTracker, PrefixedTracker, attach, default_tracking_uri,
                                flatten_params, metric_key, open_tracker)
 
 
@@ -41,7 +41,7 @@ def test_attached_tracker_writes_into_the_owners_run_and_leaves_it_open(tmp_path
     from mlflow import MlflowClient
 
     uri = default_tracking_uri(tmp_path)
-    owner = MlflowTracker(uri, "kvl-test", run_name="driver")
+    owner = MlflowTracker(uri, NewRun("kvl-test", name="driver"))
     rank0 = attach(PrefixedTracker(owner, "linear").handle())
     rank0.log_metrics({"loss/a->b": 2.0}, step=4)
     rank0.close("FAILED")
@@ -62,8 +62,8 @@ def test_mlflow_tracker_writes_params_metrics_artifact(tmp_path, monkeypatch):
 
     uri = default_tracking_uri(tmp_path / "run")
     (tmp_path / "run").mkdir()
-    parent = MlflowTracker(uri, "kvl-test", run_name="sweep")
-    t = MlflowTracker(uri, "kvl-test", run_name="trial-0", parent_run_id=parent.run_id, tags={"kind": "trial"})
+    parent = MlflowTracker(uri, NewRun("kvl-test", name="sweep"))
+    t = MlflowTracker(uri, NewRun("kvl-test", name="trial-0", parent_run_id=parent.run_id, tags={"kind": "trial"}))
     t.log_params({"train": {"lr": 0.001, "steps": 5}, "pool": "tiny"})
     t.log_metrics({"loss": 2.5, "loss/a->b": 3.0}, step=1)
     t.log_metrics({"loss": 2.0, "loss/a->b": 2.75}, step=2)
@@ -93,7 +93,7 @@ def test_mlflow_tracker_writes_params_metrics_artifact(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "mlartifacts").is_dir()
     assert not (tmp_path / "mlruns").exists()
     # a second tracker on the same experiment reuses it
-    again = MlflowTracker(uri, "kvl-test")
+    again = MlflowTracker(uri, NewRun("kvl-test"))
     assert client.get_run(again.run_id).info.experiment_id == run.info.experiment_id
     assert len(client.search_experiments()) == 2  # "Default" and kvl-test
     again.close()
@@ -101,7 +101,7 @@ def test_mlflow_tracker_writes_params_metrics_artifact(tmp_path, monkeypatch):
 
 def test_mlflow_tracker_rejects_empty_experiment(tmp_path):
     with pytest.raises(ValueError, match="experiment"):
-        MlflowTracker(default_tracking_uri(tmp_path), "")
+        MlflowTracker(default_tracking_uri(tmp_path), NewRun(""))
 
 
 class _Closes:

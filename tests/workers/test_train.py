@@ -93,10 +93,10 @@ def _check_same_losses(result: dict, reference: dict) -> list[tuple[int, float]]
 def test_hosted_with_host_killed_matches_colocated_and_tracks(ray_local, job_root, colocated):
     from mlflow import MlflowClient
 
-    from kvlingua.tracking import MlflowTracker
+    from kvlingua.tracking import MlflowTracker, NewRun
 
     uri = f"sqlite:///{job_root / 'mlflow.db'}"
-    tracker = MlflowTracker(uri, "kvlingua-test", run_name="hosted")
+    tracker = MlflowTracker(uri, NewRun("kvlingua-test", name="hosted"))
     tracker.log_params({"placement": "hosted"})
     cfg = RayConfig(num_workers=2, worker_num_cpus=0.5, host=HostOptions(num_cpus=0.25), max_failures=0,
                     storage_path=str(job_root / "storage-hosted"))
