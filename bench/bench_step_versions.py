@@ -20,9 +20,9 @@ from kvlingua.backend import LocalBackend
 from kvlingua.models import load_frozen
 from kvlingua.space import SharedSpace
 from kvlingua.batch import Batch
+from kvlingua.space_config import SpaceConfig
 from kvlingua.train import fit
 from kvlingua.train_config import TrainConfig
-from kvlingua.translator import SpaceConfig
 
 import os
 home = os.path.join(os.environ.get("KVLINGUA_HOME", os.path.expanduser("~/.cache/kvlingua")), "pools", "quickstart")

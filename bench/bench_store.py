@@ -100,7 +100,7 @@ def build_pool(root: Path, args) -> Path:
     from kvlingua.pool import save_pool
     from kvlingua.pool_members import PoolMember
     from kvlingua.space import SharedSpace
-    from kvlingua.translator import SpaceConfig
+    from kvlingua.space_config import SpaceConfig
     from tests.serve_apps.tiny_pool import train_tiny_tokenizer
 
     train_tiny_tokenizer(root / "tokenizer")

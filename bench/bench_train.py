@@ -41,9 +41,9 @@ from kvlingua.cache import arch_summary
 from kvlingua.models import load_frozen
 from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace
+from kvlingua.space_config import SpaceConfig
 from kvlingua.train import fit
 from kvlingua.train_config import TrainConfig
-from kvlingua.translator import SpaceConfig
 from experiments.realmodel.step_cost import BF16_AUTO_S, random_batches, run_real_shape
 
 

@@ -14,7 +14,7 @@ One calibration pass over a few training batches reads every member's cache the 
 3. **OUT_j** by ridge regression from what OUT_j will read, every source's ``ẑ_i = A_i (x_i − μ_i)``
    pooled over sources, to ``x_j``: ``B_j = (Σ_i C_ji A_iᵀ)(Σ_i A_i C_ii A_iᵀ + λ I)⁻¹``, bias ``μ_j``.
 
-The short path of a translator (dense, :attr:`~kvlingua.translator.SpaceConfig.short_layout`) or the
+The short path of a translator (dense, :attr:`~kvlingua.space_config.SpaceConfig.short_layout`) or the
 linear adapter's maps take these weights; the stack's last projection already starts at zero, so each
 path starts as this linear translator and training adds what the stack learns.
 

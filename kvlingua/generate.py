@@ -44,7 +44,7 @@ from kvlingua.cache import (
 
 if TYPE_CHECKING:
     from kvlingua.space import LatentBlock
-    from kvlingua.translator import SpaceConfig
+    from kvlingua.space_config import SpaceConfig
 
 Handoff = Literal["latent", "text", "identity"]
 HANDOFFS: tuple[str, ...] = ("latent", "text", "identity")

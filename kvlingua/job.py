@@ -26,7 +26,7 @@ from kvlingua.paths import PathSampler
 from kvlingua.schedule import epoch_order
 from kvlingua.space import SharedSpace
 from kvlingua.batch import Batch
-from kvlingua.translator import SpaceConfig
+from kvlingua.space_config import SpaceConfig
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -11,8 +11,8 @@ from typing import Iterable
 from kvlingua.data.views import DataConfig
 from kvlingua.evaluate import EvalConfig
 from kvlingua.rundir import main_space
+from kvlingua.space_config import SpaceConfig
 from kvlingua.train_config import TrainConfig
-from kvlingua.translator import SpaceConfig
 
 
 def _default_spaces() -> dict[str, SpaceConfig]:

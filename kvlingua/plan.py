@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from kvlingua.cache import ArchSummary, KVBlock, arch_summary, as_past_key_values, cache_kwargs
 from kvlingua.config import KvlinguaError
 from kvlingua.space import SharedSpace
-from kvlingua.translator import resolve_q_dim, SpaceConfig
+from kvlingua.space_config import resolve_q_dim, SpaceConfig
 
 META = torch.device("meta")
 ADAPTER_STATE_BYTES = 16

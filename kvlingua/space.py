@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from kvlingua.cache import ArchSummary, KVBlock, check_block_fits, check_same_layout
 from kvlingua.config import from_dict
-from kvlingua.translator import SpaceConfig, build_adapter, resolve_q_dim
+from kvlingua.space_config import SpaceConfig, resolve_q_dim
+from kvlingua.translator import build_adapter
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 

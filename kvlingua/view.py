@@ -41,7 +41,7 @@ class CacheView:
 
     @classmethod
     def of(cls, cfg) -> "CacheView":
-        """The view of a :class:`~kvlingua.translator.SpaceConfig`."""
+        """The view of a :class:`~kvlingua.space_config.SpaceConfig`."""
         return cls(cfg.sink_tokens, cfg.keys == "unrotated")
 
     def sink(self, start: int = 0) -> int:

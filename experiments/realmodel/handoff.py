@@ -35,7 +35,7 @@ from kvlingua.align import token_map
 from kvlingua.backend import suffix_token_nll
 from kvlingua.cache import arch_summary, extract_prefix
 from kvlingua.space import SharedSpace
-from kvlingua.translator import SpaceConfig
+from kvlingua.space_config import SpaceConfig
 from kvlingua.view import CacheView, model_rotation, translate_cache
 
 

@@ -80,7 +80,7 @@ def sizes_section(shapes_dir: Path) -> list[str]:
     """IN + OUT of the paper's adapter against the depth-linear one at each public shape (Q = 32 L)."""
     from kvlingua.cache import arch_summary
     from kvlingua.plan import Q_PER_LAYER, load_model_config, meta_model, meta_space, model_name, n_params
-    from kvlingua.translator import SpaceConfig
+    from kvlingua.space_config import SpaceConfig
 
     lines = ["## Adapter sizes at public model shapes", "",
              f"IN + OUT of one model at Σ width Q = {Q_PER_LAYER}·L, counted on the meta device from the "

@@ -36,9 +36,9 @@ import torch
 from kvlingua.backend import LocalBackend, PoolBackend
 from kvlingua.batch import Batch
 from kvlingua.space import SharedSpace
+from kvlingua.space_config import SpaceConfig
 from kvlingua.train import train_step
 from kvlingua.train_config import TrainConfig, make_optimizer
-from kvlingua.translator import SpaceConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

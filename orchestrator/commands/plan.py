@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kvlingua.translator import OUTPUTS
+from kvlingua.space_config import OUTPUTS
 
 
 def register(subparsers) -> None:
@@ -54,7 +54,7 @@ def _workload(args: argparse.Namespace, **defaults):
 
 def _plan_models(args: argparse.Namespace) -> int:
     from kvlingua.plan import Q_PER_LAYER, format_plan, load_model_config, model_name, plan_pool
-    from kvlingua.translator import SpaceConfig
+    from kvlingua.space_config import SpaceConfig
 
     work = _workload(args)
     rows = []

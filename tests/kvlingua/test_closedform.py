@@ -7,9 +7,9 @@ from kvlingua.backend import LocalBackend
 from kvlingua.closedform import closed_form_init
 from kvlingua.space import SharedSpace
 from kvlingua.batch import Batch
+from kvlingua.space_config import SpaceConfig
 from kvlingua.train import fit
 from kvlingua.train_config import TrainConfig
-from kvlingua.translator import SpaceConfig
 from kvlingua.view import CacheView
 from tests.helpers import tiny_model
 

@@ -11,7 +11,7 @@ from kvlingua.crossmixed import CachedPositions, Run, SwitchPlan, merge_schedule
 from kvlingua.generate import GenerationParams, HandoffError
 from kvlingua.mixed import mixed_generate
 from kvlingua.space import SharedSpace
-from kvlingua.translator import SpaceConfig
+from kvlingua.space_config import SpaceConfig
 from kvlingua.view import CacheView, model_rotation
 from tests.helpers import bpe_tokenizer, tiny_model
 

@@ -9,7 +9,7 @@ from kvlingua.cache import arch_summary, as_past_key_values, cache_kwargs, extra
 from kvlingua.crosstext import handoff_text
 from kvlingua.generate import GenerationParams, HandoffError, handoff_generate
 from kvlingua.space import SharedSpace
-from kvlingua.translator import SpaceConfig
+from kvlingua.space_config import SpaceConfig
 from tests.helpers import bpe_tokenizer, tiny_model
 
 TEXT = "el niño comió piña y dijo: mañana también. и свет земля вода сказал бог"

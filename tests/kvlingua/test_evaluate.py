@@ -17,7 +17,7 @@ from kvlingua.evaluate import EvalConfig, evaluate, make_eval_fn
 from kvlingua.report import plot_history, write_report
 from kvlingua.space import SharedSpace
 from kvlingua.batch import Batch
-from kvlingua.translator import SpaceConfig
+from kvlingua.space_config import SpaceConfig
 from tests.helpers import VOCAB, tiny_model
 
 P, S, B = 5, 7, 3

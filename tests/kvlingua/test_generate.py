@@ -12,7 +12,7 @@ from kvlingua.generate import (
 )
 from kvlingua.mixed import mixed_generate
 from kvlingua.space import SharedSpace
-from kvlingua.translator import SpaceConfig
+from kvlingua.space_config import SpaceConfig
 from tests.helpers import tiny_model
 
 torch.set_num_threads(1)

@@ -17,8 +17,8 @@ from kvlingua.job import (TrainJob, build_space, curve_batches, eval_batches, sp
 from kvlingua.pool import load_pool
 from kvlingua.run import run_local
 from kvlingua.space import SharedSpace
+from kvlingua.space_config import SpaceConfig
 from kvlingua.train_config import TrainConfig
-from kvlingua.translator import SpaceConfig
 from tests.helpers import fake_corpus_home, tiny_model
 
 P, S = 6, 6

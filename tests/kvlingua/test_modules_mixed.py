@@ -15,7 +15,7 @@ from kvlingua.modules.tasks import TaskConfig, choose_tasks, held_out_ids, membe
 from kvlingua.pool import load_pool, save_pool
 from kvlingua.pool_members import PoolMember, PoolMismatchError
 from kvlingua.space import SharedSpace
-from kvlingua.translator import SpaceConfig
+from kvlingua.space_config import SpaceConfig
 from kvlingua.view import model_rotation
 from orchestrator.cli import main
 from orchestrator.commands.modules import SMOKE

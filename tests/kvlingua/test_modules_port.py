@@ -12,7 +12,7 @@ from kvlingua.modules.tasks import Task, TaskConfig, chapter_task, example_windo
 from kvlingua.space import SharedSpace
 from kvlingua.train_config import TrainConfig
 from kvlingua.rotary import KeyRotation
-from kvlingua.translator import SpaceConfig
+from kvlingua.space_config import SpaceConfig
 from tests.helpers import tiny_model
 
 

@@ -13,9 +13,9 @@ from kvlingua.losses import suffix_kl_loss, suffix_lm_loss
 from kvlingua.runtime import Runtime
 from kvlingua.space import SharedSpace
 from kvlingua.batch import Batch
+from kvlingua.space_config import SpaceConfig
 from kvlingua.train import fit, train_step
 from kvlingua.train_config import TrainConfig
-from kvlingua.translator import SpaceConfig
 from tests.helpers import VOCAB, tiny_model
 
 P, S, B = 6, 7, 3

@@ -22,7 +22,7 @@ from kvlingua.plan import (
 )
 from kvlingua.pretrain.sizes import gemma2_config
 from kvlingua.space import SharedSpace
-from kvlingua.translator import SpaceConfig
+from kvlingua.space_config import SpaceConfig
 from orchestrator.cli import main
 from tests.helpers import tiny_model
 

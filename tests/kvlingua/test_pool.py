@@ -16,7 +16,7 @@ from kvlingua.pool import load_pool, save_pool
 from kvlingua.pool_members import PoolMember, PoolMismatchError, PoolNotFoundError, verify_member
 from kvlingua.rundir import main_space, read_run_pools, space_pool_dir
 from kvlingua.space import SharedSpace
-from kvlingua.translator import SpaceConfig
+from kvlingua.space_config import SpaceConfig
 from tests.helpers import tiny_model
 
 torch.set_num_threads(1)

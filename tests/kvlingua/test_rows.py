@@ -19,9 +19,9 @@ from kvlingua.pool import load_pool
 from kvlingua.pool_members import PoolMismatchError
 from kvlingua.run import pool_job, run_local
 from kvlingua.space import SharedSpace
+from kvlingua.space_config import SpaceConfig
 from kvlingua.train import train_step
 from kvlingua.train_config import TrainConfig
-from kvlingua.translator import SpaceConfig
 from tests.helpers import bpe_tokenizer, fake_corpus_home, tiny_model
 
 P, S = 8, 6

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from kvlingua.backend import suffix_token_nll
 from kvlingua.cache import ArchSummary, KVBlock, arch_summary, extract_prefix
 from kvlingua.space import LatentBlock, SharedSpace, adapter_file, identity_translate
-from kvlingua.translator import SpaceConfig
+from kvlingua.space_config import SpaceConfig
 from tests.helpers import tiny_model
 
 torch.set_num_threads(1)

@@ -17,9 +17,9 @@ from kvlingua.runtime import Runtime
 from kvlingua.checkpoint import load_checkpoint, save_checkpoint
 from kvlingua.outinit import match_init
 from kvlingua.batch import Batch
+from kvlingua.space_config import SpaceConfig
 from kvlingua.train import fit, train_step
 from kvlingua.train_config import TrainConfig, TrainState, make_optimizer
-from kvlingua.translator import SpaceConfig
 from tests.helpers import VOCAB, tiny_model
 
 QUIET = Runtime(progress=False)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from kvlingua.config import ConfigError, from_dict, to_dict
 from kvlingua.layers import CrossAttentionLayer, GroupOutput, OutputTransform, slice_groups
-from kvlingua.translator import LayerwiseTranslator, LinearAdapter, SpaceConfig, build_adapter
+from kvlingua.space_config import SpaceConfig
+from kvlingua.translator import LayerwiseTranslator, LinearAdapter, build_adapter
 
 torch.set_num_threads(1)
 

@@ -10,7 +10,7 @@ from kvlingua.generate import GenerationParams, handoff_generate
 from kvlingua.mixed import mixed_generate
 from kvlingua.rotary import KeyRotation
 from kvlingua.space import SharedSpace
-from kvlingua.translator import SpaceConfig
+from kvlingua.space_config import SpaceConfig
 from kvlingua.view import CacheView
 from tests.helpers import tiny_model
 

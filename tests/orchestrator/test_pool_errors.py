@@ -24,8 +24,8 @@ from kvlingua.pool import save_pool
 from kvlingua.pool_members import PoolMember
 from kvlingua.rundir import main_space, space_pool_dir
 from kvlingua.space import SharedSpace
+from kvlingua.space_config import SpaceConfig
 from kvlingua.train_config import TrainConfig
-from kvlingua.translator import SpaceConfig
 from orchestrator.cli import main
 from tests.helpers import tiny_model
 from tests.serve_apps.tiny_pool import SENTENCES, train_tiny_tokenizer

@@ -10,7 +10,7 @@ import torch  # noqa: E402
 
 from kvlingua.generate import GenerationParams, handoff_generate  # noqa: E402
 from kvlingua.pool import load_pool  # noqa: E402
-from kvlingua.translator import SpaceConfig  # noqa: E402
+from kvlingua.space_config import SpaceConfig  # noqa: E402
 from tests.serve_apps.tiny_pool import build_tiny_pool  # noqa: E402
 
 pytestmark = pytest.mark.ray

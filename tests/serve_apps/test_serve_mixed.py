@@ -24,7 +24,7 @@ from kvlingua.generate import (GenerationParams, eos_ids, make_generator, model_
 from kvlingua.pool import load_pool, save_pool  # noqa: E402
 from kvlingua.pool_members import PoolMember  # noqa: E402
 from kvlingua.space import SharedSpace  # noqa: E402
-from kvlingua.translator import SpaceConfig  # noqa: E402
+from kvlingua.space_config import SpaceConfig  # noqa: E402
 from serve_apps.openai_api import render_chat  # noqa: E402
 from tests.serve_apps.test_transport import _transport_warnings_logged  # noqa: E402
 from tests.helpers import bpe_tokenizer, tiny_model  # noqa: E402

@@ -18,7 +18,7 @@ from kvlingua.cache import arch_summary, fingerprint
 from kvlingua.pool import save_pool
 from kvlingua.pool_members import PoolMember
 from kvlingua.space import SharedSpace
-from kvlingua.translator import SpaceConfig
+from kvlingua.space_config import SpaceConfig
 from tests.helpers import tiny_model
 
 SENTENCES = [

@@ -53,7 +53,7 @@ def make_tiny_job(root, *, steps: int = 6, name: str = "tiny", spaces: tuple[str
     from kvlingua.evaluate import EvalConfig
     from kvlingua.job import TrainJob
     from kvlingua.train_config import TrainConfig
-    from kvlingua.translator import SpaceConfig
+    from kvlingua.space_config import SpaceConfig
 
     root = Path(root)
     data = DataConfig(source=str(root / "corpus.txt"), view="text")

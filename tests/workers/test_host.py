@@ -229,7 +229,7 @@ def test_training_never_writes_the_source_blocks_it_reads_in_place(ray_local, ho
     from kvlingua.batch import Batch
     from kvlingua.train import fit
     from kvlingua.train_config import TrainConfig
-    from kvlingua.translator import SpaceConfig
+    from kvlingua.space_config import SpaceConfig
 
     class Recording(RayBackend):
         def __init__(self, hosts):

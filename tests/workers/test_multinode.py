@@ -139,7 +139,7 @@ def test_sigma_training_through_a_host_on_another_node_matches_in_process(ray_tw
     from kvlingua.batch import Batch
     from kvlingua.train import fit
     from kvlingua.train_config import TrainConfig
-    from kvlingua.translator import SpaceConfig
+    from kvlingua.space_config import SpaceConfig
     from workers.backend import RayBackend
     from workers.config import HostOptions
     from workers.host import spawn_hosts
