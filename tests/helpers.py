@@ -176,3 +176,34 @@ def bpe_tokenizer(docs, vocab: int, out_dir=None, bos: bool = False):
     if out_dir is not None:
         tok.save_pretrained(str(out_dir))
     return tok
+
+
+CROSS_TEXT = "el niño comió piña y dijo: mañana también. и свет земля вода сказал бог"
+"""Text with multi-byte characters (Spanish, Russian) that two byte-level BPEs tokenize differently."""
+
+
+def cross_tokenizer_pool():
+    """Two tiny models of two families, each with its own byte-level BPE (``b``'s puts ``<bos>`` first), and a
+    random shared space over them: ``(models, space, tokenizers)``."""
+    from kvlingua.cache import arch_summary
+    from kvlingua.space import SharedSpace
+    from kvlingua.space_config import SpaceConfig
+
+    docs = [CROSS_TEXT, "the light earth water and said god people land king house",
+            "señor año sueño corazón щит ёлка"] * 30
+    toks = {"a": bpe_tokenizer(docs, 300), "b": bpe_tokenizer(docs, 360, bos=True)}
+    models = {"a": tiny_model("gemma2", seed=0, layers=2, vocab=300),
+              "b": tiny_model("llama", seed=1, layers=3, kv_heads=2, vocab=360)}
+    torch.manual_seed(0)
+    space = SharedSpace({n: arch_summary(m) for n, m in models.items()}, SpaceConfig(q_dim=24, init="random"))
+    space.eval().requires_grad_(False)
+    return models, space, toks
+
+
+def generate_after(model, ids, n, block=None):
+    """``model.generate`` (greedy) of ``n`` tokens after ``ids``, its cache of ``ids[:-1]`` given as ``block``."""
+    from kvlingua.cache import as_past_key_values, cache_kwargs
+
+    prompt = torch.tensor([ids])
+    kw = cache_kwargs(model, as_past_key_values(block)) if block is not None else {}
+    return model.generate(prompt, do_sample=False, max_new_tokens=n, **kw)[0, prompt.shape[1]:].tolist()

@@ -6,35 +6,22 @@ import pytest
 import torch
 
 from kvlingua.align import NO_CHARS, text_ends
-from kvlingua.cache import arch_summary, as_past_key_values, cache_kwargs, extract_prefix
+from kvlingua.cache import arch_summary, cache_kwargs, extract_prefix
 from kvlingua.crossmixed import CachedPositions, Run, SwitchPlan, merge_schedule, mixed_text, plan_switch
 from kvlingua.generate import GenerationParams, HandoffError
 from kvlingua.mixed import mixed_generate
 from kvlingua.space import SharedSpace
 from kvlingua.space_config import SpaceConfig
 from kvlingua.view import CacheView, model_rotation
-from tests.helpers import bpe_tokenizer, tiny_model
+from tests.helpers import CROSS_TEXT, cross_tokenizer_pool, generate_after, tiny_model
 
-TEXT = "el niño comió piña y dijo: mañana también. и свет земля вода сказал бог"
+TEXT = CROSS_TEXT
 
 
 @pytest.fixture(scope="module")
 def pool():
-    docs = [TEXT, "the light earth water and said god people land king house", "señor año sueño corazón щит ёлка"] * 30
-    toks = {"a": bpe_tokenizer(docs, 300), "b": bpe_tokenizer(docs, 360, bos=True)}
-    models = {"a": tiny_model("gemma2", seed=0, layers=2, vocab=300),
-              "b": tiny_model("llama", seed=1, layers=3, kv_heads=2, vocab=360)}
-    torch.manual_seed(0)
-    space = SharedSpace({n: arch_summary(m) for n, m in models.items()}, SpaceConfig(q_dim=24, init="random"))
-    space.eval().requires_grad_(False)
-    return models, space, toks
+    return cross_tokenizer_pool()
 
-
-def generate_after(model, ids, n, block=None):
-    """``model.generate`` (greedy) of ``n`` tokens after ``ids``, its cache of ``ids[:-1]`` given as ``block``."""
-    prompt = torch.tensor([ids])
-    kw = cache_kwargs(model, as_past_key_values(block)) if block is not None else {}
-    return model.generate(prompt, do_sample=False, max_new_tokens=n, **kw)[0, prompt.shape[1]:].tolist()
 
 
 def test_one_model_is_plain_generation_on_its_tokens(pool):

@@ -5,32 +5,20 @@ import pytest
 import torch
 
 from kvlingua.align import NO_CHARS, text_ends
-from kvlingua.cache import arch_summary, as_past_key_values, cache_kwargs, extract_prefix
+from kvlingua.cache import arch_summary, extract_prefix
 from kvlingua.crosstext import handoff_text
 from kvlingua.generate import GenerationParams, HandoffError, handoff_generate
 from kvlingua.space import SharedSpace
 from kvlingua.space_config import SpaceConfig
-from tests.helpers import bpe_tokenizer, tiny_model
+from tests.helpers import CROSS_TEXT, cross_tokenizer_pool, generate_after, tiny_model
 
-TEXT = "el niño comió piña y dijo: mañana también. и свет земля вода сказал бог"
+TEXT = CROSS_TEXT
 
 
 @pytest.fixture(scope="module")
 def pool():
-    docs = [TEXT, "the light earth water and said god people land king house", "señor año sueño corazón щит ёлка"] * 30
-    toks = {"a": bpe_tokenizer(docs, 300), "b": bpe_tokenizer(docs, 360, bos=True)}
-    models = {"a": tiny_model("gemma2", seed=0, layers=2, vocab=300),
-              "b": tiny_model("llama", seed=1, layers=3, kv_heads=2, vocab=360)}
-    torch.manual_seed(0)
-    space = SharedSpace({n: arch_summary(m) for n, m in models.items()}, SpaceConfig(q_dim=24, init="random"))
-    space.eval().requires_grad_(False)
-    return models, space, toks
+    return cross_tokenizer_pool()
 
-
-def reference(model, ids, n, block=None):
-    prompt = torch.tensor([ids])
-    kw = cache_kwargs(model, as_past_key_values(block)) if block is not None else {}
-    return model.generate(prompt, do_sample=False, max_new_tokens=n, **kw)[0, prompt.shape[1]:].tolist()
 
 
 def test_text_ends_count_characters_from_the_end_of_the_text(pool):
@@ -64,7 +52,7 @@ def test_latent_handoff_across_tokenizers_reads_sigma_along_the_map(pool):
         view = CacheView.of(space.cfg)
         sink = extract_prefix(models["b"], torch.tensor([tgt[:k]]))
         block = view.to_cache(out, model_rotation(models["b"]), sink)  # [1, T-1, L, D]
-    assert res.tokens == reference(models["b"], tgt, 8, block)
+    assert res.tokens == generate_after(models["b"], tgt, 8, block)
     assert res.text == toks["b"].decode(res.tokens, skip_special_tokens=True)
 
 
@@ -78,7 +66,7 @@ def test_text_handoff_is_the_target_reading_its_own_tokens(pool):
     models, space, toks = pool
     res = handoff_text(models, space, "a", "b", TEXT, GenerationParams(max_new_tokens=8), handoff="text",
                        tokenizers=toks)
-    assert res.tokens == reference(models["b"], text_ends(toks["b"], TEXT)[0], 8)
+    assert res.tokens == generate_after(models["b"], text_ends(toks["b"], TEXT)[0], 8)
 
 
 def test_one_tokenizer_hands_over_to_the_id_route_unchanged(pool):
