@@ -207,3 +207,17 @@ def generate_after(model, ids, n, block=None):
     prompt = torch.tensor([ids])
     kw = cache_kwargs(model, as_past_key_values(block)) if block is not None else {}
     return model.generate(prompt, do_sample=False, max_new_tokens=n, **kw)[0, prompt.shape[1]:].tolist()
+
+
+PAPER_SETTING = dict(init="random", sink_tokens=0, keys="rotated")
+"""The paper's setting: every position through Σ, keys as cached, a random start."""
+
+
+def paper_space(backend, seed=0, **kw):
+    """A seeded space over ``backend``'s models in the paper's setting, Q = 24 unless ``kw`` says otherwise."""
+    from kvlingua.space import SharedSpace
+    from kvlingua.space_config import SpaceConfig
+
+    torch.manual_seed(seed)
+    return SharedSpace({n: backend.summary(n) for n in backend.names()},
+                       SpaceConfig(**{**PAPER_SETTING, "q_dim": 24, **kw}))
