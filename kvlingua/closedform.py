@@ -46,10 +46,9 @@ centred on the first batch's mean, so fp32 loses nothing that matters over a few
 
 def short_maps(adapter: nn.Module) -> tuple[nn.Linear, nn.Linear]:
     """The two dense linear maps (K, V) of an adapter that :func:`closed_form_init` sets."""
-    if isinstance(adapter, LinearAdapter):
-        return adapter.k, adapter.v
-    if isinstance(adapter, LayerwiseTranslator) and adapter.use_short and not adapter.short_per_layer:
-        return adapter.short_k, adapter.short_v
+    maps = adapter.short_maps() if isinstance(adapter, (LinearAdapter, LayerwiseTranslator)) else ()
+    if len(maps) == 2 and all(isinstance(m, nn.Linear) for m in maps):
+        return maps
     raise ValueError("init: closed_form needs the linear adapter or a translator with a dense short path")
 
 

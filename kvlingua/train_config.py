@@ -132,17 +132,10 @@ def make_optimizer(space: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Adam
         raise ValueError("the trainable adapters have no parameters")
     groups: list = params
     if cfg.stack_lr_scale != 1.0:  # the short path at lr, the stack at lr * scale
-        short = {id(p) for m in names for side in ("in", "out") for p in _short_params(space.adapters(m)[side])}
+        maps = [f for m in names for side in ("in", "out") for f in space.adapters(m)[side].short_maps()]
+        short = {id(p) for f in maps for p in f.parameters()}
         groups = [{"params": [p for p in params if id(p) in short], "lr": cfg.lr},
                   {"params": [p for p in params if id(p) not in short], "lr": cfg.lr * cfg.stack_lr_scale}]
         groups = [g for g in groups if g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return opt, warmup_cosine(opt, cfg.steps, cfg.warmup_frac)
-
-
-def _short_params(adapter: nn.Module) -> list[nn.Parameter]:
-    """The short path's parameters of an adapter (a translator's ``short_k``/``short_v``; all of a linear one)."""
-    maps = [getattr(adapter, n, None) for n in ("short_k", "short_v")]
-    if all(m is None for m in maps):
-        return list(adapter.parameters()) if not hasattr(adapter, "use_short") else []
-    return [p for m in maps if m is not None for p in m.parameters()]

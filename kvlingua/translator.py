@@ -174,6 +174,10 @@ class LayerwiseTranslator(nn.Module):
                 else:  # GroupOutput, SliceLinear
                     part.rescale(scale, add)
 
+    def short_maps(self) -> tuple[nn.Module, ...]:
+        """The short path's (K, V) maps (``nn.Linear`` when dense, ``SliceLinear`` per layer); none without one."""
+        return (self.short_k, self.short_v) if self.use_short else ()
+
     def stack_forward(self, x: Tensor) -> Tensor:
         """The shared cross-attention stack: ``[N, S, L_in/m, D'] -> [N, S, G * D']`` (G = depth, m = merge)."""
         N, S, _, d = x.shape
@@ -230,6 +234,10 @@ class LinearAdapter(nn.Module):
         """``K -> scale_k * K + shift_k`` (likewise V) per flat output channel ``[L_out * D_out]``, exactly."""
         rescale_linear(self.k, scale_k, shift_k)
         rescale_linear(self.v, scale_v, shift_v)
+
+    def short_maps(self) -> tuple[nn.Module, ...]:
+        """The (K, V) maps: the whole adapter is a short path."""
+        return self.k, self.v
 
     def forward(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
         check_input(keys, values, self.in_layers, self.in_width, "linear adapter")
