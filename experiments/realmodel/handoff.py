@@ -19,7 +19,9 @@ take trained pools; ``--text FILE`` gives real text (tokenized with the pool's t
 tokenize differently, each model reads its own tokens of one cut of the text and Σ is read along the token map).
 
 :func:`measure_handoff` measures, :func:`handoff_lines` prints the table; ``bench/bench_handoff.py`` is the
-command line over both and ``kvlingua real-model`` calls them on its trained pool.
+command line over both and ``kvlingua real-model`` calls them on its trained pool. Underneath,
+:func:`handoff_inputs` cuts the tokens and :func:`time_handoff` times re-prefill against any trained spaces (the
+real-model training arms time theirs with it).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from kvlingua.align import token_map
 from kvlingua.backend import suffix_token_nll
@@ -101,6 +104,70 @@ def random_models(size: str) -> dict:
     return models
 
 
+@dataclass(frozen=True)
+class HandoffInputs:
+    """One hand-off's tokens: the target's prefix and suffix, the source's prefix, and where the two tokenize
+    differently, each one's token ends (the token map's input)."""
+
+    prefix: Tensor
+    """``[B, P]`` the target's prefix tokens."""
+    suffix: Tensor
+    """``[B, S]`` the target's suffix tokens (scored after each cache)."""
+    source_prefix: Tensor
+    """``[B, P]`` the source's tokens of the same prefix text (the target's own where they share a tokenizer)."""
+    ends: tuple[Tensor, Tensor] | None = None
+    """``([B, P], [B, P])`` the character end of each source and target prefix token; None: one tokenizer."""
+
+
+def handoff_inputs(models: dict, tokenizer, tokenizers: dict | None, source: str, target: str, text: Path | None,
+                   prefix: int, suffix: int, batch: int) -> HandoffInputs:
+    """The tokens a hand-off reads: ``text``'s first rows in each model's own tokens where ``tokenizers`` (the
+    members tokenize differently; ``text`` required), else ``tokenizer``'s ids of ``text``, else random ids."""
+    n = prefix + suffix
+    ends = None
+    if tokenizers is not None:  # two tokenizers: each model reads its own tokens of one cut of the text
+        if text is None:
+            raise ValueError("a pool whose members tokenize differently needs --text")
+        from kvlingua.data.rows import text_rows
+
+        rows = text_rows([text.read_text()], {m: tokenizers[m] for m in (source, target)}, prefix, suffix)
+        if rows[f"ids/{target}"].shape[0] < batch:
+            raise ValueError(f"--text yields {rows[f'ids/{target}'].shape[0]} rows of {n} tokens; --batch asks {batch}")
+        ids = rows[f"ids/{target}"][:batch]  # [B, P+S] the target's tokens
+        src_ids = rows[f"ids/{source}"][:batch]  # [B, P+S] the source's tokens of the same text
+        ends = (rows[f"ends/{source}"][:batch], rows[f"ends/{target}"][:batch])  # each [B, P]
+    elif text is not None and tokenizer is not None:
+        ids = torch.tensor(tokenizer.encode(text.read_text())[: n * batch]).view(batch, n)  # [B, P+S]
+        src_ids = ids
+    else:
+        vocab = min(arch_summary(m).vocab_size for m in models.values())
+        ids = torch.randint(4, vocab, (batch, n), generator=torch.Generator().manual_seed(0))  # [B, P+S]
+        src_ids = ids
+    return HandoffInputs(ids[:, :prefix], ids[:, prefix:], src_ids[:, :prefix], ends)  # [B, P], [B, S], [B, P]
+
+
+@torch.no_grad()
+def time_handoff(models: dict, spaces: dict[str, SharedSpace], source: str, target: str, inputs: HandoffInputs,
+                 repeats: int) -> tuple[dict[str, float], dict]:
+    """Median seconds of ``target`` re-reading the prefix (``"prefill"``) and of each space carrying ``source``'s
+    cache of it to ``target`` (the target reads its own sink, timed with it), interleaved (:func:`timed`); and
+    each one's last cache ``[B, P, L_t, D_t]``."""
+    src_block = extract_prefix(models[source], inputs.source_prefix)  # [B, P, L_s, D_s]: read by the source anyway
+    prefix, ends = inputs.prefix, inputs.ends
+
+    def through(sp):
+        view = CacheView.of(sp.cfg)
+        k = view.sink_tokens
+        rot = (model_rotation(models[source]), model_rotation(models[target])) if view.unrotate else (None, None)
+        sink = extract_prefix(models[target], prefix[:, :k]) if k else None
+        index = token_map(ends[0][:, k:], ends[1][:, k:]) if ends is not None else None  # [B, P-k]
+        return translate_cache(sp, src_block, source, target, *rot, sink, view=view, index=index)
+
+    fns = {"prefill": lambda: extract_prefix(models[target], prefix)}
+    fns.update({k: (lambda sp=sp: through(sp)) for k, sp in spaces.items()})
+    return timed(fns, repeats)
+
+
 def measure_handoff(args: HandoffConfig) -> dict:
     """Time re-prefill against each space's translation, interleaved, with the target's suffix NLL after each.
 
@@ -140,57 +207,24 @@ def measure_handoff(args: HandoffConfig) -> dict:
     for s in spaces.values():
         s.eval().requires_grad_(False)
 
-    n = args.prefix + args.suffix
-    vocab = min(s.vocab_size for s in members.values())
-    ends = None
-    if tokenizers is not None:  # two tokenizers: each model reads its own tokens of one cut of the text
-        if args.text is None:
-            raise ValueError("a pool whose members tokenize differently needs --text")
-        from kvlingua.data.rows import text_rows
-
-        rows = text_rows([args.text.read_text()], {m: tokenizers[m] for m in (source, target)}, args.prefix,
-                         args.suffix)
-        if rows[f"ids/{target}"].shape[0] < args.batch:
-            raise ValueError(f"--text yields {rows[f'ids/{target}'].shape[0]} rows of {n} tokens; --batch asks {args.batch}")
-        ids = rows[f"ids/{target}"][: args.batch]  # [B, P+S] the target's tokens
-        src_ids = rows[f"ids/{source}"][: args.batch]  # [B, P+S] the source's tokens of the same text
-        ends = (rows[f"ends/{source}"][: args.batch], rows[f"ends/{target}"][: args.batch])  # each [B, P]
-    elif args.text is not None and tokenizer is not None:
-        ids = torch.tensor(tokenizer.encode(args.text.read_text())[: n * args.batch]).view(args.batch, n)  # [B, P+S]
-        src_ids = ids
-    else:
-        ids = torch.randint(4, vocab, (args.batch, n), generator=torch.Generator().manual_seed(0))  # [B, P+S]
-        src_ids = ids
-    prefix, suffix = ids[:, : args.prefix], ids[:, args.prefix :]  # [B, P], [B, S]
-
-    src_block = extract_prefix(models[source], src_ids[:, : args.prefix])  # [B, P, L_s, D_s]: read by the source anyway
-    rows = []
+    inputs = handoff_inputs(models, tokenizer, tokenizers, source, target, args.text, args.prefix, args.suffix,
+                            args.batch)
+    kinds = tuple(k for k in ("default", "latency", "1 layer") if k in spaces)
+    secs, outs = time_handoff(models, {k: spaces[k] for k in kinds}, source, target, inputs, args.repeats)
+    t_pre = secs["prefill"]
     with torch.no_grad():
-        kinds = tuple(k for k in ("default", "latency", "1 layer") if k in spaces)
-        fns = {"prefill": lambda: extract_prefix(models[target], prefix)}
-        def through(sp):  # the target reads its own sink (prefill of k tokens, timed), Σ carries the rest
-            view = CacheView.of(sp.cfg)
-            k = view.sink_tokens
-            rot = (model_rotation(models[source]), model_rotation(models[target])) if view.unrotate else (None, None)
-            sink = extract_prefix(models[target], prefix[:, :k]) if k else None
-            index = token_map(ends[0][:, k:], ends[1][:, k:]) if ends is not None else None  # [B, P-k]
-            return translate_cache(sp, src_block, source, target, *rot, sink, view=view, index=index)
-
-        fns.update({k: (lambda sp=spaces[k]: through(sp)) for k in kinds})
-        secs, outs = timed(fns, args.repeats)
-        t_pre = secs["prefill"]
-        nll = suffix_token_nll(models[target], outs["prefill"], suffix).mean().item()
-        rows.append({"method": "re-prefill (target reads the text)", "ms": 1e3 * t_pre, "ratio": 1.0, "suffix_nll": nll,
-                     "trained": True})
+        nll = suffix_token_nll(models[target], outs["prefill"], inputs.suffix).mean().item()
+        rows = [{"method": "re-prefill (target reads the text)", "ms": 1e3 * t_pre, "ratio": 1.0, "suffix_nll": nll,
+                 "trained": True}]
         for kind in kinds:
             space, t = spaces[kind], secs[kind]
-            nll = suffix_token_nll(models[target], outs[kind], suffix).mean().item()
+            nll = suffix_token_nll(models[target], outs[kind], inputs.suffix).mean().item()
             depth = space.cfg.num_layers or L
             layout = "" if space.cfg.adapter == "linear" else f", {space.cfg.output_layout}"
             label = f"translate ({kind}: {min(depth, L)}/{L} layers, D'={space.cfg.embed_factor:g}D{layout})"
             rows.append({"method": label, "ms": 1e3 * t, "ratio": t / t_pre, "suffix_nll": nll,
                          "trained": trained[kind]})
-        none_nll = suffix_token_nll(models[target], None, suffix).mean().item()
+        none_nll = suffix_token_nll(models[target], None, inputs.suffix).mean().item()
 
     out = {"config": {k: str(v) for k, v in asdict(args).items()}, "rows": rows, "no_prefix_nll": none_nll,
            "names": {"source": source, "target": target}}

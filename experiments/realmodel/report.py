@@ -5,7 +5,7 @@ split), ``timing.json``, ``pool/pool.json``, ``positions/eval-test-P<P>.json``,
 ``bench_handoff.json`` -- and the public model shapes of ``configs/shapes/`` (planned on the meta
 device), and writes one Markdown file. Every verdict follows from the numbers by
 :func:`experiments.toolkit.stats.outcome` (a paired difference ± 2 standard errors against a tolerance);
-nothing in it is typed by hand. The sections that read the levers, objectives, benchmarks and public shapes
+nothing in it is typed by hand. The sections that read the levers, training arms, benchmarks and public shapes
 are in :mod:`experiments.realmodel.sections`.
 """
 from __future__ import annotations

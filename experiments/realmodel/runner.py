@@ -7,8 +7,8 @@ Runs, each stage skipped when its output exists (so an interrupted run resumes):
    the test split;
 2. ``positions`` — the trained pool re-scored at each prefix length (:func:`kvlingua.run.evaluate_pool_dir`);
 3. ``levers`` — each lever's start against the trained space (:func:`experiments.realmodel.levers.lever_starts`),
-   and, with ``objective_seconds``, ``objectives``: the main space trained afresh for that many wall seconds per
-   training objective (:func:`experiments.realmodel.levers.objective_runs`);
+   and, with ``arm_seconds``, ``arms``: the main space trained afresh for that many wall seconds per training arm
+   (an objective, a stack shape; :class:`experiments.realmodel.arms.ArmTrainer`), each arm's hand-off timed;
 4. ``continuations`` — held-out prompts continued by the deep model after the shallow one's cache;
 5. ``bench`` — :func:`experiments.realmodel.handoff.measure_handoff` on the trained pool: translating a
    ``bench_prefix``-token cache from the shallow model into the deep one against the deep one re-reading the
@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from experiments.realmodel.arms import DEFAULT_ARMS
 from experiments.realmodel.report import ReportRun, write_real_model_report
 from experiments.toolkit.pools import deep_and_shallow
 from experiments.training import Placement, train_run
@@ -34,7 +35,7 @@ SHAPES = REPO / "configs" / "shapes"
 STAGES_FILE = "real_model_stages.json"
 """Wall seconds of each finished stage, kept beside the run so a resumed run reports every stage."""
 LEVER_BATCHES = 4
-"""Held-out batches of the levers and objectives stages: each variant is a calibration and a scoring."""
+"""Held-out batches of the levers and arms stages: each variant is a calibration and a scoring."""
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,11 @@ class RealModelConfig:
     """Prefix tokens of the hand-off benchmark."""
     bench_repeats: int = 5
     """Timed rounds of the hand-off benchmark."""
-    objective_seconds: float = 0.0
-    """Wall seconds per training objective (0: skip the objectives stage)."""
+    arm_seconds: float = 0.0
+    """Wall seconds per training arm (0: skip the arms stage)."""
+    arms: tuple[str, ...] | None = None
+    """The training arms (None: ``arms.DEFAULT_ARMS``, the objectives); the first is the default the rest pair
+    against."""
     levers: tuple[str, ...] | None = None
     """The levers to score at the start (None: all of ``levers.DEFAULT_LEVERS``)."""
     placement: Placement = Placement()
@@ -68,15 +72,23 @@ class RealModelConfig:
             unknown = [n for n in self.levers if n not in DEFAULT_LEVERS]
             if unknown:
                 raise ConfigError(f"--levers: unknown lever(s) {unknown}; known: {list(DEFAULT_LEVERS)}")
-        if self.objective_seconds < 0:
-            raise ConfigError("--objective-seconds must be >= 0 (0: skip the objectives stage)")
+        if self.arm_seconds < 0:
+            raise ConfigError("--arm-seconds must be >= 0 (0: skip the arms stage)")
+        if self.arms is not None:
+            from experiments.realmodel.arms import check_arms
+
+            try:
+                check_arms(self.arms)
+            except ValueError as e:
+                raise ConfigError(f"--arms: {e}") from None
 
     @property
     def command(self) -> str:
         """The command line the report names."""
         command = "kvlingua real-model" + (f" {self.config}" if Path(self.config).resolve() != DEFAULT_CONFIG else "")
         command += "".join(f" -o {o}" for o in self.overrides) + (" --in-process" if self.placement.in_process else "")
-        command += f" --objective-seconds {self.objective_seconds:g}" if self.objective_seconds > 0 else ""
+        command += f" --arm-seconds {self.arm_seconds:g}" if self.arm_seconds > 0 else ""
+        command += " --arms " + " ".join(f"'{n}'" for n in self.arms) if self.arms and self.arm_seconds > 0 else ""
         command += " --levers " + " ".join(f"'{n}'" for n in self.levers) if self.levers else ""
         return command
 
@@ -98,7 +110,7 @@ class RealModel:
         from kvlingua.run import evaluate_pool_dir
         from workers.run_config import run_dir_of
 
-        cfg, progress = self.run_config(), self.cfg.placement.progress
+        cfg = self.run_config()
         run_dir = run_dir_of(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         stage = _Stages(run_dir)
@@ -116,19 +128,19 @@ class RealModel:
         if not (run_dir / "levers" / "names.json").is_file():
             with stage("levers", "levers: each lever's closed-form start against the trained space"):
                 _levers(run_dir, run_dir / "levers", self.cfg.levers)
-        if self.cfg.objective_seconds > 0 and not (run_dir / "objectives" / "runs.json").is_file():
-            with stage("objectives", f"objectives: the main space trained {self.cfg.objective_seconds:g} s per "
-                       "objective"):
-                _objectives(run_dir, run_dir / "objectives", self.cfg.objective_seconds, progress)
         pool_json = json.loads((run_dir / "pool" / "pool.json").read_text())
         deep, shallow = deep_and_shallow(pool_json["members"])
+        # both ways where the members tokenize differently (two real families), else the shallow model into the deep one
+        mixed = any("tokenizer" in m for m in pool_json["members"])
+        directions = [(shallow, deep)] + ([(deep, shallow)] if mixed else [])
+        arms = self.cfg.arms or DEFAULT_ARMS
+        if self.cfg.arm_seconds > 0 and not _arms_done(run_dir / "arms", arms, self.cfg.arm_seconds):
+            with stage("arms", f"arms: the main space trained {self.cfg.arm_seconds:g} s per arm"):
+                self._arms(run_dir, arms, directions, cfg)
         if not (run_dir / "continuations.json").is_file():
             with stage("continuations", f"continuations: {shallow} -> {deep}, latent and text"):
                 _continuations(run_dir, shallow, deep)
-        # both ways where the members tokenize differently (two real families), else the shallow model into the deep one
-        mixed = any("tokenizer" in m for m in pool_json["members"])
-        for source, target, name in [(shallow, deep, "bench_handoff.json")] + (
-                [(deep, shallow, "bench_handoff_reverse.json")] if mixed else []):
+        for (source, target), name in zip(directions, ("bench_handoff.json", "bench_handoff_reverse.json")):
             if not (run_dir / name).is_file():
                 label = "bench" if name == "bench_handoff.json" else f"bench {source} -> {target}"
                 with stage(label, f"bench: {source} -> {target}, {self.cfg.bench_prefix}-token prefix"):
@@ -145,6 +157,40 @@ class RealModel:
         return write_real_model_report(run_dir, report, ReportRun(
             command=self.cfg.command, positions=self.cfg.positions, shapes_dir=SHAPES, machine=machine(),
             stages=_Stages(run_dir).read(), commit=commit(), pool=cfg.pool))
+
+    def _arms(self, run_dir: Path, arms: tuple[str, ...], directions: list[tuple[str, str]], cfg) -> None:
+        """``arms/<file>`` per arm (:func:`~experiments.realmodel.arms.arm_file`; scored on the levers' held-out
+        batches) and ``arms/runs.json``: the budget, and per arm its steps, schedule, train seconds, kept step and
+        hand-off (translate / re-prefill at ``bench_prefix`` tokens, per direction). Each arm is written as it
+        ends, so a stopped stage resumes at the next arm."""
+        from experiments.realmodel.arms import ArmTrainer, arm_file
+        from experiments.realmodel.handoff import handoff_inputs, time_handoff
+        from kvlingua.paths import path_name
+
+        out = run_dir / "arms"
+        out.mkdir(exist_ok=True)
+        meta_file = out / "runs.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if meta.get("seconds") != self.cfg.arm_seconds:  # another budget: its arms do not pair with these
+            meta = {"seconds": self.cfg.arm_seconds, "runs": {}}
+        trainer = ArmTrainer(run_dir, batches=LEVER_BATCHES, progress=self.cfg.placement.progress)
+        pool, text = trainer.loaded, _bench_text(run_dir / "bench_text.txt")
+        tokenizers = pool.tokenizers if pool.mixed_tokenizers else None
+        inputs = {d: handoff_inputs(pool.models, pool.tokenizer, tokenizers, *d, text, self.cfg.bench_prefix,
+                                    cfg.suffix_len, 1) for d in directions}
+        for name in arms:
+            if name in meta["runs"] and (out / meta["runs"][name]["file"]).is_file():
+                continue
+            print(f"[real-model] arm {name!r}", flush=True)
+            run = trainer.run(name, self.cfg.arm_seconds)
+            run.result.to_json(out / arm_file(name))
+            handoff = {}
+            for (source, target), ids in inputs.items():
+                secs, _ = time_handoff(pool.models, {name: run.space}, source, target, ids, self.cfg.bench_repeats)
+                handoff[path_name((source, target))] = round(secs[name] / secs["prefill"], 4)
+            meta["runs"][name] = {"file": arm_file(name), "steps": run.steps, "schedule_steps": run.schedule_steps,
+                                  "train_s": round(run.train_s, 1), "best_step": run.best_step, "handoff": handoff}
+            meta_file.write_text(json.dumps(meta, indent=1) + "\n")
 
     def _bench(self, run_dir: Path, source: str, target: str, cfg, out: Path) -> None:
         from experiments.realmodel.handoff import HandoffConfig, handoff_lines, measure_handoff
@@ -233,18 +279,14 @@ def _levers(run_dir: Path, out: Path, names: tuple[str, ...] | None = None) -> N
     (out / "names.json").write_text(json.dumps(keys, indent=1) + "\n")
 
 
-def _objectives(run_dir: Path, out: Path, seconds: float, progress: bool) -> None:
-    """``objectives/<name>.json`` per objective (:func:`~experiments.realmodel.levers.objective_runs`, on the levers'
-    held-out batches) and ``runs.json`` (objective -> steps reached, schedule, train seconds, kept step; the budget)."""
-    from experiments.realmodel.levers import objective_runs
-
-    out.mkdir(exist_ok=True)
-    runs = objective_runs(run_dir, seconds=seconds, batches=LEVER_BATCHES, progress=progress)
-    for name, run in runs.items():
-        run.result.to_json(out / f"{name}.json")
-    table = {name: {"steps": r.steps, "schedule_steps": r.schedule_steps, "train_s": round(r.train_s, 1),
-                    "best_step": r.best_step} for name, r in runs.items()}
-    (out / "runs.json").write_text(json.dumps({"seconds": seconds, "runs": table}, indent=1) + "\n")
+def _arms_done(out: Path, arms: tuple[str, ...], seconds: float) -> bool:
+    """Whether ``out/runs.json`` holds every arm of ``arms`` at this budget, each with its results file."""
+    f = out / "runs.json"
+    if not f.is_file():
+        return False
+    meta = json.loads(f.read_text())
+    return meta.get("seconds") == seconds and all(
+        n in meta["runs"] and (out / meta["runs"][n].get("file", "")).is_file() for n in arms)
 
 
 def _continuations(run_dir: Path, source: str, target: str, n: int = 3, prompt_tokens: int = 48,

@@ -1,5 +1,5 @@
 """The real-model report's cells and its sections beyond the claims: the closed-form start and the levers, the
-objectives at equal wall time, the continuations, the hand-off benchmark, a stored context's bytes, and the
+training arms at equal wall time, the continuations, the hand-off benchmark, a stored context's bytes, and the
 adapter sizes at public shapes. Each reads the run's files only (:mod:`experiments.realmodel.report`)."""
 from __future__ import annotations
 
@@ -157,35 +157,41 @@ def levers_section(run_dir: Path, deep: str, shallow: str) -> list[str]:
             else:
                 cells += [cell, "—"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines + ["", *objectives_section(run_dir)]
+    return lines + ["", *arms_section(run_dir)]
 
 
-def objectives_section(run_dir: Path) -> list[str]:
-    """The objective lever (``objectives/``): the main space trained afresh per objective for the same wall time,
-    each against the default objective on the levers' rows, and which objective the numbers make the default."""
-    d = run_dir / "objectives"
+def arms_section(run_dir: Path) -> list[str]:
+    """The training arms (``arms/``): the main space trained afresh per arm for the same wall time, each against the
+    first (the default) on the levers' rows with its hand-off time, which arm the numbers make the default, and the
+    fastest hand-off that no path finds worse."""
+    d = run_dir / "arms"
     if not (d / "runs.json").is_file():
-        return ["The objective lever (suffix KL to the target's own-cache distribution, reconstruction) trains one "
-                "space per objective; this run skipped it (`kvlingua real-model --objective-seconds S`).", ""]
+        return ["Levers that need training (the objective, the stack's shape) train one space each; this run "
+                "skipped them (`kvlingua real-model --arm-seconds S`).", ""]
     meta = json.loads((d / "runs.json").read_text())
     runs = meta["runs"]
-    res = {n: EvalResult.from_dict(json.loads((d / f"{n}.json").read_text())) for n in runs}
+    res = {n: EvalResult.from_dict(json.loads((d / r["file"]).read_text())) for n, r in runs.items()}
     default = next(iter(runs))
     paths = [tuple(p) for p in res[default].paths]
-    lines = ["## Objectives at equal wall time (test split)", "",
-             f"Each row trains the main space afresh from its start for {meta['seconds']:g} wall seconds "
-             "(evaluations included; the schedule is planned from the measured step cost to end a little past the "
-             "budget, so the budget ends every run), keeps its best validation evaluation, and is scored on the "
-             "levers' rows. `suffix`: the paper's suffix cross-entropy; `kl`: the mean over suffix tokens of "
+    directions = list(runs[default].get("handoff", {}))
+    lines = ["## Training arms at equal wall time (test split)", "",
+             f"Each row trains the main space afresh from its start with one change for {meta['seconds']:g} wall "
+             "seconds (evaluations included; the schedule is planned from the measured step cost to end a little "
+             "past the budget, so the budget ends every run), keeps its best validation evaluation, and is scored on "
+             "the levers' rows. `suffix`: the paper's suffix cross-entropy; `kl`: the mean over suffix tokens of "
              "KL(target after its own cache ‖ target after the translated cache); `recon`: suffix cross-entropy + "
-             f"the reconstruction loss (weight 1, in Σ's view). NLL difference against `{default}` on the same rows "
-             "(paired, ± SE; negative = the objective helps).", "",
-             "| objective | steps (schedule) | train s | kept step | "
-             + " | ".join(f"{path_name(p)} NLL (content) | − {default} (± SE)" for p in paths) + " |",
-             "|---|---|---|---|" + "---|---|" * len(paths)]
-    beats = {}
+             "the reconstruction loss (weight 1, in Σ's view); `stack: 6 layers (merge)`: a six-layer stack, each "
+             "layer reading one merged group of slices; `short path only`: no stack. NLL difference against "
+             f"`{default}` on the same rows (paired, ± SE; negative = the arm helps). Hand-off: the trained arm "
+             "carrying a held-out prefix through Σ against the target re-reading it, timed interleaved in the same "
+             "run (median), × re-prefill.", "",
+             "| arm | steps (schedule) | train s | kept step | "
+             + " | ".join(f"{path_name(p)} NLL (content) | − {default} (± SE)" for p in paths)
+             + "".join(f" | hand-off {p} (× re-prefill)" for p in directions) + " |",
+             "|---|---|---|---|" + "---|---|" * len(paths) + "---|" * len(directions)]
+    beats, no_worse = {}, []
     for name, run in runs.items():
-        r, cells, wins = res[name], [], []
+        r, cells, wins, worse = res[name], [], [], False
         for path in paths:
             cells.append(f"{r.summary_for(path, 'space').nll_mean:.3f} ({_fmt(_content(r, path), 2)})")
             if name == default:
@@ -194,16 +200,25 @@ def objectives_section(run_dir: Path) -> list[str]:
             diff, se, oc = paired_outcome(series(r, path, "space"), series(res[default], path, "space"), "le", 0.0)
             cells.append(f"{diff:+.3f} ± {se:.3f}")
             wins.append(diff < 0 and oc == HOLDS)
+            worse = worse or diff - 2 * se > 0
+        cells += [_fmt(run.get("handoff", {}).get(p, math.nan), 2) for p in directions]
         if wins and all(wins):
             beats[name] = sum(r.summary_for(p, "space").nll_mean for p in paths)
+        if not worse and directions:
+            no_worse.append(name)
         lines.append(f"| {name} | {run['steps']} ({run['schedule_steps']}) | {run['train_s']:.1f} | "
                      f"{run['best_step']} | " + " | ".join(cells) + " |")
     best = min(beats, key=beats.get) if beats else default
     verdict = (f"it beats `{default}` on every path by more than 2 standard errors at equal wall time"
                if best != default else
-               "no other objective beats it on every path by more than 2 standard errors at equal wall time")
-    lines += ["", f"**Default objective: `{best}`**: {verdict}.", ""]
-    return lines
+               "no other arm beats it on every path by more than 2 standard errors at equal wall time")
+    lines += ["", f"**Best arm: `{best}`**: {verdict}."]
+    if no_worse:
+        fastest = min(no_worse, key=lambda n: max(runs[n]["handoff"].values()))
+        lines.append(f"**Fastest hand-off no path finds worse than `{default}`** (by more than 2 standard errors): "
+                     f"`{fastest}`, " + ", ".join(f"{runs[fastest]['handoff'][p]:.2f}× re-prefill {p}"
+                                                  for p in directions) + ".")
+    return lines + [""]
 
 
 def continuations_section(run_dir: Path) -> list[str]:

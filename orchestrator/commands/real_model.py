@@ -1,7 +1,7 @@
 """``kvlingua real-model``: a pool with a real pretrained model, end to end, into one generated report.
 
 Parses the flags into :class:`experiments.realmodel.runner.RealModelConfig` and runs
-:class:`~experiments.realmodel.runner.RealModel` (train, positions, levers, objectives, continuations, hand-off
+:class:`~experiments.realmodel.runner.RealModel` (train, positions, levers, arms, continuations, hand-off
 bench; each stage skipped when its files exist), then writes the report (``--report``, default
 ``docs/results/real-model.md``) from the run's files.
 """
@@ -33,9 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bench-prefix", type=int, default=512, help="prefix tokens of the hand-off benchmark")
     p.add_argument("--bench-repeats", type=int, default=5, help="timed rounds of the hand-off benchmark")
     p.add_argument("--report", default=None, help="report path (default docs/results/real-model.md)")
-    p.add_argument("--objective-seconds", type=float, default=0.0, metavar="S",
-                   help="train the main space afresh for S wall seconds per training objective (suffix, kl, recon) "
-                   "and score each on the levers' rows (default 0: skip this stage)")
+    p.add_argument("--arm-seconds", type=float, default=0.0, metavar="S",
+                   help="train the main space afresh for S wall seconds per training arm and score each on the "
+                   "levers' rows, with its hand-off time (default 0: skip this stage)")
+    p.add_argument("--arms", nargs="+", default=None, metavar="NAME",
+                   help="the training arms, the first the default the others pair against (default the objectives "
+                   "'suffix' 'kl' 'recon'; also 'stack: 6 layers (merge)', 'short path only': "
+                   "experiments.realmodel.arms.ARMS)")
     p.add_argument("--levers", nargs="+", default=None, metavar="NAME",
                    help="the levers to score at the start (default all of experiments.realmodel.levers.DEFAULT_LEVERS, e.g. "
                    "'start (closed form)' 'sink_tokens: 0'); each costs a calibration pass and a scoring")
@@ -52,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
                           progress=not args.no_progress)
     experiment = RealModel(RealModelConfig(
         config=Path(args.config), overrides=tuple(args.override), positions=tuple(args.positions),
-        bench_prefix=args.bench_prefix, bench_repeats=args.bench_repeats, objective_seconds=args.objective_seconds,
+        bench_prefix=args.bench_prefix, bench_repeats=args.bench_repeats, arm_seconds=args.arm_seconds,
+        arms=None if args.arms is None else tuple(args.arms),
         levers=None if args.levers is None else tuple(args.levers), placement=placement))
     experiment.run()
     report = experiment.write_report(Path(args.report) if args.report else DEFAULT_REPORT)

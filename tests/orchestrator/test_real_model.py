@@ -12,8 +12,9 @@ from orchestrator.cli import main
 from tests.helpers import fake_corpus_home, tiny_model
 
 VOCAB = 320
-OBJECTIVE_S = 1.5
-"""Wall seconds of training per objective in the objectives stage."""
+ARM_S = 1.5
+"""Wall seconds of training per arm in the arms stage."""
+ARMS = ("suffix", "kl", "recon", "stack: 6 layers (merge)", "short path only")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def real(tmp_path_factory):
            "tracking": {"enabled": False}}
     (root / "real.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     argv = ["real-model", str(root / "real.yaml"), "--in-process", "--no-progress", "--positions", "3", "6", "8",
-            "--bench-prefix", "8", "--bench-repeats", "1", "--objective-seconds", str(OBJECTIVE_S),
+            "--bench-prefix", "8", "--bench-repeats", "1", "--arm-seconds", str(ARM_S), "--arms", *ARMS,
             "--report", str(root / "report.md")]
     try:
         first = main(argv)
@@ -58,7 +59,7 @@ def test_every_stage_ran_and_a_rerun_skips_them(real):
         assert (run / f).is_file(), f
     assert stamps == restamps  # nothing was trained, scored or timed again
     stages = json.loads((run / "real_model_stages.json").read_text())
-    assert set(stages) == {"train", "positions P=3", "positions P=6", "positions P=8", "levers", "objectives",
+    assert set(stages) == {"train", "positions P=3", "positions P=6", "positions P=8", "levers", "arms",
                            "continuations", "bench"}
     pool = json.loads((run / "pool" / "pool.json").read_text())
     assert pool["trained_prefix_len"] == [3, 6] and pool["space"]["output"] == "per_layer"
@@ -105,33 +106,46 @@ def test_the_report_says_what_the_numbers_say(real):
     assert (root / "report" / "curves.png").is_file() and "![curves](report/curves.png)" in md
 
 
-def test_objectives_train_for_equal_wall_time_on_the_levers_rows(real):
-    """Each objective trained for the same wall-time budget (not the same steps), kept its best validation step,
-    and was scored on the levers' held-out rows, so the report's rows are paired with the default."""
+def test_arms_train_for_equal_wall_time_on_the_levers_rows(real):
+    """Each arm trained for the same wall-time budget (not the same steps), kept its best validation step, was
+    scored on the levers' held-out rows (so the report's rows are paired with the default) and timed its hand-off;
+    a space arm trained the space it names."""
     from kvlingua.eval_result import paired_difference
     from kvlingua.paths import path_name
 
     root = real[0]
-    d = root / "run" / "objectives"
+    d = root / "run" / "arms"
     meta = json.loads((d / "runs.json").read_text())
-    assert meta["seconds"] == OBJECTIVE_S and list(meta["runs"]) == ["suffix", "kl", "recon"]
+    assert meta["seconds"] == ARM_S and tuple(meta["runs"]) == ARMS
+    assert meta["runs"]["stack: 6 layers (merge)"]["file"] == "stack-6-layers-merge.json"
     levers = EvalResult.from_dict(json.loads((root / "run" / "levers" / "trained.json").read_text()))
     res = {}
     for name, run in meta["runs"].items():
         assert 1 <= run["steps"] <= run["schedule_steps"] and 0 <= run["best_step"] <= run["steps"]
         # the budget ends a run, or its schedule ran out first (planned from the measured cost of a step)
-        assert run["train_s"] >= OBJECTIVE_S or run["steps"] == run["schedule_steps"]
-        res[name] = r = EvalResult.from_dict(json.loads((d / f"{name}.json").read_text()))
+        assert run["train_s"] >= ARM_S or run["steps"] == run["schedule_steps"]
+        assert list(run["handoff"]) == ["small->deep"] and run["handoff"]["small->deep"] > 0
+        res[name] = r = EvalResult.from_dict(json.loads((d / run["file"]).read_text()))
         assert r.num_batches == levers.num_batches == 4 and r.paths == levers.paths
         for path in levers.paths:  # the same rows: the references are the levers' own, batch for batch
             for ref in ("base", "control"):
                 assert r.per_batch["all"][path_name(path)][ref] == levers.per_batch["all"][path_name(path)][ref]
     md = (root / "report.md").read_text()
-    assert "## Objectives at equal wall time (test split)" in md and "**Default objective: `" in md
-    assert "needs training runs of its own" not in md
+    assert "## Training arms at equal wall time (test split)" in md and "**Best arm: `" in md
     path = tuple(levers.paths[0])
     diff, se = paired_difference(res["kl"].per_batch["all"][path_name(path)]["space"],
                                  res["suffix"].per_batch["all"][path_name(path)]["space"])
     run = meta["runs"]["kl"]
     assert f"| kl | {run['steps']} ({run['schedule_steps']}) | {run['train_s']:.1f} | {run['best_step']} | " in md
     assert f"{diff:+.3f} ± {se:.3f}" in md
+    assert f"| {meta['runs']['short path only']['handoff']['small->deep']:.2f} |" in md
+    # the space arms differ from the default where they should: no stack at all, or a different stack
+    suffix, short = res["suffix"], res["short path only"]
+    assert any(suffix.per_batch["all"][path_name(p)]["space"] != short.per_batch["all"][path_name(p)]["space"]
+               for p in levers.paths)
+
+
+def test_unknown_arms_are_refused_before_anything_runs(tmp_path, capsys):
+    code = main(["real-model", str(tmp_path / "none.yaml"), "--arm-seconds", "1", "--arms", "suffix", "bogus"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bogus" in err and len(err.strip().splitlines()) == 1
