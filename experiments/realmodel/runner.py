@@ -190,6 +190,8 @@ class RealModel:
                 handoff[path_name((source, target))] = round(secs[name] / secs["prefill"], 4)
             meta["runs"][name] = {"file": arm_file(name), "steps": run.steps, "schedule_steps": run.schedule_steps,
                                   "train_s": round(run.train_s, 1), "best_step": run.best_step, "handoff": handoff}
+            order = [n for n in arms if n in meta["runs"]] + [n for n in meta["runs"] if n not in arms]
+            meta["runs"] = {n: meta["runs"][n] for n in order}  # the first asked is the default the rest pair with
             meta_file.write_text(json.dumps(meta, indent=1) + "\n")
 
     def _bench(self, run_dir: Path, source: str, target: str, cfg, out: Path) -> None:

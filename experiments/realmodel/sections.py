@@ -204,7 +204,7 @@ def arms_section(run_dir: Path) -> list[str]:
         cells += [_fmt(run.get("handoff", {}).get(p, math.nan), 2) for p in directions]
         if wins and all(wins):
             beats[name] = sum(r.summary_for(p, "space").nll_mean for p in paths)
-        if not worse and directions:
+        if not worse and directions and all(p in run.get("handoff", {}) for p in directions):
             no_worse.append(name)
         lines.append(f"| {name} | {run['steps']} ({run['schedule_steps']}) | {run['train_s']:.1f} | "
                      f"{run['best_step']} | " + " | ".join(cells) + " |")
