@@ -30,12 +30,13 @@ ARMS: dict[str, dict[str, dict]] = {
     "kl": {"train": {"objective": "kl", "recon_weight": 0.0}},
     "recon": {"train": {"objective": "suffix", "recon_weight": 1.0}},
     "stack: 6 layers (merge)": {"space": {"num_layers": 6, "group_mode": "merge"}},
+    "stack: 3 layers (merge)": {"space": {"num_layers": 3, "group_mode": "merge"}},
     "short path only": {"space": {"stack": False}},
 }
 """Arm name -> ``{"train": TrainConfig fields, "space": SpaceConfig fields}`` it sets. ``suffix`` is the method's
 default (the paper's suffix cross-entropy); ``kl``: the suffix KL to the target's own-cache distribution; ``recon``:
-suffix cross-entropy plus the reconstruction loss at weight 1; ``stack: 6 layers (merge)``: six stack layers, each
-reading one merged group of slices (the input transform contracts a group into one slice); ``short path only``: no
+suffix cross-entropy plus the reconstruction loss at weight 1; ``stack: 6 layers (merge)``, ``stack: 3 layers (merge)``: six (three)
+stack layers, each reading one merged group of slices (the input transform contracts a group into one slice); ``short path only``: no
 stack, the closed form's linear maps trained alone."""
 
 DEFAULT_ARMS = ("suffix", "kl", "recon")

@@ -180,7 +180,7 @@ def arms_section(run_dir: Path) -> list[str]:
              "past the budget, so the budget ends every run), keeps its best validation evaluation, and is scored on "
              "the levers' rows. `suffix`: the paper's suffix cross-entropy; `kl`: the mean over suffix tokens of "
              "KL(target after its own cache ‖ target after the translated cache); `recon`: suffix cross-entropy + "
-             "the reconstruction loss (weight 1, in Σ's view); `stack: 6 layers (merge)`: a six-layer stack, each "
+             "the reconstruction loss (weight 1, in Σ's view); `stack: n layers (merge)`: an n-layer stack, each "
              "layer reading one merged group of slices; `short path only`: no stack. NLL difference against "
              f"`{default}` on the same rows (paired, ± SE; negative = the arm helps). Hand-off: the trained arm "
              "carrying a held-out prefix through Σ against the target re-reading it, timed interleaved in the same "

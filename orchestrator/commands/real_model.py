@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "levers' rows, with its hand-off time (default 0: skip this stage)")
     p.add_argument("--arms", nargs="+", default=None, metavar="NAME",
                    help="the training arms, the first the default the others pair against (default the objectives "
-                   "'suffix' 'kl' 'recon'; also 'stack: 6 layers (merge)', 'short path only': "
+                   "'suffix' 'kl' 'recon'; also 'stack: 6 layers (merge)', 'stack: 3 layers (merge)', 'short path only': "
                    "experiments.realmodel.arms.ARMS)")
     p.add_argument("--levers", nargs="+", default=None, metavar="NAME",
                    help="the levers to score at the start (default all of experiments.realmodel.levers.DEFAULT_LEVERS, e.g. "
