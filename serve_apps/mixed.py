@@ -30,7 +30,7 @@ from kvlingua.mixed import Ledger
 from serve_apps.metrics import ServeMetrics
 from serve_apps.mixed_replica import Pieces
 from serve_apps.planner import Planner
-from serve_apps.requests import RequestError, sampling_params, timings
+from serve_apps.requests import PhaseClock, RequestError, sampling_params
 from serve_apps.router import Router
 from serve_apps.schemas import MixedRequest, MixedResponse, SwitchInfo, SwitchSpan
 
@@ -85,8 +85,7 @@ class MixedSchedules:
         exports: dict[int, dict] = {}  # start of each run -> its owner's export (raw "own", Σ "latent")
         pending, state = ids[-1], None
         tokens, owners, switches = [], [], []
-        prefill_s = translate_s = decode_s = 0.0
-        finished = "length"
+        clock, finished = PhaseClock(), "length"
         for k, (name, n) in enumerate(merged):
             last = k == len(merged) - 1
             switches += [SwitchInfo(source=r.owner, target=name, positions=r.end - r.start)  # newly translated
@@ -96,19 +95,17 @@ class MixedSchedules:
             out = await self._segment(started, name, "segment", ids, pending, n, params, state, context, not last)
             tokens += out["tokens"]
             owners += [name] * len(out["tokens"])
-            prefill_s += out["prefill_s"]
-            translate_s += out["translate_s"]
-            decode_s += out["decode_s"]
+            clock.add(out)
             if out["eos"]:
                 finished = "eos"
                 break
             pending, state = out["tokens"][-1], out["generator_state"]
             if not last:
                 exports[ledger.wrote(name, len(out["tokens"])).start] = out
-        self.metrics.observe("translate_seconds", ROUTE, translate_s)
+        self.metrics.observe("translate_seconds", ROUTE, clock.seconds["translate_s"])
         return MixedResponse(text=self.planner.text(tokens, first), tokens=tokens, models=owners, switches=switches,
                              prompt_tokens=len(ids), new_tokens=len(tokens), finish_reason=finished,
-                             seed=params["seed"], timings=timings(prefill_s, translate_s, decode_s))
+                             seed=params["seed"], timings=clock.timings())
 
     async def across(self, req: MixedRequest, merged: list[tuple[str, int]], params: dict, apart: tuple[str, str],
                      started: float) -> MixedResponse:
@@ -129,7 +126,7 @@ class MixedSchedules:
         owners = [merged[0][0]] * len(text)  # the model that wrote each character (the first reads the prompt)
         tokens, writers, switches, pieces = [], [], [], []
         state, prompt_tokens, finished = None, 0, "length"
-        prefill_s = translate_s = decode_s = 0.0
+        clock = PhaseClock()
         for i, (name, n) in enumerate(merged):
             tok = plan.tokenizers.of(name)
             ids, ends = tokens_of(tok, text)
@@ -139,7 +136,7 @@ class MixedSchedules:
                 if owner not in latents:
                     theirs = _taken(held[owner], len(cached[owner]))
                     latents[owner] = await self._segment(started, owner, "encode_run", theirs, list(run))
-                    translate_s += latents[owner]["translate_s"]
+                    clock.add(latents[owner], ("translate_s",))
             mine = _taken(held.get(name, []), switch.keep)
             out = await self._segment(started, name, "segment_text", mine, switch,
                                       {o: latents[o] for o in switch.owners()}, ids, n, params, state,
@@ -157,16 +154,14 @@ class MixedSchedules:
             pieces.append(added)
             tokens += new
             writers += [name] * len(new)
-            prefill_s += out["prefill_s"]
-            translate_s += out["translate_s"]
-            decode_s += out["decode_s"]
+            clock.add(out)
             if out["eos"]:
                 finished = "eos"
                 break
             state = out["generator_state"]
             if "cache" in out:
                 held[name] = mine + [(out["cache"], out["positions"])]
-        self.metrics.observe("translate_seconds", ROUTE, translate_s)
+        self.metrics.observe("translate_seconds", ROUTE, clock.seconds["translate_s"])
         return MixedResponse(text="".join(pieces), tokens=tokens, models=writers, switches=switches,
                              prompt_tokens=prompt_tokens, new_tokens=len(tokens), finish_reason=finished,
-                             seed=params["seed"], timings=timings(prefill_s, translate_s, decode_s))
+                             seed=params["seed"], timings=clock.timings())

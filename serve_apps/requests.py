@@ -101,6 +101,23 @@ def timings(prefill_s: float, translate_s: float, decode_s: float) -> Timings:
                    total_s=prefill_s + translate_s + decode_s)
 
 
+class PhaseClock:
+    """Seconds per phase summed over the segments of one answer (each a replica's reply carrying
+    ``prefill_s``/``translate_s``/``decode_s``)."""
+
+    PHASES = ("prefill_s", "translate_s", "decode_s")
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+    def add(self, reply: dict, phases: tuple[str, ...] = PHASES) -> None:
+        for phase in phases:
+            self.seconds[phase] += reply[phase]
+
+    def timings(self) -> Timings:
+        return timings(**self.seconds)
+
+
 def context_payload(ctx: StoredContext) -> dict:
     """A stored context's Σ latent ``[1, C-k, Q]`` as a hand-off payload (with the ids of its ``k`` sink tokens, which
     the target reads itself); ``context_id`` lets a replica keep its decode."""
