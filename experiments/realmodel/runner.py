@@ -135,7 +135,7 @@ class RealModel:
         directions = [(shallow, deep)] + ([(deep, shallow)] if mixed else [])
         arms = self.cfg.arms or DEFAULT_ARMS
         if self.cfg.arm_seconds > 0 and not _arms_done(run_dir / "arms", arms, self.cfg.arm_seconds):
-            with stage("arms", f"arms: the main space trained {self.cfg.arm_seconds:g} s per arm"):
+            with stage("arms", f"arms: the main space trained {self.cfg.arm_seconds:g} s per arm", adds=True):
                 self._arms(run_dir, arms, directions, cfg)
         if not (run_dir / "continuations.json").is_file():
             with stage("continuations", f"continuations: {shallow} -> {deep}, latent and text"):
@@ -213,7 +213,9 @@ class _Stages:
     def read(self) -> dict:
         return json.loads(self.file.read_text()) if self.file.is_file() else {}
 
-    def __call__(self, name: str, what: str):
+    def __call__(self, name: str, what: str, adds: bool = False):
+        """Time stage ``name``; ``adds``: a stage that resumes in parts (the arms) adds each part's seconds to what
+        its earlier parts recorded, instead of replacing them."""
         from contextlib import contextmanager
 
         @contextmanager
@@ -222,7 +224,7 @@ class _Stages:
             start = time.perf_counter()
             yield
             stages = self.read()
-            stages[name] = round(time.perf_counter() - start, 1)
+            stages[name] = round(time.perf_counter() - start + (stages.get(name, 0.0) if adds else 0.0), 1)
             self.file.write_text(json.dumps(stages, indent=1) + "\n")
 
         return timed()

@@ -149,3 +149,16 @@ def test_unknown_arms_are_refused_before_anything_runs(tmp_path, capsys):
     code = main(["real-model", str(tmp_path / "none.yaml"), "--arm-seconds", "1", "--arms", "suffix", "bogus"])
     err = capsys.readouterr().err
     assert code == 2 and "bogus" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_stage_that_resumes_in_parts_adds_their_seconds(tmp_path):
+    from experiments.realmodel.runner import STAGES_FILE, _Stages
+
+    stages = _Stages(tmp_path)
+    (tmp_path / STAGES_FILE).write_text(json.dumps({"arms": 100.0, "levers": 50.0}))
+    with stages("arms", "arms, second part", adds=True):
+        pass
+    with stages("levers", "levers, again"):
+        pass
+    recorded = stages.read()
+    assert 100.0 <= recorded["arms"] < 101.0 and recorded["levers"] < 1.0
