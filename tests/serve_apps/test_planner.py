@@ -17,7 +17,7 @@ from serve_apps.openai_plan import plan_choices, resolve_model
 from serve_apps.openai_schemas import CompletionRequest
 from serve_apps.options import ServeOptions
 from serve_apps.planner import Planner
-from serve_apps.requests import HandoffAsk, Prepared, RequestError, sampling_params
+from serve_apps.requests import HandoffAsk, PhaseClock, Prepared, RequestError, sampling_params
 from serve_apps.schemas import GenerateRequest
 
 PROMPT = "the cat sat on the mat"
@@ -120,3 +120,16 @@ def test_openai_choices(planner):
     assert [p.params["seed"] for p in plans] == [5, 6] and {p.handoff_used for p in plans} == {"text"}
     e = refused(resolve_model, planner, CompletionRequest(model="b@zz", prompt=PROMPT))
     assert (e.status, e.param) == (404, "model")
+
+
+def test_phase_clock_sums_each_phase_over_a_schedule_s_replies():
+    """A schedule's timings: each phase summed over its segments' replies (an encode reply adds only its
+    translate time), and the total is their sum."""
+    replies = [{"prefill_s": 0.5, "translate_s": 0.0, "decode_s": 1.25}, {"prefill_s": 0.125, "translate_s": 0.25,
+                                                                          "decode_s": 2.0}]
+    clock = PhaseClock()
+    for reply in replies:
+        clock.add(reply)
+    clock.add({"translate_s": 0.5, "keys": None}, ("translate_s",))
+    t = clock.timings()
+    assert (t.prefill_s, t.translate_s, t.decode_s) == (0.625, 0.75, 3.25) and t.total_s == 4.625
