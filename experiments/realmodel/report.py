@@ -190,6 +190,17 @@ def acceptance_section(result: EvalResult, run_dir: Path, positions: Sequence[in
     return lines + [""]
 
 
+def _stack_text(space_cfg: dict) -> str:
+    """The main space's stack as the report says it (from ``pool.json``'s space config)."""
+    if space_cfg.get("adapter") == "linear" or space_cfg.get("stack") is False:
+        return "no cross-attention stack (the short path alone)"
+    depth = space_cfg.get("num_layers")
+    if depth is None:
+        return "a cross-attention stack of one layer per model layer (the paper's)"
+    how = "merged into one slice" if space_cfg.get("group_mode") == "merge" else "attended"
+    return f"a cross-attention stack of {depth} layer(s), each reading one group of a model's layers ({how})"
+
+
 def write_real_model_report(run_dir: str | Path, report: str | Path, run: ReportRun) -> Path:
     """Write the report for the run in ``run_dir`` to ``report``, from the run's files and ``run``; returns its path."""
     run_dir, report = Path(run_dir), Path(report)
@@ -228,7 +239,8 @@ def write_real_model_report(run_dir: str | Path, report: str | Path, run: Report
     space_cfg = pool_json.get("space", {})
     lines += [f"Method settings of the main space: the target keeps its own first {space_cfg.get('sink_tokens', 0)} "
               f"position(s) (its attention sink; Σ carries the rest), keys travel {space_cfg.get('keys', 'rotated')}, "
-              f"adapters start `{space_cfg.get('init', 'random')}`, Σ width Q = {space_cfg.get('q_dim')}. "
+              f"adapters start `{space_cfg.get('init', 'random')}`, Σ width Q = {space_cfg.get('q_dim')}, "
+              f"{_stack_text(space_cfg)}. "
               "Content transferred = (control − NLL) / (control − base), where control is the target's own sink "
               "followed by another passage's positions.", ""]
     lines += acceptance_section(result, run_dir, run.positions, deep, shallow)

@@ -94,6 +94,9 @@ def test_the_report_says_what_the_numbers_say(real):
     for shape in ("smollm2-135m", "gemma-2-2b", "llama-3.2-1b", "qwen2.5-0.5b", "mistral-7b"):
         assert f"| {shape} |" in md
     assert "## Final table (test split)" in md and "kvlingua real-model" in md
+    space = json.loads((root / "run" / "pool" / "pool.json").read_text())["space"]
+    assert space["num_layers"] is None and space["stack"] is True  # the toy's main space: the paper's stack
+    assert "a cross-attention stack of one layer per model layer (the paper's)" in md
     histories = json.loads((root / "run" / "histories.json").read_text())
     evals = [r for r in histories["dense"] if r["kind"] == "eval"]  # dense: 1 step, evaluations at 0 and 1
     row = f"| dense | small->deep | 0: {evals[0]['eval/nll/small->deep']:.2f}, 1: "
