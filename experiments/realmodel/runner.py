@@ -179,7 +179,7 @@ class RealModel:
         inputs = {d: handoff_inputs(pool.models, pool.tokenizer, tokenizers, *d, text, self.cfg.bench_prefix,
                                     cfg.suffix_len, 1) for d in directions}
         for name in arms:
-            if name in meta["runs"] and (out / meta["runs"][name]["file"]).is_file():
+            if name in meta["runs"] and (out / meta["runs"][name].get("file", "")).is_file():
                 continue
             print(f"[real-model] arm {name!r}", flush=True)
             run = trainer.run(name, self.cfg.arm_seconds)
