@@ -42,6 +42,27 @@ def test_injected_prefix_matches_full_forward(kind):
     assert (suffix - full[:, 12:]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("kind", ARCHS)
+def test_a_prefix_is_read_without_the_lm_head(kind):
+    """A block needs the layers only: the head (a 262k-token one costs ~50 ms a row) never runs, and the block is
+    the one the whole model's forward leaves in its cache."""
+    model = tiny_model(kind, kv_heads=2)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            block = extract_prefix(model, ids)
+            assert calls == []
+            cache = DynamicCache()
+            model(ids, use_cache=True, **cache_kwargs(model, cache))
+            assert calls == [1]
+    finally:
+        hook.remove()
+    whole = block_from_cache(cache, 2)
+    assert torch.equal(block.keys, whole.keys) and torch.equal(block.values, whole.values)
+
+
 def test_sliding_window_layers_keep_full_prefix():
     model = tiny_model("gemma2", sliding_window=4)
     ids = torch.randint(0, VOCAB, (2, 16))
