@@ -244,18 +244,14 @@ def block_from_cache(cache: Cache, n_kv_heads: int) -> KVBlock:
     return KVBlock(torch.stack(keys, dim=2), torch.stack(values, dim=2), n_kv_heads)  # [B, S, L, D]
 
 
-@torch.no_grad()
 def _decoder(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The causal LM's decoder stack without its head (``model.get_decoder()``), or None where the model does
-    not name one apart from itself."""
-    get = getattr(model, "get_decoder", None)
-    try:
-        decoder = get() if callable(get) else None
-    except (AttributeError, NotImplementedError):
-        return None
-    return decoder if isinstance(decoder, torch.nn.Module) and decoder is not model else None
+    """The causal LM's decoder stack without its head (``model.get_decoder()``; transformers returns the model
+    itself when it names none), or None where there is none apart from the model."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    return decoder if decoder is not model else None
 
 
+@torch.no_grad()
 def extract_prefix(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor | None = None) -> KVBlock:
     """Run ``model`` over prefix ids and return its KV block.
 

@@ -63,6 +63,12 @@ def test_a_prefix_is_read_without_the_lm_head(kind):
     assert torch.equal(block.keys, whole.keys) and torch.equal(block.values, whole.values)
 
 
+def test_a_prefix_is_read_without_a_graph_even_from_trainable_weights():
+    model = tiny_model("llama", kv_heads=2).requires_grad_(True)
+    block = extract_prefix(model, torch.randint(0, VOCAB, (1, 5)))
+    assert not block.keys.requires_grad and not block.values.requires_grad
+
+
 def test_sliding_window_layers_keep_full_prefix():
     model = tiny_model("gemma2", sliding_window=4)
     ids = torch.randint(0, VOCAB, (2, 16))
