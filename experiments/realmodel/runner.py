@@ -134,7 +134,8 @@ class RealModel:
         mixed = any("tokenizer" in m for m in pool_json["members"])
         directions = [(shallow, deep)] + ([(deep, shallow)] if mixed else [])
         arms = self.cfg.arms or DEFAULT_ARMS
-        if self.cfg.arm_seconds > 0 and not _arms_done(run_dir / "arms", arms, self.cfg.arm_seconds):
+        done = _arms_meta(run_dir / "arms", self.cfg.arm_seconds)["runs"]
+        if self.cfg.arm_seconds > 0 and not set(arms) <= set(done):
             with stage("arms", f"arms: the main space trained {self.cfg.arm_seconds:g} s per arm", adds=True):
                 self._arms(run_dir, arms, directions, cfg)
         if not (run_dir / "continuations.json").is_file():
@@ -169,17 +170,14 @@ class RealModel:
 
         out = run_dir / "arms"
         out.mkdir(exist_ok=True)
-        meta_file = out / "runs.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        if meta.get("seconds") != self.cfg.arm_seconds:  # another budget: its arms do not pair with these
-            meta = {"seconds": self.cfg.arm_seconds, "runs": {}}
+        meta_file, meta = out / "runs.json", _arms_meta(out, self.cfg.arm_seconds)
         trainer = ArmTrainer(run_dir, batches=LEVER_BATCHES, progress=self.cfg.placement.progress)
         pool, text = trainer.loaded, _bench_text(run_dir / "bench_text.txt")
         tokenizers = pool.tokenizers if pool.mixed_tokenizers else None
         inputs = {d: handoff_inputs(pool.models, pool.tokenizer, tokenizers, *d, text, self.cfg.bench_prefix,
                                     cfg.suffix_len, 1) for d in directions}
         for name in arms:
-            if name in meta["runs"] and (out / meta["runs"][name].get("file", "")).is_file():
+            if name in meta["runs"]:
                 continue
             print(f"[real-model] arm {name!r}", flush=True)
             run = trainer.run(name, self.cfg.arm_seconds)
@@ -231,10 +229,12 @@ class _Stages:
 
 
 def _bench_text(path: Path, split: str = "test") -> Path:
-    """The held-out split's English text in one file (the benchmark's real prefix and suffix)."""
+    """The held-out split's English text in one file (the benchmark's real prefix and suffix), written once per
+    run directory (the arms and the bench stage read the same)."""
     from kvlingua.data.views import DataConfig, documents
 
-    path.write_text("\n".join(documents(DataConfig(view="en"), split)))
+    if not path.is_file():
+        path.write_text("\n".join(documents(DataConfig(view="en"), split)))
     return path
 
 
@@ -283,14 +283,15 @@ def _levers(run_dir: Path, out: Path, names: tuple[str, ...] | None = None) -> N
     (out / "names.json").write_text(json.dumps(keys, indent=1) + "\n")
 
 
-def _arms_done(out: Path, arms: tuple[str, ...], seconds: float) -> bool:
-    """Whether ``out/runs.json`` holds every arm of ``arms`` at this budget, each with its results file."""
+def _arms_meta(out: Path, seconds: float) -> dict:
+    """``out/runs.json`` at this budget with only the arms whose results file is there (another budget's arms do
+    not pair with these: none); ``{"seconds", "runs": {name: record}}``."""
     f = out / "runs.json"
-    if not f.is_file():
-        return False
-    meta = json.loads(f.read_text())
-    return meta.get("seconds") == seconds and all(
-        n in meta["runs"] and (out / meta["runs"][n].get("file", "")).is_file() for n in arms)
+    meta = json.loads(f.read_text()) if f.is_file() else {}
+    if meta.get("seconds") != seconds:
+        return {"seconds": seconds, "runs": {}}
+    meta["runs"] = {n: r for n, r in meta["runs"].items() if (out / r.get("file", "")).is_file()}
+    return meta
 
 
 def _continuations(run_dir: Path, source: str, target: str, n: int = 3, prompt_tokens: int = 48,

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from experiments.toolkit.stats import HOLDS, paired_difference, paired_outcome
+from experiments.toolkit.stats import FAILS, HOLDS, paired_difference, paired_outcome
 from kvlingua.eval_result import EvalResult
 from kvlingua.paths import path_name
 from kvlingua.report import fmt
@@ -205,7 +205,7 @@ def arms_section(run_dir: Path) -> list[str]:
             diff, se, oc = paired_outcome(series(r, path, "space"), series(res[default], path, "space"), "le", 0.0)
             cells.append(f"{diff:+.3f} ± {se:.3f}")
             wins.append(diff < 0 and oc == HOLDS)
-            worse = worse or diff - 2 * se > 0
+            worse = worse or oc == FAILS
         cells += [_fmt(run.get("handoff", {}).get(p, math.nan), 2) for p in directions]
         if wins and all(wins):
             beats[name] = sum(r.summary_for(p, "space").nll_mean for p in paths)
