@@ -46,13 +46,15 @@ def start_space(members: dict, cfg, backend: LocalBackend, job, seed: int) -> Sh
 
 
 def lever_starts(run_dir: str | Path, levers: dict[str, dict] | None = None, *, split: str = "test",
-                 batches: int | None = None) -> dict[str, EvalResult]:
+                 batches: int | None = None, prefix_len: int | None = None) -> dict[str, EvalResult]:
     """Score each lever's start and the trained space on the same held-out batches.
 
     Args:
         run_dir: a trained run (its ``pool/``), as :func:`kvlingua.run.evaluate_pool_dir` reads it.
         levers: variant name -> space-config overrides (default :data:`DEFAULT_LEVERS`).
         split, batches: the held-out batches.
+        prefix_len: the held-out prefix length (default the run's); every start is still calibrated on the run's
+            own training batches, so a length past training asks what each lever carries there.
 
     Returns:
         ``{"trained": EvalResult, <variant>: EvalResult, ...}``; each result holds the references (base,
@@ -63,7 +65,7 @@ def lever_starts(run_dir: str | Path, levers: dict[str, dict] | None = None, *, 
     loaded, job = pool_job(run_dir, split=split, batches=batches)
     backend = LocalBackend(loaded.models)
     members = {m.name: m.summary for m in loaded.members}
-    held = eval_batches(job)
+    held = eval_batches(job if prefix_len is None else replace(job, prefix_len=prefix_len, min_prefix_len=None))
     paths = all_paths(job)
     base = loaded.space.cfg
     out = {"trained": evaluate(backend, held, paths, {"space": loaded.space}, identity=False,

@@ -7,6 +7,7 @@ Runs, each stage skipped when its output exists (so an interrupted run resumes):
    the test split;
 2. ``positions`` — the trained pool re-scored at each prefix length (:func:`kvlingua.run.evaluate_pool_dir`);
 3. ``levers`` — each lever's start against the trained space (:func:`experiments.realmodel.levers.lever_starts`),
+   again at each of ``lever_positions`` (``levers-P<n>/``: held-out prefixes of that length, the same starts),
    and, with ``arm_seconds``, ``arms``: the main space trained afresh for that many wall seconds per training arm
    (an objective, a stack shape; :class:`experiments.realmodel.arms.ArmTrainer`), each arm's hand-off timed;
 4. ``continuations`` — held-out prompts continued by the deep model after the shallow one's cache;
@@ -59,13 +60,17 @@ class RealModelConfig:
     against."""
     levers: tuple[str, ...] | None = None
     """The levers to score at the start (None: all of ``levers.DEFAULT_LEVERS``)."""
+    lever_positions: tuple[int, ...] = ()
+    """Held-out prefix lengths at which the levers are scored again (each start still calibrated on the run's
+    training batches): which lever, if any, carries a prefix past the trained lengths."""
     placement: Placement = Placement()
 
     def __post_init__(self) -> None:
         from kvlingua.config import ConfigError
 
-        if any(p < 1 for p in self.positions) or self.bench_prefix < 1 or self.bench_repeats < 1:
-            raise ConfigError("--positions, --bench-prefix and --bench-repeats must be positive")
+        if (any(p < 1 for p in (*self.positions, *self.lever_positions)) or self.bench_prefix < 1
+                or self.bench_repeats < 1):
+            raise ConfigError("--positions, --lever-positions, --bench-prefix and --bench-repeats must be positive")
         if self.levers is not None:
             from experiments.realmodel.levers import DEFAULT_LEVERS
 
@@ -90,6 +95,7 @@ class RealModelConfig:
         command += f" --arm-seconds {self.arm_seconds:g}" if self.arm_seconds > 0 else ""
         command += " --arms " + " ".join(f"'{n}'" for n in self.arms) if self.arms and self.arm_seconds > 0 else ""
         command += " --levers " + " ".join(f"'{n}'" for n in self.levers) if self.levers else ""
+        command += " --lever-positions " + " ".join(map(str, self.lever_positions)) if self.lever_positions else ""
         return command
 
 
@@ -128,6 +134,10 @@ class RealModel:
         if not (run_dir / "levers" / "names.json").is_file():
             with stage("levers", "levers: each lever's closed-form start against the trained space"):
                 _levers(run_dir, run_dir / "levers", self.cfg.levers)
+        for p in self.cfg.lever_positions:
+            if not (run_dir / f"levers-P{p}" / "names.json").is_file():
+                with stage(f"levers P={p}", f"levers: each lever's start at held-out prefixes of {p} tokens"):
+                    _levers(run_dir, run_dir / f"levers-P{p}", self.cfg.levers, prefix_len=p)
         pool_json = json.loads((run_dir / "pool" / "pool.json").read_text())
         deep, shallow = deep_and_shallow(pool_json["members"])
         # both ways where the members tokenize differently (two real families), else the shallow model into the deep one
@@ -267,14 +277,14 @@ def record_held_prefix(run_dir: Path, positions_dir: Path, positions, tol: float
             (d / POOL_FILE).write_text(json.dumps(m, indent=2) + "\n")
 
 
-def _levers(run_dir: Path, out: Path, names: tuple[str, ...] | None = None) -> None:
-    """``levers/<k>.json`` per lever (:func:`~experiments.realmodel.levers.lever_starts`) and ``names.json``
-    (file key -> name)."""
+def _levers(run_dir: Path, out: Path, names: tuple[str, ...] | None = None, prefix_len: int | None = None) -> None:
+    """``out/<k>.json`` per lever (:func:`~experiments.realmodel.levers.lever_starts`, held-out prefixes of
+    ``prefix_len`` tokens, default the run's) and ``names.json`` (file key -> name)."""
     from experiments.realmodel.levers import DEFAULT_LEVERS, lever_starts
 
     out.mkdir(exist_ok=True)
     levers = None if names is None else {n: DEFAULT_LEVERS[n] for n in names}
-    results = lever_starts(run_dir, levers, batches=LEVER_BATCHES)
+    results = lever_starts(run_dir, levers, batches=LEVER_BATCHES, prefix_len=prefix_len)
     keys = {}
     for n, (name, result) in enumerate(results.items()):
         key = "trained" if name == "trained" else f"lever{n}"

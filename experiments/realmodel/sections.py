@@ -114,15 +114,45 @@ def _content(result: EvalResult, path, cond: str = "space") -> float:
     return result.summary_for(path, cond).content
 
 
-def levers_section(run_dir: Path, deep: str, shallow: str) -> list[str]:
-    """The closed-form start against the trained space, and what each lever buys at the start (``levers/``)."""
-    d = run_dir / "levers"
-    if not (d / "trained.json").is_file():
-        return []
+def _lever_results(d: Path) -> tuple[dict[str, EvalResult], dict[str, str], str | None]:
+    """A levers directory: file key -> result, file key -> lever name, and the default start's key."""
     res = {f.stem: EvalResult.from_dict(json.loads(f.read_text())) for f in sorted(d.glob("*.json"))
            if f.name != "names.json"}
     names = json.loads((d / "names.json").read_text()) if (d / "names.json").is_file() else {}
-    start_key = next((k for k, n in names.items() if n == "start (closed form)"), None)
+    return res, names, next((k for k, n in names.items() if n == "start (closed form)"), None)
+
+
+def _lever_rows(res: dict[str, EvalResult], names: dict[str, str], start_key: str | None, paths,
+                trained: bool = False) -> list[str]:
+    """One table row per lever (and the trained space first, with ``trained``): NLL (content) on every path and the
+    paired difference against the default start."""
+    start = res.get(start_key)
+    lines = ["| lever | " + " | ".join(f"{path_name(p)} NLL (content) | − start (± SE)" for p in paths) + " |",
+             "|---|" + "---|---|" * len(paths)]
+    for key, name in names.items():
+        if key not in res or (key == "trained" and not trained):
+            continue
+        cells = []
+        for path in paths:
+            r = res[key]
+            cell = f"{r.summary_for(path, 'space').nll_mean:.3f} ({_fmt(_content(r, path), 2)})"
+            if start is not None and key != start_key:
+                diff, se = paired_difference(series(r, path, "space"), series(start, path, "space"))
+                cells += [cell, f"{diff:+.3f} ± {se:.3f}"]
+            else:
+                cells += [cell, "—"]
+        label = "trained (the run's final space)" if key == "trained" else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def levers_section(run_dir: Path, deep: str, shallow: str) -> list[str]:
+    """The closed-form start against the trained space, what each lever buys at the start (``levers/``), the same
+    levers at held-out prefixes past training (``levers-P<n>/``), then the training arms."""
+    d = run_dir / "levers"
+    if not (d / "trained.json").is_file():
+        return []
+    res, names, start_key = _lever_results(d)
     trained, start = res["trained"], res.get(start_key)
     paths = [tuple(p) for p in trained.paths]
     lines = ["## The closed-form start against training (test split)", "",
@@ -147,22 +177,24 @@ def levers_section(run_dir: Path, deep: str, shallow: str) -> list[str]:
               "= the closed form calibrated on the first n training batches instead of the run's. NLL difference against "
               "the default start on the same rows (paired, ± SE; negative = the lever helps). A row's control keeps "
               "its own sink, so content compares within a row; the NLL difference compares across rows.", "",
-              "| lever | " + " | ".join(f"{path_name(p)} NLL (content) | − start (± SE)" for p in paths) + " |",
-              "|---|" + "---|---|" * len(paths)]
-    for key, name in names.items():
-        if key not in res or key == "trained":
-            continue
-        cells = []
-        for path in paths:
-            r = res[key]
-            cell = f"{r.summary_for(path, 'space').nll_mean:.3f} ({_fmt(_content(r, path), 2)})"
-            if start is not None and key != start_key:
-                diff, se = paired_difference(series(r, path, "space"), series(start, path, "space"))
-                cells += [cell, f"{diff:+.3f} ± {se:.3f}"]
-            else:
-                cells += [cell, "—"]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines + ["", *arms_section(run_dir)]
+              *_lever_rows(res, names, start_key, paths)]
+    return lines + ["", *lever_positions_section(run_dir), *arms_section(run_dir)]
+
+
+def lever_positions_section(run_dir: Path) -> list[str]:
+    """The levers again at each held-out prefix length past training (``levers-P<n>/``), shortest first."""
+    dirs = sorted((d for d in run_dir.glob("levers-P*") if (d / "trained.json").is_file()),
+                  key=lambda d: int(d.name.removeprefix("levers-P")))
+    lines = []
+    for d in dirs:
+        res, names, start_key = _lever_results(d)
+        paths = [tuple(p) for p in res["trained"].paths]
+        lines += [f"## Levers at held-out prefixes of {d.name.removeprefix('levers-P')} tokens (test split)", "",
+                  "The starts of the table above, each calibrated exactly as there (the run's training batches), and "
+                  "the trained space, scored on test rows with prefixes of this length: whether any lever carries a "
+                  "prefix longer than training's. Paired against the default start on these rows (negative = "
+                  "better).", "", *_lever_rows(res, names, start_key, paths, trained=True), ""]
+    return lines
 
 
 def arms_section(run_dir: Path) -> list[str]:

@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--levers", nargs="+", default=None, metavar="NAME",
                    help="the levers to score at the start (default all of experiments.realmodel.levers.DEFAULT_LEVERS, e.g. "
                    "'start (closed form)' 'sink_tokens: 0'); each costs a calibration pass and a scoring")
+    p.add_argument("--lever-positions", type=int, nargs="+", default=[], metavar="P",
+                   help="score the levers again on held-out prefixes of P tokens (the same starts, calibrated on the "
+                   "run's training batches), e.g. 512: which lever carries a prefix past training")
     p.add_argument("--in-process", action="store_true", help="train without Ray (the reference loop)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         config=Path(args.config), overrides=tuple(args.override), positions=tuple(args.positions),
         bench_prefix=args.bench_prefix, bench_repeats=args.bench_repeats, arm_seconds=args.arm_seconds,
         arms=None if args.arms is None else tuple(args.arms),
-        levers=None if args.levers is None else tuple(args.levers), placement=placement))
+        levers=None if args.levers is None else tuple(args.levers), lever_positions=tuple(args.lever_positions),
+        placement=placement))
     experiment.run()
     report = experiment.write_report(Path(args.report) if args.report else DEFAULT_REPORT)
     print(f"report: {report}")

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from kvlingua.eval_result import EvalResult
+from kvlingua.paths import path_name
 from orchestrator.cli import main
 from tests.helpers import fake_corpus_home, tiny_model
 
@@ -38,6 +39,7 @@ def real(tmp_path_factory):
     (root / "real.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     argv = ["real-model", str(root / "real.yaml"), "--in-process", "--no-progress", "--positions", "3", "6", "8",
             "--bench-prefix", "8", "--bench-repeats", "1", "--arm-seconds", str(ARM_S), "--arms", *ARMS,
+            "--lever-positions", "8",
             "--report", str(root / "report.md")]
     try:
         first = main(argv)
@@ -59,7 +61,7 @@ def test_every_stage_ran_and_a_rerun_skips_them(real):
         assert (run / f).is_file(), f
     assert stamps == restamps  # nothing was trained, scored or timed again
     stages = json.loads((run / "real_model_stages.json").read_text())
-    assert set(stages) == {"train", "positions P=3", "positions P=6", "positions P=8", "levers", "arms",
+    assert set(stages) == {"train", "positions P=3", "positions P=6", "positions P=8", "levers", "levers P=8", "arms",
                            "continuations", "bench"}
     pool = json.loads((run / "pool" / "pool.json").read_text())
     assert pool["trained_prefix_len"] == [3, 6] and pool["space"]["output"] == "per_layer"
@@ -107,6 +109,28 @@ def test_the_report_says_what_the_numbers_say(real):
     assert "## Levers at the start (test split)" in md and "| sink_tokens: 0 |" in md
     assert "## Latent continuations" in md and "## Against the targets" in md
     assert (root / "report" / "curves.png").is_file() and "![curves](report/curves.png)" in md
+
+
+def test_levers_past_training_score_the_trained_space_on_longer_prefixes(real):
+    """``--lever-positions 8``: the trained space at P = 8 on the levers' rows is, batch for batch, what the positions
+    stage measured at P = 8 (its rows are the first of the same fixed permutation), and the report shows the table."""
+    root = real[0]
+    run = root / "run"
+    at8 = EvalResult.from_dict(json.loads((run / "levers-P8" / "trained.json").read_text()))
+    positions = EvalResult.from_dict(json.loads((run / "positions" / "eval-test-P8.json").read_text()))
+    at6 = EvalResult.from_dict(json.loads((run / "levers" / "trained.json").read_text()))
+    assert at8.num_batches == 4 and positions.num_batches == 3
+    for path in positions.paths:
+        name = path_name(path)
+        got = at8.per_batch["all"][name]["space"][:3]
+        assert got == pytest.approx(positions.per_batch["all"][name]["translator"], abs=1e-6)
+        assert got != pytest.approx(at6.per_batch["all"][name]["space"][:3], abs=1e-6)  # other prefixes than P = 6
+    names = json.loads((run / "levers-P8" / "names.json").read_text())
+    assert names == json.loads((run / "levers" / "names.json").read_text())  # the same levers
+    md = (root / "report.md").read_text()
+    path = tuple(at8.paths[0])
+    row = f"| trained (the run's final space) | {at8.summary_for(path, 'space').nll_mean:.3f} ("
+    assert "## Levers at held-out prefixes of 8 tokens (test split)" in md and row in md
 
 
 def test_arms_train_for_equal_wall_time_on_the_levers_rows(real):
