@@ -280,14 +280,10 @@ def extract_prefix(model: PreTrainedModel, input_ids: Tensor, attention_mask: Te
             )
     summary = arch_summary(model)
     cache = DynamicCache()
-    decoder = _decoder(model)
-    if decoder is not None:  # the layers alone: a cache needs no logits, and a 262k-token head is ~50 ms a row
-        out = decoder(input_ids=input_ids, use_cache=True, **cache_kwargs(decoder, cache))
-        filled = returned_cache(decoder, out)
-    else:
-        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
-        filled = returned_cache(model, out)
-    block = block_from_cache(filled, summary.n_kv_heads)  # [B, S, L, D]
+    decoder = _decoder(model)  # the layers alone: a cache needs no logits, and a 262k-token head is ~50 ms a row
+    runner, extra = (model, {"logits_to_keep": 1}) if decoder is None else (decoder, {})
+    out = runner(input_ids=input_ids, use_cache=True, **extra, **cache_kwargs(runner, cache))
+    block = block_from_cache(returned_cache(runner, out), summary.n_kv_heads)  # [B, S, L, D]
     if block.num_layers != summary.num_layers:
         raise CacheAPIError(f"cache has {block.num_layers} layers, config says {summary.num_layers}")
     if block.seq_len != input_ids.shape[1] or block.width != summary.width:

@@ -145,6 +145,11 @@ def _rows_to_batches(chunks: dict[str, torch.Tensor], rows: torch.Tensor, job: T
     return out
 
 
+def at_prefix_len(job: TrainJob, prefix_len: int) -> TrainJob:
+    """``job`` with every prefix ``prefix_len`` tokens long (held-out rows at another length than training's)."""
+    return replace(job, prefix_len=prefix_len, min_prefix_len=None)
+
+
 def train_prefix_lens(job: TrainJob, n: int) -> list[int] | None:
     """The prefix length of each of ``n`` training batches (None: all ``job.prefix_len``); seeded by the
     train seed, independent of the row order."""

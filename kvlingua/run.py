@@ -30,7 +30,7 @@ import torch
 from kvlingua.backend import LocalBackend, PoolBackend
 from kvlingua.config import to_dict
 from kvlingua.evaluate import evaluate, make_eval_fn
-from kvlingua.job import (TrainJob, all_paths, allowed_paths, build_space, curve_batches, eval_batches, train_batches,
+from kvlingua.job import (TrainJob, all_paths, allowed_paths, at_prefix_len, build_space, curve_batches, eval_batches, train_batches,
                           trained_paths)
 from kvlingua.models import load_frozen
 from kvlingua.pool import save_pool
@@ -266,7 +266,7 @@ def pool_job(pool_dir: str | Path, *, split: str | None = None, batches: int | N
     if prefix_len is not None:
         if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
             raise ConfigError(f"prefix_len must be a positive integer, got {prefix_len!r}")
-        job = replace(job, prefix_len=prefix_len, min_prefix_len=None)
+        job = at_prefix_len(job, prefix_len)
     return loaded, job
 
 

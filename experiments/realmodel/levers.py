@@ -20,7 +20,7 @@ import torch
 
 from kvlingua.backend import LocalBackend
 from kvlingua.evaluate import EvalResult, evaluate
-from kvlingua.job import all_paths, eval_batches, train_batches
+from kvlingua.job import all_paths, at_prefix_len, eval_batches, train_batches
 from kvlingua.space import SharedSpace
 from kvlingua.train import start_adapters
 
@@ -65,7 +65,7 @@ def lever_starts(run_dir: str | Path, levers: dict[str, dict] | None = None, *, 
     loaded, job = pool_job(run_dir, split=split, batches=batches)
     backend = LocalBackend(loaded.models)
     members = {m.name: m.summary for m in loaded.members}
-    held = eval_batches(job if prefix_len is None else replace(job, prefix_len=prefix_len, min_prefix_len=None))
+    held = eval_batches(job if prefix_len is None else at_prefix_len(job, prefix_len))
     paths = all_paths(job)
     base = loaded.space.cfg
     out = {"trained": evaluate(backend, held, paths, {"space": loaded.space}, identity=False,

@@ -131,13 +131,11 @@ class RealModel:
                 with stage(f"positions P={p}", f"positions: P = {p}"):
                     evaluate_pool_dir(run_dir, split="test", prefix_len=p)[0].to_json(out)
         record_held_prefix(run_dir, positions_dir, self.cfg.positions)
-        if not (run_dir / "levers" / "names.json").is_file():
-            with stage("levers", "levers: each lever's closed-form start against the trained space"):
-                _levers(run_dir, run_dir / "levers", self.cfg.levers)
-        for p in self.cfg.lever_positions:
-            if not (run_dir / f"levers-P{p}" / "names.json").is_file():
-                with stage(f"levers P={p}", f"levers: each lever's start at held-out prefixes of {p} tokens"):
-                    _levers(run_dir, run_dir / f"levers-P{p}", self.cfg.levers, prefix_len=p)
+        for p in (None, *self.cfg.lever_positions):  # the run's own held-out prefixes, then each longer length
+            name, out = ("levers", "levers") if p is None else (f"levers P={p}", f"levers-P{p}")
+            if not (run_dir / out / "names.json").is_file():
+                with stage(name, f"levers: each lever's closed-form start ({'the run' if p is None else p} prefix)"):
+                    _levers(run_dir, run_dir / out, self.cfg.levers, prefix_len=p)
         pool_json = json.loads((run_dir / "pool" / "pool.json").read_text())
         deep, shallow = deep_and_shallow(pool_json["members"])
         # both ways where the members tokenize differently (two real families), else the shallow model into the deep one

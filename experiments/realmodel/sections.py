@@ -132,9 +132,8 @@ def _lever_rows(res: dict[str, EvalResult], names: dict[str, str], start_key: st
     for key, name in names.items():
         if key not in res or (key == "trained" and not trained):
             continue
-        cells = []
+        cells, r = [], res[key]
         for path in paths:
-            r = res[key]
             cell = f"{r.summary_for(path, 'space').nll_mean:.3f} ({_fmt(_content(r, path), 2)})"
             if start is not None and key != start_key:
                 diff, se = paired_difference(series(r, path, "space"), series(start, path, "space"))
