@@ -81,7 +81,7 @@ class EvalConfig:
             raise ValueError(f"content_min_se must be >= 0, got {self.content_min_se}")
 
 
-def _batch_means(nll: Tensor, first_tokens: int) -> tuple[float, float]:
+def batch_means(nll: Tensor, first_tokens: int) -> tuple[float, float]:
     """Per-token NLL ``[B, S-1]`` -> (mean over all, mean over the first ``first_tokens`` positions)."""
     return float(nll.mean()), float(nll[:, :first_tokens].mean())
 
@@ -156,7 +156,7 @@ def evaluate(
         s: {path_name(p): {} for p in paths} for s in SPANS}
 
     def record(path: PathT, cond: str, nll: Tensor) -> None:
-        for span, value in zip(SPANS, _batch_means(nll, first_tokens)):
+        for span, value in zip(SPANS, batch_means(nll, first_tokens)):
             per_batch[span][path_name(path)].setdefault(cond, []).append(value)
 
     modes = {name: sp.training for name, sp in spaces.items()}

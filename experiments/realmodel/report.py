@@ -17,6 +17,7 @@ from pathlib import Path
 
 from experiments.realmodel.sections import (_fmt, bench_section, compare, content_cell, context_bytes_section,
                                             continuations_section, levers_section, sizes_section)
+from experiments.realmodel.sinks import sinks_section
 from experiments.toolkit.pools import deep_and_shallow, pool_table, pretraining_seconds
 from experiments.toolkit.stats import FAILS, HOLDS
 from kvlingua.eval_result import EvalResult
@@ -251,6 +252,7 @@ def write_real_model_report(run_dir: str | Path, report: str | Path, run: Report
     lines += adapters_section(result, timing, deep, shallow)
     lines += curves_section(run_dir, report, deep, shallow)
     lines += positions_section(run_dir, run.positions, trained, deep, shallow)
+    lines += sinks_section(run_dir)
     lines += bench_section(bench)
     reverse = run_dir / "bench_handoff_reverse.json"
     lines += bench_section(json.loads(reverse.read_text()) if reverse.is_file() else None)

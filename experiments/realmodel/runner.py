@@ -9,7 +9,9 @@ Runs, each stage skipped when its output exists (so an interrupted run resumes):
 3. ``levers`` — each lever's start against the trained space (:func:`experiments.realmodel.levers.lever_starts`),
    again at each of ``lever_positions`` (``levers-P<n>/``: held-out prefixes of that length, the same starts),
    and, with ``arm_seconds``, ``arms``: the main space trained afresh for that many wall seconds per training arm
-   (an objective, a stack shape; :class:`experiments.realmodel.arms.ArmTrainer`), each arm's hand-off timed;
+   (an objective, a stack shape; :class:`experiments.realmodel.arms.ArmTrainer`), each arm's hand-off timed,
+   and at each of ``sinks`` the sink study (``sinks-P<n>/``, :mod:`experiments.realmodel.sinks`): which positions
+   the target's suffix attends to, and what restoring its own keys, values or most-attended positions buys;
 4. ``continuations`` — held-out prompts continued by the deep model after the shallow one's cache;
 5. ``bench`` — :func:`experiments.realmodel.handoff.measure_handoff` on the trained pool: translating a
    ``bench_prefix``-token cache from the shallow model into the deep one against the deep one re-reading the
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from experiments.realmodel.arms import DEFAULT_ARMS
 from experiments.realmodel.report import ReportRun, write_real_model_report
+from experiments.realmodel.sinks import ATTENTION_FILE, write_sink_study
 from experiments.toolkit.pools import deep_and_shallow
 from experiments.training import Placement, train_run
 
@@ -63,14 +66,18 @@ class RealModelConfig:
     lever_positions: tuple[int, ...] = ()
     """Held-out prefix lengths at which the levers are scored again (each start still calibrated on the run's
     training batches): which lever, if any, carries a prefix past the trained lengths."""
+    sinks: tuple[int, ...] = ()
+    """Held-out prefix lengths of the sink study (``sinks-P<n>/``, :mod:`experiments.realmodel.sinks`): where a
+    long prefix's content is lost, by the target's attention."""
     placement: Placement = Placement()
 
     def __post_init__(self) -> None:
         from kvlingua.config import ConfigError
 
-        if (any(p < 1 for p in (*self.positions, *self.lever_positions)) or self.bench_prefix < 1
+        if (any(p < 1 for p in (*self.positions, *self.lever_positions, *self.sinks)) or self.bench_prefix < 1
                 or self.bench_repeats < 1):
-            raise ConfigError("--positions, --lever-positions, --bench-prefix and --bench-repeats must be positive")
+            raise ConfigError("--positions, --lever-positions, --sinks, --bench-prefix and --bench-repeats must be "
+                              "positive")
         if self.levers is not None:
             from experiments.realmodel.levers import DEFAULT_LEVERS
 
@@ -96,6 +103,7 @@ class RealModelConfig:
         command += " --arms " + " ".join(f"'{n}'" for n in self.arms) if self.arms and self.arm_seconds > 0 else ""
         command += " --levers " + " ".join(f"'{n}'" for n in self.levers) if self.levers else ""
         command += " --lever-positions " + " ".join(map(str, self.lever_positions)) if self.lever_positions else ""
+        command += " --sinks " + " ".join(map(str, self.sinks)) if self.sinks else ""
         return command
 
 
@@ -136,6 +144,10 @@ class RealModel:
             if not (run_dir / out / "names.json").is_file():
                 with stage(name, f"levers: each lever's closed-form start ({'the run' if p is None else p} prefix)"):
                     _levers(run_dir, run_dir / out, self.cfg.levers, prefix_len=p)
+        for p in self.cfg.sinks:
+            if not (run_dir / f"sinks-P{p}" / ATTENTION_FILE).is_file():
+                with stage(f"sinks P={p}", f"sinks: where a {p}-token prefix's content goes"):
+                    write_sink_study(run_dir, run_dir / f"sinks-P{p}", p, LEVER_BATCHES)
         pool_json = json.loads((run_dir / "pool" / "pool.json").read_text())
         deep, shallow = deep_and_shallow(pool_json["members"])
         # both ways where the members tokenize differently (two real families), else the shallow model into the deep one

@@ -39,7 +39,7 @@ def real(tmp_path_factory):
     (root / "real.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     argv = ["real-model", str(root / "real.yaml"), "--in-process", "--no-progress", "--positions", "3", "6", "8",
             "--bench-prefix", "8", "--bench-repeats", "1", "--arm-seconds", str(ARM_S), "--arms", *ARMS,
-            "--lever-positions", "8",
+            "--lever-positions", "8", "--sinks", "8",
             "--report", str(root / "report.md")]
     try:
         first = main(argv)
@@ -62,7 +62,7 @@ def test_every_stage_ran_and_a_rerun_skips_them(real):
     assert stamps == restamps  # nothing was trained, scored or timed again
     stages = json.loads((run / "real_model_stages.json").read_text())
     assert set(stages) == {"train", "positions P=3", "positions P=6", "positions P=8", "levers", "levers P=8", "arms",
-                           "continuations", "bench"}
+                           "sinks P=8", "continuations", "bench"}
     pool = json.loads((run / "pool" / "pool.json").read_text())
     assert pool["trained_prefix_len"] == [3, 6] and pool["space"]["output"] == "per_layer"
     timing = json.loads((run / "timing.json").read_text())
@@ -189,3 +189,62 @@ def test_a_stage_that_resumes_in_parts_adds_their_seconds(tmp_path):
         pass
     recorded = stages.read()
     assert 100.0 <= recorded["arms"] < 101.0 and recorded["levers"] < 1.0
+
+
+def test_the_sink_study_scores_what_evaluation_scores_and_shows_each_targets_attention(real):
+    """``--sinks 8``: its ``translated`` condition is, batch for batch, the trained space that evaluation scored on the
+    same rows (levers-P8: the same 4 batches of the same permutation); restoring the target's own keys and values at
+    every position would give base, so restoring a share of them lands between; the report shows both tables."""
+    root = real[0]
+    run = root / "run"
+    study = EvalResult.from_dict(json.loads((run / "sinks-P8" / "sinks.json").read_text()))
+    levers = EvalResult.from_dict(json.loads((run / "levers-P8" / "trained.json").read_text()))
+    attention = json.loads((run / "sinks-P8" / "attention.json").read_text())
+    assert study.num_batches == 4
+    for path in study.paths:
+        rows = study.per_batch["all"][path_name(path)]
+        assert rows["translated"] == pytest.approx(levers.per_batch["all"][path_name(path)]["space"], abs=1e-6)
+        assert rows["base"] == pytest.approx(levers.per_batch["all"][path_name(path)]["base"], abs=1e-6)
+    small = attention["targets"]["small"]
+    assert attention["prefix_len"] == 8 and small["sliding_window"] == 64 and len(small["sink"]) == 2
+    assert all(0 <= s <= 1 and 0 <= t <= 1 and s + t <= 1 + 1e-4 for s, t in zip(small["sink"], small["top"]))
+    md = (root / "report.md").read_text()
+    path = tuple(study.paths[0])
+    cell = f"{study.summary_for(path, 'own keys').nll_mean:.3f} ("
+    assert "## Where a 8-token prefix's content goes (test split)" in md and cell in md
+    assert f"| small | 0 | {'sliding (64)' if small['layer_types'] else 'full'} | {small['sink'][0]:.2f} |" in md
+
+
+def test_attention_received_is_the_suffix_softmax_computed_by_hand():
+    """Layer 0 of a tiny GQA Llama: the mass each prefix position receives is the softmax of q·k/√d over the prefix and
+    the causal suffix, built by hand from the layer's own projections and rotary embedding, averaged over heads and
+    suffix queries."""
+    import torch
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from experiments.realmodel.sinks import attention_received
+    from kvlingua.cache import extract_prefix
+
+    model = tiny_model("llama", seed=3, layers=2, heads=4, kv_heads=2, head_dim=8, vocab=VOCAB)
+    g = torch.Generator().manual_seed(0)
+    prefix, suffix = torch.randint(0, VOCAB, (2, 7), generator=g), torch.randint(0, VOCAB, (2, 5), generator=g)
+    block = extract_prefix(model, prefix)  # [2, 7, 2, 16]
+    got = attention_received(model, block, suffix)  # [2, 2, 7]
+    B, S, P, H, hd = 2, 5, 7, 4, 8
+    layer = model.model.layers[0].self_attn
+    with torch.no_grad():
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(suffix))  # [B, S, 32]
+        pos = torch.arange(P, P + S).expand(B, S)
+        cos, sin = model.model.rotary_emb(x, pos)
+        q = layer.q_proj(x).view(B, S, H, hd).transpose(1, 2)  # [B, H, S, hd]
+        k_new = layer.k_proj(x).view(B, S, 2, hd).transpose(1, 2)  # [B, 2, S, hd]
+        q, k_new = apply_rotary_pos_emb(q, k_new, cos, sin)
+        k_old = block.keys[:, :, 0].view(B, P, 2, hd).transpose(1, 2)  # [B, 2, P, hd] (rotated at 0..P-1)
+        keys = torch.cat([k_old, k_new], dim=2).repeat_interleave(H // 2, dim=1)  # [B, H, P+S, hd]
+        scores = q @ keys.transpose(-1, -2) / hd ** 0.5  # [B, H, S, P+S]
+        future = torch.ones(S, S, dtype=torch.bool).triu(1)
+        scores[..., P:] = scores[..., P:].masked_fill(future, float("-inf"))
+        want = scores.softmax(-1)[..., :P].mean(dim=(1, 2))  # [B, P]
+    assert got.shape == (2, 2, 7)
+    assert got[:, 0] == pytest.approx(want, abs=1e-5)
+    assert (got.sum(-1) <= 1 + 1e-5).all() and (got.sum(-1) > 0).all()
