@@ -162,3 +162,6 @@ class CachingBackend:
 
     def suffix_nll(self, model: str, block: KVBlock | None, suffix_ids: Tensor) -> Tensor:
         return self.inner.suffix_nll(model, block, suffix_ids)
+
+    def attention_received(self, model: str, block: KVBlock, suffix_ids: Tensor) -> Tensor:
+        return self.inner.attention_received(model, block, suffix_ids)

@@ -14,6 +14,13 @@ One calibration pass over a few training batches reads every member's cache the 
 3. **OUT_j** by ridge regression from what OUT_j will read, every source's ``ẑ_i = A_i (x_i − μ_i)``
    pooled over sources, to ``x_j``: ``B_j = (Σ_i C_ji A_iᵀ)(Σ_i A_i C_ii A_iᵀ + λ I)⁻¹``, bias ``μ_j``.
 
+With ``out_weights: attention`` a second pass over the same batches refits each OUT_j, one target layer at a
+time, by ridge regression *weighted by what the target reads*: a position's weight is the attention mass the
+target's suffix puts on it in that layer (:meth:`~kvlingua.backend.PoolBackend.attention_received`, scaled to mean
+1 over a row's positions) mixed with a uniform weight (:data:`ATTENTION_MIX`). Past a sliding window, a layer no
+longer sees the sink and parks its attention on a few secondary sinks inside the translated positions; an
+unweighted fit spends its accuracy on the many positions that layer barely reads (``kvlingua real-model --sinks``).
+
 The short path of a translator (dense, :attr:`~kvlingua.space_config.SpaceConfig.short_layout`) or the
 linear adapter's maps take these weights; the stack's last projection already starts at zero, so each
 path starts as this linear translator and training adds what the stack learns.
@@ -39,6 +46,9 @@ from kvlingua.translator import LayerwiseTranslator, LinearAdapter
 from kvlingua.view import CacheView
 
 KINDS = ("keys", "values")
+ATTENTION_MIX = 0.5
+"""``out_weights: attention``: the share of a position's weight that is the attention mass it receives (the rest is
+uniform, so every position still counts)."""
 FLUSH_BATCHES = 8
 """Calibration batches whose fp32 second moments are summed before they join the fp64 total (each batch is
 centred on the first batch's mean, so fp32 loses nothing that matters over a few batches)."""
@@ -191,3 +201,70 @@ def closed_form_init(space: SharedSpace, backend: PoolBackend, batches: Sequence
             lin.weight.copy_(B.to(dtype))
             lin.bias.copy_(mean[blk[j]].to(dtype))
     return record
+
+
+def _weighted_layer_moments(w: Tensor, z: Tensor, x: Tensor) -> tuple[Tensor, ...]:
+    """Per-layer weighted sums of one batch: ``w`` ``[N, L]``, ``z`` ``[N, Q]``, ``x`` ``[N, L, D]`` ->
+    ``(Σw [L], Σw·z [L, Q], Σw·x [L, D], Σw·z zᵀ [L, Q, Q], Σw·x zᵀ [L, D, Q])``."""
+    zz, xz = [], []
+    for layer in range(w.shape[1]):  # one layer at a time: [N, Q] at most, not [L, N, Q]
+        wz = z * w[:, layer, None]  # [N, Q]
+        zz.append(wz.T @ z)  # [Q, Q]
+        xz.append(x[:, layer].T @ wz)  # [D, Q]
+    return w.sum(0), w.T @ z, torch.einsum("nl,nld->ld", w, x), torch.stack(zz), torch.stack(xz)
+
+
+@torch.no_grad()
+def attention_weighted_out(space: SharedSpace, backend: PoolBackend, batches: Sequence, trainable: Sequence[str],
+                           runtime: Runtime | None = None, view: CacheView | None = None) -> dict[str, float]:
+    """Refit the short path of every ``trainable`` member's OUT, per target layer, by ridge regression from what OUT
+    reads (every source's Σ along the token map, as :func:`closed_form_init` pools it) to the target's cache, each
+    position weighted by the attention the target's suffix pays it in that layer (module docstring).
+
+    IN is read as it is (call after :func:`closed_form_init`). Returns ``{"init/attention/top_share": mean share of
+    a layer's suffix-to-prefix mass on its most-attended 1 % of positions}`` for the record.
+    """
+    view = view or CacheView.of(space.cfg)
+    names = list(space.names)
+    trainable = [m for m in names if m in set(trainable)]
+    k = view.sink_tokens
+    rotations = {m: backend.rotation(m) for m in names} if view.unrotate else {}
+    device = space_device(space)
+    dtype = next(space.parameters()).dtype
+    sums: dict[tuple[str, str], list[Tensor]] = {}
+    top, rows = 0.0, 0
+    for batch in batches:
+        view.check_prefix(batch.prefix_len)
+        blocks = {m: backend.prefix_block(m, batch.prefix(m)) for m in names}  # each [B, P, L_m, D_m]
+        latents = {m: space.encode(view.to_space(blocks[m], rotations.get(m)).to(device), m) for m in names}
+        for j in trainable:
+            mass = backend.attention_received(j, blocks[j], batch.suffix(j))[:, :, k:].double()  # [B, L_j, P-k]
+            share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)
+            top += float(share.topk(max(1, share.shape[-1] // 100), dim=-1).values.sum(-1).mean())
+            rows += 1
+            w = (1 - ATTENTION_MIX) + ATTENTION_MIX * share * share.shape[-1]  # [B, L_j, P-k], mean 1 per row and layer
+            w = w.permute(0, 2, 1).reshape(-1, w.shape[1])  # [N, L_j] one row per position
+            x = view.to_space(blocks[j], rotations.get(j))  # [B, P-k, L_j, D_j]
+            for i in names:  # what OUT_j reads: every source's Σ at the target's positions, pooled
+                z = read_along(latents[i], batch.align(i, j, k))  # [B, P-k, Q]
+                for kind in KINDS:
+                    zf = getattr(z, kind).reshape(-1, z.keys.shape[-1]).double().cpu()  # [N, Q]
+                    xf = getattr(x, kind).reshape(zf.shape[0], x.num_layers, x.width).double()  # [N, L_j, D_j]
+                    got = _weighted_layer_moments(w, zf, xf)
+                    acc = sums.get((j, kind))
+                    sums[(j, kind)] = list(got) if acc is None else [a + g for a, g in zip(acc, got)]
+    if not sums:
+        raise ValueError("out_weights: attention read no calibration batch")
+    for (j, kind), acc in sums.items():
+        sw, swz, swx, szz, sxz = rank_mean(acc, runtime)
+        mz, mx = swz / sw[:, None], swx / sw[:, None]  # [L, Q], [L, D] weighted means
+        lin = short_maps(space.adapters(j)["out"])[KINDS.index(kind)]
+        D = mx.shape[1]
+        for layer in range(mz.shape[0]):
+            cov = szz[layer] / sw[layer] - torch.outer(mz[layer], mz[layer])  # [Q, Q]
+            cross = sxz[layer] / sw[layer] - torch.outer(mx[layer], mz[layer])  # [D, Q]
+            B = _ridge_solve(cov, cross, space.cfg.ridge)  # [D, Q]
+            rows_l = slice(layer * D, (layer + 1) * D)  # OUT's output is layer-major, [L_j * D_j]
+            lin.weight[rows_l] = B.to(dtype)
+            lin.bias[rows_l] = (mx[layer] - B @ mz[layer]).to(dtype)
+    return {"init/attention/top_share": top / max(rows, 1)}

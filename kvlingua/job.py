@@ -185,6 +185,17 @@ def train_batches(job: TrainJob, *, rank: int = 0, world_size: int = 1, split: s
         epoch += 1
 
 
+def calibration_batches(job: TrainJob, cfg: SpaceConfig, *, rank: int = 0,
+                        world_size: int = 1) -> Iterator[Batch] | None:
+    """The ``closed_form`` start's own calibration batches when ``cfg.init_prefix_len`` asks for them: training
+    batches of the train split at that one prefix length (rows of ``init_prefix_len + suffix_len`` tokens, so
+    other text than training's cut); None: the start reads the first training batches."""
+    if cfg.init != "closed_form" or cfg.init_prefix_len is None:
+        return None
+    return train_batches(replace(job, prefix_len=cfg.init_prefix_len, min_prefix_len=None),
+                         rank=rank, world_size=world_size)
+
+
 EVAL_ROW_SEED = 0
 """Seed of the fixed permutation that picks the held-out rows (independent of the train seed)."""
 

@@ -30,8 +30,8 @@ import torch
 from kvlingua.backend import LocalBackend, PoolBackend
 from kvlingua.config import to_dict
 from kvlingua.evaluate import evaluate, make_eval_fn
-from kvlingua.job import (TrainJob, all_paths, allowed_paths, at_prefix_len, build_space, curve_batches, eval_batches, train_batches,
-                          trained_paths)
+from kvlingua.job import (TrainJob, all_paths, allowed_paths, at_prefix_len, build_space, calibration_batches,
+                          curve_batches, eval_batches, train_batches, trained_paths)
 from kvlingua.models import load_frozen
 from kvlingua.pool import save_pool
 from kvlingua.pool_members import PoolMember
@@ -146,8 +146,9 @@ def train_spaces(
                 states[name] = s
                 save(name, spaces, states)
 
+        calibration = calibration_batches(job, space.cfg, rank=runtime.rank, world_size=runtime.world_size)
         states[name] = fit(space, backend, batches, cfg, runtime=runtime.for_space(name, job.main_space),
-                           state=state, eval_fn=eval_fn, checkpoint_fn=checkpoint_fn)
+                           state=state, eval_fn=eval_fn, checkpoint_fn=checkpoint_fn, calibration=calibration)
     return spaces, states
 
 

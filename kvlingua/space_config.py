@@ -14,6 +14,7 @@ GROUP_MODES = ("attend", "merge")
 OUTPUTS = ("auto", "dense", "per_layer")
 INITS = ("closed_form", "random", "match")
 KEYS = ("unrotated", "rotated")
+OUT_WEIGHTS = ("uniform", "attention")
 Q_DIM_AUTO_PER_LAYER = 32
 """``q_dim: auto`` is this many Σ channels per layer of the deepest member (the paper's Q = 32·L)."""
 EMBED_DEFAULTS = {"dense": 2.0, "per_layer": 0.5}
@@ -71,7 +72,17 @@ class SpaceConfig:
     translated cache has the target's own per-(layer, channel) mean and standard deviation
     (:func:`kvlingua.outinit.match_init`). ``random`` and ``match`` are kept for ablations."""
     init_batches: int = 16
-    """Training batches the ``closed_form`` calibration reads."""
+    """Batches the ``closed_form`` calibration reads: the first of training, or of :attr:`init_prefix_len`."""
+    init_prefix_len: int | None = None
+    """Prefix length of the ``closed_form`` calibration batches; None: the first training batches themselves.
+    A cache's statistics drift with position, so a closed form fitted on short prefixes carries less of a long
+    one (:func:`kvlingua.job.calibration_batches`): calibrating on the longest prefix a pool will read costs no
+    training step, only one pass with more positions per batch."""
+    out_weights: str = "uniform"
+    """How the ``closed_form`` start weighs calibration positions in OUT's regression: ``uniform`` (every position
+    alike) or ``attention`` (per target layer, by the attention mass the target's suffix puts on each position, mixed
+    with a uniform share; :func:`kvlingua.closedform.attention_weighted_out`): the secondary sinks a long prefix's
+    attention rests on are fitted first. Costs a second calibration pass."""
     ridge: float = 1e-2
     """Ridge of the ``closed_form`` regressions, relative to the mean variance of a regressor channel."""
     sink_tokens: int = 1
@@ -111,10 +122,19 @@ class SpaceConfig:
             raise ValueError(f"init must be one of {list(INITS)}, got {self.init!r}")
         if isinstance(self.init_batches, bool) or not isinstance(self.init_batches, int) or self.init_batches < 1:
             raise ValueError(f"init_batches must be an integer >= 1, got {self.init_batches!r}")
+        if self.init_prefix_len is not None and (isinstance(self.init_prefix_len, bool)
+                                                 or not isinstance(self.init_prefix_len, int)
+                                                 or self.init_prefix_len <= self.sink_tokens):
+            raise ValueError(f"init_prefix_len must be None or an integer > sink_tokens ({self.sink_tokens}), "
+                             f"got {self.init_prefix_len!r}")
         if not self.ridge > 0:
             raise ValueError(f"ridge must be > 0, got {self.ridge}")
         if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
+        if self.out_weights not in OUT_WEIGHTS:
+            raise ValueError(f"out_weights must be one of {list(OUT_WEIGHTS)}, got {self.out_weights!r}")
+        if self.out_weights != "uniform" and self.init != "closed_form":
+            raise ValueError(f"out_weights: {self.out_weights} weighs the closed-form start; init is {self.init!r}")
         if self.keys not in KEYS:
             raise ValueError(f"keys must be one of {list(KEYS)}, got {self.keys!r}")
 

@@ -42,7 +42,7 @@ from kvlingua.backend import PoolBackend
 from kvlingua.batch import Batch
 from kvlingua.cache import KVBlock
 from kvlingua.losses import reconstruction_loss, suffix_kl_loss, suffix_lm_loss
-from kvlingua.closedform import closed_form_init
+from kvlingua.closedform import attention_weighted_out, closed_form_init
 from kvlingua.metric_names import NllKey
 from kvlingua.outinit import match_init
 from kvlingua.paths import PathSampler, PathT, path_name
@@ -135,22 +135,27 @@ def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: li
 
 
 def start_adapters(space: SharedSpace, backend: PoolBackend, batches: Iterable[Batch], ins: list[str], outs: list[str],
-                   runtime: Runtime | None = None, view: CacheView | None = None) -> tuple[dict, Iterable[Batch]]:
+                   runtime: Runtime | None = None, view: CacheView | None = None,
+                   calibration: Iterable[Batch] | None = None) -> tuple[dict, Iterable[Batch]]:
     """Start a fresh space as ``space.cfg.init`` says, before its first step: ``closed_form`` on the first
     ``init_batches`` batches (every member in ``ins``/``outs`` fitted), ``match`` on the first batch (IN of ``ins``,
-    OUT of ``outs``), ``random`` as built. Returns the init's record and the batches, none of them consumed."""
+    OUT of ``outs``), ``random`` as built. The closed form reads ``calibration`` instead where given
+    (:func:`kvlingua.job.calibration_batches`). Returns the init's record and the batches, none of them consumed."""
     batch_iter = iter(batches)
     n = {"closed_form": space.cfg.init_batches, "match": 1}.get(space.cfg.init, 0)
-    first = list(itertools.islice(batch_iter, n))
+    own = calibration is not None and space.cfg.init == "closed_form"
+    first = list(itertools.islice(iter(calibration) if own else batch_iter, n))
     if len(first) < min(n, 1):
         raise ValueError("batches ran out at step 0")
     record = {}
     if space.cfg.init == "closed_form":
-        record = closed_form_init(space, backend, first, sorted(set(ins) | set(outs), key=space.names.index),
-                                  runtime, view)
+        fitted = sorted(set(ins) | set(outs), key=space.names.index)
+        record = closed_form_init(space, backend, first, fitted, runtime, view)
+        if space.cfg.out_weights == "attention":
+            record |= attention_weighted_out(space, backend, first, fitted, runtime, view)
     elif space.cfg.init == "match":
         record = match_init(space, backend, first[0], ins, outs, runtime, view=view)
-    return record, itertools.chain(first, batch_iter)
+    return record, batch_iter if own else itertools.chain(first, batch_iter)
 
 
 def _sync_state(state: TrainState, opt: torch.optim.Optimizer, sched: Any) -> None:
@@ -172,6 +177,7 @@ def fit(
     view: CacheView | None = None,
     fresh: bool = True,
     budget_s: float | None = None,
+    calibration: Iterable[Batch] | None = None,
 ) -> TrainState:
     """Train the space's adapters until ``cfg.steps`` optimiser steps are done.
 
@@ -199,6 +205,8 @@ def fit(
         budget_s: end early, after the step during which this many wall seconds of training (``state.train_s``
             of this call, evaluations included) ran out, as if it were the last step (evaluation, selection,
             checkpoint); the schedule still spans ``cfg.steps``. For comparisons at equal wall time.
+        calibration: the ``closed_form`` start's batches (:func:`kvlingua.job.calibration_batches`); None: the
+            first ``init_batches`` of ``batches``, which training then reads too.
 
     Returns:
         The final :class:`TrainState` with optimiser, scheduler and RNG state.
@@ -246,7 +254,7 @@ def fit(
         trainable = trainable_names(space, cfg)
         ins = [m for m in trainable if any(i == m for i, _ in sampler.allowed)]
         outs = [m for m in trainable if any(j == m for _, j in sampler.allowed)]
-        init, batch_iter = start_adapters(space, backend, batch_iter, ins, outs, runtime, view)
+        init, batch_iter = start_adapters(space, backend, batch_iter, ins, outs, runtime, view, calibration)
         state.history.append({"step": 0, "kind": "init", **init})
     if eval_fn is not None and cfg.eval_every and state.step == 0:
         run_eval()

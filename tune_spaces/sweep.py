@@ -24,6 +24,7 @@ import json
 import time
 import uuid
 from dataclasses import asdict, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from ray import tune
 
 from kvlingua.blockstore import BlockStore, ids_digest
 from kvlingua.config import ConfigError, from_dict, to_dict
-from kvlingua.job import TrainJob, curve_batches, eval_batches, train_batches
+from kvlingua.job import TrainJob, calibration_batches, curve_batches, eval_batches, train_batches
 from kvlingua.metric_names import TUNE_MEAN, NllKey
 from kvlingua.tracking import TrackerHandle, attach, end_if_running
 from tune_spaces.results import best_row, to_markdown, trial_row, write_best_config, write_csv
@@ -99,16 +100,24 @@ def _warm_blocks(hosts: dict, jobs: list[TrainJob]) -> int:
     seen_data: set[str] = set()
     for job in jobs:
         data_key = json.dumps([to_dict(job.data), job.langs, job.prefix_len, job.suffix_len, job.batch_size,
-                               job.train.seed, job.max_steps, asdict(job.eval), job.eval_split], sort_keys=True)
+                               job.train.seed, job.max_steps, asdict(job.eval), job.eval_split,
+                               [(c.init, c.init_batches, c.init_prefix_len) for c in job.spaces.values()]],
+                              sort_keys=True)
         if data_key in seen_data:
             continue
         seen_data.add(data_key)
         batches = train_batches(job)
-        calibration = max((c.init_batches for c in job.spaces.values() if c.init == "closed_form"), default=0)
+        calibration = max((c.init_batches for c in job.spaces.values()
+                           if c.init == "closed_form" and c.init_prefix_len is None), default=0)
         for _ in range(max(job.max_steps, calibration)):  # training, and the closed-form start's first batches
             b = next(batches)
             for m in job.models:
                 want(m, b.prefix(m))  # [B, P]
+        for c in job.spaces.values():  # a closed form calibrated on its own prefix length reads its own batches
+            own = calibration_batches(job, c)
+            for b in islice(own, c.init_batches) if own is not None else ():
+                for m in job.models:
+                    want(m, b.prefix(m))  # [B, init_prefix_len]
         sink = next(iter(job.spaces.values())).sink_tokens  # one per job (JobSpec)
         for b in [*eval_batches(job), *curve_batches(job)]:  # the final table (test) and the curves (validation)
             for m in job.models:

@@ -148,6 +148,14 @@ class RayBackend:
         nll = ray.get(self.hosts[model].suffix_nll.remote(wire, tensor_to_wire(suffix_ids)))
         return tensor_from_wire(nll, copy=True)  # [B, S-1], the caller's to keep
 
+    def attention_received(self, model: str, block: KVBlock, suffix_ids: Tensor) -> Tensor:
+        """Attention mass ``[B, L, P]`` each of ``block``'s positions receives from the suffix."""
+        self._check(model)
+        check_block_fits(block, self.summary(model), model)
+        wire = block_to_wire(block.map(lambda t: t.float()))
+        mass = ray.get(self.hosts[model].attention_received.remote(wire, tensor_to_wire(suffix_ids)))
+        return tensor_from_wire(mass, copy=True)  # [B, L, P]
+
     def stats(self) -> dict[str, dict]:
         """Per-host call counters (see ``ModelHost.stats``)."""
         return dict(zip(self.hosts, ray.get([h.stats.remote() for h in self.hosts.values()])))

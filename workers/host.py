@@ -12,7 +12,9 @@ actor boundary, never a transformers ``Cache``:
 * :meth:`ModelHost.suffix_kl_and_grad`: the same with the suffix KL to the model's own-cache
   distribution; the host computes that teacher from the prefix ids and keeps it for recurring ids
   (no teacher tensor crosses the wire);
-* :meth:`ModelHost.suffix_nll`: per-token NLL ``[B, S-1]`` for evaluation.
+* :meth:`ModelHost.suffix_nll`: per-token NLL ``[B, S-1]`` for evaluation;
+* :meth:`ModelHost.attention_received`: the attention mass ``[B, L, P]`` a suffix puts on each prefix position (the
+  ``out_weights: attention`` closed form weights OUT's regression by it).
 
 Tensors cross as :mod:`workers.wire` types (:class:`~workers.wire.WireTensor`, :class:`~workers.wire.WireBlock`).
 
@@ -74,7 +76,8 @@ class ModelHost:
             local, BlockStore(block_dir), {name: store_key}
         )
         self._lock = threading.Lock()
-        self._calls = {"prefix_block": 0, "suffix_loss_and_grad": 0, "suffix_kl_and_grad": 0, "suffix_nll": 0}
+        self._calls = {"prefix_block": 0, "suffix_loss_and_grad": 0, "suffix_kl_and_grad": 0, "suffix_nll": 0,
+                       "attention_received": 0}
 
     def _count(self, what: str) -> None:
         with self._lock:
@@ -135,6 +138,12 @@ class ModelHost:
         self._count("suffix_nll")
         kv = None if block is None else block_from_wire(block, copy=False)
         return tensor_to_wire(self._backend.suffix_nll(self.name, kv, as_tensor(suffix_ids, copy=True)))
+
+    def attention_received(self, block: WireBlock, suffix_ids: Tensor | WireTensor) -> WireTensor:
+        """Attention mass ``[B, L, P]`` the suffix puts on each of the block's positions; read-only use of the block."""
+        self._count("attention_received")
+        kv = block_from_wire(block, copy=False)
+        return tensor_to_wire(self._backend.attention_received(self.name, kv, as_tensor(suffix_ids, copy=True)))
 
 
 def spawn_hosts(models: dict[str, str], options: HostOptions = HostOptions(), name_prefix: str | None = None,

@@ -120,6 +120,9 @@ class ModuleBackend:
     def suffix_nll(self, model: str, block: KVBlock | None, suffix_ids: Tensor) -> Tensor:
         return self.inner.suffix_nll(model, block, suffix_ids)
 
+    def attention_received(self, model: str, block: KVBlock, suffix_ids: Tensor) -> Tensor:
+        return self.inner.attention_received(model, block, suffix_ids)
+
 
 Tasks = Sequence[Task] | Mapping[str, Sequence[Task]]
 """Meta-train tasks: one list every model reads (one tokenizer), or each model's own list of the same tasks."""

@@ -107,3 +107,51 @@ def test_training_keeps_its_best_evaluation_and_never_ends_below_its_start():
     for k, v in space.state_dict().items():
         assert torch.equal(v, start[k]), k
     assert 0 < state.history[0]["init/energy/keys"] <= 1
+
+
+def test_attention_weighted_out_is_the_weighted_least_squares_fit_per_target_layer():
+    """``out_weights: attention``: each OUT layer is the least-squares map from what OUT reads (both sources' Σ,
+    pooled) to the target's cache with every position weighted by the mass the target's suffix puts on it, mixed with
+    a uniform share, solved here independently by ``lstsq`` on √w-scaled rows; IN is left as the closed form set it."""
+    from kvlingua.closedform import ATTENTION_MIX, attention_weighted_out, short_maps
+
+    backend = LocalBackend({"a": tiny_model("llama", seed=0, layers=2, kv_heads=2),
+                            "b": tiny_model("gemma2", seed=1, layers=2, kv_heads=1)})
+    members = {m: backend.summary(m) for m in ("a", "b")}
+    space = SharedSpace(members, SpaceConfig(adapter="linear", q_dim=8, ridge=1e-9, out_weights="attention"))
+    calib = batches(["a", "b"], 3)
+    closed_form_init(space, backend, calib, ["a", "b"])
+    ins = [p.clone() for p in space.adapters("a")["in"].parameters()]
+    record = attention_weighted_out(space, backend, calib, ["a", "b"])
+    assert all(torch.equal(p, q) for p, q in zip(space.adapters("a")["in"].parameters(), ins))
+    assert 0 < record["init/attention/top_share"] <= 1
+    view = CacheView.of(space.cfg)
+    for target in ("a", "b"):
+        L, D = members[target].num_layers, members[target].width
+        rows, weights, wants = {k: [] for k in ("keys", "values")}, [], {k: [] for k in ("keys", "values")}
+        with torch.no_grad():
+            for b in calib:
+                own = backend.prefix_block(target, b.prefix(target))
+                mass = backend.attention_received(target, own, b.suffix(target))[:, :, 1:]  # [B, L, P-1]
+                share = mass / mass.sum(-1, keepdim=True)
+                w = (1 - ATTENTION_MIX) + ATTENTION_MIX * share * share.shape[-1]
+                x = view.to_space(own, backend.rotation(target))  # [B, P-1, L, D]
+                for source in ("a", "b"):
+                    src = view.to_space(backend.prefix_block(source, b.prefix(source)), backend.rotation(source))
+                    z = space.encode(src, source)
+                    weights.append(w.permute(0, 2, 1).reshape(-1, L))
+                    for kind in ("keys", "values"):
+                        rows[kind].append(getattr(z, kind).reshape(-1, 8))
+                        wants[kind].append(getattr(x, kind).reshape(-1, L, D))
+        w = torch.cat(weights).double()  # [N, L]
+        for kind_i, kind in enumerate(("keys", "values")):
+            z1 = torch.cat([torch.cat(rows[kind]).double(), torch.ones(w.shape[0], 1, dtype=torch.float64)], 1)
+            x = torch.cat(wants[kind]).double()  # [N, L, D]
+            lin = short_maps(space.adapters(target)["out"])[kind_i]
+            for layer in range(L):
+                root = w[:, layer, None].sqrt()
+                sol = torch.linalg.lstsq(z1 * root, x[:, layer] * root).solution  # [Q+1, D]
+                got_w = lin.weight[layer * D:(layer + 1) * D].double()  # [D, Q]
+                got_b = lin.bias[layer * D:(layer + 1) * D].double()
+                assert torch.allclose(got_w, sol[:8].T, atol=2e-4, rtol=1e-3), (target, kind, layer)
+                assert torch.allclose(got_b, sol[8], atol=2e-4, rtol=1e-3), (target, kind, layer)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
+from itertools import islice
 
 import pytest
 import torch
@@ -14,13 +16,13 @@ from kvlingua.data.rows import text_rows
 from kvlingua.data.views import DataConfig, documents
 from kvlingua.evaluate import EvalConfig, evaluate
 from kvlingua.models import load_frozen
-from kvlingua.job import TrainJob, eval_batches, load_rows, train_batches
+from kvlingua.job import TrainJob, calibration_batches, eval_batches, load_rows, train_batches
 from kvlingua.pool import load_pool
 from kvlingua.pool_members import PoolMismatchError
 from kvlingua.run import pool_job, run_local
 from kvlingua.space import SharedSpace
 from kvlingua.space_config import SpaceConfig
-from kvlingua.train import train_step
+from kvlingua.train import start_adapters, train_step
 from kvlingua.train_config import TrainConfig
 from tests.helpers import bpe_tokenizer, fake_corpus_home, tiny_model
 
@@ -221,6 +223,39 @@ def test_training_and_evaluation_read_along_the_map(mixed):
     assert not torch.allclose(out.keys, direct.keys)  # position by position would read other tokens
     first = res.per_batch["all"]["a->b"]["space"][0]
     assert abs(first - float(nll)) < 1e-4
+
+
+def test_the_closed_form_calibrates_on_its_own_prefix_length_and_leaves_training_its_batches(mixed):
+    """``init_prefix_len``: the start reads batches of that length (text rows of their own) and fits exactly what a
+    closed form on those batches fits; training still starts at its own first batch."""
+    from kvlingua.closedform import closed_form_init, short_maps
+
+    _, job = mixed
+    cfg = SpaceConfig(q_dim=16, init_batches=2, init_prefix_len=12)
+    assert calibration_batches(job, SpaceConfig(q_dim=16)) is None
+    assert calibration_batches(job, SpaceConfig(q_dim=16, init="random", init_prefix_len=12)) is None
+    calib = list(islice(calibration_batches(job, cfg), 2))
+    assert [b.prefix_len for b in calib] == [12, 12]
+    assert all(b.ids[m].shape[1] >= 12 + job.suffix_len for b in calib for m in job.models)
+    assert all(b.ends is not None for b in calib)  # text rows: the members are read along the token map
+    models = {n: load_frozen(p) for n, p in job.models.items()}
+    backend = LocalBackend(models)
+    summaries = {n: backend.summary(n) for n in models}
+    names = list(models)
+    train = list(islice(train_batches(job), 3))
+    started = SharedSpace(summaries, cfg)
+    _, rest = start_adapters(started, backend, iter(train), names, names, calibration=calibration_batches(job, cfg))
+    assert next(iter(rest)) is train[0]  # training's batches untouched by the calibration
+    direct = SharedSpace(summaries, cfg)  # independent: the closed form called on the same two batches
+    closed_form_init(direct, backend, calib, names)
+    on_training = SharedSpace(summaries, replace(cfg, init_prefix_len=None))
+    start_adapters(on_training, backend, iter(train), names, names)
+    for m in names:
+        for side in ("in", "out"):
+            for a, b, c in zip(short_maps(started.adapters(m)[side]), short_maps(direct.adapters(m)[side]),
+                               short_maps(on_training.adapters(m)[side])):
+                assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+                assert not torch.allclose(a.weight, c.weight)  # other positions, another fit
 
 
 def test_a_mixed_pool_saves_each_members_tokenizer_and_loads_it_back(mixed):

@@ -41,6 +41,15 @@ def test_config_checks_and_strict_loading():
         SpaceConfig(output="sparse")
     with pytest.raises(ValueError, match="max_share must be > 0"):
         SpaceConfig(max_share=0)
+    with pytest.raises(ValueError, match=r"init_prefix_len must be None or an integer > sink_tokens \(1\), got 1"):
+        SpaceConfig(init_prefix_len=1)
+    with pytest.raises(ValueError, match="init_prefix_len must be None"):
+        SpaceConfig(init_prefix_len=True)
+    assert SpaceConfig(init_prefix_len=2, sink_tokens=1).init_prefix_len == 2
+    with pytest.raises(ValueError, match=r"out_weights must be one of \['uniform', 'attention'\], got 'suffix'"):
+        SpaceConfig(out_weights="suffix")
+    with pytest.raises(ValueError, match="out_weights: attention weighs the closed-form start; init is 'match'"):
+        SpaceConfig(init="match", out_weights="attention")
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(SpaceConfig, {"q_dim": 64, "qdim": 3})
     assert from_dict(SpaceConfig, {"q_dim": 64, "num_layers": 2}) == SpaceConfig(q_dim=64, num_layers=2)

@@ -68,6 +68,10 @@ def test_remote_blocks_losses_and_gradients_match_local(hosts, local):
     nll_r = remote.suffix_nll("a", src_r, ids[:, 6:])
     assert nll_r.shape == (2, 3) and (nll_r - local.suffix_nll("a", src_l, ids[:, 6:])).abs().max() < 1e-5
     assert (remote.suffix_nll("b", None, ids) - local.suffix_nll("b", None, ids)).abs().max() < 1e-5
+    mass_r = remote.attention_received("a", src_r, ids[:, 6:])  # [B, L, P]: the host's own attention over the wire
+    mass_l = local.attention_received("a", src_l, ids[:, 6:])
+    assert mass_r.shape == (2, src_l.num_layers, 6) and (mass_r - mass_l).abs().max() < 1e-6
+    assert mass_l.sum(-1).max() <= 1 + 1e-5 and mass_l.min() >= 0
 
 
 def test_bad_requests_are_refused(hosts, local):
