@@ -20,7 +20,7 @@ import torch
 
 from kvlingua.backend import LocalBackend
 from kvlingua.evaluate import EvalResult, evaluate
-from kvlingua.job import all_paths, at_prefix_len, eval_batches, train_batches
+from kvlingua.job import all_paths, at_prefix_len, calibration_batches, eval_batches, train_batches
 from kvlingua.space import SharedSpace
 from kvlingua.train import start_adapters
 
@@ -32,8 +32,15 @@ DEFAULT_LEVERS: dict[str, dict] = {
     "q_dim: 240": {"q_dim": 240},
     "init: match": {"init": "match"},
     "init_batches: 16": {"init_batches": 16},
+    "out_weights: attention": {"init": "closed_form", "out_weights": "attention"},
+    "512-token calibration": {"init": "closed_form", "init_prefix_len": 512, "init_batches": 8},
+    "out_weights: attention, 512-token calibration": {"init": "closed_form", "out_weights": "attention",
+                                                      "init_prefix_len": 512, "init_batches": 8},
 }
-"""Variant name -> the space-config fields it changes (the first is the run's own start)."""
+"""Variant name -> the space-config fields it changes (the first is the run's own start). The 512-token levers
+calibrate on 8 batches of 512-token prefixes (the held-out length past training where content falls; passages of
+512 + suffix tokens); ``out_weights: attention`` refits OUT weighted by the target's attention
+(:func:`kvlingua.closedform.attention_weighted_out`)."""
 
 
 def start_space(members: dict, cfg, backend: LocalBackend, job, seed: int) -> SharedSpace:
@@ -41,12 +48,14 @@ def start_space(members: dict, cfg, backend: LocalBackend, job, seed: int) -> Sh
     torch.manual_seed(seed)
     space = SharedSpace(members, cfg)
     names = list(members)
-    start_adapters(space, backend, islice(train_batches(job), cfg.init_batches), names, names)
+    start_adapters(space, backend, islice(train_batches(job), cfg.init_batches), names, names,
+                   calibration=calibration_batches(job, cfg))
     return space.eval()
 
 
 def lever_starts(run_dir: str | Path, levers: dict[str, dict] | None = None, *, split: str = "test",
-                 batches: int | None = None, prefix_len: int | None = None) -> dict[str, EvalResult]:
+                 batches: int | None = None, prefix_len: int | None = None,
+                 trained: bool = True) -> dict[str, EvalResult]:
     """Score each lever's start and the trained space on the same held-out batches.
 
     Args:
@@ -55,6 +64,7 @@ def lever_starts(run_dir: str | Path, levers: dict[str, dict] | None = None, *, 
         split, batches: the held-out batches.
         prefix_len: the held-out prefix length (default the run's); every start is still calibrated on the run's
             own training batches, so a length past training asks what each lever carries there.
+        trained: also score the trained space (a resumed stage that has it already passes False).
 
     Returns:
         ``{"trained": EvalResult, <variant>: EvalResult, ...}``; each result holds the references (base,
@@ -69,7 +79,7 @@ def lever_starts(run_dir: str | Path, levers: dict[str, dict] | None = None, *, 
     paths = all_paths(job)
     base = loaded.space.cfg
     out = {"trained": evaluate(backend, held, paths, {"space": loaded.space}, identity=False,
-                               first_tokens=job.eval.first_tokens)}
+                               first_tokens=job.eval.first_tokens)} if trained else {}
     for name, change in (levers or DEFAULT_LEVERS).items():
         cfg = replace(base, **change)
         if cfg.sink_tokens >= job.trained_prefix_len[0]:  # the calibration's shortest prefixes leave Σ nothing

@@ -141,8 +141,9 @@ class RealModel:
         record_held_prefix(run_dir, positions_dir, self.cfg.positions)
         for p in (None, *self.cfg.lever_positions):  # the run's own held-out prefixes, then each longer length
             name, out = ("levers", "levers") if p is None else (f"levers P={p}", f"levers-P{p}")
-            if not (run_dir / out / "names.json").is_file():
-                with stage(name, f"levers: each lever's closed-form start ({'the run' if p is None else p} prefix)"):
+            if _missing_levers(run_dir / out, self.cfg.levers):
+                with stage(name, f"levers: each lever's closed-form start ({'the run' if p is None else p} prefix)",
+                           adds=True):
                     _levers(run_dir, run_dir / out, self.cfg.levers, prefix_len=p)
         for p in self.cfg.sinks:
             if not (run_dir / f"sinks-P{p}" / ATTENTION_FILE).is_file():
@@ -287,18 +288,32 @@ def record_held_prefix(run_dir: Path, positions_dir: Path, positions, tol: float
             (d / POOL_FILE).write_text(json.dumps(m, indent=2) + "\n")
 
 
+def _missing_levers(out: Path, names: tuple[str, ...] | None) -> list[str]:
+    """The levers of ``names`` (None: every lever of ``levers.DEFAULT_LEVERS``) that ``out`` has not scored yet, and
+    ``trained`` when the trained space's result is missing."""
+    from experiments.realmodel.levers import DEFAULT_LEVERS
+
+    have = set(json.loads((out / "names.json").read_text()).values()) if (out / "names.json").is_file() else set()
+    return ([n for n in (names or tuple(DEFAULT_LEVERS)) if n not in have]
+            + ([] if (out / "trained.json").is_file() else ["trained"]))
+
+
 def _levers(run_dir: Path, out: Path, names: tuple[str, ...] | None = None, prefix_len: int | None = None) -> None:
     """``out/<k>.json`` per lever (:func:`~experiments.realmodel.levers.lever_starts`, held-out prefixes of
-    ``prefix_len`` tokens, default the run's) and ``names.json`` (file key -> name)."""
+    ``prefix_len`` tokens, default the run's) and ``names.json`` (file key -> name; a lever that does not apply to the
+    run, e.g. more sink positions than its shortest prefix, has a key and no file). Levers scored before keep their
+    files: a rerun that asks for more levers scores only the new ones."""
     from experiments.realmodel.levers import DEFAULT_LEVERS, lever_starts
 
     out.mkdir(exist_ok=True)
-    levers = None if names is None else {n: DEFAULT_LEVERS[n] for n in names}
-    results = lever_starts(run_dir, levers, batches=LEVER_BATCHES, prefix_len=prefix_len)
-    keys = {}
-    for n, (name, result) in enumerate(results.items()):
-        key = "trained" if name == "trained" else f"lever{n}"
-        result.to_json(out / f"{key}.json")
+    missing = _missing_levers(out, names)
+    todo = {n: DEFAULT_LEVERS[n] for n in missing if n != "trained"}
+    results = lever_starts(run_dir, todo, batches=LEVER_BATCHES, prefix_len=prefix_len, trained="trained" in missing)
+    keys = json.loads((out / "names.json").read_text()) if (out / "names.json").is_file() else {}
+    for name in [n for n in ("trained",) if n in results] + list(todo):
+        key = "trained" if name == "trained" else f"lever{next(i for i in range(len(keys) + 1) if f'lever{i}' not in keys)}"
+        if name in results:
+            results[name].to_json(out / f"{key}.json")
         keys[key] = name
     (out / "names.json").write_text(json.dumps(keys, indent=1) + "\n")
 

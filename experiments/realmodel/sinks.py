@@ -25,7 +25,7 @@ from torch import Tensor
 
 from kvlingua.align import read_along
 from kvlingua.backend import LocalBackend
-from kvlingua.cache import KVBlock, as_past_key_values, cache_kwargs
+from kvlingua.cache import KVBlock
 from kvlingua.eval_result import SPANS, EvalResult
 from kvlingua.evaluate import batch_means
 from kvlingua.job import all_paths, at_prefix_len, eval_batches
@@ -46,22 +46,6 @@ def conditions() -> list[str]:
 
 def top_name(share: float) -> str:
     return f"own at top {share:.0%}"
-
-
-@torch.no_grad()
-def attention_received(model, block: KVBlock, suffix_ids: Tensor) -> Tensor:
-    """Mass ``[B, L, P]`` that each of ``block``'s ``P`` positions receives from the suffix's queries in each layer
-    (softmax weights averaged over heads and suffix queries; a layer's row sums to the suffix's mass on the prefix).
-
-    Needs a model that returns attention weights (``attn_implementation="eager"``, as :func:`kvlingua.models.load_frozen`
-    loads every frozen model)."""
-    dtype = next(model.parameters()).dtype
-    cache = as_past_key_values(block.to(dtype))
-    out = model(input_ids=suffix_ids, use_cache=True, output_attentions=True, **cache_kwargs(model, cache))
-    if not out.attentions or out.attentions[0] is None:
-        raise ValueError("the model returned no attention weights; load it with attn_implementation='eager'")
-    P = block.seq_len
-    return torch.stack([a[..., :P].float().mean(dim=(1, 2)) for a in out.attentions], dim=1)  # [B, L, P]
 
 
 def _restore_top(received: Tensor, share: float) -> Tensor:
@@ -105,7 +89,7 @@ def sink_study(run_dir: str | Path, prefix_len: int, batches: int, split: str = 
     for b in eval_batches(job):
         view.check_prefix(b.prefix_len)
         own = {m: backend.prefix_block(m, b.prefix(m)) for m in backend.names()}  # each [B, P, L_m, D_m]
-        received = {m: attention_received(backend.models[m], own[m], b.suffix(m)) for m in backend.names()}
+        received = {m: backend.attention_received(m, own[m], b.suffix(m)) for m in backend.names()}  # [B, L, P]
         for m, r in received.items():  # [B, L, P]
             top = r[:, :, k:].topk(min(TOP_POSITIONS, r.shape[-1] - k), dim=-1).values.sum(-1)  # [B, L]
             sums.setdefault(m, []).append(torch.stack([r[:, :, 0].mean(0), top.mean(0)]))  # [2, L]

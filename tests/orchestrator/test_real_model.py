@@ -15,6 +15,9 @@ from tests.helpers import fake_corpus_home, tiny_model
 VOCAB = 320
 ARM_S = 1.5
 """Wall seconds of training per arm in the arms stage."""
+TOY_LEVERS = ("start (closed form)", "sink_tokens: 0", "sink_tokens: 4", "keys: rotated", "q_dim: 240", "init: match",
+              "init_batches: 16", "out_weights: attention")
+"""Every lever but the 512-token calibrations (the toy corpus's passages are shorter)."""
 ARMS = ("suffix", "kl", "recon", "stack: 6 layers (merge)", "short path only")
 
 
@@ -39,22 +42,24 @@ def real(tmp_path_factory):
     (root / "real.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     argv = ["real-model", str(root / "real.yaml"), "--in-process", "--no-progress", "--positions", "3", "6", "8",
             "--bench-prefix", "8", "--bench-repeats", "1", "--arm-seconds", str(ARM_S), "--arms", *ARMS,
-            "--lever-positions", "8", "--sinks", "8",
-            "--report", str(root / "report.md")]
+            "--lever-positions", "8", "--sinks", "8", "--report", str(root / "report.md"), "--levers"]
     try:
-        first = main(argv)
-        stamps = {p.name: p.stat().st_mtime_ns for p in (root / "run").rglob("*.json")}
-        again = main(argv)
-        restamps = {p.name: p.stat().st_mtime_ns for p in (root / "run").rglob("*.json")}
+        first = main(argv + list(TOY_LEVERS[:-1]))
+        stamps = {str(p.relative_to(root)): p.stat().st_mtime_ns for p in (root / "run").rglob("*.json")}
+        again = main(argv + list(TOY_LEVERS[:-1]))
+        restamps = {str(p.relative_to(root)): p.stat().st_mtime_ns for p in (root / "run").rglob("*.json")}
+        stages = json.loads((root / "run" / "real_model_stages.json").read_text())
+        more = main(argv + list(TOY_LEVERS))  # one lever more: only it is scored, at both lengths
+        after = {str(p.relative_to(root)): p.stat().st_mtime_ns for p in (root / "run").rglob("*.json")}
         bad = main(argv[:2] + ["--positions", "0"])
     finally:
         mp.undo()
-    return root, (first, again, bad), stamps, restamps
+    return root, (first, again, more, bad), stamps, restamps, (stages, after)
 
 
 def test_every_stage_ran_and_a_rerun_skips_them(real):
-    root, codes, stamps, restamps = real
-    assert codes == (0, 0, 2)
+    root, codes, stamps, restamps, _ = real
+    assert codes == (0, 0, 0, 2)
     run = root / "run"
     for f in ("eval.json", "timing.json", "bench_handoff.json", "positions/eval-test-P3.json",
               "positions/eval-test-P6.json", "positions/eval-test-P8.json"):
@@ -215,21 +220,21 @@ def test_the_sink_study_scores_what_evaluation_scores_and_shows_each_targets_att
     assert f"| small | 0 | {'sliding (64)' if small['layer_types'] else 'full'} | {small['sink'][0]:.2f} |" in md
 
 
-def test_attention_received_is_the_suffix_softmax_computed_by_hand():
+def test_attention_mass_is_the_suffix_softmax_computed_by_hand():
     """Layer 0 of a tiny GQA Llama: the mass each prefix position receives is the softmax of q·k/√d over the prefix and
     the causal suffix, built by hand from the layer's own projections and rotary embedding, averaged over heads and
     suffix queries."""
     import torch
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from experiments.realmodel.sinks import attention_received
+    from kvlingua.backend import attention_mass
     from kvlingua.cache import extract_prefix
 
     model = tiny_model("llama", seed=3, layers=2, heads=4, kv_heads=2, head_dim=8, vocab=VOCAB)
     g = torch.Generator().manual_seed(0)
     prefix, suffix = torch.randint(0, VOCAB, (2, 7), generator=g), torch.randint(0, VOCAB, (2, 5), generator=g)
     block = extract_prefix(model, prefix)  # [2, 7, 2, 16]
-    got = attention_received(model, block, suffix)  # [2, 2, 7]
+    got = attention_mass(model, block, suffix)  # [2, 2, 7]
     B, S, P, H, hd = 2, 5, 7, 4, 8
     layer = model.model.layers[0].self_attn
     with torch.no_grad():
@@ -248,3 +253,20 @@ def test_attention_received_is_the_suffix_softmax_computed_by_hand():
     assert got.shape == (2, 2, 7)
     assert got[:, 0] == pytest.approx(want, abs=1e-5)
     assert (got.sum(-1) <= 1 + 1e-5).all() and (got.sum(-1) > 0).all()
+
+
+def test_a_rerun_with_one_lever_more_scores_only_that_lever(real):
+    """The third run asks for ``out_weights: attention`` besides the levers already scored: its file appears at both
+    lengths, every earlier file is untouched, the stage's seconds grow, and the report's lever table has its row."""
+    root, _, stamps, _, (stages, after) = real
+    changed = sorted(f for f in after if after[f] != stamps.get(f))
+    assert all(f.startswith(("run/levers/", "run/levers-P8/", "run/real_model_stages")) for f in changed), changed
+    for out in ("levers", "levers-P8"):
+        names = json.loads((root / "run" / out / "names.json").read_text())
+        new = [k for k, n in names.items() if n == "out_weights: attention"]
+        assert len(new) == 1 and f"run/{out}/{new[0]}.json" in changed
+        assert sorted(names.values()) == sorted(("trained", *TOY_LEVERS))
+        assert [f for f in changed if f.startswith(f"run/{out}/lever")] == [f"run/{out}/{new[0]}.json"]
+    grown = json.loads((root / "run" / "real_model_stages.json").read_text())
+    assert grown["levers"] > stages["levers"] and grown["levers P=8"] > stages["levers P=8"]
+    assert "| out_weights: attention | " in (root / "report.md").read_text()
