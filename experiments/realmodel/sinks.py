@@ -8,7 +8,12 @@ tokens. For every path it scores the suffix NLL after the target reads
 * ``own keys``: the translated values under the target's own keys (attention routed exactly; values translated);
 * ``own values``: the converse (translated keys route the target's own values);
 * ``own at top n %``: the translated cache with the target's own keys and values at the ``n`` % of positions its
-  suffix attends to most, per layer (the mass each position receives, averaged over heads and suffix queries),
+  suffix attends to most, per layer (the mass each position receives, averaged over heads and suffix queries);
+  an oracle: it reads the target's own cache;
+* ``recomputed at top n %``: no oracle. The target picks the ``n`` % of positions its suffix attends to most *in the
+  translated cache* (mass averaged over layers) and computes its own keys and values there, reading its own token at
+  each such position after the translated positions before it (one token per forward, in order): what a hand-off
+  that re-reads a few tokens beside the translation would give,
 
 beside base, control and no prefix (so content transferred compares). And per target layer it records the
 attention mass the suffix puts on the sink (position 0) and on the five most-attended positions after it: a
@@ -25,7 +30,7 @@ from torch import Tensor
 
 from kvlingua.align import read_along
 from kvlingua.backend import LocalBackend
-from kvlingua.cache import KVBlock
+from kvlingua.cache import KVBlock, as_past_key_values, block_from_cache, cache_kwargs, returned_cache
 from kvlingua.eval_result import SPANS, EvalResult
 from kvlingua.evaluate import batch_means
 from kvlingua.job import all_paths, at_prefix_len, eval_batches
@@ -39,9 +44,34 @@ TOP_POSITIONS = 5
 SINKS_FILE, ATTENTION_FILE = "sinks.json", "attention.json"
 
 
+RECOMPUTE_SHARES = (0.03, 0.10)
+"""Shares of the translated positions that the ``recomputed at top n %`` rows have the target compute itself."""
+
+
 def conditions() -> list[str]:
     """The scored conditions after base, control and no prefix, in report order."""
-    return ["translated", "own keys", "own values", *(top_name(s) for s in TOP_SHARES)]
+    return ["translated", "own keys", "own values", *(top_name(s) for s in TOP_SHARES),
+            *(recompute_name(s) for s in RECOMPUTE_SHARES)]
+
+
+def recompute_name(share: float) -> str:
+    return f"recomputed at top {share:.0%}"
+
+
+@torch.no_grad()
+def recompute_at(model, cache: KVBlock, ids: Tensor, positions: list[list[int]]) -> KVBlock:
+    """``cache`` ``[B, P, L, D]`` (keys rotated, as the model reads them) with the model's own keys and values at
+    ``positions[b]`` of each row ``b``: each computed by the model reading ``ids[b, t]`` at position ``t`` after the
+    cache's positions ``< t`` (earlier recomputed ones included), in increasing ``t``."""
+    keys, values = cache.keys.clone(), cache.values.clone()
+    dtype = next(model.parameters()).dtype
+    for b, row in enumerate(positions):
+        for t in sorted(row):
+            past = as_past_key_values(KVBlock(keys[b:b + 1, :t], values[b:b + 1, :t], cache.n_kv_heads).to(dtype))
+            out = model(input_ids=ids[b:b + 1, t:t + 1], use_cache=True, **cache_kwargs(model, past))
+            new = block_from_cache(returned_cache(model, out), cache.n_kv_heads)  # [1, t+1, L, D]
+            keys[b, t], values[b, t] = new.keys[0, t].float(), new.values[0, t].float()
+    return KVBlock(keys, values, cache.n_kv_heads)
 
 
 def top_name(share: float) -> str:
@@ -109,9 +139,17 @@ def sink_study(run_dir: str | Path, prefix_len: int, batches: int, split: str = 
                 mask = _restore_top(received[tgt][:, :, k:], share)  # [B, P-k, L, 1]
                 variants[top_name(share)] = (torch.where(mask, true.keys, out.keys),
                                              torch.where(mask, true.values, out.values))
+            translated = None
             for cond, (keys, values) in variants.items():
                 block = view.to_cache(KVBlock(keys, values, out.n_kv_heads), rotations.get(tgt), sink)  # [B, P, L, D]
+                translated = block if cond == "translated" else translated
                 record((src, tgt), cond, backend.suffix_nll(tgt, block, suffix))
+            seen = backend.attention_received(tgt, translated, suffix)[:, :, k:].mean(1)  # [B, P-k] over layers
+            for share in RECOMPUTE_SHARES:
+                n = max(1, int(-(-share * seen.shape[-1] // 1)))
+                rows = [[k + t for t in r] for r in seen.topk(n, dim=-1).indices.tolist()]  # absolute positions
+                block = recompute_at(backend.models[tgt], translated, b.prefix(tgt), rows)
+                record((src, tgt), recompute_name(share), backend.suffix_nll(tgt, block, suffix))
     for m, rows in sums.items():
         sink_mass, top_mass = torch.stack(rows).mean(0)  # [L] each
         config = backend.models[m].config
@@ -149,7 +187,9 @@ def sinks_section(run_dir: Path) -> list[str]:
                   "the cache through Σ as evaluation reads it; `own keys` keeps the translated values under the target's "
                   "own keys (attention routed exactly), `own values` the converse; `own at top n %` restores the target's "
                   "own keys and values at the n % of positions its suffix attends to most in each layer (measured on the "
-                  "target's own cache). Each cell: NLL (content), then the paired difference against `translated` (± SE; "
+                  "target's own cache, an oracle); `recomputed at top n %` has the target compute its own keys and values "
+                  "at the n % of positions its suffix attends to most in the *translated* cache, each by reading its own "
+                  "token there after the translated positions before it (no oracle). Each cell: NLL (content), then the paired difference against `translated` (± SE; "
                   "negative = restoring that part helps). `experiments/realmodel/sinks.py` says why.", "",
                   "| path | " + " | ".join(conds) + " |", "|---|" + "---|" * len(conds)]
         for path in result.paths:
