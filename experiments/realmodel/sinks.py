@@ -10,8 +10,9 @@ tokens. For every path it scores the suffix NLL after the target reads
 * ``own at top n %``: the translated cache with the target's own keys and values at the ``n`` % of positions its
   suffix attends to most, per layer (the mass each position receives, averaged over heads and suffix queries);
   an oracle: it reads the target's own cache;
-* ``recomputed at top n %``: no oracle. The target picks the ``n`` % of positions its suffix attends to most *in the
-  translated cache* (mass averaged over layers) and computes its own keys and values there, reading its own token at
+* ``recomputed at top n %``: no oracle. The target picks the ``n`` % of positions that the suffix's first token (read,
+  never scored) attends to most *in the translated cache* (mass averaged over layers) and computes its own keys and
+  values there, reading its own token at
   each such position after the translated positions before it (one token per forward, in order): what a hand-off
   that re-reads a few tokens beside the translation would give,
 
@@ -144,7 +145,8 @@ def sink_study(run_dir: str | Path, prefix_len: int, batches: int, split: str = 
                 block = view.to_cache(KVBlock(keys, values, out.n_kv_heads), rotations.get(tgt), sink)  # [B, P, L, D]
                 translated = block if cond == "translated" else translated
                 record((src, tgt), cond, backend.suffix_nll(tgt, block, suffix))
-            seen = backend.attention_received(tgt, translated, suffix)[:, :, k:].mean(1)  # [B, P-k] over layers
+            # the first suffix token's attention only: it is read, never predicted, so the choice sees no scored token
+            seen = backend.attention_received(tgt, translated, suffix[:, :1])[:, :, k:].mean(1)  # [B, P-k]
             for share in RECOMPUTE_SHARES:
                 n = max(1, int(-(-share * seen.shape[-1] // 1)))
                 rows = [[k + t for t in r] for r in seen.topk(n, dim=-1).indices.tolist()]  # absolute positions
@@ -188,7 +190,8 @@ def sinks_section(run_dir: Path) -> list[str]:
                   "own keys (attention routed exactly), `own values` the converse; `own at top n %` restores the target's "
                   "own keys and values at the n % of positions its suffix attends to most in each layer (measured on the "
                   "target's own cache, an oracle); `recomputed at top n %` has the target compute its own keys and values "
-                  "at the n % of positions its suffix attends to most in the *translated* cache, each by reading its own "
+                  "at the n % of positions the suffix's first token (read, not scored) attends to most in the *translated* "
+                  "cache, each by reading its own "
                   "token there after the translated positions before it (no oracle). Each cell: NLL (content), then the paired difference against `translated` (± SE; "
                   "negative = restoring that part helps). `experiments/realmodel/sinks.py` says why.", "",
                   "| path | " + " | ".join(conds) + " |", "|---|" + "---|" * len(conds)]
