@@ -17,7 +17,7 @@ import torch
 from kvlingua.cache import ArchSummary
 from kvlingua.data.tokenizer import load_tokenizer
 from kvlingua.align import NO_CHARS
-from kvlingua.config import to_dict
+from kvlingua.config import ConfigError, to_dict
 from kvlingua.data.rows import text_rows
 from kvlingua.data.views import (cached_tensors, documents, parallel_chunks, source_fingerprint, token_chunks,
                                  tokenizer_hash)
@@ -213,7 +213,7 @@ def eval_batches(job: TrainJob, split: str | None = None, batches: int | None = 
     row read after the batch's *previous* row's prefix, see :func:`kvlingua.evaluate.evaluate`)
     would read related text. Spread over the split, the control's prefix is an unrelated passage.
 
-    Raises ``ValueError`` when the split has fewer rows than asked for.
+    Raises :class:`~kvlingua.config.ConfigError` (a ``ValueError``) when the split has fewer rows than asked for.
     """
     split = split or job.eval_split
     batches = batches or job.eval.batches
@@ -222,11 +222,18 @@ def eval_batches(job: TrainJob, split: str | None = None, batches: int | None = 
     n = next(iter(chunks.values())).shape[0]
     want = batches * size
     if n < want:
-        raise ValueError(f"the {split} split has {n} sequences of {job.seq_len} tokens; held-out evaluation asks "
-                         f"for {batches} batches of {size} (lower eval.batches or eval.batch_size)")
+        raise ConfigError(f"the {split} split has {n} sequences of {job.seq_len} tokens; held-out evaluation asks "
+                          f"for {batches} batches of {size} (lower eval.batches or eval.batch_size)")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(EVAL_ROW_SEED))  # [n]
     return _rows_to_batches(chunks, perm[:want], job, f"{split}/P{job.prefix_len}S{job.suffix_len}/eb{size}/spread",
                             batch_size=size, ends=ends)
+
+
+def held_out_batches(job: TrainJob, split: str | None = None) -> int:
+    """How many of ``job.eval.batches`` held-out batches ``split`` (default ``job.eval_split``) holds at the job's
+    lengths: all of them, or fewer where long rows are scarce (a 512-token prefix on a split of short texts)."""
+    chunks, _ = load_rows(job, split or job.eval_split)
+    return min(job.eval.batches, next(iter(chunks.values())).shape[0] // (job.eval.batch_size or job.batch_size))
 
 
 def curve_batches(job: TrainJob) -> list[Batch]:
@@ -261,7 +268,7 @@ def build_space(job: TrainJob, name: str, summaries: dict[str, ArchSummary],
     torch.manual_seed(job.train.seed)
     if job.start_from is None:
         return SharedSpace({m: summaries[m] for m in job.models}, space_config(job, name, summaries))
-    from kvlingua.config import to_dict
+    from kvlingua.config import ConfigError, to_dict
     from kvlingua.pool import load_pool
 
     pool = load_pool(job.start_from, load_models=False, verify=False)

@@ -31,7 +31,7 @@ from kvlingua.backend import LocalBackend, PoolBackend
 from kvlingua.config import to_dict
 from kvlingua.evaluate import evaluate, make_eval_fn
 from kvlingua.job import (TrainJob, all_paths, allowed_paths, at_prefix_len, build_space, calibration_batches,
-                          curve_batches, eval_batches, train_batches, trained_paths)
+                          curve_batches, eval_batches, held_out_batches, train_batches, trained_paths)
 from kvlingua.models import load_frozen
 from kvlingua.pool import save_pool
 from kvlingua.pool_members import PoolMember
@@ -273,7 +273,7 @@ def pool_job(pool_dir: str | Path, *, split: str | None = None, batches: int | N
 
 def evaluate_pool_dir(pool_dir: str | Path, *, split: str | None = None, batches: int | None = None,
                       prefix_len: int | None = None, ablate_stack: bool = False,
-                      models_root: str | Path | None = None, data=None):
+                      models_root: str | Path | None = None, data=None, fit_batches: bool = False):
     """Evaluate a trained pool (or the run directory holding its pools) on held-out batches, in process.
 
     The job is the run's (:func:`pool_job`), with ``split`` / ``batches`` / ``prefix_len`` replaced where
@@ -281,7 +281,8 @@ def evaluate_pool_dir(pool_dir: str | Path, *, split: str | None = None, batches
     suffix (how content transfer depends on positions). ``ablate_stack`` adds
     ``<space>-no-stack`` for each translator with both a stack and a short path. ``data`` (a
     :class:`~kvlingua.data.views.DataConfig`) scores the pool on other text: the user's own domain.
-    Returns ``(EvalResult, job)``; raises :class:`~kvlingua.config.ConfigError` for a pool
+    ``fit_batches``: score as many of the batches as the split holds at these lengths (long prefixes leave fewer
+    rows) instead of refusing. Returns ``(EvalResult, job)``; raises :class:`~kvlingua.config.ConfigError` for a pool
     ``kvlingua train`` did not write.
     """
     from kvlingua.config import ConfigError
@@ -292,6 +293,10 @@ def evaluate_pool_dir(pool_dir: str | Path, *, split: str | None = None, batches
     main = main_space(pools)
     loaded, job = pool_job(pool_dir, split=split, batches=batches, prefix_len=prefix_len, models_root=models_root,
                            data=data)
+    if fit_batches:
+        from dataclasses import replace
+
+        job = replace(job, eval=replace(job.eval, batches=max(1, held_out_batches(job))))
     spaces = {name: loaded.space if name == main else load_pool(d, load_models=False, verify=False).space
               for name, d in pools.items()}
     if ablate_stack:

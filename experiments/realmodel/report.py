@@ -138,12 +138,14 @@ def positions_section(run_dir: Path, positions: Sequence[int], trained: tuple[in
     lines = ["## Positions: prefix lengths inside and outside training", "",
              f"The adapters trained on prefixes of {trained[0]}–{trained[1]} tokens (each batch one length). Each "
              "row re-scores the trained pool on test rows with that prefix length (`kvlingua eval --prefix-len P`); "
-             "rows of different P are different text.", "",
-             "| P | trained on | path | base | control | translated | content |", "|---|---|---|---|---|---|---|"]
+             "rows of different P are different text; a split with too few long passages for every held-out batch is "
+             "scored on the batches it holds (last column).", "",
+             "| P | trained on | path | base | control | translated | content | batches |",
+             "|---|---|---|---|---|---|---|---|"]
     for p in positions:
         f = run_dir / "positions" / f"eval-test-P{p}.json"
         if not f.is_file():
-            lines.append(f"| {p} | | not run | | | | |")
+            lines.append(f"| {p} | | not run | | | | | |")
             continue
         result = EvalResult.from_dict(json.loads(f.read_text()))
         space = DEPTH_LINEAR if DEPTH_LINEAR in result.conditions else result.conditions[-1]
@@ -151,7 +153,7 @@ def positions_section(run_dir: Path, positions: Sequence[int], trained: tuple[in
         for path in ((deep, shallow), (shallow, deep)):
             s = {c: result.summary_for(path, c).nll_mean for c in ("base", "control", space)}
             lines.append(f"| {p} | {inside} | {path_name(path)} | {s['base']:.3f} | {s['control']:.3f} | "
-                         f"{s[space]:.3f} | {content_cell(result, path, space)} |")
+                         f"{s[space]:.3f} | {content_cell(result, path, space)} | {result.num_batches} |")
     lines.append("")
     return lines
 

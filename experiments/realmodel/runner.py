@@ -137,7 +137,7 @@ class RealModel:
             out = positions_dir / f"eval-test-P{p}.json"
             if not out.is_file():
                 with stage(f"positions P={p}", f"positions: P = {p}"):
-                    evaluate_pool_dir(run_dir, split="test", prefix_len=p)[0].to_json(out)
+                    evaluate_pool_dir(run_dir, split="test", prefix_len=p, fit_batches=True)[0].to_json(out)
         record_held_prefix(run_dir, positions_dir, self.cfg.positions)
         for p in (None, *self.cfg.lever_positions):  # the run's own held-out prefixes, then each longer length
             name, out = ("levers", "levers") if p is None else (f"levers P={p}", f"levers-P{p}")

@@ -272,3 +272,21 @@ def test_a_mixed_pool_saves_each_members_tokenizer_and_loads_it_back(mixed):
     (loaded.root / "pool.json").write_text(json.dumps(meta))
     with pytest.raises(PoolMismatchError, match=r"record no tokenizer"):
         load_pool(pool_dir)
+
+
+def test_a_split_short_of_long_rows_is_refused_in_one_line_or_scored_on_what_it_holds(mixed):
+    """At a prefix length the test split holds few rows of, ``eval_batches`` refuses with a ConfigError that names the
+    counts, and ``held_out_batches`` says how many full batches there are (counted here from the rows themselves)."""
+    from kvlingua.config import ConfigError
+    from kvlingua.job import held_out_batches
+
+    _, job = mixed
+    rows = {P: load_rows(replace(job, prefix_len=P), "test")[0]["a"].shape[0] for P in (10, 60)}
+    assert rows[60] < rows[10]
+    for P, n in rows.items():
+        assert held_out_batches(replace(job, prefix_len=P)) == min(job.eval.batches, n // job.eval.batch_size)
+    many = replace(job, prefix_len=60, eval=replace(job.eval, batches=rows[60] // job.eval.batch_size + 1))
+    with pytest.raises(ConfigError, match=rf"the test split has {rows[60]} sequences of 66 tokens; held-out evaluation "
+                                          rf"asks for {rows[60] // 4 + 1} batches of 4 \(lower eval.batches"):
+        eval_batches(many)
+    assert held_out_batches(many) == rows[60] // 4
