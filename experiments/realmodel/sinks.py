@@ -24,6 +24,7 @@ inside the translated positions, and those are the positions a translated cache 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -79,12 +80,15 @@ def top_name(share: float) -> str:
     return f"own at top {share:.0%}"
 
 
+def _top_count(share: float, positions: int) -> int:
+    """``ceil(share · positions)``, at least 1: how many positions a share of them names."""
+    return max(1, math.ceil(share * positions))
+
+
 def _restore_top(received: Tensor, share: float) -> Tensor:
     """``[B, T, L, 1]`` mask of the ``ceil(share·T)`` positions per row and layer that receive the most mass
     (``received`` ``[B, L, T]``)."""
-    T = received.shape[-1]
-    n = max(1, int(-(-share * T // 1)))
-    idx = received.topk(n, dim=-1).indices  # [B, L, n]
+    idx = received.topk(_top_count(share, received.shape[-1]), dim=-1).indices  # [B, L, n]
     mask = torch.zeros_like(received, dtype=torch.bool).scatter_(-1, idx, True)  # [B, L, T]
     return mask.permute(0, 2, 1).unsqueeze(-1)  # [B, T, L, 1]
 
@@ -140,15 +144,15 @@ def sink_study(run_dir: str | Path, prefix_len: int, batches: int, split: str = 
                 mask = _restore_top(received[tgt][:, :, k:], share)  # [B, P-k, L, 1]
                 variants[top_name(share)] = (torch.where(mask, true.keys, out.keys),
                                              torch.where(mask, true.values, out.values))
-            translated = None
-            for cond, (keys, values) in variants.items():
-                block = view.to_cache(KVBlock(keys, values, out.n_kv_heads), rotations.get(tgt), sink)  # [B, P, L, D]
-                translated = block if cond == "translated" else translated
+            translated = view.to_cache(out, rotations.get(tgt), sink)  # [B, P, L, D]
+            for cond, (keys, values) in variants.items():  # one cache at a time: each is [B, P, L, D]
+                block = translated if cond == "translated" else view.to_cache(
+                    KVBlock(keys, values, out.n_kv_heads), rotations.get(tgt), sink)
                 record((src, tgt), cond, backend.suffix_nll(tgt, block, suffix))
             # the first suffix token's attention only: it is read, never predicted, so the choice sees no scored token
             seen = backend.attention_received(tgt, translated, suffix[:, :1])[:, :, k:].mean(1)  # [B, P-k]
             for share in RECOMPUTE_SHARES:
-                n = max(1, int(-(-share * seen.shape[-1] // 1)))
+                n = _top_count(share, seen.shape[-1])
                 rows = [[k + t for t in r] for r in seen.topk(n, dim=-1).indices.tolist()]  # absolute positions
                 block = recompute_at(backend.models[tgt], translated, b.prefix(tgt), rows)
                 record((src, tgt), recompute_name(share), backend.suffix_nll(tgt, block, suffix))
