@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from kvlingua.refresh import attention_mass, refresh_cache
 from kvlingua.rotary import KeyRotation
 from kvlingua.context_store import LRUBytes
 from kvlingua.cache import (
@@ -75,6 +76,11 @@ class PoolBackend(Protocol):
     def attention_received(self, model: str, block: KVBlock, suffix_ids: Tensor) -> Tensor:
         """Attention mass ``[B, L, P]`` each of ``block``'s positions receives from the suffix (:func:`attention_mass`)."""
 
+    def refresh(self, model: str, block: KVBlock, ids: Tensor, read_ids: Tensor, share: float, skip: int) -> KVBlock:
+        """``block`` ``[B, P, L, D]`` (a translated cache of ``model``) with ``share`` of its positions after the first
+        ``skip`` recomputed by ``model`` from ``ids`` ``[B, >= P]``: the ones reading ``read_ids`` ``[B, r]`` attends
+        to most (:func:`kvlingua.refresh.refresh_cache`). fp32, CPU."""
+
 
 def suffix_token_nll(model: PreTrainedModel, block: KVBlock | None, suffix_ids: Tensor) -> Tensor:
     """Per-token NLL ``[B, S-1]`` of ``suffix_ids[:, 1:]`` given the prefix cache ``block``.
@@ -87,20 +93,6 @@ def suffix_token_nll(model: PreTrainedModel, block: KVBlock | None, suffix_ids: 
     logits = out.logits[:, :-1].float()  # [B, S-1, V]
     targets = suffix_ids[:, 1:]  # [B, S-1]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view_as(targets)
-
-
-def attention_mass(model: PreTrainedModel, block: KVBlock, suffix_ids: Tensor) -> Tensor:
-    """Mass ``[B, L, P]`` that each of ``block``'s ``P`` positions receives from the suffix's queries in each layer:
-    softmax weights averaged over heads and suffix queries (a layer's row sums to the suffix's mass on the prefix;
-    the rest falls on the suffix itself). Needs a model that returns attention weights (``attn_implementation=
-    "eager"``, as :func:`kvlingua.models.load_frozen` loads every frozen model)."""
-    with torch.no_grad():
-        cache = as_past_key_values(block)
-        out = model(input_ids=suffix_ids, use_cache=True, output_attentions=True, **cache_kwargs(model, cache))
-    if not out.attentions or out.attentions[0] is None:
-        raise ValueError("the model returned no attention weights; load it with attn_implementation='eager'")
-    P = block.seq_len
-    return torch.stack([a[..., :P].float().mean(dim=(1, 2)) for a in out.attentions], dim=1)  # [B, L, P]
 
 
 def suffix_log_probs(model: PreTrainedModel, block: KVBlock | None, suffix_ids: Tensor) -> Tensor:
@@ -283,6 +275,14 @@ class LocalBackend:
         with self._autocast():
             mass = attention_mass(m, block, suffix_ids.to(self.device))
         return mass.float().cpu()  # [B, L, P]
+
+    @torch.no_grad()
+    def refresh(self, model: str, block: KVBlock, ids: Tensor, read_ids: Tensor, share: float, skip: int) -> KVBlock:
+        m = self.models[self._check(model)]
+        check_block_fits(block, self._summaries[model], model)
+        with self._autocast():
+            out = refresh_cache(m, block.to(self.device), ids.to(self.device), read_ids.to(self.device), share, skip)
+        return out.map(lambda t: t.float().cpu())  # [B, P, L, D]
 
     def suffix_nll(self, model: str, block: KVBlock | None, suffix_ids: Tensor) -> Tensor:
         m = self.models[self._check(model)]

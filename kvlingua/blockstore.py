@@ -165,3 +165,6 @@ class CachingBackend:
 
     def attention_received(self, model: str, block: KVBlock, suffix_ids: Tensor) -> Tensor:
         return self.inner.attention_received(model, block, suffix_ids)
+
+    def refresh(self, model: str, block: KVBlock, ids: Tensor, read_ids: Tensor, share: float, skip: int) -> KVBlock:
+        return self.inner.refresh(model, block, ids, read_ids, share, skip)

@@ -12,6 +12,8 @@ differently, and Σ is then read along :meth:`Batch.align <kvlingua.batch.Batch.
 * one condition per named space: ``space.translate(i's cache, i, j)`` through the space's
   :class:`~kvlingua.view.CacheView`. With ``sink_tokens = k > 0`` every condition but no-prefix keeps j's
   *own* first ``k`` positions (its sink; control and identity too): content counts only what Σ carries.
+  A space with ``refresh > 0`` has the target recompute that share of the translated positions after its sink,
+  chosen by its first suffix token's attention (read, never scored: :mod:`kvlingua.refresh`), as it would serve.
 
 Each NLL is averaged per batch, then reported as mean ± std over the held-out batches, over the whole
 suffix and over its first ``first_tokens`` tokens. The headline number is *content transferred* =
@@ -203,6 +205,8 @@ def evaluate(
                         z = read_along(latents[(name, src)], index)  # [B, P-k, Q] at the target's positions
                         out = sp.decode(z, tgt).map(lambda t: t.float().cpu())  # [B, P-k, L_j, D_j]
                         out = view.to_cache(out, rotation(tgt, view), sink)  # [B, P, L_j, D_j]
+                        if view.refresh:  # the target re-reads the positions its first suffix token leans on most
+                            out = backend.refresh(tgt, out, b.prefix(tgt), b.suffix(tgt)[:, :1], view.refresh, k)
                         record((src, tgt), name, backend.suffix_nll(tgt, out, b.suffix(tgt)))
     finally:
         for name, sp in spaces.items():

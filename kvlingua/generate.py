@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from transformers import Cache, DynamicCache, PreTrainedModel
 
+from kvlingua.refresh import refresh_cache
 from kvlingua.view import CacheView, model_rotation, translate_cache
 from kvlingua.cache import (
     KVBlock,
@@ -236,8 +237,9 @@ def translate_block(space: Translator, block: KVBlock, source: str, target: str,
 
     The space's :class:`~kvlingua.view.CacheView` applies: at ``start == 0`` the target reads its own first
     ``sink_tokens`` tokens (``ids[:, :k]``, its attention sink) and Σ carries the positions after them;
-    keys are un-rotated at the source's positions and rotated at the target's. A block no longer than the
-    sink is read by the target itself.
+    keys are un-rotated at the source's positions and rotated at the target's; with ``refresh`` the target then
+    recomputes that share of the positions after its sink (:mod:`kvlingua.refresh`; a prefix only, ``start ==
+    0``: a continued segment is read as translated). A block no longer than the sink is read by the target itself.
 
     Args:
         block: ``[1, S, L_s, D_s]`` the source's own cache of those positions.
@@ -262,6 +264,9 @@ def translate_block(space: Translator, block: KVBlock, source: str, target: str,
     rot_s, rot_t = (model_rotation(source_model), model_rotation(target_model)) if view.unrotate else (None, None)
     sink = extract_prefix(target_model, ids[:, :k]) if k else None  # [1, k, L_t, D_t]
     out = translate_cache(space, block, source, target, rot_s, rot_t, sink, start, view, index)  # [1, S|T, L_t, D_t]
+    if view.refresh and start == 0:  # probe: the token the target reads next (the block's last where none follows)
+        probe = ids[:, length:length + 1] if ids.shape[1] > length else ids[:, length - 1:length]  # [1, 1]
+        out = refresh_cache(target_model, out, ids, probe, view.refresh, k)
     check_block_fits(out, summary, f"target {target!r}")
     return out
 

@@ -92,6 +92,12 @@ class SpaceConfig:
     keys: str = "unrotated"
     """``unrotated``: Σ carries keys with each model's rotary embedding undone (position-free), rotated at the
     target's own positions when a block becomes a cache (:mod:`kvlingua.rotary`); ``rotated``: keys as cached."""
+    refresh: float = 0.0
+    """Share of a translated prefix's positions after the sink that the target recomputes itself once it has the
+    translation: the ones the next token it reads attends to most (its secondary sinks; :mod:`kvlingua.refresh`),
+    each read after the translated positions before it, in one forward. Costs about this share of a re-prefill;
+    0 reads the translation as is. Applies wherever a target reads a translated prefix (evaluation, hand-off, the
+    context store, serve); training reads the translation as is."""
     def __post_init__(self) -> None:
         if self.q_dim != "auto" and (isinstance(self.q_dim, bool) or not isinstance(self.q_dim, int)
                                      or self.q_dim < 1):
@@ -131,6 +137,8 @@ class SpaceConfig:
             raise ValueError(f"ridge must be > 0, got {self.ridge}")
         if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
+        if isinstance(self.refresh, bool) or not isinstance(self.refresh, (int, float)) or not 0 <= self.refresh <= 1:
+            raise ValueError(f"refresh must be a share in [0, 1], got {self.refresh!r}")
         if self.out_weights not in OUT_WEIGHTS:
             raise ValueError(f"out_weights must be one of {list(OUT_WEIGHTS)}, got {self.out_weights!r}")
         if self.out_weights != "uniform" and self.init != "closed_form":

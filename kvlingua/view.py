@@ -38,11 +38,13 @@ class CacheView:
     """Positions at the start of a prefix that the target computes itself."""
     unrotate: bool = False
     """Σ carries keys without their rotary rotation."""
+    refresh: float = 0.0
+    """Share of a translated prefix's positions after the sink the target recomputes (:mod:`kvlingua.refresh`)."""
 
     @classmethod
     def of(cls, cfg) -> "CacheView":
         """The view of a :class:`~kvlingua.space_config.SpaceConfig`."""
-        return cls(cfg.sink_tokens, cfg.keys == "unrotated")
+        return cls(cfg.sink_tokens, cfg.keys == "unrotated", float(cfg.refresh))
 
     def sink(self, start: int = 0) -> int:
         """Sink positions of a block that starts at absolute position ``start`` (none past the start)."""

@@ -54,6 +54,7 @@ from kvlingua.models import load_frozen
 from kvlingua.modules.port import module_latent
 from kvlingua.pool import load_pool
 from kvlingua.pool_members import PoolMismatchError, verify_member
+from kvlingua.refresh import refresh_cache
 from kvlingua.space import LatentBlock
 from kvlingua.view import CacheView, model_rotation
 from serve_apps.modules import module_library
@@ -254,6 +255,11 @@ class PoolModelServer(TextSegments):
                 h = min(handoff.get("positions", block.seq_len if block is not None else 0), prompt.shape[1] - 1)
                 if block is not None and h < block.seq_len:
                     block = block.map(lambda t: t[:, :h])  # [1, h, L, D]: causal adapters, so a prefix of the decoded block
+                if block is not None and self.view.refresh and handoff["kind"] == "latent" and not handoff.get("start"):
+                    # the positions this model's next token (prompt[h]) leans on most, re-read here (kvlingua.refresh)
+                    block = refresh_cache(self.model, block, prompt[:, :h].to(self.model.device),
+                                          prompt[:, h:h + 1].to(self.model.device), self.view.refresh,
+                                          handoff.get("sink", 0))  # [1, h, L, D]
             cache = model_cache(self.model, block)
             times["translate_s"] += time.perf_counter() - t0
         rest = prompt[:, h:-1].to(self.model.device)  # [1, P-1-h]: read by this model after the handed-over part

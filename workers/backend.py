@@ -156,6 +156,14 @@ class RayBackend:
         mass = ray.get(self.hosts[model].attention_received.remote(wire, tensor_to_wire(suffix_ids)))
         return tensor_from_wire(mass, copy=True)  # [B, L, P]
 
+    def refresh(self, model: str, block: KVBlock, ids: Tensor, read_ids: Tensor, share: float, skip: int) -> KVBlock:
+        """``block`` with ``share`` of its positions recomputed by the model's host (:meth:`PoolBackend.refresh`)."""
+        self._check(model)
+        check_block_fits(block, self.summary(model), model)
+        wire = block_to_wire(block.map(lambda t: t.float()))
+        out = ray.get(self.hosts[model].refresh.remote(wire, tensor_to_wire(ids), tensor_to_wire(read_ids), share, skip))
+        return block_from_wire(out, copy=True)  # [B, P, L, D], the caller's to keep
+
     def stats(self) -> dict[str, dict]:
         """Per-host call counters (see ``ModelHost.stats``)."""
         return dict(zip(self.hosts, ray.get([h.stats.remote() for h in self.hosts.values()])))

@@ -14,7 +14,9 @@ actor boundary, never a transformers ``Cache``:
   (no teacher tensor crosses the wire);
 * :meth:`ModelHost.suffix_nll`: per-token NLL ``[B, S-1]`` for evaluation;
 * :meth:`ModelHost.attention_received`: the attention mass ``[B, L, P]`` a suffix puts on each prefix position (the
-  ``out_weights: attention`` closed form weights OUT's regression by it).
+  ``out_weights: attention`` closed form weights OUT's regression by it);
+* :meth:`ModelHost.refresh`: a translated block with the positions the model reads most recomputed by the model
+  (a space's ``refresh``, :mod:`kvlingua.refresh`).
 
 Tensors cross as :mod:`workers.wire` types (:class:`~workers.wire.WireTensor`, :class:`~workers.wire.WireBlock`).
 
@@ -77,7 +79,7 @@ class ModelHost:
         )
         self._lock = threading.Lock()
         self._calls = {"prefix_block": 0, "suffix_loss_and_grad": 0, "suffix_kl_and_grad": 0, "suffix_nll": 0,
-                       "attention_received": 0}
+                       "attention_received": 0, "refresh": 0}
 
     def _count(self, what: str) -> None:
         with self._lock:
@@ -144,6 +146,14 @@ class ModelHost:
         self._count("attention_received")
         kv = block_from_wire(block, copy=False)
         return tensor_to_wire(self._backend.attention_received(self.name, kv, as_tensor(suffix_ids, copy=True)))
+
+    def refresh(self, block: WireBlock, ids: Tensor | WireTensor, read_ids: Tensor | WireTensor, share: float,
+                skip: int) -> WireBlock:
+        """The block with ``share`` of its positions after ``skip`` recomputed here (:meth:`PoolBackend.refresh`)."""
+        self._count("refresh")
+        kv = block_from_wire(block, copy=True)
+        out = self._backend.refresh(self.name, kv, as_tensor(ids, copy=True), as_tensor(read_ids, copy=True), share, skip)
+        return block_to_wire(out)
 
 
 def spawn_hosts(models: dict[str, str], options: HostOptions = HostOptions(), name_prefix: str | None = None,

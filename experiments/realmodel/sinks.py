@@ -13,8 +13,8 @@ tokens. For every path it scores the suffix NLL after the target reads
 * ``recomputed at top n %``: no oracle. The target picks the ``n`` % of positions that the suffix's first token (read,
   never scored) attends to most *in the translated cache* (mass averaged over layers) and computes its own keys and
   values there, reading its own token at
-  each such position after the translated positions before it (one token per forward, in order): what a hand-off
-  that re-reads a few tokens beside the translation would give,
+  each such position after the translated positions before it (:func:`kvlingua.refresh.recompute_at`): what a
+  space's ``refresh`` does,
 
 beside base, control and no prefix (so content transferred compares). And per target layer it records the
 attention mass the suffix puts on the sink (position 0) and on the five most-attended positions after it: a
@@ -24,7 +24,6 @@ inside the translated positions, and those are the positions a translated cache 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -32,11 +31,12 @@ from torch import Tensor
 
 from kvlingua.align import read_along
 from kvlingua.backend import LocalBackend
-from kvlingua.cache import KVBlock, as_past_key_values, block_from_cache, cache_kwargs, returned_cache
+from kvlingua.cache import KVBlock
 from kvlingua.eval_result import SPANS, EvalResult
 from kvlingua.evaluate import batch_means
 from kvlingua.job import all_paths, at_prefix_len, eval_batches
 from kvlingua.paths import path_name
+from kvlingua.refresh import most_attended, recompute_at, refresh_count
 from kvlingua.view import CacheView
 
 TOP_SHARES = (0.01, 0.03, 0.10)
@@ -60,35 +60,14 @@ def recompute_name(share: float) -> str:
     return f"recomputed at top {share:.0%}"
 
 
-@torch.no_grad()
-def recompute_at(model, cache: KVBlock, ids: Tensor, positions: list[list[int]]) -> KVBlock:
-    """``cache`` ``[B, P, L, D]`` (keys rotated, as the model reads them) with the model's own keys and values at
-    ``positions[b]`` of each row ``b``: each computed by the model reading ``ids[b, t]`` at position ``t`` after the
-    cache's positions ``< t`` (earlier recomputed ones included), in increasing ``t``."""
-    keys, values = cache.keys.clone(), cache.values.clone()
-    dtype = next(model.parameters()).dtype
-    for b, row in enumerate(positions):
-        for t in sorted(row):
-            past = as_past_key_values(KVBlock(keys[b:b + 1, :t], values[b:b + 1, :t], cache.n_kv_heads).to(dtype))
-            out = model(input_ids=ids[b:b + 1, t:t + 1], use_cache=True, **cache_kwargs(model, past))
-            new = block_from_cache(returned_cache(model, out), cache.n_kv_heads)  # [1, t+1, L, D]
-            keys[b, t], values[b, t] = new.keys[0, t].float(), new.values[0, t].float()
-    return KVBlock(keys, values, cache.n_kv_heads)
-
-
 def top_name(share: float) -> str:
     return f"own at top {share:.0%}"
-
-
-def _top_count(share: float, positions: int) -> int:
-    """``ceil(share · positions)``, at least 1: how many positions a share of them names."""
-    return max(1, math.ceil(share * positions))
 
 
 def _restore_top(received: Tensor, share: float) -> Tensor:
     """``[B, T, L, 1]`` mask of the ``ceil(share·T)`` positions per row and layer that receive the most mass
     (``received`` ``[B, L, T]``)."""
-    idx = received.topk(_top_count(share, received.shape[-1]), dim=-1).indices  # [B, L, n]
+    idx = received.topk(refresh_count(share, received.shape[-1]), dim=-1).indices  # [B, L, n]
     mask = torch.zeros_like(received, dtype=torch.bool).scatter_(-1, idx, True)  # [B, L, T]
     return mask.permute(0, 2, 1).unsqueeze(-1)  # [B, T, L, 1]
 
@@ -150,11 +129,9 @@ def sink_study(run_dir: str | Path, prefix_len: int, batches: int, split: str = 
                     KVBlock(keys, values, out.n_kv_heads), rotations.get(tgt), sink)
                 record((src, tgt), cond, backend.suffix_nll(tgt, block, suffix))
             # the first suffix token's attention only: it is read, never predicted, so the choice sees no scored token
-            seen = backend.attention_received(tgt, translated, suffix[:, :1])[:, :, k:].mean(1)  # [B, P-k]
+            seen = backend.attention_received(tgt, translated, suffix[:, :1])  # [B, L, P]
             for share in RECOMPUTE_SHARES:
-                n = _top_count(share, seen.shape[-1])
-                rows = [[k + t for t in r] for r in seen.topk(n, dim=-1).indices.tolist()]  # absolute positions
-                block = recompute_at(backend.models[tgt], translated, b.prefix(tgt), rows)
+                block = recompute_at(backend.models[tgt], translated, b.prefix(tgt), most_attended(seen, share, k))
                 record((src, tgt), recompute_name(share), backend.suffix_nll(tgt, block, suffix))
     for m, rows in sums.items():
         sink_mass, top_mass = torch.stack(rows).mean(0)  # [L] each

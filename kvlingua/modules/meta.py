@@ -123,6 +123,9 @@ class ModuleBackend:
     def attention_received(self, model: str, block: KVBlock, suffix_ids: Tensor) -> Tensor:
         return self.inner.attention_received(model, block, suffix_ids)
 
+    def refresh(self, model: str, block: KVBlock, ids: Tensor, read_ids: Tensor, share: float, skip: int) -> KVBlock:
+        return self.inner.refresh(model, block, ids, read_ids, share, skip)
+
 
 Tasks = Sequence[Task] | Mapping[str, Sequence[Task]]
 """Meta-train tasks: one list every model reads (one tokenizer), or each model's own list of the same tasks."""

@@ -72,6 +72,12 @@ def test_remote_blocks_losses_and_gradients_match_local(hosts, local):
     mass_l = local.attention_received("a", src_l, ids[:, 6:])
     assert mass_r.shape == (2, src_l.num_layers, 6) and (mass_r - mass_l).abs().max() < 1e-6
     assert mass_l.sum(-1).max() <= 1 + 1e-5 and mass_l.min() >= 0
+    noise = KVBlock(torch.randn_like(src_l.keys), torch.randn_like(src_l.values), src_l.n_kv_heads)
+    fresh_r = remote.refresh("a", noise, ids[:, :6], ids[:, 6:7], 0.5, 1)  # the host recomputes 3 of 5 positions
+    fresh_l = local.refresh("a", noise, ids[:, :6], ids[:, 6:7], 0.5, 1)
+    assert (fresh_r.keys - fresh_l.keys).abs().max() < 1e-5 and (fresh_r.values - fresh_l.values).abs().max() < 1e-5
+    changed = (fresh_l.keys != noise.keys).any(-1).any(-1)  # [B, P]
+    assert changed.sum(-1).tolist() == [3, 3] and not changed[:, 0].any()  # never the sink
 
 
 def test_bad_requests_are_refused(hosts, local):
