@@ -32,7 +32,11 @@ def parse_args(argv=None) -> HandoffConfig:
     p.add_argument("--no-variants", action="store_true",
                    help="time only re-prefill and the pool's own space (no random latency/1-layer spaces: "
                    "pools whose shapes the default SpaceConfig does not fit, e.g. 30-layer models)")
-    return HandoffConfig(**vars(p.parse_args(argv)))
+    p.add_argument("--refresh", type=float, nargs="+", default=[], metavar="SHARE",
+                   help="also the default space with the target re-reading this share of the positions after the "
+                   "translation (kvlingua.refresh), timed with it, e.g. 0.05 0.1")
+    args = vars(p.parse_args(argv))
+    return HandoffConfig(**{**args, "refresh": tuple(args["refresh"])})
 
 
 def main(argv=None) -> int:

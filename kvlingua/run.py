@@ -271,9 +271,15 @@ def pool_job(pool_dir: str | Path, *, split: str | None = None, batches: int | N
     return loaded, job
 
 
+def refresh_condition(space: str, share: float) -> str:
+    """The condition name of ``space`` read with a refresh of ``share``: ``"translator, refresh 5%"``."""
+    return f"{space}, refresh {share:.0%}"
+
+
 def evaluate_pool_dir(pool_dir: str | Path, *, split: str | None = None, batches: int | None = None,
                       prefix_len: int | None = None, ablate_stack: bool = False,
-                      models_root: str | Path | None = None, data=None, fit_batches: bool = False):
+                      models_root: str | Path | None = None, data=None, fit_batches: bool = False,
+                      refresh: tuple[float, ...] = ()):
     """Evaluate a trained pool (or the run directory holding its pools) on held-out batches, in process.
 
     The job is the run's (:func:`pool_job`), with ``split`` / ``batches`` / ``prefix_len`` replaced where
@@ -282,7 +288,9 @@ def evaluate_pool_dir(pool_dir: str | Path, *, split: str | None = None, batches
     ``<space>-no-stack`` for each translator with both a stack and a short path. ``data`` (a
     :class:`~kvlingua.data.views.DataConfig`) scores the pool on other text: the user's own domain.
     ``fit_batches``: score as many of the batches as the split holds at these lengths (long prefixes leave fewer
-    rows) instead of refusing. Returns ``(EvalResult, job)``; raises :class:`~kvlingua.config.ConfigError` for a pool
+    rows) instead of refusing. ``refresh``: also the main space read with each of these refresh shares
+    (:func:`refresh_condition`; :mod:`kvlingua.refresh`), on the same batches, so each pairs with the space as
+    recorded. Returns ``(EvalResult, job)``; raises :class:`~kvlingua.config.ConfigError` for a pool
     ``kvlingua train`` did not write.
     """
     from kvlingua.config import ConfigError
@@ -304,6 +312,7 @@ def evaluate_pool_dir(pool_dir: str | Path, *, split: str | None = None, batches
         if not ablatable:
             raise ConfigError("--ablate-stack: no space here is a translator with both a stack and a short path")
         spaces |= {f"{n}-no-stack": s.without_stack() for n, s in ablatable.items()}
+    spaces |= {refresh_condition(main, r): loaded.space.with_refresh(r) for r in refresh}
     # Every path, each marked trained or zero-shot as the pool recorded (older pools: the job's own paths).
     trained = [tuple(p) for p in loaded.meta.get("trained_paths", allowed_paths(job))]
     result = evaluate(LocalBackend(loaded.models), eval_batches(job), all_paths(job), spaces,

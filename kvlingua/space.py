@@ -13,6 +13,8 @@ the space rebuilt from the config and names the model and the tensor on a mismat
 """
 from __future__ import annotations
 
+import copy
+
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
@@ -191,6 +193,13 @@ class SharedSpace(nn.Module):
     def stack_removable(self) -> bool:
         """Whether :meth:`without_stack` applies: a translator with both a stack and a short path."""
         return self.cfg.adapter == "translator" and self.cfg.stack and self.cfg.short_path
+
+    def with_refresh(self, share: float) -> "SharedSpace":
+        """This space read with ``refresh: share`` (:mod:`kvlingua.refresh`): a read-time setting, so the same
+        parameters (shared, not copied) under a config that says so."""
+        twin = copy.copy(self)  # a new attribute dict over the same submodules and parameters
+        object.__setattr__(twin, "cfg", replace(self.cfg, refresh=share))
+        return twin
 
     def without_stack(self) -> "SharedSpace":
         """A space whose translators keep only their trained short path (config ``stack: false``).

@@ -37,6 +37,7 @@ from torch import Tensor
 from kvlingua.align import token_map
 from kvlingua.backend import suffix_token_nll
 from kvlingua.cache import arch_summary, extract_prefix
+from kvlingua.refresh import refresh_cache
 from kvlingua.space import SharedSpace
 from kvlingua.space_config import SpaceConfig
 from kvlingua.view import CacheView, model_rotation, translate_cache
@@ -70,6 +71,13 @@ class HandoffConfig:
     no_variants: bool = False
     """Time only re-prefill and the pool's own space (no random latency/1-layer spaces: pools whose shapes the
     default ``SpaceConfig`` does not fit, e.g. 30-layer models)."""
+    refresh: tuple[float, ...] = ()
+    """Also the default space read with each of these refresh shares (:mod:`kvlingua.refresh`): the translation
+    plus the target re-reading that share of the positions, timed together."""
+
+    def __post_init__(self) -> None:
+        if any(not 0 < r <= 1 for r in self.refresh):
+            raise ValueError(f"--refresh shares must lie in (0, 1], got {list(self.refresh)}")
 
 
 def timed(fns: dict, repeats: int) -> tuple[dict[str, float], dict]:
@@ -161,7 +169,9 @@ def time_handoff(models: dict, spaces: dict[str, SharedSpace], source: str, targ
         rot = (model_rotation(models[source]), model_rotation(models[target])) if view.unrotate else (None, None)
         sink = extract_prefix(models[target], prefix[:, :k]) if k else None
         index = token_map(ends[0][:, k:], ends[1][:, k:]) if ends is not None else None  # [B, P-k]
-        return translate_cache(sp, src_block, source, target, *rot, sink, view=view, index=index)
+        out = translate_cache(sp, src_block, source, target, *rot, sink, view=view, index=index)  # [B, P, L_t, D_t]
+        # the target re-reads what its next token (the suffix's first) leans on most, as serving does
+        return refresh_cache(models[target], out, prefix, inputs.suffix[:, :1], view.refresh, k) if view.refresh else out
 
     fns = {"prefill": lambda: extract_prefix(models[target], prefix)}
     fns.update({k: (lambda sp=sp: through(sp)) for k, sp in spaces.items()})
@@ -209,7 +219,11 @@ def measure_handoff(args: HandoffConfig) -> dict:
 
     inputs = handoff_inputs(models, tokenizer, tokenizers, source, target, args.text, args.prefix, args.suffix,
                             args.batch)
-    kinds = tuple(k for k in ("default", "latency", "1 layer") if k in spaces)
+    for share in args.refresh:
+        spaces[f"default, refresh {share:.0%}"] = spaces["default"].with_refresh(share)
+        trained[f"default, refresh {share:.0%}"] = trained["default"]
+    kinds = tuple(k for k in ("default", "latency", "1 layer") if k in spaces) + tuple(
+        f"default, refresh {share:.0%}" for share in args.refresh)
     secs, outs = time_handoff(models, {k: spaces[k] for k in kinds}, source, target, inputs, args.repeats)
     t_pre = secs["prefill"]
     with torch.no_grad():

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.realmodel.sections import (_fmt, bench_section, compare, content_cell, context_bytes_section,
-                                            continuations_section, levers_section, sizes_section)
+                                            continuations_section, levers_section, refresh_section, refresh_targets,
+                                            sizes_section)
 from experiments.realmodel.sinks import sinks_section
 from experiments.toolkit.pools import deep_and_shallow, pool_table, pretraining_seconds
 from experiments.toolkit.stats import FAILS, HOLDS
@@ -168,7 +169,8 @@ def _pretraining_note(pool: str | None) -> str:
             + "; part of `train` when the pool is new, else spent before it by `kvlingua pretrain`.")
 
 
-def acceptance_section(result: EvalResult, run_dir: Path, positions: Sequence[int], deep: str, shallow: str) -> list[str]:
+def acceptance_section(result: EvalResult, run_dir: Path, positions: Sequence[int], deep: str, shallow: str,
+                       mixed: bool = False) -> list[str]:
     """The issue's targets, each read off the numbers above."""
     space = DEPTH_LINEAR if DEPTH_LINEAR in result.conditions else result.conditions[-1]
     rows = []
@@ -188,6 +190,10 @@ def acceptance_section(result: EvalResult, run_dir: Path, positions: Sequence[in
     if 64 in at and len(at) > 1:
         worst = min(at[p][path] - at[64][path] for p in at for path in at[p])
         rows.append(("every path within 0.05 of its P = 64 content at every P", f"worst {worst:+.2f}", worst >= -0.05))
+        if mixed:  # two families (issue #22)
+            cross = min(v for row in at.values() for path, v in row.items() if path[0] != path[1])
+            rows.append(("both cross paths ≥ 0.9 at every P", f"lowest {cross:.2f}", cross >= 0.9))
+    rows += refresh_targets(run_dir, positions, mixed)
     lines = ["## Against the targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in rows]
     return lines + [""]
@@ -246,7 +252,8 @@ def write_real_model_report(run_dir: str | Path, report: str | Path, run: Report
               f"{_stack_text(space_cfg)}. "
               "Content transferred = (control − NLL) / (control − base), where control is the target's own sink "
               "followed by another passage's positions.", ""]
-    lines += acceptance_section(result, run_dir, run.positions, deep, shallow)
+    mixed = any("tokenizer" in m for m in pool_json["members"])
+    lines += acceptance_section(result, run_dir, run.positions, deep, shallow, mixed)
     lines += claims_section(result, deep, shallow)
     lines += ["## Final table (test split)", "", result.to_markdown()]
     lines += levers_section(run_dir, deep, shallow)
@@ -255,6 +262,7 @@ def write_real_model_report(run_dir: str | Path, report: str | Path, run: Report
     lines += curves_section(run_dir, report, deep, shallow)
     lines += positions_section(run_dir, run.positions, trained, deep, shallow)
     lines += sinks_section(run_dir)
+    lines += refresh_section(run_dir, run.positions)
     lines += bench_section(bench)
     reverse = run_dir / "bench_handoff_reverse.json"
     lines += bench_section(json.loads(reverse.read_text()) if reverse.is_file() else None)

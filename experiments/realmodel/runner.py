@@ -16,6 +16,8 @@ Runs, each stage skipped when its output exists (so an interrupted run resumes):
 5. ``bench`` — :func:`experiments.realmodel.handoff.measure_handoff` on the trained pool: translating a
    ``bench_prefix``-token cache from the shallow model into the deep one against the deep one re-reading the
    text (both ways when the members tokenize differently);
+6. with ``refresh`` shares, ``refresh`` — the trained pool at every prefix length read with each share
+   (:mod:`kvlingua.refresh`), paired with the space as trained, and the hand-off timed with it;
 
 then :meth:`RealModel.write_report` writes the report from those files only
 (:func:`experiments.realmodel.report.write_real_model_report`).
@@ -66,6 +68,9 @@ class RealModelConfig:
     lever_positions: tuple[int, ...] = ()
     """Held-out prefix lengths at which the levers are scored again (each start still calibrated on the run's
     training batches): which lever, if any, carries a prefix past the trained lengths."""
+    refresh: tuple[float, ...] = ()
+    """Refresh shares (:mod:`kvlingua.refresh`) at which the trained pool is scored again at every prefix length
+    (``refresh/``, paired with the space as trained) and its hand-off timed (``bench_refresh*.json``)."""
     sinks: tuple[int, ...] = ()
     """Held-out prefix lengths of the sink study (``sinks-P<n>/``, :mod:`experiments.realmodel.sinks`): where a
     long prefix's content is lost, by the target's attention."""
@@ -78,6 +83,8 @@ class RealModelConfig:
                 or self.bench_repeats < 1):
             raise ConfigError("--positions, --lever-positions, --sinks, --bench-prefix and --bench-repeats must be "
                               "positive")
+        if any(not 0 < r <= 1 for r in self.refresh):
+            raise ConfigError(f"--refresh shares must lie in (0, 1], got {list(self.refresh)}")
         if self.levers is not None:
             from experiments.realmodel.levers import DEFAULT_LEVERS
 
@@ -104,6 +111,7 @@ class RealModelConfig:
         command += " --levers " + " ".join(f"'{n}'" for n in self.levers) if self.levers else ""
         command += " --lever-positions " + " ".join(map(str, self.lever_positions)) if self.lever_positions else ""
         command += " --sinks " + " ".join(map(str, self.sinks)) if self.sinks else ""
+        command += " --refresh " + " ".join(f"{r:g}" for r in self.refresh) if self.refresh else ""
         return command
 
 
@@ -149,6 +157,14 @@ class RealModel:
             if not (run_dir / f"sinks-P{p}" / ATTENTION_FILE).is_file():
                 with stage(f"sinks P={p}", f"sinks: where a {p}-token prefix's content goes"):
                     write_sink_study(run_dir, run_dir / f"sinks-P{p}", p, LEVER_BATCHES)
+        if self.cfg.refresh:
+            (run_dir / "refresh").mkdir(exist_ok=True)
+        for p in self.cfg.positions if self.cfg.refresh else ():
+            out = run_dir / "refresh" / f"eval-test-P{p}.json"
+            if not _has_refresh(out, self.cfg.refresh):
+                with stage(f"refresh P={p}", f"refresh: P = {p}, shares {list(self.cfg.refresh)}"):
+                    evaluate_pool_dir(run_dir, split="test", prefix_len=p, fit_batches=True,
+                                      refresh=self.cfg.refresh)[0].to_json(out)
         pool_json = json.loads((run_dir / "pool" / "pool.json").read_text())
         deep, shallow = deep_and_shallow(pool_json["members"])
         # both ways where the members tokenize differently (two real families), else the shallow model into the deep one
@@ -167,6 +183,10 @@ class RealModel:
                 label = "bench" if name == "bench_handoff.json" else f"bench {source} -> {target}"
                 with stage(label, f"bench: {source} -> {target}, {self.cfg.bench_prefix}-token prefix"):
                     self._bench(run_dir, source, target, cfg, run_dir / name)
+        for (source, target), name in zip(directions, ("bench_refresh.json", "bench_refresh_reverse.json")):
+            if self.cfg.refresh and not _has_rows(run_dir / name, self.cfg.refresh):
+                with stage(f"bench refresh {source} -> {target}", f"bench: {source} -> {target} with refresh"):
+                    self._bench(run_dir, source, target, cfg, run_dir / name, self.cfg.refresh)
         return run_dir
 
     def write_report(self, report: Path) -> Path:
@@ -213,13 +233,13 @@ class RealModel:
             meta["runs"] = {n: meta["runs"][n] for n in order}  # the first asked is the default the rest pair with
             meta_file.write_text(json.dumps(meta, indent=1) + "\n")
 
-    def _bench(self, run_dir: Path, source: str, target: str, cfg, out: Path) -> None:
+    def _bench(self, run_dir: Path, source: str, target: str, cfg, out: Path, refresh: tuple[float, ...] = ()) -> None:
         from experiments.realmodel.handoff import HandoffConfig, handoff_lines, measure_handoff
 
         measured = measure_handoff(HandoffConfig(
             pool=run_dir / "pool", source=source, target=target, text=_bench_text(run_dir / "bench_text.txt"),
             prefix=self.cfg.bench_prefix, suffix=cfg.suffix_len, repeats=self.cfg.bench_repeats,
-            threads=cfg.ray.torch_threads or 2, no_variants=True, json=out))
+            threads=cfg.ray.torch_threads or 2, no_variants=True, json=out, refresh=refresh))
         print("\n".join(handoff_lines(measured)), flush=True)
 
 
@@ -286,6 +306,24 @@ def record_held_prefix(run_dir: Path, positions_dir: Path, positions, tol: float
         if m.get("held_prefix_len", "unset") != held:  # a rerun leaves the file as it is
             m["held_prefix_len"] = held
             (d / POOL_FILE).write_text(json.dumps(m, indent=2) + "\n")
+
+
+def _has_refresh(out: Path, shares: tuple[float, ...]) -> bool:
+    """Whether ``out`` (a ``refresh/`` evaluation) holds every share's condition."""
+    from kvlingua.eval_result import EvalResult
+
+    if not out.is_file():
+        return False
+    conditions = EvalResult.from_dict(json.loads(out.read_text())).conditions
+    return all(any(c.endswith(f", refresh {r:.0%}") for c in conditions) for r in shares)
+
+
+def _has_rows(bench: Path, shares: tuple[float, ...]) -> bool:
+    """Whether the hand-off measurement ``bench`` timed every refresh share."""
+    if not bench.is_file():
+        return False
+    methods = [r["method"] for r in json.loads(bench.read_text())["rows"]]
+    return all(any(f"refresh {r:.0%}" in m for m in methods) for r in shares)
 
 
 def _missing_levers(out: Path, names: tuple[str, ...] | None) -> list[str]:

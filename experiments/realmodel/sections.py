@@ -38,13 +38,19 @@ HANDOFF_TARGET = 0.3
 """A 512-token hand-off through Σ should cost at most this share of the target re-reading the text (issue #22)."""
 
 
+def _refresh_flag(cfg: dict) -> str:
+    """`` --refresh 0.05 0.1`` where the measurement timed refresh shares (``cfg["refresh"]`` is their tuple's str)."""
+    shares = cfg.get("refresh", "()").strip("()").replace(",", " ").split()
+    return " --refresh " + " ".join(shares) if shares else ""
+
+
 def bench_section(bench: dict | None) -> list[str]:
     if bench is None:
         return []
     cfg = bench["config"]
     lines = ["## Hand-off at a real shape", "",
              f"`python bench/bench_handoff.py --pool ... --source {cfg['source']} --target {cfg['target']} --prefix "
-             f"{cfg['prefix']} --suffix {cfg['suffix']} --no-variants`: the {cfg['prefix']}-token prefix of held-out "
+             f"{cfg['prefix']} --suffix {cfg['suffix']} --no-variants{_refresh_flag(cfg)}`: the {cfg['prefix']}-token prefix of held-out "
              f"text, already read by {cfg['source']}, reaches {cfg['target']} either by {cfg['target']} re-reading the "
              f"text or through Σ; median of {cfg['repeats']} rounds, {cfg['threads']} thread(s), with "
              f"{cfg['target']}'s suffix NLL after each cache. Target (issue #22): translation ≤ {HANDOFF_TARGET:g}× "
@@ -268,3 +274,73 @@ def continuations_section(run_dir: Path) -> list[str]:
     for row in c["rows"]:
         lines += [f"* **Prompt:** …{row['prompt'][-160:]}", f"  * latent: {row['latent']}", f"  * text: {row['text']}"]
     return lines + [""]
+
+
+def _refresh_results(run_dir: Path, positions) -> dict[int, EvalResult]:
+    """``{P: EvalResult}`` of the ``refresh/`` stage, at the positions that ran."""
+    out = {}
+    for p in positions:
+        f = Path(run_dir) / "refresh" / f"eval-test-P{p}.json"
+        if f.is_file():
+            out[p] = EvalResult.from_dict(json.loads(f.read_text()))
+    return out
+
+
+def refresh_shares(result: EvalResult) -> list[tuple[str, str]]:
+    """``[(space, refreshed condition)]`` of a ``refresh/`` evaluation (:func:`kvlingua.run.refresh_condition`)."""
+    return [(c.split(", refresh ")[0], c) for c in result.conditions if ", refresh " in c]
+
+
+def refresh_targets(run_dir: Path, positions, mixed: bool) -> list[tuple[str, str, bool]]:
+    """Acceptance rows for each refresh share: every path within 0.05 of its P = 64 content at every P, and, in a
+    pool of two families (issue #22), cross paths ≥ 0.9 and cyclic ≥ 0.95 at every P."""
+    at = _refresh_results(run_dir, positions)
+    if 64 not in at:
+        return []
+    rows = []
+    for _, cond in refresh_shares(at[64]):
+        c = {p: {tuple(path): r.summary_for(tuple(path), cond).content for path in r.paths} for p, r in at.items()}
+        name = cond.split(", ", 1)[1]
+        if len(c) > 1:
+            worst = min(c[p][path] - c[64][path] for p in c for path in c[p])
+            rows.append((f"with {name}: every path within 0.05 of its P = 64 content at every P", f"worst {worst:+.2f}",
+                         worst >= -0.05))
+        if mixed:
+            cross = min(v for row in c.values() for path, v in row.items() if path[0] != path[1])
+            cyclic = min(v for row in c.values() for path, v in row.items() if path[0] == path[1])
+            rows.append((f"with {name}: both cross paths ≥ 0.9 at every P", f"lowest {cross:.2f}", cross >= 0.9))
+            rows.append((f"with {name}: both cyclic paths ≥ 0.95 at every P", f"lowest {cyclic:.2f}", cyclic >= 0.95))
+    return rows
+
+
+def refresh_section(run_dir: Path, positions) -> list[str]:
+    """The trained pool read with each refresh share at every prefix length, paired with it read as translated."""
+    at = _refresh_results(run_dir, positions)
+    if not at:
+        return []
+    first = next(iter(at.values()))
+    pairs = refresh_shares(first)
+    lines = ["## Refresh: the target re-reads the positions it leans on (test split)", "",
+             "After the translation, the target recomputes its own keys and values at a share of the translated "
+             "positions after its sink: the ones its first suffix token (read, never scored) attends to most in the "
+             "translated cache, each reading its own token there after the translated positions before it, in one "
+             "forward (`refresh` in the space config; `kvlingua/refresh.py`). The share was chosen on validation rows. "
+             "Each cell: content, then the paired NLL difference against the same cache without the refresh (± SE over "
+             "the batches; negative = the refresh helps). Same batches as the rest of each row.", "",
+             "| P | path | translated | " + " | ".join(c.split(", ", 1)[1] for _, c in pairs) + " | batches |",
+             "|---|---|---|" + "---|" * len(pairs) + "---|"]
+    for p, result in at.items():
+        for path in result.paths:
+            cells = []
+            for space, cond in refresh_shares(result):
+                diff, se, _ = compare(result, path, cond, space)
+                cells.append(f"{content_cell(result, path, cond)} ({diff:+.3f} ± {se:.3f})")
+            space = pairs[0][0]
+            lines.append(f"| {p} | {path_name(path)} | {content_cell(result, path, space)} | " + " | ".join(cells)
+                         + f" | {result.num_batches} |")
+    lines.append("")
+    for name in ("bench_refresh.json", "bench_refresh_reverse.json"):
+        f = Path(run_dir) / name
+        if f.is_file():
+            lines += bench_section(json.loads(f.read_text()))
+    return lines

@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sinks", type=int, nargs="+", default=[], metavar="P",
                    help="the sink study at held-out prefixes of P tokens, e.g. 512: which positions each target's suffix "
                    "attends to, and what its own keys, values or most-attended positions restore of a translated cache")
+    p.add_argument("--refresh", type=float, nargs="+", default=[], metavar="SHARE",
+                   help="score the trained pool at every prefix length again with the target re-reading this share "
+                   "of the translated positions (kvlingua.refresh), and time its hand-off, e.g. 0.05 0.1")
     p.add_argument("--in-process", action="store_true", help="train without Ray (the reference loop)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         bench_prefix=args.bench_prefix, bench_repeats=args.bench_repeats, arm_seconds=args.arm_seconds,
         arms=None if args.arms is None else tuple(args.arms),
         levers=None if args.levers is None else tuple(args.levers), lever_positions=tuple(args.lever_positions),
-        sinks=tuple(args.sinks), placement=placement))
+        sinks=tuple(args.sinks), refresh=tuple(args.refresh), placement=placement))
     experiment.run()
     report = experiment.write_report(Path(args.report) if args.report else DEFAULT_REPORT)
     print(f"report: {report}")

@@ -42,7 +42,7 @@ def real(tmp_path_factory):
     (root / "real.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     argv = ["real-model", str(root / "real.yaml"), "--in-process", "--no-progress", "--positions", "3", "6", "8",
             "--bench-prefix", "8", "--bench-repeats", "1", "--arm-seconds", str(ARM_S), "--arms", *ARMS,
-            "--lever-positions", "8", "--sinks", "8", "--report", str(root / "report.md"), "--levers"]
+            "--lever-positions", "8", "--sinks", "8", "--refresh", "0.25", "1", "--report", str(root / "report.md"), "--levers"]
     try:
         first = main(argv + list(TOY_LEVERS[:-1]))
         stamps = {str(p.relative_to(root)): p.stat().st_mtime_ns for p in (root / "run").rglob("*.json")}
@@ -67,7 +67,8 @@ def test_every_stage_ran_and_a_rerun_skips_them(real):
     assert stamps == restamps  # nothing was trained, scored or timed again
     stages = json.loads((run / "real_model_stages.json").read_text())
     assert set(stages) == {"train", "positions P=3", "positions P=6", "positions P=8", "levers", "levers P=8", "arms",
-                           "sinks P=8", "continuations", "bench"}
+                           "sinks P=8", "continuations", "bench", "refresh P=3", "refresh P=6", "refresh P=8",
+                           "bench refresh small -> deep"}
     pool = json.loads((run / "pool" / "pool.json").read_text())
     assert pool["trained_prefix_len"] == [3, 6] and pool["space"]["output"] == "per_layer"
     timing = json.loads((run / "timing.json").read_text())
@@ -270,3 +271,26 @@ def test_a_rerun_with_one_lever_more_scores_only_that_lever(real):
     grown = json.loads((root / "run" / "real_model_stages.json").read_text())
     assert grown["levers"] > stages["levers"] and grown["levers P=8"] > stages["levers P=8"]
     assert "| out_weights: attention | " in (root / "report.md").read_text()
+
+
+def test_refresh_rescores_every_length_paired_and_a_full_refresh_is_the_targets_own_cache(real):
+    """``--refresh 0.25 1``: at every prefix length the trained space is scored as translated (batch for batch what
+    the positions stage scored), refreshed at 25 % and at 100 % (every translated position recomputed by the target:
+    exactly its own cache, so exactly base); the hand-off is timed with each; the report shows the table and the
+    targets read with each share."""
+    root = real[0]
+    run = root / "run"
+    for p in (3, 6, 8):
+        result = EvalResult.from_dict(json.loads((run / "refresh" / f"eval-test-P{p}.json").read_text()))
+        plain = EvalResult.from_dict(json.loads((run / "positions" / f"eval-test-P{p}.json").read_text()))
+        for path in result.paths:
+            rows = result.per_batch["all"][path_name(path)]
+            assert rows["translator"] == pytest.approx(plain.per_batch["all"][path_name(path)]["translator"], abs=1e-6)
+            assert rows["translator, refresh 100%"] == pytest.approx(rows["base"], abs=1e-5)
+            assert "translator, refresh 25%" in rows
+    methods = [r["method"] for r in json.loads((run / "bench_refresh.json").read_text())["rows"]]
+    assert any("refresh 25%" in m for m in methods) and any("refresh 100%" in m for m in methods)
+    md = (root / "report.md").read_text()
+    assert "## Refresh: the target re-reads the positions it leans on (test split)" in md
+    assert "| with refresh 100%: every path within 0.05 of its P = 64 content at every P |" not in md  # no P = 64 here
+    assert "--no-variants --refresh 0.25 1.0`" in md
