@@ -75,8 +75,11 @@ def legacy_space_dict(space: dict) -> dict:
     """A space config as an older ``pool.json`` recorded it, read with the settings it was trained under.
 
     Pools written before ``sink_tokens``/``keys``/``init`` existed translated every position with keys as
-    cached and started at random (``out_init: random|match``); the new defaults must not change what they do.
+    cached and started at random (``out_init: random|match``); pools written before ``refresh`` existed read
+    their translation as is. The new defaults must not change what they do.
     """
+    if "refresh" not in space:
+        space = {**space, "refresh": 0.0}
     if "out_init" not in space:
         return space
     old = dict(space)

@@ -17,7 +17,8 @@ Runs, each stage skipped when its output exists (so an interrupted run resumes):
    ``bench_prefix``-token cache from the shallow model into the deep one against the deep one re-reading the
    text (both ways when the members tokenize differently);
 6. with ``refresh`` shares, ``refresh`` — the trained pool at every prefix length read with each share
-   (:mod:`kvlingua.refresh`), paired with the space as trained, and the hand-off timed with it;
+   (:mod:`kvlingua.refresh`), paired with the space as trained, on validation (where a share is chosen) and on
+   test, and the hand-off timed with it;
 
 then :meth:`RealModel.write_report` writes the report from those files only
 (:func:`experiments.realmodel.report.write_real_model_report`).
@@ -159,12 +160,13 @@ class RealModel:
                     write_sink_study(run_dir, run_dir / f"sinks-P{p}", p, LEVER_BATCHES)
         if self.cfg.refresh:
             (run_dir / "refresh").mkdir(exist_ok=True)
-        for p in self.cfg.positions if self.cfg.refresh else ():
-            out = run_dir / "refresh" / f"eval-test-P{p}.json"
-            if not _has_refresh(out, self.cfg.refresh):
-                with stage(f"refresh P={p}", f"refresh: P = {p}, shares {list(self.cfg.refresh)}"):
-                    evaluate_pool_dir(run_dir, split="test", prefix_len=p, fit_batches=True,
-                                      refresh=self.cfg.refresh)[0].to_json(out)
+        for split in ("validation", "test") if self.cfg.refresh else ():  # validation chooses a share; test reports
+            for p in self.cfg.positions:
+                out = run_dir / "refresh" / f"eval-{split}-P{p}.json"
+                if not _has_refresh(out, self.cfg.refresh):
+                    with stage(f"refresh {split} P={p}", f"refresh: {split}, P = {p}, shares {list(self.cfg.refresh)}"):
+                        evaluate_pool_dir(run_dir, split=split, prefix_len=p, fit_batches=True,
+                                          refresh=self.cfg.refresh)[0].to_json(out)
         pool_json = json.loads((run_dir / "pool" / "pool.json").read_text())
         deep, shallow = deep_and_shallow(pool_json["members"])
         # both ways where the members tokenize differently (two real families), else the shallow model into the deep one

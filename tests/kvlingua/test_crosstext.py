@@ -48,10 +48,13 @@ def test_latent_handoff_across_tokenizers_reads_sigma_along_the_map(pool):
             rows.append((ok[-1] if ok else k) - k)
         zt = z.map(lambda x: x[:, rows])  # [1, T-1-k, Q]
         out = space.decode(zt, "b")
+        from kvlingua.refresh import refresh_cache
         from kvlingua.view import CacheView, model_rotation
         view = CacheView.of(space.cfg)
         sink = extract_prefix(models["b"], torch.tensor([tgt[:k]]))
         block = view.to_cache(out, model_rotation(models["b"]), sink)  # [1, T-1, L, D]
+        # the space's refresh, probed by the token b reads next (its last prompt token)
+        block = refresh_cache(models["b"], block, torch.tensor([tgt]), torch.tensor([tgt[-1:]]), space.cfg.refresh, k)
     assert res.tokens == generate_after(models["b"], tgt, 8, block)
     assert res.text == toks["b"].decode(res.tokens, skip_special_tokens=True)
 

@@ -31,7 +31,7 @@ def setup():
     backend = LocalBackend(models)
     torch.manual_seed(0)
     summaries = {n: backend.summary(n) for n in models}
-    legacy = dict(init="random", sink_tokens=0, keys="rotated")  # hand computation below reads raw blocks
+    legacy = dict(init="random", sink_tokens=0, keys="rotated", refresh=0)  # hand computation below reads raw blocks
     spaces = {"translator": SharedSpace(summaries, SpaceConfig(q_dim=24, **legacy)),
               "linear": SharedSpace(summaries, SpaceConfig(q_dim=24, adapter="linear", **legacy))}
     gen = torch.Generator().manual_seed(1)

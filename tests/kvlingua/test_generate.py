@@ -29,7 +29,7 @@ def pool():
     # the paper's setting (every position through Σ, keys as cached): the tests below compose the path by hand;
     # the sink and un-rotation are checked end to end in test_view.py
     space = SharedSpace({n: arch_summary(m) for n, m in models.items()},
-                        SpaceConfig(q_dim=32, init="random", sink_tokens=0, keys="rotated"))
+                        SpaceConfig(q_dim=32, init="random", sink_tokens=0, keys="rotated", refresh=0))
     space.eval().requires_grad_(False)
     return models, space
 

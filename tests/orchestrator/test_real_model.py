@@ -33,7 +33,7 @@ def real(tmp_path_factory):
                                                                           "small": str(root / "small")},
            "tokenizer": str(root / "tok"), "data": {"source": "bible", "view": "en"},
            "prefix_len": 6, "min_prefix_len": 3, "suffix_len": 6, "batch_size": 4,
-           "spaces": {"translator": space | {"output": "per_layer", "init": "match"}, "dense": space | {"output": "dense"},
+           "spaces": {"translator": space | {"output": "per_layer", "init": "match", "refresh": 0}, "dense": space | {"output": "dense"},
                       "linear": {"adapter": "linear", "q_dim": 12}},
            "space_steps": {"dense": 1},
            "train": {"steps": 2, "checkpoint_every": 0, "log_every": 1, "eval_every": 1},
@@ -67,8 +67,8 @@ def test_every_stage_ran_and_a_rerun_skips_them(real):
     assert stamps == restamps  # nothing was trained, scored or timed again
     stages = json.loads((run / "real_model_stages.json").read_text())
     assert set(stages) == {"train", "positions P=3", "positions P=6", "positions P=8", "levers", "levers P=8", "arms",
-                           "sinks P=8", "continuations", "bench", "refresh P=3", "refresh P=6", "refresh P=8",
-                           "bench refresh small -> deep"}
+                           "sinks P=8", "continuations", "bench", "bench refresh small -> deep",
+                           *(f"refresh {split} P={p}" for split in ("validation", "test") for p in (3, 6, 8))}
     pool = json.loads((run / "pool" / "pool.json").read_text())
     assert pool["trained_prefix_len"] == [3, 6] and pool["space"]["output"] == "per_layer"
     timing = json.loads((run / "timing.json").read_text())
@@ -291,6 +291,9 @@ def test_refresh_rescores_every_length_paired_and_a_full_refresh_is_the_targets_
     methods = [r["method"] for r in json.loads((run / "bench_refresh.json").read_text())["rows"]]
     assert any("refresh 25%" in m for m in methods) and any("refresh 100%" in m for m in methods)
     md = (root / "report.md").read_text()
-    assert "## Refresh: the target re-reads the positions it leans on (test split)" in md
+    assert "## Refresh: the target re-reads the positions it leans on" in md
+    assert md.index("### Validation split") < md.index("### Test split")
+    chosen = EvalResult.from_dict(json.loads((run / "refresh" / "eval-validation-P8.json").read_text()))
+    assert chosen.num_batches == 3 and "translator, refresh 25%" in chosen.conditions
     assert "| with refresh 100%: every path within 0.05 of its P = 64 content at every P |" not in md  # no P = 64 here
     assert "--no-variants --refresh 0.25 1.0`" in md

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 from kvlingua.cache import KVBlock, cache_kwargs, extract_prefix  # noqa: E402
 from kvlingua.generate import GenerationParams, handoff_generate, model_cache  # noqa: E402
 from kvlingua.pool import load_pool  # noqa: E402
+from kvlingua.refresh import refresh_cache  # noqa: E402
 from kvlingua.rotary import KeyRotation  # noqa: E402
 
 pytestmark = pytest.mark.ray
@@ -121,6 +122,9 @@ def test_echo_through_a_path_alias_scores_what_the_target_computed(client, local
             out = KeyRotation.from_model(b).rotate(local.space.decode(local.space.encode(body, "a"), "b"), k)
             block = KVBlock(torch.cat([block.keys, out.keys], 1), torch.cat([block.values, out.values], 1),
                             out.n_kv_heads)  # [1, h, L_b, D_b]
+            # the space's refresh: what b's next token (ids[h]) leans on most, re-read by b
+            block = refresh_cache(b, block, torch.tensor([ids[:h]]), torch.tensor([ids[h:h + 1]]),
+                                  local.space.cfg.refresh, k)
         logits = b(input_ids=torch.tensor([ids[h:]]), **cache_kwargs(b, model_cache(b, block))).logits[0]
     ref = torch.log_softmax(logits.float(), -1)  # row r predicts ids[h + r + 1]
     for j in range(h + 1, len(ids)):

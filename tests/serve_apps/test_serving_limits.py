@@ -15,6 +15,7 @@ import torch  # noqa: E402
 from kvlingua.cache import KVBlock, cache_kwargs, extract_prefix  # noqa: E402
 from kvlingua.generate import GenerationParams, make_generator, model_cache, sample_tokens  # noqa: E402
 from kvlingua.pool import load_pool  # noqa: E402
+from kvlingua.refresh import refresh_cache  # noqa: E402
 from kvlingua.rotary import KeyRotation  # noqa: E402
 from serve_apps.app import build_app  # noqa: E402
 from serve_apps.options import ServeOptions  # noqa: E402
@@ -58,7 +59,7 @@ def completion(client, body, status=200):
 def in_process_with_context(local, source, target, context, rest, n):
     """Independent reference: the target's own cache of the context's first k tokens (its sink), then
     OUT_target(IN_source(source's cache of the rest)) with keys un-rotated at the source's positions and rotated
-    at the target's; the target reads ``rest[:-1]``."""
+    at the target's, and the space's refresh (probe ``rest[0]``); the target reads ``rest[:-1]``."""
     k = local.space.cfg.sink_tokens
     with torch.no_grad():
         model = local.models[target]
@@ -67,8 +68,11 @@ def in_process_with_context(local, source, target, context, rest, n):
             KVBlock(own.keys[:, k:], own.values[:, k:], own.n_kv_heads), k)  # [1, C-k, L_s, D_s]
         out = KeyRotation.from_model(model).rotate(local.space.decode(local.space.encode(body, source), target), k)
         sink = extract_prefix(model, torch.tensor([context[:k]]))  # [1, k, L, D]
-        cache = model_cache(model, KVBlock(torch.cat([sink.keys, out.keys], 1), torch.cat([sink.values, out.values], 1),
-                                           out.n_kv_heads))  # [1, C, L, D]
+        block = KVBlock(torch.cat([sink.keys, out.keys], 1), torch.cat([sink.values, out.values], 1),
+                        out.n_kv_heads)  # [1, C, L, D]
+        # the space's refresh: the positions the first token read after the context leans on, re-read by the target
+        block = refresh_cache(model, block, torch.tensor([context]), torch.tensor([rest[:1]]), local.space.cfg.refresh, k)
+        cache = model_cache(model, block)
         if len(rest) > 1:
             model(input_ids=torch.tensor([rest[:-1]]), use_cache=True, **cache_kwargs(model, cache))
         gen, _ = make_generator(0)
