@@ -97,9 +97,11 @@ class SpaceConfig:
     translation: the ones the next token it reads attends to most (its secondary sinks; :mod:`kvlingua.refresh`),
     each read after the translated positions before it, in one forward. Costs about this share of a re-prefill;
     0 reads the translation as is (the paper's setting). Applies wherever a target reads a translated prefix
-    (evaluation, hand-off, the context store, serve); training reads the translation as is. 0.1 was chosen on
-    validation rows of the SmolLM2 + Gemma-3 pair: the smallest of 5 / 10 / 20 % past which doubling the share
-    adds less than 0.05 content on every path at P = 64, 256 and 512 (docs/results/real-pair.md, *Refresh*)."""
+    (evaluation, hand-off, the context store, serve); training reads the translation as is. 0.1 was chosen on the
+    validation rows of the SmolLM2 + Gemma-3 pair (docs/results/real-pair.md, *Refresh*, validation table) as a
+    trade of content against cost: at half the cost of 20 % it stays within 0.05 of it on every path and length
+    but one (P = 512 smollm2→gemma3: 0.52 as translated, 0.85 at 10 %, 0.91 at 20 %), while 5 % leaves up to 0.06
+    more behind 10 %."""
     def __post_init__(self) -> None:
         if self.q_dim != "auto" and (isinstance(self.q_dim, bool) or not isinstance(self.q_dim, int)
                                      or self.q_dim < 1):

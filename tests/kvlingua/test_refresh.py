@@ -32,9 +32,9 @@ def _noise(own: KVBlock, seed: int) -> KVBlock:
     return KVBlock(torch.randn(own.keys.shape, generator=g), torch.randn(own.values.shape, generator=g), own.n_kv_heads)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3", "qwen3", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "gemma3", "qwen3", "mistral"])
 def test_one_masked_forward_equals_recomputing_one_token_at_a_time(kind):
-    """Gemma-3 and Mistral with a window of 4 < P = 12, so the sliding rows must hide what falls out of it."""
+    """Gemma-2, Gemma-3 and Mistral with a window of 4 < P = 12, so the sliding rows must hide what falls out of it."""
     model = tiny_model(kind, seed=3, layers=4, kv_heads=2, sliding_window=4, vocab=VOCAB)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     noise = _noise(extract_prefix(model, ids), 1)
