@@ -231,7 +231,8 @@ def write_real_model_report(run_dir: str | Path, report: str | Path, run: Report
         "* Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in run.stages.items())
         + f"; {total / 60:.1f} min in all." + _pretraining_note(run.pool),
         f"* Split: every number below is on the **{job.get('eval_split', 'test')}** split; training curves used "
-        "validation.", "",
+        "validation" + (", and so does the refresh section's first table (where its share is chosen)"
+                        if (run_dir / "refresh").is_dir() else "") + ".", "",
         "## The pool", "",
         "| model | type | layers × KV heads × head dim | vocabulary |", "|---|---|---|---|",
     ]
