@@ -61,11 +61,13 @@ def refresh_cache(model, cache: KVBlock, ids: Tensor, read_ids: Tensor, share: f
     """``cache`` ``[B, P, L, D]`` (a translated prefix, keys rotated) after ``model`` refreshes ``share`` of its
     positions after the first ``skip`` (the sink, its own already): the positions that reading ``read_ids``
     ``[B, r]`` (the token(s) the model reads next; only their attention is used) after the cache attends to most,
-    recomputed from ``ids`` ``[B, >= P]`` (the prefix as this model tokenizes it). ``share <= 0``: ``cache`` as is."""
+    recomputed from ``ids`` ``[B, >= P]`` (the prefix as this model tokenizes it). ``share <= 0``: ``cache`` as is;
+    else the result is on the model's device."""
     if refresh_count(share, cache.seq_len - skip) == 0:
         return cache
-    dtype = next(model.parameters()).dtype
-    mass = attention_mass(model, cache.to(dtype=dtype), read_ids)  # [B, L, P]
+    param = next(model.parameters())  # where the model is: the cache and ids go there, the result stays
+    cache, ids, read_ids = cache.to(param.device), ids.to(param.device), read_ids.to(param.device)
+    mass = attention_mass(model, cache.to(dtype=param.dtype), read_ids)  # [B, L, P]
     return recompute_at(model, cache, ids, most_attended(mass, share, skip))
 
 
