@@ -6,9 +6,10 @@ the text itself (re-prefill, the ``text`` hand-off) or take the source's cache t
 ``--repeats`` timings each, with the target's suffix NLL after each cache:
 
 * ``re-prefill``: target's own cache (its NLL is the *base*);
-* ``translate (default)``: the pool's adapters (stack depth = model layers);
-* ``translate (latency)``: ``SpaceConfig(num_layers=1, embed_dim_factor=1)``: one translator layer
-  (fewer than the model's) at half the default residual width;
+* ``translate (default)``: the pool's adapters (stack depth = model layers), read as the pool reads them (with its
+  ``refresh``, timed with the translation);
+* ``translate (latency)``: ``SpaceConfig(num_layers=1, embed_dim_factor=1, refresh=0)``: one translator layer
+  (fewer than the model's) at half the default residual width, the translation read as is (no refresh);
 * ``translate (1 layer)``: ``SpaceConfig(num_layers=1)`` alone. Measured: with the translator's
   grouping (one layer attends to all slices of its group) depth alone saves little; the width does.
 
@@ -210,7 +211,8 @@ def measure_handoff(args: HandoffConfig) -> dict:
     torch.manual_seed(0)
     wanted = {"default": SpaceConfig()}  # built only where no trained space was given
     if not args.no_variants:
-        wanted |= {"latency": SpaceConfig(num_layers=1, embed_dim_factor=1.0), "1 layer": SpaceConfig(num_layers=1)}
+        wanted |= {"latency": SpaceConfig(num_layers=1, embed_dim_factor=1.0, refresh=0),
+                   "1 layer": SpaceConfig(num_layers=1)}
     for kind, cfg in wanted.items():
         if kind not in spaces:
             spaces[kind] = SharedSpace(members, cfg)
