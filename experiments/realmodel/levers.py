@@ -33,6 +33,7 @@ DEFAULT_LEVERS: dict[str, dict] = {
     "init: match": {"init": "match"},
     "init_batches: 16": {"init_batches": 16},
     "out_weights: attention": {"init": "closed_form", "out_weights": "attention"},
+    "refresh: 0": {"refresh": 0},
     "512-token calibration": {"init": "closed_form", "init_prefix_len": 512, "init_batches": 8},
     "out_weights: attention, 512-token calibration": {"init": "closed_form", "out_weights": "attention",
                                                       "init_prefix_len": 512, "init_batches": 8},
@@ -40,7 +41,8 @@ DEFAULT_LEVERS: dict[str, dict] = {
 """Variant name -> the space-config fields it changes (the first is the run's own start). The 512-token levers
 calibrate on 8 batches of 512-token prefixes (the held-out length past training where content falls; passages of
 512 + suffix tokens); ``out_weights: attention`` refits OUT weighted by the target's attention
-(:func:`kvlingua.closedform.attention_weighted_out`)."""
+(:func:`kvlingua.closedform.attention_weighted_out`); ``refresh: 0`` reads the start's translation as is (no
+positions recomputed by the target, :mod:`kvlingua.refresh`)."""
 
 
 def start_space(members: dict, cfg, backend: LocalBackend, job, seed: int) -> SharedSpace:
