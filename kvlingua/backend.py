@@ -281,7 +281,7 @@ class LocalBackend:
         m = self.models[self._check(model)]
         check_block_fits(block, self._summaries[model], model)
         with self._autocast():
-            out = refresh_cache(m, block.to(self.device), ids.to(self.device), read_ids.to(self.device), share, skip)
+            out = refresh_cache(m, block, ids, read_ids, share, skip)  # on the model's device
         return out.map(lambda t: t.float().cpu())  # [B, P, L, D]
 
     def suffix_nll(self, model: str, block: KVBlock | None, suffix_ids: Tensor) -> Tensor:

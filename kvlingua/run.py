@@ -271,9 +271,18 @@ def pool_job(pool_dir: str | Path, *, split: str | None = None, batches: int | N
     return loaded, job
 
 
+REFRESH_TAG = ", refresh "
+"""What joins a space's name and a refresh share in a condition name (:func:`refresh_condition`)."""
+
+
 def refresh_condition(space: str, share: float) -> str:
     """The condition name of ``space`` read with a refresh of ``share``: ``"translator, refresh 5%"``."""
-    return f"{space}, refresh {share:.0%}"
+    return f"{space}{REFRESH_TAG}{share:.0%}"
+
+
+def refreshed_space(condition: str) -> str | None:
+    """The space a :func:`refresh_condition` name reads (``"translator"``), or None for any other condition."""
+    return condition.split(REFRESH_TAG)[0] if REFRESH_TAG in condition else None
 
 
 def evaluate_pool_dir(pool_dir: str | Path, *, split: str | None = None, batches: int | None = None,

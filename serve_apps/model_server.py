@@ -257,9 +257,8 @@ class PoolModelServer(TextSegments):
                     block = block.map(lambda t: t[:, :h])  # [1, h, L, D]: causal adapters, so a prefix of the decoded block
                 if block is not None and self.view.refresh and handoff["kind"] == "latent" and not handoff.get("start"):
                     # the positions this model's next token (prompt[h]) leans on most, re-read here (kvlingua.refresh)
-                    block = refresh_cache(self.model, block, prompt[:, :h].to(self.model.device),
-                                          prompt[:, h:h + 1].to(self.model.device), self.view.refresh,
-                                          handoff.get("sink", 0))  # [1, h, L, D]
+                    block = refresh_cache(self.model, block, prompt[:, :h], prompt[:, h:h + 1], self.view.refresh,
+                                          handoff.get("sink", 0))  # [1, h, L, D], on this model's device
             cache = model_cache(self.model, block)
             times["translate_s"] += time.perf_counter() - t0
         rest = prompt[:, h:-1].to(self.model.device)  # [1, P-1-h]: read by this model after the handed-over part

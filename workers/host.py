@@ -151,7 +151,7 @@ class ModelHost:
                 skip: int) -> WireBlock:
         """The block with ``share`` of its positions after ``skip`` recomputed here (:meth:`PoolBackend.refresh`)."""
         self._count("refresh")
-        kv = block_from_wire(block, copy=True)
+        kv = block_from_wire(block, copy=False)  # read only: the refresh writes a new block
         out = self._backend.refresh(self.name, kv, as_tensor(ids, copy=True), as_tensor(read_ids, copy=True), share, skip)
         return block_to_wire(out)
 

@@ -39,6 +39,7 @@ from kvlingua.align import token_map
 from kvlingua.backend import suffix_token_nll
 from kvlingua.cache import arch_summary, extract_prefix
 from kvlingua.refresh import refresh_cache
+from kvlingua.run import refresh_condition
 from kvlingua.space import SharedSpace
 from kvlingua.space_config import SpaceConfig
 from kvlingua.view import CacheView, model_rotation, translate_cache
@@ -221,11 +222,10 @@ def measure_handoff(args: HandoffConfig) -> dict:
 
     inputs = handoff_inputs(models, tokenizer, tokenizers, source, target, args.text, args.prefix, args.suffix,
                             args.batch)
-    for share in args.refresh:
-        spaces[f"default, refresh {share:.0%}"] = spaces["default"].with_refresh(share)
-        trained[f"default, refresh {share:.0%}"] = trained["default"]
-    kinds = tuple(k for k in ("default", "latency", "1 layer") if k in spaces) + tuple(
-        f"default, refresh {share:.0%}" for share in args.refresh)
+    refreshed = {refresh_condition("default", share): share for share in args.refresh}
+    for kind, share in refreshed.items():
+        spaces[kind], trained[kind] = spaces["default"].with_refresh(share), trained["default"]
+    kinds = tuple(k for k in ("default", "latency", "1 layer") if k in spaces) + tuple(refreshed)
     secs, outs = time_handoff(models, {k: spaces[k] for k in kinds}, source, target, inputs, args.repeats)
     t_pre = secs["prefill"]
     with torch.no_grad():

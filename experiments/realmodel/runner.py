@@ -316,16 +316,20 @@ def _has_refresh(out: Path, shares: tuple[float, ...]) -> bool:
 
     if not out.is_file():
         return False
+    from kvlingua.run import refresh_condition
+
     conditions = EvalResult.from_dict(json.loads(out.read_text())).conditions
-    return all(any(c.endswith(f", refresh {r:.0%}") for c in conditions) for r in shares)
+    return all(any(c.endswith(refresh_condition("", r)) for c in conditions) for r in shares)
 
 
 def _has_rows(bench: Path, shares: tuple[float, ...]) -> bool:
     """Whether the hand-off measurement ``bench`` timed every refresh share."""
     if not bench.is_file():
         return False
+    from kvlingua.run import refresh_condition
+
     methods = [r["method"] for r in json.loads(bench.read_text())["rows"]]
-    return all(any(f"refresh {r:.0%}" in m for m in methods) for r in shares)
+    return all(any(refresh_condition("default", r) in m for m in methods) for r in shares)
 
 
 def _missing_levers(out: Path, names: tuple[str, ...] | None) -> list[str]:
