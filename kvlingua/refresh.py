@@ -28,6 +28,10 @@ from torch import Tensor
 from kvlingua.cache import KVBlock, as_past_key_values, block_from_cache, cache_kwargs, returned_cache
 
 
+MASS_RESOLUTION = 1e-6
+"""Attention masses closer than this are a tie for :func:`most_attended` (fp32 sums differ by ~1e-7 across runs)."""
+
+
 def refresh_count(share: float, positions: int) -> int:
     """``ceil(share · positions)``, at least 1 when ``share > 0``: positions a refresh of ``share`` recomputes."""
     if share <= 0 or positions <= 0:
@@ -38,10 +42,14 @@ def refresh_count(share: float, positions: int) -> int:
 def most_attended(mass: Tensor, share: float, skip: int = 0) -> Tensor:
     """``[B, n]`` absolute positions, increasing, of the ``n = refresh_count(share, P - skip)`` positions after the
     first ``skip`` that receive the most attention. ``mass`` is ``[B, L, P]`` (:func:`kvlingua.backend.attention_mass`):
-    averaged over layers first, so a position one layer leans on hard is chosen even where others ignore it."""
-    seen = mass[:, :, skip:].float().mean(1)  # [B, P-skip]
+    averaged over layers first, so a position one layer leans on hard is chosen even where others ignore it.
+
+    Masses are compared at a resolution of :data:`MASS_RESOLUTION`, ties going to the earlier position: two runs
+    whose sums differ in the last float bits (another thread count, another process) pick the same positions."""
+    seen = mass[:, :, skip:].double().mean(1)  # [B, P-skip]
     n = refresh_count(share, seen.shape[-1])
-    return (seen.topk(n, dim=-1).indices + skip).sort(dim=-1).values  # [B, n]
+    order = torch.sort(-torch.round(seen / MASS_RESOLUTION), dim=-1, stable=True).indices  # [B, P-skip]
+    return (order[:, :n] + skip).sort(dim=-1).values  # [B, n]
 
 
 def attention_mass(model, block: KVBlock, suffix_ids: Tensor) -> Tensor:
