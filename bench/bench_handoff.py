@@ -34,7 +34,7 @@ def parse_args(argv=None) -> HandoffConfig:
                    "pools whose shapes the default SpaceConfig does not fit, e.g. 30-layer models)")
     p.add_argument("--refresh", type=float, nargs="+", default=[], metavar="SHARE",
                    help="also the default space with the target re-reading this share of the positions after the "
-                   "translation (kvlingua.refresh), timed with it, e.g. 0.05 0.1")
+                   "translation (kvlingua.refresh), timed with it, e.g. 0.05 0.1; 0: the translation alone")
     args = vars(p.parse_args(argv))
     return HandoffConfig(**{**args, "refresh": tuple(args["refresh"])})
 

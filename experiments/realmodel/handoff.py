@@ -75,11 +75,13 @@ class HandoffConfig:
     default ``SpaceConfig`` does not fit, e.g. 30-layer models)."""
     refresh: tuple[float, ...] = ()
     """Also the default space read with each of these refresh shares (:mod:`kvlingua.refresh`): the translation
-    plus the target re-reading that share of the positions, timed together."""
+    plus the target re-reading that share of the positions, timed together (0: the translation alone, for a pool
+    whose own share is not 0)."""
 
     def __post_init__(self) -> None:
-        if any(not 0 < r <= 1 for r in self.refresh):
-            raise ValueError(f"--refresh shares must lie in (0, 1], got {list(self.refresh)}")
+        if any(not 0 <= r <= 1 for r in self.refresh):
+            raise ValueError(f"--refresh shares must lie in [0, 1] (0: the translation read as is), "
+                             f"got {list(self.refresh)}")
 
 
 def timed(fns: dict, repeats: int) -> tuple[dict[str, float], dict]:

@@ -71,7 +71,8 @@ class RealModelConfig:
     training batches): which lever, if any, carries a prefix past the trained lengths."""
     refresh: tuple[float, ...] = ()
     """Refresh shares (:mod:`kvlingua.refresh`) at which the trained pool is scored again at every prefix length
-    (``refresh/``, paired with the space as trained) and its hand-off timed (``bench_refresh*.json``)."""
+    (``refresh/``, paired with the space as the pool records it, its own share included) and its hand-off timed
+    (``bench_refresh*.json``); 0 reads the translation as is (what a pool's default refresh buys)."""
     sinks: tuple[int, ...] = ()
     """Held-out prefix lengths of the sink study (``sinks-P<n>/``, :mod:`experiments.realmodel.sinks`): where a
     long prefix's content is lost, by the target's attention."""
@@ -84,8 +85,9 @@ class RealModelConfig:
                 or self.bench_repeats < 1):
             raise ConfigError("--positions, --lever-positions, --sinks, --bench-prefix and --bench-repeats must be "
                               "positive")
-        if any(not 0 < r <= 1 for r in self.refresh):
-            raise ConfigError(f"--refresh shares must lie in (0, 1], got {list(self.refresh)}")
+        if any(not 0 <= r <= 1 for r in self.refresh):
+            raise ConfigError(f"--refresh shares must lie in [0, 1] (0: the space read without a refresh), "
+                              f"got {list(self.refresh)}")
         if self.levers is not None:
             from experiments.realmodel.levers import DEFAULT_LEVERS
 

@@ -330,20 +330,23 @@ def length_targets(content: dict[int, dict[tuple, float]], label: str, mixed: bo
 def refresh_section(run_dir: Path, positions) -> list[str]:
     """The trained pool read with each refresh share at every prefix length, paired with it read as translated: on
     validation (where the default share is chosen), then on test."""
+    own = _pool_refresh(run_dir)
     lines = []
     for split in ("validation", "test"):
         at = _refresh_results(run_dir, positions, split)
         if at:
-            lines += _refresh_table(at, split)
+            lines += _refresh_table(at, split, own)
     if not lines:
         return []
+    recorded = ("the same cache without a refresh" if not own else
+                f"the pool as it records itself (its own refresh, {own:.0%}; `refresh 0%` reads the translation as is)")
     lines = ["## Refresh: the target re-reads the positions it leans on", "",
              "After the translation, the target recomputes its own keys and values at a share of the translated "
              "positions after its sink: the ones its first suffix token (read, never scored) attends to most in the "
              "translated cache, each reading its own token there after the translated positions before it, in one "
              "forward (`refresh` in the space config; `kvlingua/refresh.py`). The default share is chosen on the "
              "validation table; the test table reports it. Each cell: content, then the paired NLL difference against "
-             "the same cache without the refresh (± SE over the batches; negative = the refresh helps).", "", *lines]
+             f"{recorded} (± SE over the batches; negative = the cell's share helps).", "", *lines]
     for name in ("bench_refresh.json", "bench_refresh_reverse.json"):
         f = Path(run_dir) / name
         if f.is_file():
@@ -351,10 +354,17 @@ def refresh_section(run_dir: Path, positions) -> list[str]:
     return lines
 
 
-def _refresh_table(at: dict[int, EvalResult], split: str) -> list[str]:
+def _pool_refresh(run_dir: Path) -> float:
+    """The refresh share the run's pool records for its main space (0 for pools written before the refresh)."""
+    f = Path(run_dir) / "pool" / "pool.json"
+    return float(json.loads(f.read_text())["space"].get("refresh", 0.0)) if f.is_file() else 0.0
+
+
+def _refresh_table(at: dict[int, EvalResult], split: str, own: float) -> list[str]:
     pairs = refresh_shares(next(iter(at.values())))
+    recorded = "translated" if not own else f"as recorded (refresh {own:.0%})"
     lines = [f"### {split.capitalize()} split", "",
-             "| P | path | translated | " + " | ".join(c.removeprefix(s + ", ") for s, c in pairs) + " | batches |",
+             f"| P | path | {recorded} | " + " | ".join(c.removeprefix(s + ", ") for s, c in pairs) + " | batches |",
              "|---|---|---|" + "---|" * len(pairs) + "---|"]
     for p, result in at.items():
         for path in result.paths:

@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "attends to, and what its own keys, values or most-attended positions restore of a translated cache")
     p.add_argument("--refresh", type=float, nargs="+", default=[], metavar="SHARE",
                    help="score the trained pool at every prefix length again with the target re-reading this share "
-                   "of the translated positions (kvlingua.refresh), and time its hand-off, e.g. 0.05 0.1")
+                   "of the translated positions (kvlingua.refresh), and time its hand-off, e.g. 0.05 0.1; 0: without the pool's "
+                   "own refresh (what it buys)")
     p.add_argument("--in-process", action="store_true", help="train without Ray (the reference loop)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

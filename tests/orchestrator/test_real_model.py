@@ -42,7 +42,7 @@ def real(tmp_path_factory):
     (root / "real.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     argv = ["real-model", str(root / "real.yaml"), "--in-process", "--no-progress", "--positions", "3", "6", "8",
             "--bench-prefix", "8", "--bench-repeats", "1", "--arm-seconds", str(ARM_S), "--arms", *ARMS,
-            "--lever-positions", "8", "--sinks", "8", "--refresh", "0.25", "1", "--report", str(root / "report.md"), "--levers"]
+            "--lever-positions", "8", "--sinks", "8", "--refresh", "0", "0.25", "1", "--report", str(root / "report.md"), "--levers"]
     try:
         first = main(argv + list(TOY_LEVERS[:-1]))
         stamps = {str(p.relative_to(root)): p.stat().st_mtime_ns for p in (root / "run").rglob("*.json")}
@@ -274,10 +274,11 @@ def test_a_rerun_with_one_lever_more_scores_only_that_lever(real):
 
 
 def test_refresh_rescores_every_length_paired_and_a_full_refresh_is_the_targets_own_cache(real):
-    """``--refresh 0.25 1``: at every prefix length the trained space is scored as translated (batch for batch what
+    """``--refresh 0 0.25 1``: at every prefix length the trained space is scored as translated (batch for batch what
     the positions stage scored), refreshed at 25 % and at 100 % (every translated position recomputed by the target:
-    exactly its own cache, so exactly base); the hand-off is timed with each; the report shows the table and the
-    targets read with each share."""
+    exactly its own cache, so exactly base), and at 0 % (the translation as is: this pool records no refresh, so
+    exactly the space as trained); the hand-off is timed with each; the report shows the table and the targets read
+    with each share."""
     root = real[0]
     run = root / "run"
     for p in (3, 6, 8):
@@ -287,13 +288,14 @@ def test_refresh_rescores_every_length_paired_and_a_full_refresh_is_the_targets_
             rows = result.per_batch["all"][path_name(path)]
             assert rows["translator"] == pytest.approx(plain.per_batch["all"][path_name(path)]["translator"], abs=1e-6)
             assert rows["translator, refresh 100%"] == pytest.approx(rows["base"], abs=1e-5)
+            assert rows["translator, refresh 0%"] == rows["translator"]
             assert "translator, refresh 25%" in rows
     methods = [r["method"] for r in json.loads((run / "bench_refresh.json").read_text())["rows"]]
-    assert any("refresh 25%" in m for m in methods) and any("refresh 100%" in m for m in methods)
+    assert all(any(f"refresh {r}%" in m for m in methods) for r in (0, 25, 100))
     md = (root / "report.md").read_text()
     assert "## Refresh: the target re-reads the positions it leans on" in md
     assert md.index("### Validation split") < md.index("### Test split")
     chosen = EvalResult.from_dict(json.loads((run / "refresh" / "eval-validation-P8.json").read_text()))
     assert chosen.num_batches == 3 and "translator, refresh 25%" in chosen.conditions
     assert "| with refresh 100%: every path within 0.05 of its P = 64 content at every P |" not in md  # no P = 64 here
-    assert "--no-variants --refresh 0.25 1.0`" in md
+    assert "--no-variants --refresh 0.0 0.25 1.0`" in md
