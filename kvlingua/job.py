@@ -236,6 +236,27 @@ def held_out_batches(job: TrainJob, split: str | None = None) -> int:
     return min(job.eval.batches, next(iter(chunks.values())).shape[0] // (job.eval.batch_size or job.batch_size))
 
 
+def check_held_out(job: TrainJob) -> None:
+    """Refuse, before anything is trained, a job whose splits cannot hold what it will read at its lengths: one
+    training batch of the train split, ``eval.curve_batches`` of ``eval.curve_split`` (the curves) and
+    ``eval.batches`` of ``eval_split`` (the final table), each of ``eval.batch_size`` rows of P + S tokens (a long
+    prefix on a small split leaves few rows). Raises :class:`~kvlingua.config.ConfigError` in one line naming the
+    setting to lower; reads each split's rows once (cached, as training would)."""
+    size = job.eval.batch_size or job.batch_size
+    asks = [("train", 1, job.batch_size, "batch_size"),
+            (job.eval.curve_split, job.eval.curve_batches, size, "eval.curve_batches or eval.batch_size"),
+            (job.eval_split, job.eval.batches, size, "eval.batches or eval.batch_size")]
+    for split, batches, rows, setting in asks:
+        if batches <= 0:
+            continue
+        chunks, _ = load_rows(job, split)
+        n = next(iter(chunks.values())).shape[0]
+        if n < batches * rows:
+            raise ConfigError(f"the {split} split has {n} sequences of {job.seq_len} tokens (prefix_len "
+                              f"{job.prefix_len} + suffix_len {job.suffix_len}); the run reads {batches} batch(es) "
+                              f"of {rows} there: lower {setting} or prefix_len")
+
+
 def curve_batches(job: TrainJob) -> list[Batch]:
     """The held-out batches of the training curves: ``eval.curve_batches`` of ``eval.curve_split`` (validation)."""
     return eval_batches(job, job.eval.curve_split, job.eval.curve_batches)

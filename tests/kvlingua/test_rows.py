@@ -291,3 +291,28 @@ def test_a_split_short_of_long_rows_is_refused_in_one_line_or_scored_on_what_it_
                                           rf"asks for {rows[60] // 4 + 1} batches of 4 \(lower eval.batches"):
         eval_batches(many)
     assert held_out_batches(many) == rows[60] // 4
+
+
+def test_a_job_whose_splits_cannot_hold_its_reads_is_refused_before_training(mixed):
+    """``check_held_out`` (called by ``workers.run_config.to_job``, before any compute) passes a job whose splits hold
+    its final table, its curves and a training batch, and refuses in one line, naming the setting to lower, one whose
+    final table (test) or curves (validation) ask more rows than the split holds at its lengths: the counts come
+    from the rows themselves."""
+    from kvlingua.config import ConfigError
+    from kvlingua.job import check_held_out
+
+    _, job = mixed
+    check_held_out(job)
+    long = replace(job, prefix_len=60)
+    test_rows = load_rows(long, "test")[0]["a"].shape[0]
+    val_rows = load_rows(long, job.eval.curve_split)[0]["a"].shape[0]
+    size = job.eval.batch_size
+    fits = replace(long, eval=replace(job.eval, batches=test_rows // size, curve_batches=val_rows // size))
+    check_held_out(fits)
+    with pytest.raises(ConfigError, match=rf"^the test split has {test_rows} sequences of 66 tokens \(prefix_len 60 "
+                                          rf"\+ suffix_len 6\); the run reads {test_rows // size + 1} batch\(es\) of "
+                                          rf"{size} there: lower eval.batches or eval.batch_size or prefix_len$"):
+        check_held_out(replace(fits, eval=replace(fits.eval, batches=test_rows // size + 1)))
+    with pytest.raises(ConfigError, match=rf"^the {job.eval.curve_split} split has {val_rows} sequences .* lower "
+                                          rf"eval.curve_batches"):
+        check_held_out(replace(fits, eval=replace(fits.eval, curve_batches=val_rows // size + 1)))
