@@ -65,7 +65,18 @@ class SpaceHooks:
 
 
 JOB_FILE = "job.json"
-"""In an in-process checkpoint directory: the job it belongs to."""
+"""In a checkpoint directory (in process) or a Ray Train run directory: the training it belongs to
+(:func:`training_key`)."""
+
+
+def training_key(job: TrainJob) -> str:
+    """``job`` as JSON without what only its final table reads (``eval.batches``, ``eval_split``): two runs with
+    the same key train the same steps on the same batches, so one resumes from the other's checkpoints (lowering
+    ``eval.batches`` after a run stopped does not throw its training away)."""
+    d = to_dict(job)
+    d["eval"] = {k: v for k, v in d["eval"].items() if k != "batches"}
+    d.pop("eval_split", None)
+    return json.dumps(d, sort_keys=True)
 
 
 def space_order(job: TrainJob) -> list[str]:
@@ -203,7 +214,7 @@ def local_checkpoints(job: TrainJob) -> tuple[Path | None, Saver]:
     """The in-process checkpoint directory ``<out_dir>/checkpoints``: where to resume from (None when it
     holds another job's checkpoints, or none) and the saver that writes there."""
     root = Path(job.out_dir) / "checkpoints"
-    job_json = json.dumps(to_dict(job), sort_keys=True)
+    job_json = training_key(job)
     resume = root if (root / JOB_FILE).is_file() and (root / JOB_FILE).read_text() == job_json else None
 
     def save(_: str, spaces: dict[str, SharedSpace], states: dict[str, TrainState]) -> None:

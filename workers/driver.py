@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ import workers  # noqa: F401  (Ray environment before ``import ray``)
 import ray
 
 from kvlingua.config import KvlinguaError, to_dict
+from kvlingua.run import JOB_FILE, training_key
 from kvlingua.tracking import NullTracker, Tracker
 from workers.config import RayConfig
 from workers.host import spawn_hosts
@@ -104,6 +106,20 @@ def _replay(tracker: Tracker, histories: dict[str, list[dict]]) -> None:
             tracker.log_metrics({k: v for k, v in rec.items() if k not in ("step", "kind")}, rec["step"])
 
 
+CHECKPOINT_NAME = re.compile(r".+-\d{7}|final")
+"""Names of the checkpoints ``workers.train_worker`` reports: ``<space>-<step, 7 digits>`` and ``final``."""
+
+
+def earlier_checkpoint(storage: Path, job: TrainJob) -> Path | None:
+    """The newest checkpoint that an earlier Ray run of the same training (:func:`kvlingua.run.training_key`, in
+    its run directory's job file) left under ``storage``; None where there is none. A driver restarted after a
+    stop (a session's end, a crash, an evaluation refused) resumes there instead of from step 0."""
+    key = training_key(job)
+    found = [d for f in storage.glob(f"{job.name}-*/{JOB_FILE}") if f.read_text() == key
+             for d in f.parent.iterdir() if d.is_dir() and CHECKPOINT_NAME.fullmatch(d.name) and any(d.iterdir())]
+    return max(found, key=lambda d: d.stat().st_mtime_ns, default=None)
+
+
 def train_distributed(job: TrainJob, ray_cfg: RayConfig, tracker: Tracker | None = None,
                       progress: bool = True) -> dict:
     """Train every space of ``job`` on Ray, evaluate, write the pool; returns ``kvlingua.run.finish``'s dict.
@@ -134,12 +150,18 @@ def train_distributed(job: TrainJob, ray_cfg: RayConfig, tracker: Tracker | None
     hosts = {}
     if ray_cfg.placement == "hosted":
         hosts = spawn_hosts(job.models, ray_cfg.host, name_prefix=host_prefix, namespace=NAMESPACE)
+    storage = Path(ray_cfg.storage_path or Path(job.out_dir) / "ray_train").resolve()
+    resume = earlier_checkpoint(storage, job)
+    if resume is not None:
+        print(f"[train] resuming {job.name} from {resume}", flush=True)
     config = {
         "job": to_dict(job), "placement": ray_cfg.placement, "prefetch": ray_cfg.prefetch,
         "torch_threads": ray_cfg.torch_threads, "host_prefix": host_prefix, "namespace": NAMESPACE,
-        "tracking": handle, "progress": progress,
+        "tracking": handle, "progress": progress, "resume_from": None if resume is None else str(resume),
     }
-    storage = Path(ray_cfg.storage_path or Path(job.out_dir) / "ray_train").resolve()
+    run_root = storage / f"{job.name}-{run_id}"
+    run_root.mkdir(parents=True, exist_ok=True)
+    (run_root / JOB_FILE).write_text(training_key(job))  # what a rerun of the same training resumes from
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,

@@ -89,7 +89,8 @@ def report(metrics: dict, spaces: dict[str, SharedSpace] | None, states: dict[st
 def train_loop(config: dict) -> None:
     """Ray Train worker function. ``config``: ``job`` (``to_dict(TrainJob)``), ``placement``, ``prefetch``,
     ``torch_threads``, ``host_prefix``, ``namespace``, ``tracking`` (the driver's tracker handle or None),
-    ``progress``."""
+    ``progress``, ``resume_from`` (an earlier run's checkpoint directory, :func:`workers.driver.earlier_checkpoint`,
+    or None)."""
     job = from_dict(TrainJob, config["job"])
     torch.set_num_threads(config["torch_threads"])
     ctx = ray.train.get_context()
@@ -97,8 +98,9 @@ def train_loop(config: dict) -> None:
     device = torch.device("cuda", ctx.get_local_rank()) if torch.cuda.is_available() else torch.device("cpu")
     backend = make_backend(job, config, device)
     runtime = Runtime.for_rank(rank, world, attach(config["tracking"]), allreduce_mean, config["progress"])
-    checkpoint = ray.train.get_checkpoint()
-    resume_from = Path(checkpoint.to_directory()) if checkpoint is not None else None
+    checkpoint = ray.train.get_checkpoint()  # this run's own, after a worker failure; else an earlier run's
+    resume_from = (Path(checkpoint.to_directory()) if checkpoint is not None
+                   else Path(config["resume_from"]) if config.get("resume_from") else None)
 
     def save(name: str, spaces: dict[str, SharedSpace], states: dict[str, TrainState]) -> None:
         state = states[name]

@@ -131,6 +131,42 @@ def test_worker_failure_resumes_from_checkpoint(ray_local, job_root, colocated):
     _check_same_losses(resumed, colocated)  # nothing lost before the failure, same losses after it
 
 
+def test_a_driver_restarted_after_a_stop_resumes_from_the_last_checkpoint(ray_local, job_root, colocated):
+    """A run stopped after its step-CKPT checkpoint (its worker killed, no retries: the driver raises, as a session's
+    end or a refused evaluation would stop it) and started again resumes there: the second driver trains (and
+    tracks) only steps CKPT+1..STEPS, losses equal to an uninterrupted run's, even with a final table of fewer
+    batches (what only the final table reads is not part of the training it resumes). Another training (another
+    lr) in the same storage starts from step 0."""
+    from dataclasses import replace
+
+    from mlflow import MlflowClient
+
+    from kvlingua.tracking import MlflowTracker, NewRun
+
+    cfg = RayConfig(num_workers=2, worker_num_cpus=0.5, max_failures=0, storage_path=str(job_root / "storage-stop"))
+    job = make_tiny_job(job_root, steps=STEPS, name="stopped", checkpoint_every=CKPT)
+    with pytest.raises(Exception, match="Training failed"):
+        _run_with(_kill_worker_after_checkpoint, ray_local, job, cfg)
+    from workers.driver import earlier_checkpoint
+
+    last = earlier_checkpoint(Path(cfg.storage_path), job)
+    assert last is not None and last.name != "final"
+    done = int(last.name.rsplit("-", 1)[1])  # the step the stopped run last checkpointed
+    uri = f"sqlite:///{job_root / 'mlflow-stop.db'}"
+    tracker = MlflowTracker(uri, NewRun("kvlingua-test", name="restarted"))
+    try:
+        again = train_distributed(replace(job, eval=replace(job.eval, batches=job.eval.batches - 1)), cfg,
+                                  tracker=tracker, progress=False)
+    finally:
+        tracker.close()
+    _check_same_losses(again, colocated)  # every step once, in order, as the uninterrupted run
+    steps = sorted(m.step for m in MlflowClient(uri).get_metric_history(tracker.run_id, "loss"))
+    assert done >= CKPT and steps == list(range(done + 1, STEPS + 1))
+    other = replace(job, train=replace(job.train, lr=job.train.lr / 2))
+    assert earlier_checkpoint(Path(cfg.storage_path), other) is None
+    assert earlier_checkpoint(Path(cfg.storage_path), job) is not None
+
+
 def test_missing_resources_fail_fast(ray_local, job_root):
     job = make_tiny_job(job_root, name="too-big")
     t0 = time.monotonic()
