@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.realmodel.sections import (_fmt, bench_section, compare, content_cell, context_bytes_section,
-                                            continuations_section, length_targets, levers_section, refresh_section,
-                                            refresh_targets, sizes_section)
+                                            continuations_section, handoff_targets, length_targets, levers_section,
+                                            refresh_section, refresh_targets, sizes_section)
 from experiments.realmodel.sinks import sinks_section
 from experiments.toolkit.pools import deep_and_shallow, pool_table, pretraining_seconds
 from experiments.toolkit.stats import FAILS, HOLDS
@@ -188,8 +188,10 @@ def acceptance_section(result: EvalResult, run_dir: Path, positions: Sequence[in
             r = EvalResult.from_dict(json.loads(f.read_text()))
             at[p] = {tuple(path): r.summary_for(tuple(path), space).content for path in r.paths}
     if 64 in at and len(at) > 1:
-        rows += length_targets(at, "", mixed, cyclic=False)
+        rows += length_targets(at, "", mixed, cyclic=True)
     rows += refresh_targets(run_dir, positions, mixed)
+    if mixed:
+        rows += handoff_targets(run_dir, json.loads((run_dir / "pool" / "pool.json").read_text()))
     lines = ["## Against the targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in rows]
     return lines + [""]

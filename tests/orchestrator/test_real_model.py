@@ -299,3 +299,34 @@ def test_refresh_rescores_every_length_paired_and_a_full_refresh_is_the_targets_
     assert chosen.num_batches == 3 and "translator, refresh 25%" in chosen.conditions
     assert "| with refresh 100%: every path within 0.05 of its P = 64 content at every P |" not in md  # no P = 64 here
     assert "--no-variants --refresh 0.0 0.25 1.0`" in md
+
+
+def test_a_pool_of_two_families_is_held_to_its_hand_off_and_stored_context_targets(tmp_path):
+    """``handoff_targets`` reads the hand-off benchmarks both ways (the main space, each refresh share) and the pool's
+    shapes: each row's measured ratios are the benchmark rows' own, met only when every target's is within the
+    target, and the stored context's share is Σ's bytes over the members' caches, counted here from the shapes."""
+    from experiments.realmodel.sections import handoff_targets
+
+    def bench(ratios: dict[str, float]) -> dict:
+        return {"config": {"prefix": "512"}, "rows": [{"method": "re-prefill (target reads the text)", "ratio": 1.0}]
+                + [{"method": f"translate ({k}: 3/30 layers, D'=0.5D, per_layer)", "ratio": v} for k, v in ratios.items()]}
+
+    (tmp_path / "bench_handoff.json").write_text(json.dumps(bench({"default": 0.64})))
+    (tmp_path / "bench_handoff_reverse.json").write_text(json.dumps(bench({"default": 0.25})))
+    (tmp_path / "bench_refresh.json").write_text(json.dumps(bench({"default, refresh 0%": 0.28,
+                                                                   "default, refresh 20%": 0.72})))
+    (tmp_path / "bench_refresh_reverse.json").write_text(json.dumps(bench({"default, refresh 0%": 0.31,
+                                                                           "default, refresh 20%": 0.29})))
+    shapes = {"a": (30, 3, 64), "b": (18, 1, 256)}
+    pool_json = {"space": {"q_dim": 990, "sink_tokens": 1},
+                 "members": [{"name": n, "summary": {"num_layers": L, "n_kv_heads": h, "head_dim": d}}
+                             for n, (L, h, d) in shapes.items()]}
+    rows = {t: (m, ok) for t, m, ok in handoff_targets(tmp_path, pool_json)}
+    assert rows["hand-off through Σ ≤ 0.3× re-prefill at 512 tokens on every target"] == ("0.64× / 0.25×", False)
+    assert rows["with refresh 0%: hand-off ≤ 0.3× re-prefill on every target"] == ("0.28× / 0.31×", False)
+    assert rows["with refresh 20%: hand-off ≤ 0.3× re-prefill on every target"] == ("0.72× / 0.29×", False)
+    share = (511 * 990) / sum(512 * L * h * d for L, h, d in shapes.values())  # keys and values, fp32, both sides
+    assert rows["a stored 512-token context ≤ 0.25× the members' native caches together"] == (f"{share:.3f}×", True)
+    (tmp_path / "bench_handoff.json").write_text(json.dumps(bench({"default": 0.3})))
+    assert handoff_targets(tmp_path, pool_json)[0][2] is True
+    assert handoff_targets(tmp_path / "nothing", pool_json) == []
