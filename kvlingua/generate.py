@@ -41,6 +41,7 @@ from kvlingua.cache import (
     check_block_fits,
     check_same_layout,
     extract_prefix,
+    sink_block,
 )
 
 if TYPE_CHECKING:
@@ -262,7 +263,7 @@ def translate_block(space: Translator, block: KVBlock, source: str, target: str,
             return KVBlock(empty, empty.clone(), summary.n_kv_heads)
         return extract_prefix(target_model, ids[:, :length])
     rot_s, rot_t = (model_rotation(source_model), model_rotation(target_model)) if view.unrotate else (None, None)
-    sink = extract_prefix(target_model, ids[:, :k]) if k else None  # [1, k, L_t, D_t]
+    sink = sink_block(target_model, ids[:, :k]) if k else None  # [1, k, L_t, D_t]
     out = translate_cache(space, block, source, target, rot_s, rot_t, sink, start, view, index)  # [1, S|T, L_t, D_t]
     if view.refresh and start == 0:  # probe: the token the target reads next (the block's last where none follows)
         probe = ids[:, length:length + 1] if ids.shape[1] > length else ids[:, length - 1:length]  # [1, 1]

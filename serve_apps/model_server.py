@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import torch
 
 from kvlingua.align import read_along
-from kvlingua.cache import KVBlock, block_from_cache, check_block_fits, extract_prefix
+from kvlingua.cache import KVBlock, block_from_cache, check_block_fits, extract_prefix, sink_block
 from kvlingua.config import from_dict
 from kvlingua.generate import (
     GenerationParams,
@@ -214,7 +214,7 @@ class PoolModelServer(TextSegments):
                     latent.map(lambda t: t[:, :0])  # [1, T-k, Q]
             view = CacheView(payload.get("sink", 0), self.view.unrotate)
             sink_ids = payload.get("sink_ids") or []
-            sink = extract_prefix(self.model, as_prompt(sink_ids)) if sink_ids else None  # [1, k, L, D]: our own
+            sink = sink_block(self.model, as_prompt(sink_ids)) if sink_ids else None  # [1, k, L, D]: our own
             if latent.keys.shape[1] == 0:
                 return sink, sink is not None
             block = view.to_cache(self.space.decode(latent, self.name), self.rotation, sink,

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from kvlingua.align import token_map
 from kvlingua.backend import suffix_token_nll
-from kvlingua.cache import arch_summary, extract_prefix
+from kvlingua.cache import arch_summary, extract_prefix, sink_block
 from kvlingua.refresh import refresh_cache
 from kvlingua.run import refresh_condition
 from kvlingua.space import SharedSpace
@@ -171,7 +171,7 @@ def time_handoff(models: dict, spaces: dict[str, SharedSpace], source: str, targ
         view = CacheView.of(sp.cfg)
         k = view.sink_tokens
         rot = (model_rotation(models[source]), model_rotation(models[target])) if view.unrotate else (None, None)
-        sink = extract_prefix(models[target], prefix[:, :k]) if k else None
+        sink = sink_block(models[target], prefix[:, :k]) if k else None
         index = token_map(ends[0][:, k:], ends[1][:, k:]) if ends is not None else None  # [B, P-k]
         out = translate_cache(sp, src_block, source, target, *rot, sink, view=view, index=index)  # [B, P, L_t, D_t]
         # the target re-reads what its next token (the suffix's first) leans on most, as serving does
