@@ -289,7 +289,6 @@ def build_space(job: TrainJob, name: str, summaries: dict[str, ArchSummary],
     torch.manual_seed(job.train.seed)
     if job.start_from is None:
         return SharedSpace({m: summaries[m] for m in job.models}, space_config(job, name, summaries))
-    from kvlingua.config import to_dict
     from kvlingua.pool import load_pool
 
     pool = load_pool(job.start_from, load_models=False, verify=False)
