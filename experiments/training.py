@@ -41,11 +41,13 @@ def train_run(cfg, placement: Placement = Placement(), *, run_dir: Path | None =
     Returns:
         :func:`kvlingua.run.finish`'s dict (``markdown``, ``timing``, ``eval``, ``files``) and ``tracking_uri``.
     """
+    from kvlingua.job import check_held_out
     from workers.run_config import resolve_models, run_dir_of, to_job
 
     run_dir = run_dir or run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     job = to_job(cfg, resolve_models(cfg, progress=placement.progress))
+    check_held_out(job)  # before any compute: a final evaluation that cannot fit would fail after training
     with tracked(cfg.tracking.open(run_dir, cfg.name, parent=parent, tags=tags)) as tracker:
         tracker.log_params(to_dict(cfg))
         if placement.in_process:

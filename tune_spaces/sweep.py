@@ -34,7 +34,7 @@ from ray import tune
 
 from kvlingua.blockstore import BlockStore, ids_digest
 from kvlingua.config import ConfigError, from_dict, to_dict
-from kvlingua.job import TrainJob, calibration_batches, curve_batches, eval_batches, train_batches
+from kvlingua.job import TrainJob, calibration_batches, check_held_out, curve_batches, eval_batches, train_batches
 from kvlingua.metric_names import TUNE_MEAN, NllKey
 from kvlingua.tracking import TrackerHandle, attach, end_if_running
 from tune_spaces.results import best_row, to_markdown, trial_row, write_best_config, write_csv
@@ -82,6 +82,7 @@ def plan(cfg: SweepConfig, progress: bool = False) -> dict[str, Any]:
     for config in configs:
         try:
             jobs.append(to_job(config, models))
+            check_held_out(jobs[-1])  # every trial's held-out rows, before any trial runs
         except (ValueError, TypeError) as e:
             raise ConfigError(f"trial {config} is invalid: {e}") from None
     return {"base": base, "base_dict": base_dict, "models": models, "grid": grid, "tune_kwargs": kwargs,

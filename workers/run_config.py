@@ -19,7 +19,7 @@ from typing import Any
 
 from kvlingua.config import ConfigError, apply_override, from_dict, load_yaml
 from kvlingua.tracking import Tracker, TrackerHandle, open_tracker
-from kvlingua.job import TrainJob, check_held_out
+from kvlingua.job import TrainJob
 from kvlingua.job_spec import JobSpec, check_langs, check_space_fits
 from workers.config import RayConfig
 
@@ -167,10 +167,8 @@ def resolve_models(cfg: RunConfig, progress: bool = True) -> dict[str, str]:
 def to_job(cfg: RunConfig, models: dict[str, str]) -> TrainJob:
     """The backend-independent job for ``cfg`` once its models exist."""
     tokenizer, tokenizers = member_tokenizers(cfg, models)
-    job = TrainJob.from_spec(cfg, name=cfg.name, models=models, tokenizer=tokenizer, out_dir=str(run_dir_of(cfg)),
-                             tokenizers=tokenizers)
-    check_held_out(job)  # before any compute: a final evaluation that cannot fit would fail after training
-    return job
+    return TrainJob.from_spec(cfg, name=cfg.name, models=models, tokenizer=tokenizer, out_dir=str(run_dir_of(cfg)),
+                              tokenizers=tokenizers)
 
 
 def member_tokenizers(cfg: RunConfig, models: dict[str, str]) -> tuple[str, dict[str, str] | None]:

@@ -294,7 +294,7 @@ def test_a_split_short_of_long_rows_is_refused_in_one_line_or_scored_on_what_it_
 
 
 def test_a_job_whose_splits_cannot_hold_its_reads_is_refused_before_training(mixed):
-    """``check_held_out`` (called by ``workers.run_config.to_job``, before any compute) passes a job whose splits hold
+    """``check_held_out`` (called by ``experiments.training.train_run`` and the sweep driver, before any compute) passes a job whose splits hold
     its final table, its curves and a training batch, and refuses in one line, naming the setting to lower, one whose
     final table (test) or curves (validation) ask more rows than the split holds at its lengths: the counts come
     from the rows themselves."""
