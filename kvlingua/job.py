@@ -169,7 +169,7 @@ def train_batches(job: TrainJob, *, rank: int = 0, world_size: int = 1, split: s
     order of batches is reshuffled each epoch (:func:`kvlingua.schedule.epoch_order`).
     """
     chunks, ends = load_rows(job, split)
-    n = next(iter(chunks.values())).shape[0]
+    n = _row_count(chunks)
     g = torch.Generator().manual_seed(job.train.seed)
     rows = torch.randperm(n, generator=g)
     rows = rows[rows % world_size == rank]
@@ -217,9 +217,9 @@ def eval_batches(job: TrainJob, split: str | None = None, batches: int | None = 
     """
     split = split or job.eval_split
     batches = batches or job.eval.batches
-    size = job.eval.batch_size or job.batch_size
+    size = job.eval_batch_size
     chunks, ends = load_rows(job, split)
-    n = next(iter(chunks.values())).shape[0]
+    n = _row_count(chunks)
     want = batches * size
     if n < want:
         raise ConfigError(f"the {split} split has {n} sequences of {job.seq_len} tokens; held-out evaluation asks "
@@ -232,8 +232,12 @@ def eval_batches(job: TrainJob, split: str | None = None, batches: int | None = 
 def held_out_batches(job: TrainJob, split: str | None = None) -> int:
     """How many of ``job.eval.batches`` held-out batches ``split`` (default ``job.eval_split``) holds at the job's
     lengths: all of them, or fewer where long rows are scarce (a 512-token prefix on a split of short texts)."""
-    chunks, _ = load_rows(job, split or job.eval_split)
-    return min(job.eval.batches, next(iter(chunks.values())).shape[0] // (job.eval.batch_size or job.batch_size))
+    return min(job.eval.batches, _row_count(load_rows(job, split or job.eval_split)[0]) // job.eval_batch_size)
+
+
+def _row_count(chunks: dict[str, torch.Tensor]) -> int:
+    """Rows of a split as :func:`load_rows` gives them (each member's ids ``[N, P+S]``): ``N``."""
+    return next(iter(chunks.values())).shape[0]
 
 
 def check_held_out(job: TrainJob) -> None:
@@ -242,15 +246,14 @@ def check_held_out(job: TrainJob) -> None:
     ``eval.batches`` of ``eval_split`` (the final table), each of ``eval.batch_size`` rows of P + S tokens (a long
     prefix on a small split leaves few rows). Raises :class:`~kvlingua.config.ConfigError` in one line naming the
     setting to lower; reads each split's rows once (cached, as training would)."""
-    size = job.eval.batch_size or job.batch_size
+    size = job.eval_batch_size
     asks = [("train", 1, job.batch_size, "batch_size"),
             (job.eval.curve_split, job.eval.curve_batches, size, "eval.curve_batches or eval.batch_size"),
             (job.eval_split, job.eval.batches, size, "eval.batches or eval.batch_size")]
     for split, batches, rows, setting in asks:
         if batches <= 0:
             continue
-        chunks, _ = load_rows(job, split)
-        n = next(iter(chunks.values())).shape[0]
+        n = _row_count(load_rows(job, split)[0])
         if n < batches * rows:
             raise ConfigError(f"the {split} split has {n} sequences of {job.seq_len} tokens (prefix_len "
                               f"{job.prefix_len} + suffix_len {job.suffix_len}); the run reads {batches} batch(es) "

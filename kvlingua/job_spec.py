@@ -135,6 +135,11 @@ class JobSpec:
         return self.prefix_len + self.suffix_len
 
     @property
+    def eval_batch_size(self) -> int:
+        """Rows per held-out batch: ``eval.batch_size``, else the training ``batch_size``."""
+        return self.eval.batch_size or self.batch_size
+
+    @property
     def main_space(self) -> str:
         """The space the run is about: the first of ``spaces`` (its pool is ``<out_dir>/pool``; the curves Tune
         selects on and the reports' headline are its)."""
