@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.realmodel.sections import (_fmt, bench_section, compare, content_cell, context_bytes_section,
-                                            continuations_section, handoff_targets, length_targets, levers_section,
-                                            refresh_section, refresh_targets, sizes_section)
+from experiments.realmodel.sections import (BENCH_FILES, _fmt, bench_section, compare, content_cell,
+                                            context_bytes_section, continuations_section, handoff_targets,
+                                            length_targets, levers_section, read_bench, refresh_section,
+                                            refresh_targets, sizes_section)
 from experiments.realmodel.sinks import sinks_section
 from experiments.toolkit.pools import deep_and_shallow, pool_table, pretraining_seconds
 from experiments.toolkit.stats import FAILS, HOLDS
@@ -170,8 +171,10 @@ def _pretraining_note(pool: str | None) -> str:
 
 
 def acceptance_section(result: EvalResult, run_dir: Path, positions: Sequence[int], deep: str, shallow: str,
-                       mixed: bool = False) -> list[str]:
-    """The issue's targets, each read off the numbers above."""
+                       pool_json: dict) -> list[str]:
+    """The issue's targets, each read off the numbers above; a pool of two families (members with their own
+    tokenizers in ``pool_json``) is held to issue #22's too."""
+    mixed = any("tokenizer" in m for m in pool_json["members"])
     space = DEPTH_LINEAR if DEPTH_LINEAR in result.conditions else result.conditions[-1]
     rows = []
     cyc = result.summary_for((deep, deep), space).content
@@ -191,7 +194,7 @@ def acceptance_section(result: EvalResult, run_dir: Path, positions: Sequence[in
         rows += length_targets(at, "", mixed, cyclic=True)
     rows += refresh_targets(run_dir, positions, mixed)
     if mixed:
-        rows += handoff_targets(run_dir, json.loads((run_dir / "pool" / "pool.json").read_text()))
+        rows += handoff_targets(run_dir, pool_json)
     lines = ["## Against the targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in rows]
     return lines + [""]
@@ -217,8 +220,7 @@ def write_real_model_report(run_dir: str | Path, report: str | Path, run: Report
     timing = json.loads((run_dir / "timing.json").read_text())
     job = pool_json.get("job", {})
     trained = tuple(pool_json.get("trained_prefix_len") or (job.get("prefix_len"), job.get("prefix_len")))
-    bench_file = run_dir / "bench_handoff.json"
-    bench = json.loads(bench_file.read_text()) if bench_file.is_file() else None
+    bench, reverse = (read_bench(run_dir, name) for name in BENCH_FILES)
     total = sum(run.stages.values())
     lines = [
         "# Two real families, two tokenizers, one Σ" if any("tokenizer" in m for m in pool_json["members"])
@@ -251,8 +253,7 @@ def write_real_model_report(run_dir: str | Path, report: str | Path, run: Report
               f"{_stack_text(space_cfg)}. "
               "Content transferred = (control − NLL) / (control − base), where control is the target's own sink "
               "followed by another passage's positions.", ""]
-    mixed = any("tokenizer" in m for m in pool_json["members"])
-    lines += acceptance_section(result, run_dir, run.positions, deep, shallow, mixed)
+    lines += acceptance_section(result, run_dir, run.positions, deep, shallow, pool_json)
     lines += claims_section(result, deep, shallow)
     lines += ["## Final table (test split)", "", result.to_markdown()]
     lines += levers_section(run_dir, deep, shallow)
@@ -261,10 +262,9 @@ def write_real_model_report(run_dir: str | Path, report: str | Path, run: Report
     lines += curves_section(run_dir, report, deep, shallow)
     lines += positions_section(run_dir, run.positions, trained, deep, shallow)
     lines += sinks_section(run_dir)
-    lines += refresh_section(run_dir, run.positions)
+    lines += refresh_section(run_dir, run.positions, float(space_cfg.get("refresh", 0.0)))
     lines += bench_section(bench)
-    reverse = run_dir / "bench_handoff_reverse.json"
-    lines += bench_section(json.loads(reverse.read_text()) if reverse.is_file() else None)
+    lines += bench_section(reverse)
     lines += context_bytes_section(pool_json, bench)
     lines += sizes_section(Path(run.shapes_dir))
     report.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from experiments.realmodel.arms import DEFAULT_ARMS
 from experiments.realmodel.report import ReportRun, write_real_model_report
+from experiments.realmodel.sections import BENCH_FILES, REFRESH_BENCH_FILES
 from experiments.realmodel.sinks import ATTENTION_FILE, write_sink_study
 from experiments.toolkit.pools import deep_and_shallow
 from experiments.training import Placement, train_run
@@ -182,12 +183,12 @@ class RealModel:
         if not (run_dir / "continuations.json").is_file():
             with stage("continuations", f"continuations: {shallow} -> {deep}, latent and text"):
                 _continuations(run_dir, shallow, deep)
-        for (source, target), name in zip(directions, ("bench_handoff.json", "bench_handoff_reverse.json")):
+        for (source, target), name in zip(directions, BENCH_FILES):
             if not (run_dir / name).is_file():
-                label = "bench" if name == "bench_handoff.json" else f"bench {source} -> {target}"
+                label = "bench" if name == BENCH_FILES[0] else f"bench {source} -> {target}"
                 with stage(label, f"bench: {source} -> {target}, {self.cfg.bench_prefix}-token prefix"):
                     self._bench(run_dir, source, target, cfg, run_dir / name)
-        for (source, target), name in zip(directions, ("bench_refresh.json", "bench_refresh_reverse.json")):
+        for (source, target), name in zip(directions, REFRESH_BENCH_FILES):
             if self.cfg.refresh and not _has_rows(run_dir / name, self.cfg.refresh):
                 with stage(f"bench refresh {source} -> {target}", f"bench: {source} -> {target} with refresh"):
                     self._bench(run_dir, source, target, cfg, run_dir / name, self.cfg.refresh)

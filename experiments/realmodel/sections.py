@@ -38,6 +38,18 @@ HANDOFF_TARGET = 0.3
 """A 512-token hand-off through Σ should cost at most this share of the target re-reading the text (issue #22)."""
 
 
+BENCH_FILES = ("bench_handoff.json", "bench_handoff_reverse.json")
+"""A run's hand-off measurements, shallow -> deep first (then the reverse, in a pool of two families)."""
+REFRESH_BENCH_FILES = ("bench_refresh.json", "bench_refresh_reverse.json")
+"""The same, with the ``--refresh`` shares timed too."""
+
+
+def read_bench(run_dir: Path, name: str) -> dict | None:
+    """The hand-off measurement ``name`` of the run (None where that stage did not run)."""
+    f = Path(run_dir) / name
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
 def _refresh_flag(cfg: dict) -> str:
     """`` --refresh 0.05 0.1`` where the measurement timed refresh shares (``cfg["refresh"]`` is their tuple's str)."""
     shares = cfg.get("refresh", "()").strip("()").replace(",", " ").split()
@@ -80,26 +92,29 @@ def handoff_targets(run_dir: Path, pool_json: dict) -> list[tuple[str, str, bool
     """Acceptance rows of a pool of two families (issue #22) from the hand-off benchmarks: the main space's
     hand-off (with its own refresh) and each timed refresh share ≤ :data:`HANDOFF_TARGET` × re-prefill on both
     targets, and a stored context ≤ :data:`CONTEXT_BYTES_TARGET` × the native caches together."""
-    from kvlingua.run import REFRESH_TAG
+    from kvlingua.run import REFRESH_TAG, refreshed_space
 
-    benches = [json.loads(f.read_text()) for f in (Path(run_dir) / n for n in ("bench_handoff.json",
-                                                                                "bench_handoff_reverse.json"))
-               if f.is_file()]
+    def kinds(bench: dict) -> list[str]:  # the spaces a measurement translated with: "default", "default, refresh 5%"
+        return [r["method"].removeprefix("translate (").split(":")[0] for r in bench["rows"]
+                if r["method"].startswith("translate (")]
+
+    def ratios(benches: list[dict], kind: str) -> list[float]:  # the translation of ``kind``, each direction
+        return [next(r["ratio"] for r in b["rows"] if r["method"].startswith(f"translate ({kind}:")) for b in benches]
+
+    benches = [b for b in (read_bench(run_dir, n) for n in BENCH_FILES) if b is not None]
     if not benches:
         return []
     p = int(benches[0]["config"]["prefix"])
-    main = [next(r["ratio"] for r in b["rows"] if r["method"].startswith("translate (default")) for b in benches]
+    main = ratios(benches, "default")
     rows = [(f"hand-off through Σ ≤ {HANDOFF_TARGET:g}× re-prefill at {p} tokens on every target",
              " / ".join(f"{r:.2f}×" for r in main), max(main) <= HANDOFF_TARGET)]
-    refreshed = [json.loads(f.read_text()) for f in (Path(run_dir) / n for n in ("bench_refresh.json",
-                                                                                 "bench_refresh_reverse.json"))
-                 if f.is_file()]
-    shares = [r["method"].split(REFRESH_TAG)[1].split(":")[0] for r in (refreshed[0]["rows"] if refreshed else [])
-              if REFRESH_TAG in r["method"]]
-    for share in shares:
-        ratios = [next(r["ratio"] for r in b["rows"] if f"{REFRESH_TAG}{share}:" in r["method"]) for b in refreshed]
-        rows.append((f"with refresh {share}: hand-off ≤ {HANDOFF_TARGET:g}× re-prefill on every target",
-                     " / ".join(f"{r:.2f}×" for r in ratios), max(ratios) <= HANDOFF_TARGET))
+    refreshed = [b for b in (read_bench(run_dir, n) for n in REFRESH_BENCH_FILES) if b is not None]
+    for kind in (kinds(refreshed[0]) if refreshed else []):
+        if refreshed_space(kind) != "default":
+            continue
+        timed = ratios(refreshed, kind)
+        rows.append((f"with refresh {kind.split(REFRESH_TAG)[1]}: hand-off ≤ {HANDOFF_TARGET:g}× re-prefill on every "
+                     "target", " / ".join(f"{r:.2f}×" for r in timed), max(timed) <= HANDOFF_TARGET))
     sigma, native = context_bytes(pool_json, p)
     share = sigma / sum(native.values())
     rows.append((f"a stored {p}-token context ≤ {CONTEXT_BYTES_TARGET:g}× the members' native caches together",
@@ -371,10 +386,9 @@ def length_targets(content: dict[int, dict[tuple, float]], label: str, mixed: bo
     return rows
 
 
-def refresh_section(run_dir: Path, positions) -> list[str]:
-    """The trained pool read with each refresh share at every prefix length, paired with it read as translated: on
-    validation (where the default share is chosen), then on test."""
-    own = _pool_refresh(run_dir)
+def refresh_section(run_dir: Path, positions, own: float = 0.0) -> list[str]:
+    """The trained pool read with each refresh share at every prefix length, paired with it as it records itself
+    (``own``: its space's refresh share): on validation (where the default share is chosen), then on test."""
     lines = []
     for split in ("validation", "test"):
         at = _refresh_results(run_dir, positions, split)
@@ -391,17 +405,9 @@ def refresh_section(run_dir: Path, positions) -> list[str]:
              "forward (`refresh` in the space config; `kvlingua/refresh.py`). The default share is chosen on the "
              "validation table; the test table reports it. Each cell: content, then the paired NLL difference against "
              f"{recorded} (± SE over the batches; negative = the cell's share helps).", "", *lines]
-    for name in ("bench_refresh.json", "bench_refresh_reverse.json"):
-        f = Path(run_dir) / name
-        if f.is_file():
-            lines += bench_section(json.loads(f.read_text()))
+    for name in REFRESH_BENCH_FILES:
+        lines += bench_section(read_bench(run_dir, name))
     return lines
-
-
-def _pool_refresh(run_dir: Path) -> float:
-    """The refresh share the run's pool records for its main space (0 for pools written before the refresh)."""
-    f = Path(run_dir) / "pool" / "pool.json"
-    return float(json.loads(f.read_text())["space"].get("refresh", 0.0)) if f.is_file() else 0.0
 
 
 def _refresh_table(at: dict[int, EvalResult], split: str, own: float) -> list[str]:
