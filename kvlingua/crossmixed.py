@@ -233,7 +233,8 @@ def read_plan(space: Translator, model: PreTrainedModel, name: str, cache: Dynam
                   **cache_kwargs(model, cache))
         else:
             rows = torch.tensor([run.rows])  # [1, n]
-            out = space.decode(read_along(latents[run.owner], rows), name)  # [1, n, L, D]
+            body = torch.tensor([list(ids[run.start:run.end])])  # [1, n] this model's tokens there (its token prior)
+            out = space.decode(read_along(latents[run.owner], rows), name, body)  # [1, n, L, D]
             if unrotate:
                 out = model_rotation(model).rotate(out, start=run.start)
             extend_cache(model, cache, out)

@@ -203,7 +203,7 @@ def evaluate(
                             body = view.to_space(own[src], rotation(src, view))  # [B, P-k, L_i, D_i]
                             latents[(name, src)] = sp.encode(body.to(space_device(sp)), src)  # [B, P-k, Q]
                         z = read_along(latents[(name, src)], index)  # [B, P-k, Q] at the target's positions
-                        out = sp.decode(z, tgt).map(lambda t: t.float().cpu())  # [B, P-k, L_j, D_j]
+                        out = sp.decode(z, tgt, b.prefix(tgt)[:, k:]).map(lambda t: t.float().cpu())  # [B, P-k, L_j, D_j]
                         out = view.to_cache(out, rotation(tgt, view), sink)  # [B, P, L_j, D_j]
                         if view.refresh:  # the target re-reads the positions its first suffix token leans on most
                             out = backend.refresh(tgt, out, b.prefix(tgt), b.suffix(tgt)[:, :1], view.refresh, k)

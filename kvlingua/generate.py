@@ -65,8 +65,9 @@ class Translator(Protocol):
     def encode(self, block: KVBlock, source: str) -> LatentBlock:
         """``[B, S, L_s, D_s]`` block of ``source`` -> Σ ``[B, S, Q]``."""
 
-    def decode(self, latent: LatentBlock, target: str) -> KVBlock:
-        """Σ ``[B, S, Q]`` -> ``[B, S, L_t, D_t]`` block for ``target``."""
+    def decode(self, latent: LatentBlock, target: str, ids: Tensor | None = None) -> KVBlock:
+        """Σ ``[B, S, Q]`` -> ``[B, S, L_t, D_t]`` block for ``target`` (``ids`` ``[B, S]``: its own tokens there, for
+        a token prior; :mod:`kvlingua.prior`)."""
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,9 @@ def translate_block(space: Translator, block: KVBlock, source: str, target: str,
         return extract_prefix(target_model, ids[:, :length])
     rot_s, rot_t = (model_rotation(source_model), model_rotation(target_model)) if view.unrotate else (None, None)
     sink = sink_block(target_model, ids[:, :k]) if k else None  # [1, k, L_t, D_t]
-    out = translate_cache(space, block, source, target, rot_s, rot_t, sink, start, view, index)  # [1, S|T, L_t, D_t]
+    body_ids = ids[:, start + k:start + length]  # [1, S|T - k] the target's tokens Σ decodes (its token prior reads them)
+    out = translate_cache(space, block, source, target, rot_s, rot_t, sink, start, view, index,
+                          body_ids)  # [1, S|T, L_t, D_t]
     if view.refresh and start == 0:  # probe: the token the target reads next (the block's last where none follows)
         probe = ids[:, length:length + 1] if ids.shape[1] > length else ids[:, length - 1:length]  # [1, 1]
         out = refresh_cache(target_model, out, ids, probe, view.refresh, k)

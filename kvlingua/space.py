@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from kvlingua.cache import ArchSummary, KVBlock, check_block_fits, check_same_layout
 from kvlingua.config import from_dict
+from kvlingua.prior import TokenPrior
 from kvlingua.space_config import SpaceConfig, resolve_q_dim
 from kvlingua.translator import build_adapter
 
@@ -140,6 +141,8 @@ class SharedSpace(nn.Module):
             "in": build_adapter(L, D, 1, Q, D, self.cfg),  # [B,S,L,D] -> [B,S,1,Q]
             "out": build_adapter(L, Q // L, L, D, D, self.cfg),  # [B,S,L,Q/L] -> [B,S,L,D]
         })
+        if self.cfg.token_prior:  # buffers: what this member's own tokens say about its cache (kvlingua.prior)
+            adapters["prior"] = TokenPrior(self.cfg.token_prior, L, D)
         self._adapters[name] = adapters
         self.names.append(name)
         self.members[name] = summary
@@ -175,8 +178,11 @@ class SharedSpace(nn.Module):
         k, v = self._adapters[source]["in"](block.keys.to(dtype), block.values.to(dtype))  # [B, S, 1, Q]
         return LatentBlock(k.squeeze(2), v.squeeze(2))  # [B, S, Q]
 
-    def decode(self, latent: LatentBlock, target: str) -> KVBlock:
-        """OUT_target: latent ``[B, S, Q]`` -> KV block ``[B, S, L_j, D_j]`` of model ``target``."""
+    def decode(self, latent: LatentBlock, target: str, ids: Tensor | None = None) -> KVBlock:
+        """OUT_target: latent ``[B, S, Q]`` -> KV block ``[B, S, L_j, D_j]`` of model ``target``.
+
+        ``ids`` ``[B, S]``: the target's own tokens at those positions, read by its token prior where the space has
+        one (:mod:`kvlingua.prior`); None (positions without tokens, e.g. a ported soft prompt): Σ as decoded."""
         summary = self.members[self._check(target)]
         B, S, Q = latent.keys.shape
         if Q != self.cfg.q_dim:
@@ -186,7 +192,9 @@ class SharedSpace(nn.Module):
         k = latent.keys.to(dtype).reshape(B, S, L, Q // L)  # [B, S, L_j, Q/L_j]
         v = latent.values.to(dtype).reshape(B, S, L, Q // L)
         k, v = self._adapters[target]["out"](k, v)  # [B, S, L_j, D_j]
-        return KVBlock(k, v, summary.n_kv_heads)
+        block = KVBlock(k, v, summary.n_kv_heads)
+        prior = self._adapters[target]["prior"] if "prior" in self._adapters[target] else None
+        return block if prior is None or ids is None else prior(block, ids)
 
     def translate(self, block: KVBlock, source: str, target: str) -> KVBlock:
         """Path ``source -> target``: ``OUT_target(IN_source(block))``; ``[B,S,L_i,D_i] -> [B,S,L_j,D_j]``."""

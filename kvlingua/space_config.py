@@ -102,6 +102,12 @@ class SpaceConfig:
     trade of content against cost: at half the cost of 20 % it stays within 0.05 of it on every path and length
     but one (P = 512 smollm2→gemma3: 0.52 as translated, 0.85 at 10 %, 0.91 at 20 %), while 5 % leaves up to 0.06
     more behind 10 %."""
+    token_prior: int = 0
+    """Tokens per target (its most frequent in the calibration batches) whose decoded keys and values get a
+    per-token, per-layer correction fitted in the ``closed_form`` calibration pass and kept only where it lowers
+    that target's calibration suffix NLL (:mod:`kvlingua.prior`): the context-free part of a secondary sink, for
+    the cost of a lookup. 0: none (as every pool before it). Needs ``init: closed_form``."""
+
     def __post_init__(self) -> None:
         if self.q_dim != "auto" and (isinstance(self.q_dim, bool) or not isinstance(self.q_dim, int)
                                      or self.q_dim < 1):
@@ -141,6 +147,11 @@ class SpaceConfig:
             raise ValueError(f"ridge must be > 0, got {self.ridge}")
         if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be an integer >= 0, got {self.sink_tokens!r}")
+        if isinstance(self.token_prior, bool) or not isinstance(self.token_prior, int) or self.token_prior < 0:
+            raise ValueError(f"token_prior must be an integer >= 0, got {self.token_prior!r}")
+        if self.token_prior and self.init != "closed_form":
+            raise ValueError(f"token_prior is fitted in the closed-form calibration pass: it needs init: closed_form, "
+                             f"got init: {self.init} (set token_prior: 0)")
         if isinstance(self.refresh, bool) or not isinstance(self.refresh, (int, float)) or not 0 <= self.refresh <= 1:
             raise ValueError(f"refresh must be a share in [0, 1], got {self.refresh!r}")
         if self.out_weights not in OUT_WEIGHTS:

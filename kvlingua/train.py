@@ -45,6 +45,7 @@ from kvlingua.losses import reconstruction_loss, suffix_kl_loss, suffix_lm_loss
 from kvlingua.closedform import attention_weighted_out, closed_form_init
 from kvlingua.metric_names import NllKey
 from kvlingua.outinit import match_init
+from kvlingua.prior import fit_token_prior
 from kvlingua.paths import PathSampler, PathT, path_name
 from kvlingua.space import LatentBlock, SharedSpace, space_device
 from kvlingua.view import CacheView
@@ -107,7 +108,8 @@ def train_step(space: SharedSpace, backend: PoolBackend, batch: Batch, paths: li
     for src_name, tgt_name in paths:
         name = path_name((src_name, tgt_name))
         with autocast():  # Σ read at the target's positions where the two tokenize differently
-            out = space.decode(read_along(latent(src_name), batch.align(src_name, tgt_name, k)), tgt_name)  # [B, P-k, L_j, D_j]
+            out = space.decode(read_along(latent(src_name), batch.align(src_name, tgt_name, k)), tgt_name,
+                               batch.prefix(tgt_name)[:, k:])  # [B, P-k, L_j, D_j]
         if not out.keys.requires_grad:
             raise ValueError(f"path {name} produced a block without gradient: are both of its adapters frozen?")
         cache = view.to_cache(out, rotation(tgt_name), sink(tgt_name))  # [B, P, L_j, D_j]: sink + rotated keys
@@ -153,6 +155,8 @@ def start_adapters(space: SharedSpace, backend: PoolBackend, batches: Iterable[B
         record = closed_form_init(space, backend, first, fitted, runtime, view)
         if space.cfg.out_weights == "attention":
             record |= attention_weighted_out(space, backend, first, fitted, runtime, view)
+        if space.cfg.token_prior:  # after the short paths: the prior corrects what they decode
+            record |= fit_token_prior(space, backend, first, outs, runtime, view)
     elif space.cfg.init == "match":
         record = match_init(space, backend, first[0], ins, outs, runtime, view=view)
     return record, batch_iter if own else itertools.chain(first, batch_iter)

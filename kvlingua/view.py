@@ -116,18 +116,20 @@ def module_view(cfg) -> CacheView:
 
 def translate_cache(space, block: KVBlock, source: str, target: str, rot_source: KeyRotation | None,
                     rot_target: KeyRotation | None, sink: KVBlock | None = None, start: int = 0,
-                    view: CacheView | None = None, index: Tensor | None = None) -> KVBlock:
+                    view: CacheView | None = None, index: Tensor | None = None, ids: Tensor | None = None) -> KVBlock:
     """``source``'s own block ``[B, S, L_s, D_s]`` at positions ``start ..`` -> ``target``'s cache of them through Σ.
 
     ``view`` (default the space's) drops the source's sink positions, un-rotates and re-rotates keys and puts
     the target's own ``sink`` first; ``rot_*`` are the two models' rotations (read only when keys are
     un-rotated). Where the two tokenize differently, ``index`` ``[B, T-k]`` (:func:`kvlingua.align.token_map`)
     says which source position after the sink each target position after the sink reads, and the result has the
-    target's ``T`` positions. Returns ``[B, S (or T), L_t, D_t]`` in the space's dtype.
+    target's ``T`` positions. ``ids`` ``[B, S-k (or T-k)]``: the target's own tokens at the positions after its sink,
+    for the space's token prior (:mod:`kvlingua.prior`; None: none read). Returns ``[B, S (or T), L_t, D_t]`` in the
+    space's dtype.
     """
     view = view or CacheView.of(space.cfg)
     dtype = next(space.parameters()).dtype
     body = view.to_space(block, rot_source, start).to(dtype)  # [B, S-k, L_s, D_s]
     z = read_along(space.encode(body, source), index)  # [B, S-k (or T-k), Q] at the target's positions
-    out = space.decode(z, target)  # [B, S-k (or T-k), L_t, D_t]
+    out = space.decode(z, target, ids)  # [B, S-k (or T-k), L_t, D_t]
     return view.to_cache(out, rot_target, sink, start)  # [B, S (or T), L_t, D_t]

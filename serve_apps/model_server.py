@@ -191,9 +191,12 @@ class PoolModelServer(TextSegments):
         return {"kind": "latent", **_wire(self.space.encode(body, self.name)), **meta}  # [1, S-k, Q]
 
     # ------------------------------------------------------------ hand-off in
-    def _payload_block(self, payload: Payload) -> tuple[KVBlock | None, bool]:
+    def _payload_block(self, payload: Payload, prompt: torch.Tensor | None = None) -> tuple[KVBlock | None, bool]:
         """A handed-over cache in this model's layout ``[1, S, L, D]`` (Σ payloads decoded with ``OUT_self``),
         and whether it was decoded by this call.
+
+        ``prompt`` ``[1, n]``: this model's tokens of a hand-off (not a stored context, which is decoded once for
+        every request), read by the space's token prior at the decoded positions (:mod:`kvlingua.prior`).
 
         A stored context or a module (``context_id`` set) is decoded once and kept (LRU) for later requests. A Σ
         payload from a model that tokenizes differently carries ``index`` (:mod:`serve_apps.crosstok`): this model's
@@ -217,7 +220,10 @@ class PoolModelServer(TextSegments):
             sink = sink_block(self.model, as_prompt(sink_ids)) if sink_ids else None  # [1, k, L, D]: our own
             if latent.keys.shape[1] == 0:
                 return sink, sink is not None
-            block = view.to_cache(self.space.decode(latent, self.name), self.rotation, sink,
+            first, n = payload.get("start", 0) + len(sink_ids), latent.keys.shape[1]
+            ids = prompt[:, first:first + n] if key is None and prompt is not None and prompt.shape[1] >= first + n \
+                else None  # [1, S-k]: this model's tokens at the decoded positions
+            block = view.to_cache(self.space.decode(latent, self.name, ids), self.rotation, sink,
                                   payload.get("start", 0))  # [1, S, L, D]
             if key is not None and tensor_bytes(block.keys, block.values) <= self.decoded.budget:
                 self.decoded.put(key, block)
@@ -250,7 +256,7 @@ class PoolModelServer(TextSegments):
         else:
             times = {"prefill_s": handoff.get("prefill_s", 0.0), "translate_s": handoff.get("translate_s", 0.0)}
             t0 = time.perf_counter()
-            block, times["decoded"] = self._payload_block(handoff)  # [1, C, L, D] or None
+            block, times["decoded"] = self._payload_block(handoff, prompt)  # [1, C, L, D] or None
             if handoff.get("module") is None:  # a module's p positions come first: none of the prompt's
                 h = min(handoff.get("positions", block.seq_len if block is not None else 0), prompt.shape[1] - 1)
                 if block is not None and h < block.seq_len:

@@ -173,7 +173,8 @@ def time_handoff(models: dict, spaces: dict[str, SharedSpace], source: str, targ
         rot = (model_rotation(models[source]), model_rotation(models[target])) if view.unrotate else (None, None)
         sink = sink_block(models[target], prefix[:, :k]) if k else None
         index = token_map(ends[0][:, k:], ends[1][:, k:]) if ends is not None else None  # [B, P-k]
-        out = translate_cache(sp, src_block, source, target, *rot, sink, view=view, index=index)  # [B, P, L_t, D_t]
+        out = translate_cache(sp, src_block, source, target, *rot, sink, view=view, index=index,
+                              ids=prefix[:, k:])  # [B, P, L_t, D_t]
         # the target re-reads what its next token (the suffix's first) leans on most, as serving does
         return refresh_cache(models[target], out, prefix, inputs.suffix[:, :1], view.refresh, k) if view.refresh else out
 

@@ -30,10 +30,11 @@ DEFAULT_LEVERS: dict[str, dict] = {
     "sink_tokens: 4": {"sink_tokens": 4},
     "keys: rotated": {"keys": "rotated"},
     "q_dim: 240": {"q_dim": 240},
-    "init: match": {"init": "match"},
+    "init: match": {"init": "match", "token_prior": 0},
     "init_batches: 16": {"init_batches": 16},
     "out_weights: attention": {"init": "closed_form", "out_weights": "attention"},
     "refresh: 0": {"refresh": 0},
+    "token_prior: 0": {"token_prior": 0},
     "512-token calibration": {"init": "closed_form", "init_prefix_len": 512, "init_batches": 8},
     "out_weights: attention, 512-token calibration": {"init": "closed_form", "out_weights": "attention",
                                                       "init_prefix_len": 512, "init_batches": 8},
@@ -42,7 +43,8 @@ DEFAULT_LEVERS: dict[str, dict] = {
 calibrate on 8 batches of 512-token prefixes (the held-out length past training where content falls; passages of
 512 + suffix tokens); ``out_weights: attention`` refits OUT weighted by the target's attention
 (:func:`kvlingua.closedform.attention_weighted_out`); ``refresh: 0`` reads the start's translation as is (no
-positions recomputed by the target, :mod:`kvlingua.refresh`)."""
+positions recomputed by the target, :mod:`kvlingua.refresh`); ``token_prior: 0`` decodes without the targets' token
+priors (:mod:`kvlingua.prior`; the same as the start in a space without them, so a run skips it there)."""
 
 
 def start_space(members: dict, cfg, backend: LocalBackend, job, seed: int) -> SharedSpace:
@@ -84,6 +86,8 @@ def lever_starts(run_dir: str | Path, levers: dict[str, dict] | None = None, *, 
                                first_tokens=job.eval.first_tokens)} if trained else {}
     for name, change in (levers or DEFAULT_LEVERS).items():
         cfg = replace(base, **change)
+        if "token_prior" in change and not base.token_prior and change["token_prior"] == 0 and len(change) == 1:
+            continue  # no prior to drop: the start itself again
         if cfg.sink_tokens >= job.trained_prefix_len[0]:  # the calibration's shortest prefixes leave Σ nothing
             continue
         space = start_space(members, cfg, backend, job, job.train.seed)

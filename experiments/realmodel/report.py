@@ -103,6 +103,23 @@ def adapters_section(result: EvalResult, timing: dict, deep: str, shallow: str) 
     return lines
 
 
+def _prior_text(run_dir: Path, space_cfg: dict) -> str:
+    """``, token priors ...`` for a space with ``token_prior`` (which targets kept theirs, from the main space's init
+    record in ``histories.json``), else nothing."""
+    n = space_cfg.get("token_prior", 0)
+    if not n:
+        return ""
+    f = run_dir / "histories.json"
+    init = next((r for hist in (json.loads(f.read_text()).values() if f.is_file() else ()) for r in hist
+                 if r.get("kind") == "init"), {})
+    kept = {key.split("/")[2]: (v, init.get(key.replace("/kept", "/nll_delta"))) for key, v in init.items()
+            if key.startswith("init/prior/") and key.endswith("/kept")}
+    said = "; ".join(f"{m} {'kept' if v else 'dropped'} ({d:+.3f} nats on the calibration batches)"
+                     for m, (v, d) in kept.items())
+    return f", a token prior of the {n} most frequent calibration tokens per target (`kvlingua/prior.py`" + \
+        (f": {said})" if said else ")")
+
+
 def curves_section(run_dir: Path, report: Path, deep: str, shallow: str) -> list[str]:
     """Validation NLL of the cross-model paths at each evaluation of each space (``histories.json``: step 0 is
     right after the adapters' initialisation), and the curves drawn from the same records."""
@@ -250,7 +267,7 @@ def write_real_model_report(run_dir: str | Path, report: str | Path, run: Report
     lines += [f"Method settings of the main space: the target keeps its own first {space_cfg.get('sink_tokens', 0)} "
               f"position(s) (its attention sink; Σ carries the rest), keys travel {space_cfg.get('keys', 'rotated')}, "
               f"adapters start `{space_cfg.get('init', 'random')}`, Σ width Q = {space_cfg.get('q_dim')}, "
-              f"{_stack_text(space_cfg)}. "
+              f"{_stack_text(space_cfg)}{_prior_text(run_dir, space_cfg)}. "
               "Content transferred = (control − NLL) / (control − base), where control is the target's own sink "
               "followed by another passage's positions.", ""]
     lines += acceptance_section(result, run_dir, run.positions, deep, shallow, pool_json)

@@ -115,7 +115,7 @@ def sink_study(run_dir: str | Path, prefix_len: int, batches: int, split: str = 
             record((src, tgt), "no-prefix", backend.suffix_nll(tgt, None, suffix))
             sink = KVBlock(own[tgt].keys[:, :k], own[tgt].values[:, :k], own[tgt].n_kv_heads) if k else None
             z = read_along(space.encode(view.to_space(own[src], rotations.get(src)), src), b.align(src, tgt, k))
-            out = space.decode(z, tgt).map(lambda t: t.float())  # [B, P-k, L, D] what Σ gives the target
+            out = space.decode(z, tgt, b.prefix(tgt)[:, k:]).map(lambda t: t.float())  # [B, P-k, L, D] what Σ gives
             true = view.to_space(own[tgt], rotations.get(tgt))  # [B, P-k, L, D] the target's own, in Σ's view
             variants = {"translated": (out.keys, out.values), "own keys": (true.keys, out.values),
                         "own values": (out.keys, true.values)}

@@ -140,9 +140,9 @@ class RecordingSpace:
         self.calls.append([source, None, block])
         return self.space.encode(block, source)
 
-    def decode(self, latent, target):
+    def decode(self, latent, target, ids=None):
         self.calls[-1][1] = target
-        return self.space.decode(latent, target)
+        return self.space.decode(latent, target, ids)
 
 
 def cat(*blocks: KVBlock) -> KVBlock:
