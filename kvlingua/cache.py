@@ -24,6 +24,7 @@ import hashlib
 import inspect
 import json
 import weakref
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -295,26 +296,43 @@ def extract_prefix(model: PreTrainedModel, input_ids: Tensor, attention_mask: Te
     return block
 
 
-_BOS_SINKS: "weakref.WeakKeyDictionary[PreTrainedModel, dict[tuple, KVBlock]]" = weakref.WeakKeyDictionary()
+SINK_MEMO_ENTRIES = 1024
+"""Distinct sinks (their token ids, device and dtype) :func:`sink_block` keeps per model, least recently used
+dropped first: ~46 KB each for SmolLM2-135M's 1-token sink in fp32, ~47 MB at most."""
+_SINKS: "weakref.WeakKeyDictionary[PreTrainedModel, OrderedDict[tuple, KVBlock]]" = weakref.WeakKeyDictionary()
 
 
 def sink_block(model: PreTrainedModel, ids: Tensor) -> KVBlock:
     """``model``'s own cache of its first ``k`` tokens ``ids`` ``[B, k]`` (the sink it keeps when it reads a
-    translated prefix): :func:`extract_prefix`, except that a sink made of the model's BOS token alone in every row
-    (Gemma's ``<bos>``: the same for every prompt) is computed once per model, device and dtype and reused, ``[1, k,
-    L, D]`` expanded to ``B`` rows. A 1-token forward reads every weight (~40 ms for Gemma-3-270M on 2 CPU cores,
-    ~0.1 of a 512-token hand-off); a model without a BOS (SmolLM2's sink is the prompt's first token) computes it."""
-    bos = getattr(model.config, "bos_token_id", None)
-    if bos is None or ids.numel() == 0 or not bool((ids == bos).all()):
+    translated prefix): :func:`extract_prefix` of each row, computed once per model, token ids, device and dtype and
+    reused (the cache of a sequence's first ``k`` tokens depends on those tokens alone). A 1-token forward reads every
+    weight (~30–40 ms for SmolLM2 or Gemma-3-270M on 2 CPU cores, ~0.1 of a 512-token hand-off); a model whose sink is
+    its BOS (Gemma's ``<bos>``) computes it once, one whose sink is a prompt's own first token (SmolLM2) once per
+    first token, the last :data:`SINK_MEMO_ENTRIES` kept. Returns ``[B, k, L, D]`` (a single row's memo, as stored).
+    """
+    if ids.numel() == 0:
         return extract_prefix(model, ids)
     param = next(model.parameters())
-    key = (ids.shape[1], str(param.device), param.dtype)
-    memo = _BOS_SINKS.setdefault(model, {})
-    if key not in memo:
-        memo[key] = extract_prefix(model, ids[:1])  # [1, k, L, D]
-    one = memo[key]
-    return KVBlock(one.keys.expand(ids.shape[0], -1, -1, -1), one.values.expand(ids.shape[0], -1, -1, -1),
-                   one.n_kv_heads)  # [B, k, L, D]
+    memo = _SINKS.setdefault(model, OrderedDict())
+    keys = [(tuple(row), str(param.device), param.dtype) for row in ids.tolist()]
+    missing = list(dict.fromkeys(key for key in keys if key not in memo))  # distinct, in order
+    if missing:
+        rows = [keys.index(key) for key in missing]
+        fresh = extract_prefix(model, ids[rows])  # [m, k, L, D]
+        for i, key in enumerate(missing):
+            memo[key] = KVBlock(fresh.keys[i:i + 1].clone(), fresh.values[i:i + 1].clone(), fresh.n_kv_heads)
+    for key in keys:
+        memo.move_to_end(key)
+    if len(set(keys)) == 1:  # one sink for every row (a BOS): the stored row, expanded
+        one = memo[keys[0]]
+        out = KVBlock(one.keys.expand(ids.shape[0], -1, -1, -1), one.values.expand(ids.shape[0], -1, -1, -1),
+                      one.n_kv_heads)  # [B, k, L, D]
+    else:
+        rows = [memo[key] for key in keys]
+        out = KVBlock(torch.cat([r.keys for r in rows]), torch.cat([r.values for r in rows]), rows[0].n_kv_heads)
+    while len(memo) > SINK_MEMO_ENTRIES:
+        memo.popitem(last=False)
+    return out
 
 
 def check_block_fits(block: KVBlock, summary: ArchSummary, who: str = "model") -> None:

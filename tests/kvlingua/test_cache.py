@@ -260,24 +260,29 @@ def test_loading_a_checkpoint_prints_nothing(tmp_path, capfd):
     assert hf_logging.is_progress_bar_enabled() == was  # the caller's setting comes back
 
 
-def test_a_bos_sink_is_computed_once_per_model_and_equals_the_models_own_cache_of_it():
-    """``sink_block``: a sink of the model's BOS alone in every row is computed once (the same storage on a second
-    call, whatever the batch) and equals ``extract_prefix`` of those rows; any other first tokens (a model without a
-    BOS reads the prompt's first) are computed each time, exactly as ``extract_prefix``."""
-    from kvlingua.cache import sink_block
+def test_a_sink_is_computed_once_per_model_and_tokens_and_equals_the_models_own_cache_of_it(monkeypatch):
+    """``sink_block``: each distinct row of sink tokens is computed once (the same storage on a later call, whatever
+    the batch) and equals ``extract_prefix`` of those rows; the least recently used are dropped past the bound."""
+    import kvlingua.cache as cache
 
     model = tiny_model("gemma2", seed=3)
-    model.config.bos_token_id = 2
-    bos = torch.full((3, 1), 2)  # [B, 1]
-    first, again = sink_block(model, bos), sink_block(model, bos[:1])
+    bos = torch.full((3, 1), 2)  # [B, 1]: one sink for every row (Gemma's <bos>)
+    first, again = cache.sink_block(model, bos), cache.sink_block(model, bos[:1])
     ref = extract_prefix(model, bos)  # [3, 1, L, D]
     assert first.keys.shape == ref.keys.shape and again.keys.shape[0] == 1
     torch.testing.assert_close(first.keys, ref.keys, rtol=0, atol=1e-6)
     torch.testing.assert_close(first.values, ref.values, rtol=0, atol=1e-6)
     assert again.keys.data_ptr() == first.keys.data_ptr()  # computed once, reused
-    other = torch.tensor([[5], [7], [2]])  # [B, 1]: prompts' own first tokens
-    a, b = sink_block(model, other), sink_block(model, other)
-    assert a.keys.data_ptr() != b.keys.data_ptr()
-    assert torch.equal(a.keys, extract_prefix(model, other).keys) and torch.equal(a.keys, b.keys)
-    model.config.bos_token_id = None  # no BOS: nothing is reused
-    assert sink_block(model, bos).keys.data_ptr() != sink_block(model, bos).keys.data_ptr()
+    other = torch.tensor([[5, 9], [7, 9], [5, 9]])  # [B, 2]: prompts' own first tokens (SmolLM2's sink)
+    a = cache.sink_block(model, other)
+    want = extract_prefix(model, other)
+    torch.testing.assert_close(a.keys, want.keys, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.values, want.values, rtol=0, atol=1e-6)
+    calls = []
+    monkeypatch.setattr(cache, "extract_prefix", lambda m, ids: calls.append(ids.tolist()) or extract_prefix(m, ids))
+    b = cache.sink_block(model, other[[1, 0]])  # both rows known: no forward
+    assert calls == [] and torch.equal(b.keys, a.keys[[1, 0]])
+    monkeypatch.setattr(cache, "SINK_MEMO_ENTRIES", 2)
+    cache.sink_block(model, torch.tensor([[4, 4]]))  # a third distinct sink pushes out the least recently used
+    cache.sink_block(model, other[:2])
+    assert calls == [[[4, 4]], [[7, 9]]]  # read before [5, 9] in the last call, [7, 9] was the least recent
