@@ -135,3 +135,55 @@ def test_prior_needs_the_closed_form_and_travels_with_the_adapters(tmp_path):
     without = SharedSpace(members, SpaceConfig(q_dim=4, adapter="linear"))
     with pytest.raises(ValueError, match="unexpected tensors"):
         without.load_adapter_file("a", tmp_path / "a.safetensors")
+
+
+def test_a_handoff_reads_the_prior_at_the_targets_own_tokens():
+    """``translate_block`` (a hand-off's prefix, then a continued segment) gives each position the prior of the
+    target token there: against Σ's output with the shifts added position by position here."""
+    from kvlingua.cache import arch_summary, extract_prefix, sink_block
+    from kvlingua.generate import translate_block
+    from kvlingua.view import model_rotation
+    from tests.kvlingua.test_view import identity_space
+
+    a, b = tiny_model("llama", seed=3, layers=2, kv_heads=2), tiny_model("llama", seed=3, layers=2, kv_heads=2)
+    s = arch_summary(a)
+    space = identity_space({"a": a, "b": b}, SpaceConfig(adapter="linear", q_dim=s.num_layers * s.width,
+                                                         refresh=0, token_prior=4))
+    prior = space.adapters("b")["prior"]
+    g = torch.Generator().manual_seed(2)
+    prior.ids.copy_(torch.tensor([5, 17, 42, 99]))
+    prior.shift_keys.copy_(torch.randn(4, s.num_layers, s.width, generator=g))
+    prior.shift_values.copy_(torch.randn(4, s.num_layers, s.width, generator=g))
+    ids = torch.tensor([[5, 17, 99, 3, 42, 8, 77, 31, 17, 5]])  # [1, 10]: the first 5 is the sink, never shifted
+    full = extract_prefix(a, ids)  # [1, 10, L, D]
+    view, rot_a, rot_b = CacheView.of(space.cfg), model_rotation(a), model_rotation(b)
+    slot = {5: 0, 17: 1, 42: 2, 99: 3}
+
+    def expected(block, start, k):
+        body = view.to_space(block, rot_a, start)  # identity adapters: Σ's output is the source's own body
+        keys, values = body.keys.clone(), body.values.clone()
+        for i in range(body.seq_len):
+            t = int(ids[0, start + k + i])
+            if t in slot:
+                keys[0, i] += prior.shift_keys[slot[t]]
+                values[0, i] += prior.shift_values[slot[t]]
+        sink = sink_block(b, ids[:, :k]) if k else None
+        return view.to_cache(KVBlock(keys, values, body.n_kv_heads), rot_b, sink, start)
+
+    head = KVBlock(full.keys[:, :8], full.values[:, :8], full.n_kv_heads)  # positions 0..7
+    tail = KVBlock(full.keys[:, 8:], full.values[:, 8:], full.n_kv_heads)  # positions 8..9, a continued segment
+    for block, start, k in ((head, 0, 1), (tail, 8, 0)):
+        got = translate_block(space, block, "a", "b", a, b, ids, start)
+        want = expected(block, start, k)
+        torch.testing.assert_close(got.keys, want.keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.values, want.values, rtol=0, atol=1e-5)
+        assert not torch.allclose(got.values, translate_cache_plain(space, block, start, k, a, b, ids).values)
+
+
+def translate_cache_plain(space, block, start, k, a, b, ids):
+    """The same translation without the prior (no target tokens given), for the test above to differ from."""
+    from kvlingua.cache import sink_block
+    from kvlingua.view import model_rotation, translate_cache
+
+    sink = sink_block(b, ids[:, :k]) if k else None
+    return translate_cache(space, block, "a", "b", model_rotation(a), model_rotation(b), sink, start)
