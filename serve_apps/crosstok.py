@@ -100,10 +100,14 @@ class Mapped:
     empty: nothing past the target's sink (it reads its ``h`` positions itself)."""
     sink_ids: list[int]
     """The target's own first ``k`` ids (its sink, computed by the target)."""
+    ids: list[int] | None = None
+    """``[len(index)]`` the target's own tokens at the positions the map fills, for a stored context (decoded once for
+    every request, so the tokens travel with it; :mod:`kvlingua.prior`); None: a live hand-off, whose target reads
+    them from its prompt."""
 
     def extras(self) -> dict:
-        """What a Σ payload carries besides the source's latent: the map and the target's sink."""
-        return {"index": self.index, "sink_ids": self.sink_ids}
+        """What a Σ payload carries besides the source's latent: the map, the target's sink (and its tokens)."""
+        return {"index": self.index, "sink_ids": self.sink_ids} | ({} if self.ids is None else {"ids": self.ids})
 
 
 def handoff_map(source_tok, target_tok, text: str, positions: int | None, sink: int) -> tuple[Mapped | None, int]:
@@ -147,13 +151,14 @@ def context_map(ctx: TextContext, target_tok, sink: int) -> tuple[list[int], dic
         ``(ids, extras, n)``: the target's tokens of the context text; the payload extras (``index``: each of its
         positions after its sink -> the stored Σ row it reads; ``sink_ids``: its own sink); and ``n``, the positions
         the decoded block holds (all of ``ids``, or only its sink where the stored Σ or the target's tokens have
-        nothing past the sink).
+        nothing past the sink). The extras also carry ``ids``, the target's tokens after its sink, which its token
+        prior reads (:mod:`kvlingua.prior`).
     """
     ids, ends = text_ends(target_tok, ctx.text)
     rows = ctx.keys.shape[1]  # [1, C-k, Q]: the source's positions after its sink
     if rows == 0 or len(ids) <= sink:
-        return ids, {"index": [], "sink_ids": ids[:sink]}, min(sink, len(ids))
-    return ids, {"index": _map(ctx.ends[ctx.sink:], ends[sink:]), "sink_ids": ids[:sink]}, len(ids)
+        return ids, {"index": [], "sink_ids": ids[:sink], "ids": []}, min(sink, len(ids))
+    return ids, {"index": _map(ctx.ends[ctx.sink:], ends[sink:]), "sink_ids": ids[:sink], "ids": ids[sink:]}, len(ids)
 
 
 def context_request(ctx: TextContext, target_tok, text: str, sink: int) -> tuple[list[int], int, dict]:

@@ -195,8 +195,8 @@ class PoolModelServer(TextSegments):
         """A handed-over cache in this model's layout ``[1, S, L, D]`` (Σ payloads decoded with ``OUT_self``),
         and whether it was decoded by this call.
 
-        ``prompt`` ``[1, n]``: this model's tokens of a hand-off (not a stored context, which is decoded once for
-        every request), read by the space's token prior at the decoded positions (:mod:`kvlingua.prior`).
+        The space's token prior (:mod:`kvlingua.prior`) reads this model's tokens at the decoded positions: a stored
+        context carries them (``ids``, decoded once for every request); a live hand-off's are ``prompt`` ``[1, n]``'s.
 
         A stored context or a module (``context_id`` set) is decoded once and kept (LRU) for later requests. A Σ
         payload from a model that tokenizes differently carries ``index`` (:mod:`serve_apps.crosstok`): this model's
@@ -221,8 +221,13 @@ class PoolModelServer(TextSegments):
             if latent.keys.shape[1] == 0:
                 return sink, sink is not None
             first, n = payload.get("start", 0) + len(sink_ids), latent.keys.shape[1]
-            ids = prompt[:, first:first + n] if key is None and prompt is not None and prompt.shape[1] >= first + n \
-                else None  # [1, S-k]: this model's tokens at the decoded positions
+            if payload.get("ids") is not None:  # [1, S-k]: this model's tokens at the decoded positions
+                if len(payload["ids"]) != n:
+                    raise ValueError(f"a Σ payload's ids name {len(payload['ids'])} positions; it decodes {n}")
+                ids = torch.tensor([payload["ids"]], dtype=torch.long)
+            else:
+                ids = prompt[:, first:first + n] if key is None and prompt is not None and \
+                    prompt.shape[1] >= first + n else None
             block = view.to_cache(self.space.decode(latent, self.name, ids), self.rotation, sink,
                                   payload.get("start", 0))  # [1, S, L, D]
             if key is not None and tensor_bytes(block.keys, block.values) <= self.decoded.budget:

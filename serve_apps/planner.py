@@ -262,7 +262,7 @@ class Planner:
                                         f"which {target!r} cannot read (another tokenizer); store it as text",
                                    param=f"{f}context_id")
             ids, positions, extras = context_request(ctx, tok, text, self.sink)
-            mapped = Mapped([], extras["index"], extras["sink_ids"])
+            mapped = Mapped([], extras["index"], extras["sink_ids"], extras["ids"])
         else:
             ids = text_ends(tok, text)[0] if text else []
         self._nonempty(ids)

@@ -120,6 +120,8 @@ class PhaseClock:
 
 def context_payload(ctx: StoredContext) -> dict:
     """A stored context's Σ latent ``[1, C-k, Q]`` as a hand-off payload (with the ids of its ``k`` sink tokens, which
-    the target reads itself); ``context_id`` lets a replica keep its decode."""
+    the target reads itself, and of the positions after them, which a token prior reads: a target of another tokenizer
+    gets its own of both from :func:`serve_apps.crosstok.context_map`); ``context_id`` lets a replica keep its decode."""
     return {"kind": "latent", "keys": tensor_to_wire(ctx.keys), "values": tensor_to_wire(ctx.values),
-            "context_id": ctx.key.id, "start": 0, "sink": ctx.sink, "sink_ids": list(ctx.token_ids[:ctx.sink])}
+            "context_id": ctx.key.id, "start": 0, "sink": ctx.sink, "sink_ids": list(ctx.token_ids[:ctx.sink]),
+            "ids": list(ctx.token_ids[ctx.sink:])}
