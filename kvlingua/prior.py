@@ -13,7 +13,7 @@ prefix's content hangs on. The prior corrects them for the cost of a lookup:
   ``own − decoded`` shrunk by ``n / (n + PRIOR_SHRINK)`` toward 0);
 * other tokens, and positions without a token (a ported soft prompt), decode as Σ gives them.
 
-:func:`fit_token_prior` fits it in the closed-form calibration pass (no gradients), after the short paths, and keeps
+:func:`kvlingua.prior_fit.fit_token_prior` fits it in the closed-form calibration pass (no gradients), after the short paths, and keeps
 a target's prior only where it lowers that target's suffix NLL on the calibration batches, averaged over every source
 (the fits minimise a squared error, not the NLL). Fitted to the trained adapters of the real pair trained without it
 (P = 512, validation, 4 batches) it moved smollm2 → gemma3 from 0.56 to 0.78 of the content without a refresh and
@@ -22,23 +22,10 @@ a target's prior only where it lowers that target's suffix NLL on the calibratio
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
-from kvlingua.align import read_along
 from kvlingua.cache import KVBlock
-
-if TYPE_CHECKING:
-    from kvlingua.backend import PoolBackend
-    from kvlingua.runtime import Runtime
-    from kvlingua.space import SharedSpace
-    from kvlingua.view import CacheView
-
-PRIOR_SHRINK = 10.0
-"""Pseudo-count a token's mean residual is shrunk by (``n / (n + c)``): 10 beat 2 on the real pair's validation rows."""
 
 
 class TokenPrior(nn.Module):
@@ -77,133 +64,3 @@ class TokenPrior(nn.Module):
             shift = getattr(self, f"shift_{kind}")[slot] * hit[..., None, None]  # [B, S, L, D]
             out.append(x * scale[..., None].to(x.dtype) + shift.to(x.dtype))
         return KVBlock(out[0], out[1], block.n_kv_heads)
-
-
-def _token_stats(slot_of: Tensor, ids: Tensor, own: KVBlock, decoded: KVBlock, n_slots: int) -> list[Tensor]:
-    """Per slot sums over the positions whose token has one: ``[count [N], then per kind: Σown [N, L, D],
-    Σ|own|² [N, L], Σres [N, L, D], Σ|res|² [N, L]]`` (fp64), ``res = own − decoded``."""
-    slots = slot_of[ids.reshape(-1)]  # [B*S] (-1: no slot)
-    keep = slots >= 0
-    slots = slots[keep]
-    stats = [torch.zeros(n_slots, dtype=torch.float64).index_add_(0, slots, torch.ones_like(slots, dtype=torch.float64))]
-    for kind in ("keys", "values"):
-        x = getattr(own, kind).reshape(-1, own.num_layers, own.width)[keep].double()  # [n, L, D]
-        r = x - getattr(decoded, kind).reshape(-1, own.num_layers, own.width)[keep].double()  # [n, L, D]
-        for t in (x, r):
-            stats.append(torch.zeros(n_slots, *t.shape[1:], dtype=torch.float64).index_add_(0, slots, t))
-            stats.append(torch.zeros(n_slots, t.shape[1], dtype=torch.float64).index_add_(0, slots, t.pow(2).sum(-1)))
-    return stats
-
-
-def _fit_slots(stats: list[Tensor], shrink: float) -> dict[str, Tensor]:
-    """Scales ``[N, L]`` and shifts ``[N, L, D]`` per kind from summed :func:`_token_stats` (module docstring)."""
-    count = stats[0].clamp_min(1)[:, None]  # [N, 1]
-    usable = (stats[0] >= 2)[:, None]  # [N, 1]: a mean of one entry says nothing about its spread
-    w = count / (count + shrink)  # [N, 1]
-    fitted = {}
-    for i, kind in enumerate(("keys", "values")):
-        s_x, q_x, s_r, q_r = stats[1 + 4 * i: 5 + 4 * i]
-        mean_x, mean_r = s_x / count[..., None], s_r / count[..., None]  # [N, L, D]
-        var_x = (q_x / count - mean_x.pow(2).sum(-1)) * (1 + 1 / count)  # [N, L] error of replacing, out of sample
-        err_r = q_r / count - mean_r.pow(2).sum(-1) + (1 - w).pow(2) * mean_r.pow(2).sum(-1)  # [N, L] of correcting
-        replace = (var_x < err_r) & usable  # [N, L]
-        correct = ~replace & usable
-        fitted[f"scale_{kind}"] = torch.where(replace, 0.0, 1.0).float()
-        fitted[f"shift_{kind}"] = torch.where(replace[..., None], mean_x,
-                                              torch.where(correct[..., None], w[..., None] * mean_r, 0.0)).float()
-    return fitted
-
-
-@torch.no_grad()
-def fit_token_prior(space: SharedSpace, backend: PoolBackend, batches: Sequence, trainable: Sequence[str],
-                    runtime: Runtime | None = None, view: CacheView | None = None, gate: bool = True) -> dict[str, float]:
-    """Fit the token prior of every ``trainable`` member (as a target) on the calibration ``batches`` and keep it
-    where it lowers that member's calibration suffix NLL (module docstring; ``gate=False`` keeps every fitted prior,
-    for tests and studies). Call after the short paths are set.
-
-    Returns ``{"init/prior/<target>/kept": 0|1, "init/prior/<target>/nll_delta": mean NLL with − without,
-    "init/prior/<target>/replaced": share of (token, layer) entries replaced}`` for the record.
-    """
-    from kvlingua.outinit import rank_mean  # these import the space module, which imports this one
-    from kvlingua.space import space_device
-    from kvlingua.view import CacheView
-
-    view = view or CacheView.of(space.cfg)
-    names = list(space.names)
-    targets = [m for m in names if m in set(trainable) and "prior" in space.adapters(m)]
-    if not targets:
-        return {}
-    k = view.sink_tokens
-    rotations = {m: backend.rotation(m) for m in names} if view.unrotate else {}
-    device = space_device(space)
-    n = space.cfg.token_prior
-    # 1. each target's N most frequent calibration tokens (after its sink), counted over every rank alike
-    counts = {}
-    for j in targets:
-        vocab = space.members[j].vocab_size
-        c = torch.zeros(vocab, dtype=torch.float64)
-        for batch in batches:
-            body = batch.prefix(j)[:, k:].reshape(-1)  # [B*(P-k)]
-            c.index_add_(0, body, torch.ones_like(body, dtype=torch.float64))
-        counts[j] = rank_mean([c], runtime)[0]  # [V]
-    chosen = {}
-    for j, c in counts.items():
-        top = torch.argsort(-c, stable=True)[:n]  # ties: the lower id
-        top = top[c[top] > 0].sort().values  # [<= N] increasing
-        slot_of = torch.full((c.numel(),), -1, dtype=torch.long)
-        slot_of[top] = torch.arange(top.numel())
-        chosen[j] = (top, slot_of)
-    # 2. per-token statistics of the target's own cache and of what Σ decodes from every source
-    sums: dict[str, list[Tensor]] = {}
-    for batch in batches:
-        view.check_prefix(batch.prefix_len)
-        blocks = {m: backend.prefix_block(m, batch.prefix(m)) for m in names}  # each [B, P, L_m, D_m]
-        latents = {m: space.encode(view.to_space(blocks[m], rotations.get(m)).to(device), m) for m in names}
-        for j in targets:
-            own = view.to_space(blocks[j], rotations.get(j))  # [B, P-k, L_j, D_j]
-            body = batch.prefix(j)[:, k:]  # [B, P-k]
-            for i in names:
-                out = space.decode(read_along(latents[i], batch.align(i, j, k)), j).map(lambda t: t.float().cpu())
-                got = _token_stats(chosen[j][1], body, own, out, chosen[j][0].numel())
-                sums[j] = got if j not in sums else [a + g for a, g in zip(sums[j], got)]
-    record: dict[str, float] = {}
-    for j in targets:
-        top = chosen[j][0]
-        fitted = _fit_slots(rank_mean(sums[j], runtime), PRIOR_SHRINK)
-        prior = space.adapters(j)["prior"]
-        pad = n - top.numel()  # unused slots first: ids stay increasing
-        prior.ids.copy_(torch.cat([torch.full((pad,), -1, dtype=torch.long), top]))
-        for name, t in fitted.items():
-            fill = torch.ones if name.startswith("scale") else torch.zeros
-            getattr(prior, name).copy_(torch.cat([fill(pad, *t.shape[1:]), t]))
-        record[f"init/prior/{j}/replaced"] = float(torch.cat([1 - fitted["scale_keys"], 1 - fitted["scale_values"]]).mean())
-        # 3. the gate: the target's calibration suffix NLL with the prior against without, over every source
-        delta = rank_mean([_nll_delta(space, backend, batches, j, view, rotations, device)], runtime)[0]
-        kept = bool(delta < 0) or not gate
-        if not kept:
-            prior.ids.fill_(-1)
-        record[f"init/prior/{j}/nll_delta"] = float(delta)
-        record[f"init/prior/{j}/kept"] = float(kept)
-    return record
-
-
-def _nll_delta(space: SharedSpace, backend: PoolBackend, batches: Sequence, target: str, view: CacheView,
-               rotations: dict, device: torch.device) -> Tensor:
-    """Mean suffix NLL of ``target`` on ``batches`` with its prior minus without, over every source (a scalar)."""
-    total, rows = torch.zeros((), dtype=torch.float64), 0
-    k = view.sink_tokens
-    for batch in batches:
-        own_t = backend.prefix_block(target, batch.prefix(target))  # [B, P, L, D]
-        sink = KVBlock(own_t.keys[:, :k], own_t.values[:, :k], own_t.n_kv_heads) if k else None
-        body = batch.prefix(target)[:, k:]  # [B, P-k]
-        for i in space.names:
-            own_i = own_t if i == target else backend.prefix_block(i, batch.prefix(i))
-            z = read_along(space.encode(view.to_space(own_i, rotations.get(i)).to(device), i), batch.align(i, target, k))
-            nll = []
-            for ids in (None, body):
-                out = space.decode(z, target, ids).map(lambda t: t.float().cpu())  # [B, P-k, L, D]
-                cache = view.to_cache(out, rotations.get(target), sink)  # [B, P, L, D]
-                nll.append(backend.suffix_nll(target, cache, batch.suffix(target)).double().mean())
-            total += nll[1] - nll[0]
-            rows += 1
-    return total / max(rows, 1)

@@ -45,7 +45,7 @@ from kvlingua.losses import reconstruction_loss, suffix_kl_loss, suffix_lm_loss
 from kvlingua.closedform import attention_weighted_out, closed_form_init
 from kvlingua.metric_names import NllKey
 from kvlingua.outinit import match_init
-from kvlingua.prior import fit_token_prior
+from kvlingua.prior_fit import fit_token_prior
 from kvlingua.paths import PathSampler, PathT, path_name
 from kvlingua.space import LatentBlock, SharedSpace, space_device
 from kvlingua.view import CacheView

@@ -9,7 +9,8 @@ from kvlingua.align import read_along
 from kvlingua.backend import LocalBackend
 from kvlingua.cache import KVBlock
 from kvlingua.closedform import closed_form_init
-from kvlingua.prior import PRIOR_SHRINK, TokenPrior, _fit_slots, _token_stats, fit_token_prior
+from kvlingua.prior import TokenPrior
+from kvlingua.prior_fit import PRIOR_SHRINK, _fit_slots, _token_stats, fit_token_prior
 from kvlingua.space import SharedSpace
 from kvlingua.space_config import SpaceConfig
 from kvlingua.view import CacheView
