@@ -42,7 +42,7 @@ def _token_stats(slot_of: Tensor, ids: Tensor, own: KVBlock, decoded: KVBlock, n
 
 
 def _fit_slots(stats: list[Tensor], shrink: float) -> dict[str, Tensor]:
-    """Scales ``[N, L]`` and shifts ``[N, L, D]`` per kind from summed :func:`_token_stats` (module docstring)."""
+    """Scales ``[N, L]`` and shifts ``[N, L, D]`` per kind from summed :func:`_token_stats` (:mod:`kvlingua.prior`)."""
     count = stats[0].clamp_min(1)[:, None]  # [N, 1]
     usable = (stats[0] >= 2)[:, None]  # [N, 1]: a mean of one entry says nothing about its spread
     w = count / (count + shrink)  # [N, 1]
@@ -64,7 +64,7 @@ def _fit_slots(stats: list[Tensor], shrink: float) -> dict[str, Tensor]:
 def fit_token_prior(space: SharedSpace, backend: PoolBackend, batches: Sequence, trainable: Sequence[str],
                     runtime: Runtime | None = None, view: CacheView | None = None, gate: bool = True) -> dict[str, float]:
     """Fit the token prior of every ``trainable`` member (as a target) on the calibration ``batches`` and keep it
-    where it lowers that member's calibration suffix NLL (module docstring; ``gate=False`` keeps every fitted prior,
+    where it lowers that member's calibration suffix NLL (:mod:`kvlingua.prior`; ``gate=False`` keeps every fitted prior,
     for tests and studies). Call after the short paths are set.
 
     Returns ``{"init/prior/<target>/kept": 0|1, "init/prior/<target>/nll_delta": mean NLL with − without,
