@@ -35,12 +35,15 @@ from experiments.realmodel.report import ReportRun, write_real_model_report
 from experiments.realmodel.sections import BENCH_FILES, REFRESH_BENCH_FILES
 from experiments.realmodel.sinks import ATTENTION_FILE, write_sink_study
 from experiments.toolkit.pools import deep_and_shallow
+from experiments.toolkit.provenance import commit
 from experiments.training import Placement, train_run
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "configs" / "real.yaml"
 SHAPES = REPO / "configs" / "shapes"
 STAGES_FILE = "real_model_stages.json"
+COMMITS_FILE = "real_model_commits.json"
+"""Stage name -> the commit its code ran at (a run resumed at a later commit runs its later stages there)."""
 """Wall seconds of each finished stage, kept beside the run so a resumed run reports every stage."""
 LEVER_BATCHES = 4
 """Held-out batches of the levers and arms stages: each variant is a calibration and a scoring."""
@@ -196,14 +199,15 @@ class RealModel:
 
     def write_report(self, report: Path) -> Path:
         """The report from the run directory's files only."""
-        from experiments.toolkit.provenance import commit, machine
+        from experiments.toolkit.provenance import machine
         from workers.run_config import run_dir_of
 
         cfg = self.run_config()
         run_dir = run_dir_of(cfg)
+        stages = _Stages(run_dir)
         return write_real_model_report(run_dir, report, ReportRun(
             command=self.cfg.command, positions=self.cfg.positions, shapes_dir=SHAPES, machine=machine(),
-            stages=_Stages(run_dir).read(), commit=commit(), pool=cfg.pool))
+            stages=stages.read(), commit=commit(), pool=cfg.pool, stage_commits=stages.read_commits()))
 
     def _arms(self, run_dir: Path, arms: tuple[str, ...], directions: list[tuple[str, str]], cfg) -> None:
         """``arms/<file>`` per arm (:func:`~experiments.realmodel.arms.arm_file`; scored on the levers' held-out
@@ -253,9 +257,14 @@ class _Stages:
 
     def __init__(self, run_dir: Path):
         self.file = run_dir / STAGES_FILE
+        self.commits_file = run_dir / COMMITS_FILE
 
     def read(self) -> dict:
         return json.loads(self.file.read_text()) if self.file.is_file() else {}
+
+    def read_commits(self) -> dict:
+        """Stage name -> the commit it ran at (stages of runs older than this record are absent)."""
+        return json.loads(self.commits_file.read_text()) if self.commits_file.is_file() else {}
 
     def __call__(self, name: str, what: str, adds: bool = False):
         """Time stage ``name``; ``adds``: a stage that resumes in parts (the arms) adds each part's seconds to what
@@ -270,6 +279,9 @@ class _Stages:
             stages = self.read()
             stages[name] = round(time.perf_counter() - start + (stages.get(name, 0.0) if adds else 0.0), 1)
             self.file.write_text(json.dumps(stages, indent=1) + "\n")
+            commits = self.read_commits()
+            commits[name] = commit()
+            self.commits_file.write_text(json.dumps(commits, indent=1) + "\n")
 
         return timed()
 

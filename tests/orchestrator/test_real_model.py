@@ -197,6 +197,28 @@ def test_a_stage_that_resumes_in_parts_adds_their_seconds(tmp_path):
     assert 100.0 <= recorded["arms"] < 101.0 and recorded["levers"] < 1.0
 
 
+def test_the_report_names_the_commit_each_stage_ran_at(tmp_path, monkeypatch):
+    """A run resumed at a later commit: its stages record their own commits, and the report's first line says which
+    stages ran where (and which ran before the record was kept)."""
+    import experiments.realmodel.runner as runner
+    from experiments.realmodel.report import ReportRun
+
+    stages = runner._Stages(tmp_path)
+    (tmp_path / runner.STAGES_FILE).write_text(json.dumps({"train": 60.0}))  # a stage run before commits were kept
+    for name, at in (("positions P=16", "aaa1111"), ("bench", "bbb2222")):
+        monkeypatch.setattr(runner, "commit", lambda at=at: at)
+        with stages(name, name):
+            pass
+    assert stages.read_commits() == {"positions P=16": "aaa1111", "bench": "bbb2222"}
+    run = ReportRun(command="kvlingua real-model", positions=(16,), shapes_dir=tmp_path, machine="m",
+                    stages=stages.read(), commit="bbb2222", stage_commits=stages.read_commits())
+    assert run.provenance() == ("code at commit `bbb2222`; by stage: positions P=16 at `aaa1111`; bench at "
+                                "`bbb2222`; train at a commit not recorded")
+    same = ReportRun(command="c", positions=(16,), shapes_dir=tmp_path, machine="m", stages={"bench": 1.0},
+                     commit="bbb2222", stage_commits={"bench": "bbb2222"})
+    assert same.provenance() == "code at commit `bbb2222`"
+
+
 def test_the_sink_study_scores_what_evaluation_scores_and_shows_each_targets_attention(real):
     """``--sinks 8``: its ``translated`` condition is, batch for batch, the trained space that evaluation scored on the
     same rows (levers-P8: the same 4 batches of the same permutation); restoring the target's own keys and values at
