@@ -283,7 +283,8 @@ def test_a_rerun_with_one_lever_more_scores_only_that_lever(real):
     lengths, every earlier file is untouched, the stage's seconds grow, and the report's lever table has its row."""
     root, _, stamps, _, (stages, after) = real
     changed = sorted(f for f in after if after[f] != stamps.get(f))
-    assert all(f.startswith(("run/levers/", "run/levers-P8/", "run/real_model_stages")) for f in changed), changed
+    assert all(f.startswith(("run/levers/", "run/levers-P8/", "run/real_model_stages", "run/real_model_commits"))
+               for f in changed), changed
     for out in ("levers", "levers-P8"):
         names = json.loads((root / "run" / out / "names.json").read_text())
         new = [k for k, n in names.items() if n == "out_weights: attention"]
