@@ -99,8 +99,7 @@ def fit_token_prior(space: SharedSpace, backend: PoolBackend, batches: Sequence,
     sums: dict[str, list[Tensor]] = {}
     for batch in batches:
         view.check_prefix(batch.prefix_len)
-        blocks = {m: backend.prefix_block(m, batch.prefix(m)) for m in names}  # each [B, P, L_m, D_m]
-        latents = {m: space.encode(view.to_space(blocks[m], rotations.get(m)).to(device), m) for m in names}
+        blocks, latents = _read(space, backend, batch, view, rotations, device)
         for j in targets:
             own = view.to_space(blocks[j], rotations.get(j))  # [B, P-k, L_j, D_j]
             body = batch.prefix(j)[:, k:]  # [B, P-k]
@@ -109,7 +108,7 @@ def fit_token_prior(space: SharedSpace, backend: PoolBackend, batches: Sequence,
                 got = _token_stats(chosen[j][1], body, own, out, chosen[j][0].numel())
                 sums[j] = got if j not in sums else [a + g for a, g in zip(sums[j], got)]
     record: dict[str, float] = {}
-    for j in targets:
+    for j in targets:  # every prior set before the gate: one target's prior changes only what is decoded into it
         top = chosen[j][0]
         fitted = _fit_slots(rank_mean(sums[j], runtime), PRIOR_SHRINK)
         prior = space.adapters(j)["prior"]
@@ -119,8 +118,11 @@ def fit_token_prior(space: SharedSpace, backend: PoolBackend, batches: Sequence,
             fill = torch.ones if name.startswith("scale") else torch.zeros
             getattr(prior, name).copy_(torch.cat([fill(pad, *t.shape[1:]), t]))
         record[f"init/prior/{j}/replaced"] = float(torch.cat([1 - fitted["scale_keys"], 1 - fitted["scale_values"]]).mean())
-        # 3. the gate: the target's calibration suffix NLL with the prior against without, over every source
-        delta = rank_mean([_nll_delta(space, backend, batches, j, view, rotations, device)], runtime)[0]
+    # 3. the gate: each target's calibration suffix NLL with its prior against without, over every source
+    deltas = _nll_deltas(space, backend, batches, targets, view, rotations, device)
+    for j in targets:
+        prior = space.adapters(j)["prior"]
+        delta = rank_mean([deltas[j]], runtime)[0]
         kept = bool(delta < 0) or not gate
         if not kept:
             prior.ids.fill_(-1)
@@ -129,23 +131,33 @@ def fit_token_prior(space: SharedSpace, backend: PoolBackend, batches: Sequence,
     return record
 
 
-def _nll_delta(space: SharedSpace, backend: PoolBackend, batches: Sequence, target: str, view: CacheView,
-               rotations: dict, device: torch.device) -> Tensor:
-    """Mean suffix NLL of ``target`` on ``batches`` with its prior minus without, over every source (a scalar)."""
-    total, rows = torch.zeros((), dtype=torch.float64), 0
+def _read(space: SharedSpace, backend: PoolBackend, batch, view: CacheView, rotations: dict,
+          device: torch.device) -> tuple[dict[str, KVBlock], dict]:
+    """Every member's own block of ``batch``'s prefix ``[B, P, L_m, D_m]`` and its encoding in Σ ``[B, P-k, Q]``."""
+    blocks = {m: backend.prefix_block(m, batch.prefix(m)) for m in space.names}
+    latents = {m: space.encode(view.to_space(blocks[m], rotations.get(m)).to(device), m) for m in space.names}
+    return blocks, latents
+
+
+def _nll_deltas(space: SharedSpace, backend: PoolBackend, batches: Sequence, targets: Sequence[str], view: CacheView,
+                rotations: dict, device: torch.device) -> dict[str, Tensor]:
+    """Per target, the mean suffix NLL on ``batches`` with its prior minus without, over every source (a scalar);
+    one pass: each batch's blocks and latents are computed once for every target."""
+    totals = {j: torch.zeros((), dtype=torch.float64) for j in targets}
     k = view.sink_tokens
     for batch in batches:
-        own_t = backend.prefix_block(target, batch.prefix(target))  # [B, P, L, D]
-        sink = KVBlock(own_t.keys[:, :k], own_t.values[:, :k], own_t.n_kv_heads) if k else None
-        body = batch.prefix(target)[:, k:]  # [B, P-k]
-        for i in space.names:
-            own_i = own_t if i == target else backend.prefix_block(i, batch.prefix(i))
-            z = read_along(space.encode(view.to_space(own_i, rotations.get(i)).to(device), i), batch.align(i, target, k))
-            nll = []
-            for ids in (None, body):
-                out = space.decode(z, target, ids).map(lambda t: t.float().cpu())  # [B, P-k, L, D]
-                cache = view.to_cache(out, rotations.get(target), sink)  # [B, P, L, D]
-                nll.append(backend.suffix_nll(target, cache, batch.suffix(target)).double().mean())
-            total += nll[1] - nll[0]
-            rows += 1
-    return total / max(rows, 1)
+        blocks, latents = _read(space, backend, batch, view, rotations, device)
+        for j in targets:
+            own = blocks[j]
+            sink = KVBlock(own.keys[:, :k], own.values[:, :k], own.n_kv_heads) if k else None
+            body = batch.prefix(j)[:, k:]  # [B, P-k]
+            for i in space.names:
+                z = read_along(latents[i], batch.align(i, j, k))  # [B, P-k, Q] at the target's positions
+                nll = []
+                for ids in (None, body):
+                    out = space.decode(z, j, ids).map(lambda t: t.float().cpu())  # [B, P-k, L, D]
+                    cache = view.to_cache(out, rotations.get(j), sink)  # [B, P, L, D]
+                    nll.append(backend.suffix_nll(j, cache, batch.suffix(j)).double().mean())
+                totals[j] += nll[1] - nll[0]
+    rows = max(len(batches) * len(space.names), 1)
+    return {j: t / rows for j, t in totals.items()}
