@@ -86,7 +86,7 @@ def lever_starts(run_dir: str | Path, levers: dict[str, dict] | None = None, *, 
                                first_tokens=job.eval.first_tokens)} if trained else {}
     for name, change in (levers or DEFAULT_LEVERS).items():
         cfg = replace(base, **change)
-        if "token_prior" in change and not base.token_prior and change["token_prior"] == 0 and len(change) == 1:
+        if change == {"token_prior": 0} and not base.token_prior:
             continue  # no prior to drop: the start itself again
         if cfg.sink_tokens >= job.trained_prefix_len[0]:  # the calibration's shortest prefixes leave Σ nothing
             continue
