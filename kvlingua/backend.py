@@ -32,6 +32,7 @@ from kvlingua.cache import (
     check_block_fits,
     extract_prefix,
     fingerprint,
+    input_embeddings,
 )
 
 
@@ -52,6 +53,10 @@ class PoolBackend(Protocol):
 
     def prefix_block(self, model: str, input_ids: Tensor) -> KVBlock:
         """``[B, P]`` prefix ids -> ``model``'s KV block ``[B, P, L, D]`` (fp32, CPU, no grad)."""
+
+    def token_embeddings(self, model: str, input_ids: Tensor) -> Tensor:
+        """``[B, P]`` ids -> ``model``'s input embeddings of them ``[B, P, H]`` as its first layer reads them (any scale
+        the model applies included; fp32, CPU, no grad): what a token readout reads (:mod:`kvlingua.readout`)."""
 
     def suffix_loss_and_grad(self, model: str, block: KVBlock, suffix_ids: Tensor) -> tuple[Tensor, KVBlock]:
         """Mean next-token cross-entropy of ``suffix_ids`` ``[B, S]`` read after ``block``.
@@ -212,6 +217,10 @@ class LocalBackend:
         with self._autocast():
             block = extract_prefix(m, input_ids.to(self.device))
         return block.map(lambda t: t.float().cpu().contiguous())
+
+    @torch.no_grad()
+    def token_embeddings(self, model: str, input_ids: Tensor) -> Tensor:
+        return input_embeddings(self.models[self._check(model)], input_ids).cpu()  # [B, P, H]
 
     def suffix_loss_and_grad(self, model: str, block: KVBlock, suffix_ids: Tensor) -> tuple[Tensor, KVBlock]:
         m = self.models[self._check(model)]

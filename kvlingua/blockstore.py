@@ -139,6 +139,9 @@ class CachingBackend:
     def rotation(self, model: str):
         return self.inner.rotation(model)
 
+    def token_embeddings(self, model: str, input_ids: Tensor) -> Tensor:
+        return self.inner.token_embeddings(model, input_ids)
+
     def prefix_block(self, model: str, input_ids: Tensor) -> KVBlock:
         """``[B, P]`` ids -> ``[B, P, L, D]`` block, extracted at most once per store."""
         fp = self.fingerprint(model)

@@ -254,6 +254,14 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 @torch.no_grad()
+def input_embeddings(model: torch.nn.Module, input_ids: Tensor) -> Tensor:
+    """``[B, P]`` ids -> ``model``'s input embeddings ``[B, P, H]`` as its first layer reads them (any scale the model
+    applies included, e.g. Gemma's √H), fp32 on the model's device, no grad."""
+    embed = model.get_input_embeddings()
+    return embed(input_ids.to(next(embed.parameters()).device)).float()
+
+
+@torch.no_grad()
 def extract_prefix(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor | None = None) -> KVBlock:
     """Run ``model`` over prefix ids and return its KV block.
 

@@ -225,6 +225,8 @@ def read_plan(space: Translator, model: PreTrainedModel, name: str, cache: Dynam
     rows, ``OUT_name`` decodes it (``[1, n, L, D]``) and keys are rotated at ``start ..``. Returns each run's seconds."""
     device = next(model.parameters()).device
     unrotate = CacheView.of(space.cfg).unrotate
+    if hasattr(space, "bind_tokens"):
+        space.bind_tokens({name: model}, replace=False)  # its token readout reads this model's embeddings
     seconds = []
     for run in plan.runs:
         tic = time.perf_counter()

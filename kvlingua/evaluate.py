@@ -154,6 +154,8 @@ def evaluate(
     unknown = sorted({m for p in paths for m in p if m not in pool})
     if unknown:
         raise ValueError(f"paths name model(s) {unknown} that are not in the pool {pool}")
+    for sp in spaces.values():
+        sp.bind_tokens(backend, replace=False)  # a token readout reads each target's own embeddings
     per_batch: dict[str, dict[str, dict[str, list[float]]]] = {
         s: {path_name(p): {} for p in paths} for s in SPANS}
 

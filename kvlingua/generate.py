@@ -265,7 +265,9 @@ def translate_block(space: Translator, block: KVBlock, source: str, target: str,
         return extract_prefix(target_model, ids[:, :length])
     rot_s, rot_t = (model_rotation(source_model), model_rotation(target_model)) if view.unrotate else (None, None)
     sink = sink_block(target_model, ids[:, :k]) if k else None  # [1, k, L_t, D_t]
-    body_ids = ids[:, start + k:start + length]  # [1, S|T - k] the target's tokens Σ decodes (its token prior reads them)
+    body_ids = ids[:, start + k:start + length]  # [1, S|T - k] the target's tokens Σ decodes (its readout and prior read them)
+    if hasattr(space, "bind_tokens"):
+        space.bind_tokens({target: target_model}, replace=False)
     out = translate_cache(space, block, source, target, rot_s, rot_t, sink, start, view, index,
                           body_ids)  # [1, S|T, L_t, D_t]
     if view.refresh and start == 0:  # probe: the token the target reads next (the block's last where none follows)

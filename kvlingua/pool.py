@@ -299,5 +299,6 @@ def load_pool(pool_dir: str | Path, *, device: str | torch.device = "cpu", load_
             continue
         model = load_member_model(m, verify=verify)
         models[m.name] = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    space.bind_tokens(models)  # a token readout reads each member's own embeddings (none without models)
     return LoadedPool(space=space, members=members, models=models, tokenizer=tokenizer, root=root, meta=meta,
                       tokenizers=tokenizers)

@@ -99,7 +99,7 @@ def fit_token_prior(space: SharedSpace, backend: PoolBackend, batches: Sequence,
     sums: dict[str, list[Tensor]] = {}
     for batch in batches:
         view.check_prefix(batch.prefix_len)
-        blocks, latents = _read(space, backend, batch, view, rotations, device)
+        blocks, latents = read_batch(space, backend, batch, view, rotations, device)
         for j in targets:
             own = view.to_space(blocks[j], rotations.get(j))  # [B, P-k, L_j, D_j]
             body = batch.prefix(j)[:, k:]  # [B, P-k]
@@ -131,7 +131,7 @@ def fit_token_prior(space: SharedSpace, backend: PoolBackend, batches: Sequence,
     return record
 
 
-def _read(space: SharedSpace, backend: PoolBackend, batch, view: CacheView, rotations: dict,
+def read_batch(space: SharedSpace, backend: PoolBackend, batch, view: CacheView, rotations: dict,
           device: torch.device) -> tuple[dict[str, KVBlock], dict]:
     """Every member's own block of ``batch``'s prefix ``[B, P, L_m, D_m]`` and its encoding in Σ ``[B, P-k, Q]``."""
     blocks = {m: backend.prefix_block(m, batch.prefix(m)) for m in space.names}
@@ -146,7 +146,7 @@ def _nll_deltas(space: SharedSpace, backend: PoolBackend, batches: Sequence, tar
     totals = {j: torch.zeros((), dtype=torch.float64) for j in targets}
     k = view.sink_tokens
     for batch in batches:
-        blocks, latents = _read(space, backend, batch, view, rotations, device)
+        blocks, latents = read_batch(space, backend, batch, view, rotations, device)
         for j in targets:
             own = blocks[j]
             sink = KVBlock(own.keys[:, :k], own.values[:, :k], own.n_kv_heads) if k else None
@@ -154,8 +154,8 @@ def _nll_deltas(space: SharedSpace, backend: PoolBackend, batches: Sequence, tar
             for i in space.names:
                 z = read_along(latents[i], batch.align(i, j, k))  # [B, P-k, Q] at the target's positions
                 nll = []
-                for ids in (None, body):
-                    out = space.decode(z, j, ids).map(lambda t: t.float().cpu())  # [B, P-k, L, D]
+                for use in (False, True):  # without the prior, then with it (a token readout reads in both)
+                    out = space.decode(z, j, body, prior=use).map(lambda t: t.float().cpu())  # [B, P-k, L, D]
                     cache = view.to_cache(out, rotations.get(j), sink)  # [B, P, L, D]
                     nll.append(backend.suffix_nll(j, cache, batch.suffix(j)).double().mean())
                 totals[j] += nll[1] - nll[0]

@@ -24,9 +24,10 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from kvlingua.cache import ArchSummary, KVBlock, check_block_fits, check_same_layout
+from kvlingua.cache import ArchSummary, KVBlock, check_block_fits, check_same_layout, input_embeddings
 from kvlingua.config import from_dict
 from kvlingua.prior import TokenPrior
+from kvlingua.readout import TokenReadout
 from kvlingua.space_config import SpaceConfig, resolve_q_dim
 from kvlingua.translator import build_adapter
 
@@ -141,11 +142,29 @@ class SharedSpace(nn.Module):
             "in": build_adapter(L, D, 1, Q, D, self.cfg),  # [B,S,L,D] -> [B,S,1,Q]
             "out": build_adapter(L, Q // L, L, D, D, self.cfg),  # [B,S,L,Q/L] -> [B,S,L,D]
         })
+        if self.cfg.token_readout:  # OUT also reads this member's own tokens (kvlingua.readout)
+            adapters["readout"] = TokenReadout(summary.hidden_size, L, D)
         if self.cfg.token_prior:  # buffers: what this member's own tokens say about its cache (kvlingua.prior)
             adapters["prior"] = TokenPrior(self.cfg.token_prior, L, D)
         self._adapters[name] = adapters
         self.names.append(name)
         self.members[name] = summary
+
+    def bind_tokens(self, backend, replace: bool = True) -> "SharedSpace":
+        """Let each member's token readout (:mod:`kvlingua.readout`) read that member's input embeddings through
+        ``backend`` (a :class:`~kvlingua.backend.PoolBackend`: its ``token_embeddings``) or, for a dict of frozen
+        models, their own embedding modules. Members the backend lacks stay as they are; ``replace=False`` keeps a
+        binding already made. Returns the space."""
+        for name in self.names:
+            own = self._adapters[name]
+            if "readout" not in own or (not replace and own["readout"].bound):
+                continue
+            if isinstance(backend, dict):
+                if name in backend:
+                    own["readout"].bind(lambda ids, model=backend[name]: input_embeddings(model, ids))
+            elif name in backend.names():
+                own["readout"].bind(lambda ids, m=name: backend.token_embeddings(m, ids))
+        return self
 
     def _check(self, name: str) -> str:
         if name not in self.members:
@@ -161,11 +180,11 @@ class SharedSpace(nn.Module):
         return [p for n in names for p in self.adapters(n).parameters()]
 
     def param_counts(self) -> dict[str, dict[str, int]]:
-        """``{name: {"in": n_params, "out": n_params}}``."""
-        return {
-            n: {k: sum(p.numel() for p in self._adapters[n][k].parameters()) for k in ("in", "out")}
-            for n in self.names
-        }
+        """``{name: {"in": n_params, "out": n_params}}``; a token readout's maps count as OUT's (its table and a token
+        prior are buffers, not parameters)."""
+        def count(n: str, part: str) -> int:
+            return sum(p.numel() for p in self._adapters[n][part].parameters()) if part in self._adapters[n] else 0
+        return {n: {"in": count(n, "in"), "out": count(n, "out") + count(n, "readout")} for n in self.names}
 
     # -- the maps -------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype:
@@ -178,11 +197,12 @@ class SharedSpace(nn.Module):
         k, v = self._adapters[source]["in"](block.keys.to(dtype), block.values.to(dtype))  # [B, S, 1, Q]
         return LatentBlock(k.squeeze(2), v.squeeze(2))  # [B, S, Q]
 
-    def decode(self, latent: LatentBlock, target: str, ids: Tensor | None = None) -> KVBlock:
+    def decode(self, latent: LatentBlock, target: str, ids: Tensor | None = None, prior: bool = True) -> KVBlock:
         """OUT_target: latent ``[B, S, Q]`` -> KV block ``[B, S, L_j, D_j]`` of model ``target``.
 
-        ``ids`` ``[B, S]``: the target's own tokens at those positions, read by its token prior where the space has
-        one (:mod:`kvlingua.prior`); None (positions without tokens, e.g. a ported soft prompt): Σ as decoded."""
+        ``ids`` ``[B, S]``: the target's own tokens at those positions, read by its token readout and then its token
+        prior where the space has them (:mod:`kvlingua.readout`, :mod:`kvlingua.prior`; ``prior=False`` skips the
+        prior, for its gate); None (positions without tokens, e.g. a ported soft prompt): Σ as decoded."""
         summary = self.members[self._check(target)]
         B, S, Q = latent.keys.shape
         if Q != self.cfg.q_dim:
@@ -193,8 +213,12 @@ class SharedSpace(nn.Module):
         v = latent.values.to(dtype).reshape(B, S, L, Q // L)
         k, v = self._adapters[target]["out"](k, v)  # [B, S, L_j, D_j]
         block = KVBlock(k, v, summary.n_kv_heads)
-        prior = self._adapters[target]["prior"] if "prior" in self._adapters[target] else None
-        return block if prior is None or ids is None else prior(block, ids)
+        if ids is None:
+            return block
+        own = self._adapters[target]
+        if "readout" in own:
+            block = own["readout"](block, ids)
+        return own["prior"](block, ids) if prior and "prior" in own else block
 
     def translate(self, block: KVBlock, source: str, target: str) -> KVBlock:
         """Path ``source -> target``: ``OUT_target(IN_source(block))``; ``[B,S,L_i,D_i] -> [B,S,L_j,D_j]``."""

@@ -107,6 +107,11 @@ class SpaceConfig:
     per-token, per-layer correction fitted in the ``closed_form`` calibration pass and kept only where it lowers
     that target's calibration suffix NLL (:mod:`kvlingua.prior`): the context-free part of a secondary sink, for
     the cost of a lookup. 0: none (as every pool before it). Needs ``init: closed_form``."""
+    token_readout: bool = False
+    """Each target's OUT also reads the target's own token at each position and the one before it, through its own
+    input embeddings (:mod:`kvlingua.readout`), fitted jointly with OUT's short path in the ``closed_form``
+    calibration pass and trained with it. False: Σ alone (as every pool before it). Needs ``init: closed_form`` and
+    ``out_weights: uniform`` (the joint fit is unweighted)."""
 
     def __post_init__(self) -> None:
         if self.q_dim != "auto" and (isinstance(self.q_dim, bool) or not isinstance(self.q_dim, int)
@@ -152,6 +157,12 @@ class SpaceConfig:
         if self.token_prior and self.init != "closed_form":
             raise ValueError(f"token_prior is fitted in the closed-form calibration pass: it needs init: closed_form, "
                              f"got init: {self.init} (set token_prior: 0)")
+        if not isinstance(self.token_readout, bool):
+            raise ValueError(f"token_readout must be true or false, got {self.token_readout!r}")
+        if self.token_readout and (self.init != "closed_form" or self.out_weights != "uniform"):
+            raise ValueError(f"token_readout is fitted jointly with OUT in the closed-form calibration pass: it needs "
+                             f"init: closed_form and out_weights: uniform, got init: {self.init}, out_weights: "
+                             f"{self.out_weights} (set token_readout: false)")
         if isinstance(self.refresh, bool) or not isinstance(self.refresh, (int, float)) or not 0 <= self.refresh <= 1:
             raise ValueError(f"refresh must be a share in [0, 1], got {self.refresh!r}")
         if self.out_weights not in OUT_WEIGHTS:

@@ -46,6 +46,7 @@ from kvlingua.closedform import attention_weighted_out, closed_form_init
 from kvlingua.metric_names import NllKey
 from kvlingua.outinit import match_init
 from kvlingua.prior_fit import fit_token_prior
+from kvlingua.readout_fit import fit_token_readout
 from kvlingua.paths import PathSampler, PathT, path_name
 from kvlingua.space import LatentBlock, SharedSpace, space_device
 from kvlingua.view import CacheView
@@ -144,6 +145,7 @@ def start_adapters(space: SharedSpace, backend: PoolBackend, batches: Iterable[B
     OUT of ``outs``), ``random`` as built. The closed form reads ``calibration`` instead where given
     (:func:`kvlingua.job.calibration_batches`). Returns the init's record and the batches, none of them consumed."""
     batch_iter = iter(batches)
+    space.bind_tokens(backend, replace=False)  # a token readout reads each target's own embeddings
     n = {"closed_form": space.cfg.init_batches, "match": 1}.get(space.cfg.init, 0)
     own = calibration is not None and space.cfg.init == "closed_form"
     first = list(itertools.islice(iter(calibration) if own else batch_iter, n))
@@ -155,6 +157,8 @@ def start_adapters(space: SharedSpace, backend: PoolBackend, batches: Iterable[B
         record = closed_form_init(space, backend, first, fitted, runtime, view)
         if space.cfg.out_weights == "attention":
             record |= attention_weighted_out(space, backend, first, fitted, runtime, view)
+        if space.cfg.token_readout:  # OUT refitted jointly with each target's own tokens
+            record |= fit_token_readout(space, backend, first, outs, runtime, view)
         if space.cfg.token_prior:  # after the short paths: the prior corrects what they decode
             record |= fit_token_prior(space, backend, first, outs, runtime, view)
     elif space.cfg.init == "match":
@@ -221,6 +225,7 @@ def fit(
     missing = [m for m in space.names if m not in backend.names()]
     if missing:
         raise ValueError(f"space members {missing} are not in the backend's pool {backend.names()}")
+    space.bind_tokens(backend, replace=False)  # a token readout reads each target's own embeddings
     sampler = PathSampler(space.names, cfg.paths_per_step, cfg.seed, cfg.paths, cfg.trainable)
     opt, sched = make_optimizer(space, cfg)
     # (model, "in"|"out") -> that adapter's parameters, for the trainable models

@@ -99,6 +99,7 @@ class PoolModelServer(TextSegments):
         self.name = name
         self.summary = member.summary
         self.space = pool.space.eval().requires_grad_(False)
+        self.space.bind_tokens({self.name: self.model})  # its token readout reads this replica's own embeddings
         self.view = CacheView.of(self.space.cfg)  # what Σ carries: after the target's own sink, keys un-rotated
         self.rotation = model_rotation(self.model) if self.view.unrotate else None
         self.tokenizer = pool.tokenizers.get(name, pool.tokenizer)  # its own: stop strings are found in its text

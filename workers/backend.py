@@ -110,6 +110,11 @@ class RayBackend:
             ref = self.hosts[model].prefix_block.remote(tensor_to_wire(input_ids))
         return block_from_wire(ray.get(ref), copy=False)  # read-only view: the loop never writes a source block
 
+    def token_embeddings(self, model: str, input_ids: Tensor) -> Tensor:
+        """``[B, P]`` ids -> ``model``'s input embeddings ``[B, P, H]`` (fp32), computed by its host."""
+        emb = ray.get(self.hosts[self._check(model)].token_embeddings.remote(tensor_to_wire(input_ids)))
+        return tensor_from_wire(emb, copy=True)  # [B, P, H], the caller's to keep
+
     def rotation(self, model: str):
         """``model``'s :class:`~kvlingua.rotary.KeyRotation`, asked of its host once."""
         if model not in self._rotations:

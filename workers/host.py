@@ -79,7 +79,7 @@ class ModelHost:
         )
         self._lock = threading.Lock()
         self._calls = {"prefix_block": 0, "suffix_loss_and_grad": 0, "suffix_kl_and_grad": 0, "suffix_nll": 0,
-                       "attention_received": 0, "refresh": 0}
+                       "attention_received": 0, "refresh": 0, "token_embeddings": 0}
 
     def _count(self, what: str) -> None:
         with self._lock:
@@ -110,6 +110,11 @@ class ModelHost:
         self._count("prefix_block")
         ids = as_tensor(input_ids, copy=True)  # [B, P]; ids are tiny, a private copy costs nothing
         return block_to_wire(self._backend.prefix_block(self.name, ids))
+
+    def token_embeddings(self, input_ids: Tensor | WireTensor) -> WireTensor:
+        """``[B, P]`` ids -> the model's input embeddings of them ``[B, P, H]`` fp32 (a token readout's fit)."""
+        self._count("token_embeddings")
+        return tensor_to_wire(self._backend.token_embeddings(self.name, as_tensor(input_ids, copy=True)))
 
     def suffix_loss_and_grad(self, block: WireBlock,
                              suffix_ids: Tensor | WireTensor) -> tuple[WireTensor, WireTensor, WireTensor]:

@@ -168,6 +168,7 @@ def time_handoff(models: dict, spaces: dict[str, SharedSpace], source: str, targ
     prefix, ends = inputs.prefix, inputs.ends
 
     def through(sp):
+        sp.bind_tokens({target: models[target]}, replace=False)
         view = CacheView.of(sp.cfg)
         k = view.sink_tokens
         rot = (model_rotation(models[source]), model_rotation(models[target])) if view.unrotate else (None, None)

@@ -30,21 +30,24 @@ DEFAULT_LEVERS: dict[str, dict] = {
     "sink_tokens: 4": {"sink_tokens": 4},
     "keys: rotated": {"keys": "rotated"},
     "q_dim: 240": {"q_dim": 240},
-    "init: match": {"init": "match", "token_prior": 0},
+    "init: match": {"init": "match", "token_prior": 0, "token_readout": False},
     "init_batches: 16": {"init_batches": 16},
-    "out_weights: attention": {"init": "closed_form", "out_weights": "attention"},
+    "out_weights: attention": {"init": "closed_form", "out_weights": "attention", "token_readout": False},
     "refresh: 0": {"refresh": 0},
     "token_prior: 0": {"token_prior": 0},
+    "token_readout: false": {"token_readout": False},
     "512-token calibration": {"init": "closed_form", "init_prefix_len": 512, "init_batches": 8},
     "out_weights: attention, 512-token calibration": {"init": "closed_form", "out_weights": "attention",
-                                                      "init_prefix_len": 512, "init_batches": 8},
+                                                      "init_prefix_len": 512, "init_batches": 8, "token_readout": False},
 }
 """Variant name -> the space-config fields it changes (the first is the run's own start). The 512-token levers
 calibrate on 8 batches of 512-token prefixes (the held-out length past training where content falls; passages of
 512 + suffix tokens); ``out_weights: attention`` refits OUT weighted by the target's attention
 (:func:`kvlingua.closedform.attention_weighted_out`); ``refresh: 0`` reads the start's translation as is (no
 positions recomputed by the target, :mod:`kvlingua.refresh`); ``token_prior: 0`` decodes without the targets' token
-priors (:mod:`kvlingua.prior`; the same as the start in a space without them, so a run skips it there)."""
+priors (:mod:`kvlingua.prior`; the same as the start in a space without them, so a run skips it there);
+``token_readout: false`` decodes from Σ alone, OUT fitted without the targets' tokens (:mod:`kvlingua.readout`; skipped
+likewise)."""
 
 
 def start_space(members: dict, cfg, backend: LocalBackend, job, seed: int) -> SharedSpace:
@@ -86,8 +89,9 @@ def lever_starts(run_dir: str | Path, levers: dict[str, dict] | None = None, *, 
                                first_tokens=job.eval.first_tokens)} if trained else {}
     for name, change in (levers or DEFAULT_LEVERS).items():
         cfg = replace(base, **change)
-        if change == {"token_prior": 0} and not base.token_prior:
-            continue  # no prior to drop: the start itself again
+        if (change == {"token_prior": 0} and not base.token_prior) or \
+                (change == {"token_readout": False} and not base.token_readout):
+            continue  # nothing to drop: the start itself again
         if cfg.sink_tokens >= job.trained_prefix_len[0]:  # the calibration's shortest prefixes leave Σ nothing
             continue
         space = start_space(members, cfg, backend, job, job.train.seed)

@@ -117,15 +117,37 @@ def adapters_section(result: EvalResult, timing: dict, deep: str, shallow: str) 
     return lines
 
 
+def _init_record(run_dir: Path) -> dict:
+    """The main space's init record in ``histories.json`` (empty where the run has none)."""
+    f = run_dir / "histories.json"
+    return next((r for hist in (json.loads(f.read_text()).values() if f.is_file() else ()) for r in hist
+                 if r.get("kind") == "init"), {})
+
+
+def _readout_text(run_dir: Path, space_cfg: dict) -> str:
+    """``, a token readout ...`` for a space with ``token_readout`` (each target's calibration squared error of the
+    joint fit against Σ's alone, from the init record), else nothing."""
+    if not space_cfg.get("token_readout", False):
+        return ""
+    init = _init_record(run_dir)
+    ratios = {}
+    for key, v in init.items():
+        if key.startswith("init/readout/") and key.endswith("/error_ratio"):
+            _, _, m, kind, _ = key.split("/")
+            ratios.setdefault(m, {})[kind] = v
+    said = "; ".join(f"{m}: keys ×{d.get('keys', float('nan')):.2f}, values ×{d.get('values', float('nan')):.2f}"
+                     for m, d in ratios.items())
+    return (", a token readout (`kvlingua/readout.py`: OUT also reads the target's own token and the one before it"
+            + (f"; calibration squared error against Σ alone: {said})" if said else ")"))
+
+
 def _prior_text(run_dir: Path, space_cfg: dict) -> str:
     """``, token priors ...`` for a space with ``token_prior`` (which targets kept theirs, from the main space's init
     record in ``histories.json``), else nothing."""
     n = space_cfg.get("token_prior", 0)
     if not n:
         return ""
-    f = run_dir / "histories.json"
-    init = next((r for hist in (json.loads(f.read_text()).values() if f.is_file() else ()) for r in hist
-                 if r.get("kind") == "init"), {})
+    init = _init_record(run_dir)
     kept = {key.split("/")[2]: (v, init.get(key.replace("/kept", "/nll_delta"))) for key, v in init.items()
             if key.startswith("init/prior/") and key.endswith("/kept")}
     said = "; ".join(f"{m} {'kept' if v else 'dropped'} ({d:+.3f} nats on the calibration batches)"
@@ -281,7 +303,7 @@ def write_real_model_report(run_dir: str | Path, report: str | Path, run: Report
     lines += [f"Method settings of the main space: the target keeps its own first {space_cfg.get('sink_tokens', 0)} "
               f"position(s) (its attention sink; Σ carries the rest), keys travel {space_cfg.get('keys', 'rotated')}, "
               f"adapters start `{space_cfg.get('init', 'random')}`, Σ width Q = {space_cfg.get('q_dim')}, "
-              f"{_stack_text(space_cfg)}{_prior_text(run_dir, space_cfg)}. "
+              f"{_stack_text(space_cfg)}{_readout_text(run_dir, space_cfg)}{_prior_text(run_dir, space_cfg)}. "
               "Content transferred = (control − NLL) / (control − base), where control is the target's own sink "
               "followed by another passage's positions.", ""]
     lines += acceptance_section(result, run_dir, run.positions, deep, shallow, pool_json)

@@ -240,7 +240,8 @@ def levers_section(run_dir: Path, deep: str, shallow: str) -> list[str]:
               "width, `init: match` = the earlier random start rescaled to the target's statistics, `init_batches: n` "
               "= the closed form calibrated on the first n training batches instead of the run's, `refresh: 0` = the "
               "target reads the translation as is (no positions recomputed), `token_prior: 0` = the targets decode "
-              "without their token priors (no per-token correction of Σ's output). NLL difference against "
+              "without their token priors (no per-token correction of Σ's output), `token_readout: false` = OUT fitted and "
+              "read without the target's own tokens (Σ alone). NLL difference against "
               "the default start on the same rows (paired, ± SE; negative = the lever helps). A row's control keeps "
               "its own sink, so content compares within a row; the NLL difference compares across rows.", "",
               *_lever_rows(res, names, start_key, paths)]

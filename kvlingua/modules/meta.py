@@ -104,6 +104,9 @@ class ModuleBackend:
     def rotation(self, model: str):
         return self.inner.rotation(model)
 
+    def token_embeddings(self, model: str, input_ids: Tensor) -> Tensor:
+        return self.inner.token_embeddings(model, input_ids)
+
     def prefix_block(self, model: str, input_ids: Tensor) -> KVBlock:
         if model not in self.blocks:
             raise KeyError(f"no modules of model {model!r}; have {sorted(self.blocks)}")

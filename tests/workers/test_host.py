@@ -78,6 +78,12 @@ def test_remote_blocks_losses_and_gradients_match_local(hosts, local):
     assert (fresh_r.keys - fresh_l.keys).abs().max() < 1e-5 and (fresh_r.values - fresh_l.values).abs().max() < 1e-5
     changed = (fresh_l.keys != noise.keys).any(-1).any(-1)  # [B, P]
     assert changed.sum(-1).tolist() == [3, 3] and not changed[:, 0].any()  # never the sink
+    for m in ("a", "b"):  # a token readout's inputs: what the model's first layer reads, from its host as here
+        emb_r, emb_l = remote.token_embeddings(m, ids), local.token_embeddings(m, ids)  # [B, n, H]
+        with torch.no_grad():
+            first = local.models[m](input_ids=ids, output_hidden_states=True).hidden_states[0]
+        assert emb_r.shape == (2, 10, local.summary(m).hidden_size) and torch.equal(emb_r, emb_l)
+        torch.testing.assert_close(emb_l, first.float(), rtol=0, atol=1e-6)
 
 
 def test_bad_requests_are_refused(hosts, local):

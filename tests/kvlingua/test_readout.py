@@ -1,0 +1,143 @@
+"""The token readout (kvlingua.readout): its forward against a per-position loop, its joint fit with OUT against
+squared errors and a table computed here, and its place in the space (config, adapter files, decode, training)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvlingua.align import read_along
+from kvlingua.backend import LocalBackend
+from kvlingua.cache import KVBlock
+from kvlingua.closedform import closed_form_init
+from kvlingua.readout import TokenReadout
+from kvlingua.readout_fit import fit_token_readout
+from kvlingua.space import SharedSpace
+from kvlingua.space_config import SpaceConfig
+from kvlingua.view import CacheView
+from tests.helpers import tiny_model
+from tests.kvlingua.test_closedform import batches
+
+torch.set_num_threads(1)
+
+
+def test_fresh_readout_adds_nothing_and_a_set_one_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    B, S, L, D, V, H = 2, 6, 3, 4, 10, 5
+    block = KVBlock(torch.randn(B, S, L, D, generator=g), torch.randn(B, S, L, D, generator=g), 1)
+    ids = torch.randint(0, V, (B, S), generator=g)
+    table = torch.randn(V, H, generator=g)
+    readout = TokenReadout(H, L, D)
+    with pytest.raises(ValueError, match="no embedding to read"):
+        readout(block, ids)
+    readout.bind(lambda i: table[i])
+    same = readout(block, ids)
+    assert torch.equal(same.keys, block.keys) and torch.equal(same.values, block.values)
+    with torch.no_grad():
+        readout.center.copy_(torch.randn(H, generator=g))
+        readout.keys.weight.copy_(torch.randn(L * D, 2 * H, generator=g))
+        readout.values.weight.copy_(torch.randn(L * D, 2 * H, generator=g))
+    got = readout(block, ids)
+    for kind in ("keys", "values"):
+        w = getattr(readout, kind).weight.detach()  # [L*D, 2H]
+        want = getattr(block, kind).clone()
+        for b in range(B):
+            for s in range(S):
+                prev = table[ids[b, s - 1]] - readout.center if s else torch.zeros(H)
+                want[b, s] += (w[:, :H] @ (table[ids[b, s]] - readout.center) + w[:, H:] @ prev).reshape(L, D)
+        torch.testing.assert_close(getattr(got, kind), want)
+    with pytest.raises(ValueError, match="do not match"):
+        readout(block, ids[:, :3])
+    readout.bind(lambda i: table[i][..., :3])
+    with pytest.raises(ValueError, match="expected width 5"):
+        readout(block, ids)
+    import pickle
+    assert not pickle.loads(pickle.dumps(readout)).bound  # the embedding is the model's, not the adapter's
+
+
+def _pool():
+    models = {"a": tiny_model("llama", seed=0, layers=2, kv_heads=2), "b": tiny_model("gemma2", seed=2, layers=3)}
+    backend = LocalBackend(models)
+    return models, backend, {m: backend.summary(m) for m in models}
+
+
+def _squared_error(space, backend, bs, target):
+    """Mean over the calibration rows the fit reads (every decoded position but the first, every source) of the
+    squared error of what ``target`` decodes against its own cache, per kind, computed here."""
+    view = CacheView.of(space.cfg)
+    k = view.sink_tokens
+    err = {"keys": [], "values": []}
+    with torch.no_grad():
+        for b in bs:
+            own = view.to_space(backend.prefix_block(target, b.prefix(target)), backend.rotation(target))
+            for src in space.names:
+                z = space.encode(view.to_space(backend.prefix_block(src, b.prefix(src)), backend.rotation(src)), src)
+                out = space.decode(read_along(z, b.align(src, target, k)), target, b.prefix(target)[:, k:])
+                for kind in err:
+                    d = (getattr(out, kind) - getattr(own, kind))[:, 1:]  # [B, P-k-1, L, D]
+                    err[kind].append(d.pow(2).flatten(2).sum(-1).reshape(-1))
+    return {kind: float(torch.cat(v).double().mean()) for kind, v in err.items()}
+
+
+def test_joint_fit_lowers_the_calibration_error_by_the_ratio_it_records():
+    """The readout's joint refit of OUT decodes the calibration rows with less squared error than Σ alone (a tiny
+    model's layer-0 cache is a function of its token), and the record's ratio is the ratio of the two errors
+    measured here on decoded blocks; the readout centres the embeddings on their calibration mean."""
+    models, backend, members = _pool()
+    calib = batches(list(models), 4)
+    spaces = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        spaces[on] = SharedSpace(members, SpaceConfig(q_dim=6, adapter="linear", token_readout=on)).bind_tokens(backend)
+        closed_form_init(spaces[on], backend, calib, list(models))
+    record = fit_token_readout(spaces[True], backend, calib, list(models))
+    for m in models:
+        alone, joint = _squared_error(spaces[False], backend, calib, m), _squared_error(spaces[True], backend, calib, m)
+        for kind in ("keys", "values"):
+            assert joint[kind] < 0.9 * alone[kind]
+            assert record[f"init/readout/{m}/{kind}/error_ratio"] == pytest.approx(joint[kind] / alone[kind], rel=0.02)
+        emb = torch.cat([backend.token_embeddings(m, bt.prefix(m))[:, 2:] for bt in calib])  # [.., P-2, H]
+        torch.testing.assert_close(spaces[True].adapters(m)["readout"].center, emb.reshape(-1, emb.shape[-1]).mean(0),
+                                   rtol=0, atol=1e-4)  # the embeddings' mean where the fit reads them
+
+
+def test_readout_config_is_checked_and_travels_with_the_adapters(tmp_path):
+    with pytest.raises(ValueError, match="token_readout .* needs init: closed_form"):
+        SpaceConfig(init="random", token_readout=True)
+    with pytest.raises(ValueError, match="out_weights: uniform"):
+        SpaceConfig(token_readout=True, out_weights="attention")
+    with pytest.raises(ValueError, match="token_readout must be true or false"):
+        SpaceConfig(token_readout=2)
+    from safetensors.torch import save_file
+
+    model = tiny_model("llama", seed=0, layers=2, kv_heads=2)
+    members = {"a": LocalBackend({"a": model}).summary("a")}
+    space = SharedSpace(members, SpaceConfig(q_dim=4, adapter="linear", token_readout=True))
+    with torch.no_grad():
+        space.adapters("a")["readout"].center.normal_()
+        space.adapters("a")["readout"].keys.weight.normal_()
+    save_file(space.adapter_state("a"), str(tmp_path / "a.safetensors"))
+    again = SharedSpace(members, SpaceConfig(q_dim=4, adapter="linear", token_readout=True))
+    again.load_adapter_file("a", tmp_path / "a.safetensors")
+    for name in ("center", "keys.weight"):
+        assert torch.equal(again.adapters("a")["readout"].state_dict()[name], space.adapters("a")["readout"].state_dict()[name])
+    without = SharedSpace(members, SpaceConfig(q_dim=4, adapter="linear"))
+    with pytest.raises(ValueError, match="unexpected tensors"):
+        without.load_adapter_file("a", tmp_path / "a.safetensors")
+
+
+def test_start_adapters_fits_the_readout_before_the_prior_and_training_moves_it():
+    """``init: closed_form`` with a readout and a prior: the readout is fitted (its record), the prior's gate compares
+    with and without the prior over the readout's decode, and the readout's maps are trained parameters."""
+    from kvlingua.train import start_adapters
+
+    models, backend, members = _pool()
+    calib = batches(list(models), 3)
+    torch.manual_seed(0)
+    space = SharedSpace(members, SpaceConfig(q_dim=6, adapter="linear", token_readout=True, token_prior=8))
+    record, _ = start_adapters(space, backend, iter(calib), list(models), list(models))
+    assert {f"init/readout/{m}/keys/error_ratio" for m in models} <= set(record)
+    assert {f"init/prior/{m}/kept" for m in models} <= set(record)
+    params = {id(p) for p in space.parameters_of(["b"])}
+    readout = space.adapters("b")["readout"]
+    assert id(readout.keys.weight) in params and id(readout.values.weight) in params
+    assert readout.keys.weight.abs().max() > 0
