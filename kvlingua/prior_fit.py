@@ -70,14 +70,11 @@ def fit_token_prior(space: SharedSpace, backend: PoolBackend, batches: Sequence,
     Returns ``{"init/prior/<target>/kept": 0|1, "init/prior/<target>/nll_delta": mean NLL with − without,
     "init/prior/<target>/replaced": share of (token, layer) entries replaced}`` for the record.
     """
-    view = view or CacheView.of(space.cfg)
-    names = list(space.names)
-    targets = [m for m in names if m in set(trainable) and "prior" in space.adapters(m)]
+    view, targets, rotations, device = fit_context(space, backend, trainable, "prior", view)
     if not targets:
         return {}
+    names = list(space.names)
     k = view.sink_tokens
-    rotations = {m: backend.rotation(m) for m in names} if view.unrotate else {}
-    device = space_device(space)
     n = space.cfg.token_prior
     # 1. each target's N most frequent calibration tokens (after its sink), counted over every rank alike
     counts = {}
@@ -129,6 +126,17 @@ def fit_token_prior(space: SharedSpace, backend: PoolBackend, batches: Sequence,
         record[f"init/prior/{j}/nll_delta"] = float(delta)
         record[f"init/prior/{j}/kept"] = float(kept)
     return record
+
+
+def fit_context(space: SharedSpace, backend: PoolBackend, trainable: Sequence[str], part: str,
+                view: CacheView | None) -> tuple[CacheView, list[str], dict, torch.device]:
+    """What a calibration-pass fit of a target-side ``part`` (``"prior"``, ``"readout"``) needs: the view (default
+    the space's), the members of ``trainable`` whose adapters hold that part, in pool order, every member's rotation
+    (where keys travel un-rotated and there is a target) and the space's device."""
+    view = view or CacheView.of(space.cfg)
+    targets = [m for m in space.names if m in set(trainable) and part in space.adapters(m)]
+    rotations = {m: backend.rotation(m) for m in space.names} if view.unrotate and targets else {}
+    return view, targets, rotations, space_device(space)
 
 
 def read_batch(space: SharedSpace, backend: PoolBackend, batch, view: CacheView, rotations: dict,

@@ -14,9 +14,8 @@ from torch import Tensor
 from kvlingua.align import read_along
 from kvlingua.closedform import KINDS, _ridge_solve, short_maps
 from kvlingua.outinit import rank_mean
-from kvlingua.prior_fit import read_batch
+from kvlingua.prior_fit import fit_context, read_batch
 from kvlingua.readout import READ_TOKENS
-from kvlingua.space import space_device
 from kvlingua.view import CacheView
 
 if TYPE_CHECKING:
@@ -43,14 +42,11 @@ def fit_token_readout(space: SharedSpace, backend: PoolBackend, batches: Sequenc
     Returns ``{"init/readout/<target>/<kind>/error_ratio": the joint fit's calibration squared error over Σ's
     alone, ...}`` for the record.
     """
-    view = view or CacheView.of(space.cfg)
-    names = list(space.names)
-    targets = [m for m in names if m in set(trainable) and "readout" in space.adapters(m)]
+    view, targets, rotations, device = fit_context(space, backend, trainable, "readout", view)
     if not targets:
         return {}
+    names = list(space.names)
     k = view.sink_tokens
-    rotations = {m: backend.rotation(m) for m in names} if view.unrotate else {}
-    device = space_device(space)
     q = space.cfg.q_dim
     sums: dict[tuple[str, str], list[Tensor]] = {}  # (target, kind) -> [n, Σx, Σy, Σy², Σxxᵀ, Σyxᵀ] about shift
     shifts: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
