@@ -88,7 +88,7 @@ def fit_token_readout(space: SharedSpace, backend: PoolBackend, batches: Sequenc
             e_mean = x_mean[q:q + h]  # [H] the embeddings' calibration mean
             # the tokens at Σ's variance per channel, so one ridge penalises both alike (undone on the weights)
             scale = (float(torch.diagonal(cxx[:q, :q]).mean())
-                     / float(torch.diagonal(cxx[q:]).mean().clamp_min(1e-12))) ** 0.5
+                     / float(torch.diagonal(cxx)[q:].mean().clamp_min(1e-12))) ** 0.5
             s_vec = torch.cat([torch.ones(q, dtype=cxx.dtype), torch.full((cxx.shape[0] - q,), scale, dtype=cxx.dtype)])
             w = _ridge_solve(cxx * torch.outer(s_vec, s_vec), cyx * s_vec, space.cfg.ridge) * s_vec  # [d, F]
             centred = torch.cat([x_mean[:q], x_mean[q:q + h] - e_mean, x_mean[q + h:] - e_mean])  # [F]

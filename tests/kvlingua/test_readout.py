@@ -141,3 +141,30 @@ def test_start_adapters_fits_the_readout_before_the_prior_and_training_moves_it(
     readout = space.adapters("b")["readout"]
     assert id(readout.keys.weight) in params and id(readout.values.weight) in params
     assert readout.keys.weight.abs().max() > 0
+
+
+def test_the_fit_reads_the_same_whatever_the_embeddings_scale():
+    """Gemma multiplies its embeddings by √H, SmolLM2 does not: the joint fit standardizes the tokens against Σ, so
+    a target whose embeddings were 1000× larger decodes the same cache (were the ridge scaled wrong, Σ's weights would
+    be shrunk to nothing beside the tokens')."""
+    models, backend, members = _pool()
+
+    class Scaled(LocalBackend):
+        def token_embeddings(self, model, input_ids):
+            return super().token_embeddings(model, input_ids) * 1000.0
+
+    scaled = Scaled(models)
+    calib = batches(list(models), 3)
+    outs = []
+    for bk in (backend, scaled):
+        torch.manual_seed(0)
+        space = SharedSpace(members, SpaceConfig(q_dim=6, adapter="linear", token_readout=True)).bind_tokens(bk)
+        closed_form_init(space, bk, calib, list(models))
+        fit_token_readout(space, bk, calib, list(models))
+        view = CacheView.of(space.cfg)
+        b = calib[0]
+        with torch.no_grad():
+            z = space.encode(view.to_space(bk.prefix_block("a", b.prefix("a")), bk.rotation("a")), "a")
+            outs.append(space.decode(read_along(z, b.align("a", "b", 1)), "b", b.prefix("b")[:, 1:]))
+    torch.testing.assert_close(outs[1].keys, outs[0].keys, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(outs[1].values, outs[0].values, rtol=1e-3, atol=1e-3)
