@@ -145,13 +145,13 @@ def test_start_adapters_fits_the_readout_before_the_prior_and_training_moves_it(
 
 def test_the_fit_reads_the_same_whatever_the_embeddings_scale():
     """Gemma multiplies its embeddings by √H, SmolLM2 does not: the joint fit standardizes the tokens against Σ, so
-    a target whose embeddings were 1000× larger decodes the same cache (were the ridge scaled wrong, Σ's weights would
+    a target whose embeddings were 10⁵× larger decodes the same cache (were the ridge scaled wrong, Σ's weights would
     be shrunk to nothing beside the tokens')."""
     models, backend, members = _pool()
 
     class Scaled(LocalBackend):
         def token_embeddings(self, model, input_ids):
-            return super().token_embeddings(model, input_ids) * 1000.0
+            return super().token_embeddings(model, input_ids) * 1e5
 
     scaled = Scaled(models)
     calib = batches(list(models), 3)
@@ -168,3 +168,45 @@ def test_the_fit_reads_the_same_whatever_the_embeddings_scale():
             outs.append(space.decode(read_along(z, b.align("a", "b", 1)), "b", b.prefix("b")[:, 1:]))
     torch.testing.assert_close(outs[1].keys, outs[0].keys, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(outs[1].values, outs[0].values, rtol=1e-3, atol=1e-3)
+
+
+def test_the_joint_fit_is_a_ridge_on_standardized_rows_computed_here():
+    """OUT's short path and the readout's maps equal a ridge regression solved here from the rows themselves: every
+    source's Σ at the target's decoded positions but the first, beside the target's centred embeddings there and one
+    position before, the embeddings scaled so their mean variance is Σ's, ``λ = ridge ·`` the mean variance."""
+    from kvlingua.closedform import short_maps
+
+    models, backend, members = _pool()
+    calib = batches(list(models), 3)
+    torch.manual_seed(0)
+    space = SharedSpace(members, SpaceConfig(q_dim=6, adapter="linear", token_readout=True)).bind_tokens(backend)
+    closed_form_init(space, backend, calib, list(models))
+    view = CacheView.of(space.cfg)
+    xs, ys = {"keys": [], "values": []}, {"keys": [], "values": []}
+    with torch.no_grad():
+        for b in calib:
+            own = view.to_space(backend.prefix_block("b", b.prefix("b")), backend.rotation("b"))
+            e = backend.token_embeddings("b", b.prefix("b")).double()  # [B, P, H]
+            for src in models:
+                z = read_along(space.encode(view.to_space(backend.prefix_block(src, b.prefix(src)),
+                                                          backend.rotation(src)), src), b.align(src, "b", 1))
+                for kind in xs:
+                    x = torch.cat([getattr(z, kind)[:, 1:].double(), e[:, 2:], e[:, 1:-1]], -1)  # [B, P-2, Q+2H]
+                    xs[kind].append(x.reshape(-1, x.shape[-1]))
+                    ys[kind].append(getattr(own, kind)[:, 1:].reshape(x.shape[0] * x.shape[1], -1).double())
+    fit_token_readout(space, backend, calib, ["b"])
+    q = space.cfg.q_dim
+    for i, kind in enumerate(("keys", "values")):
+        x, y = torch.cat(xs[kind]), torch.cat(ys[kind])
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        var = xc.pow(2).mean(0)  # [F]
+        s = torch.ones(x.shape[1], dtype=x.dtype)
+        s[q:] = (var[:q].mean() / var[q:].mean()).sqrt()
+        xs_ = xc * s
+        lam = space.cfg.ridge * xs_.pow(2).mean(0).mean()
+        w = torch.linalg.solve(xs_.T @ xs_ / len(x) + lam * torch.eye(x.shape[1], dtype=x.dtype),
+                               xs_.T @ yc / len(x)).T * s  # [d, F]
+        got_out = short_maps(space.adapters("b")["out"])[i].weight.double()
+        got_tok = getattr(space.adapters("b")["readout"], kind).weight.double()
+        torch.testing.assert_close(got_out, w[:, :q], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(got_tok, w[:, q:], rtol=1e-3, atol=1e-4)
