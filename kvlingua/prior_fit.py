@@ -101,7 +101,9 @@ def fit_token_prior(space: SharedSpace, backend: PoolBackend, batches: Sequence,
             own = view.to_space(blocks[j], rotations.get(j))  # [B, P-k, L_j, D_j]
             body = batch.prefix(j)[:, k:]  # [B, P-k]
             for i in names:
-                out = space.decode(read_along(latents[i], batch.align(i, j, k)), j).map(lambda t: t.float().cpu())
+                # what the prior will correct: Σ's decode with the target's tokens (a readout reads them), no prior
+                out = space.decode(read_along(latents[i], batch.align(i, j, k)), j, body, prior=False).map(
+                    lambda t: t.float().cpu())  # [B, P-k, L, D]
                 got = _token_stats(chosen[j][1], body, own, out, chosen[j][0].numel())
                 sums[j] = got if j not in sums else [a + g for a, g in zip(sums[j], got)]
     record: dict[str, float] = {}

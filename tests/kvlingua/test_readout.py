@@ -210,3 +210,41 @@ def test_the_joint_fit_is_a_ridge_on_standardized_rows_computed_here():
         got_tok = getattr(space.adapters("b")["readout"], kind).weight.double()
         torch.testing.assert_close(got_out, w[:, :q], rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(got_tok, w[:, q:], rtol=1e-3, atol=1e-4)
+
+
+def test_a_prior_fitted_over_a_readout_corrects_what_the_readout_decodes():
+    """The token prior is fitted after the readout: a token it corrects gets the shrunk mean of (own − decoded with
+    the readout), computed here from the decoded blocks; not of what Σ alone decodes."""
+    from kvlingua.prior_fit import PRIOR_SHRINK, fit_token_prior
+
+    models, backend, members = _pool()
+    calib = batches(list(models), 3)
+    torch.manual_seed(0)
+    space = SharedSpace(members, SpaceConfig(q_dim=6, adapter="linear", token_readout=True, token_prior=8))
+    space.bind_tokens(backend)
+    closed_form_init(space, backend, calib, list(models))
+    fit_token_readout(space, backend, calib, list(models))
+    fit_token_prior(space, backend, calib, list(models), gate=False)
+    view = CacheView.of(space.cfg)
+    prior = space.adapters("b")["prior"]
+    res = {int(t): [] for t in prior.ids if t >= 0}
+    with torch.no_grad():
+        for b in calib:
+            own = view.to_space(backend.prefix_block("b", b.prefix("b")), backend.rotation("b"))
+            body = b.prefix("b")[:, 1:]
+            for src in models:
+                z = space.encode(view.to_space(backend.prefix_block(src, b.prefix(src)), backend.rotation(src)), src)
+                out = space.decode(read_along(z, b.align(src, "b", 1)), "b", body, prior=False)
+                for t in res:
+                    res[t].append((own.keys - out.keys)[body == t])  # [n, L, D]
+    checked = 0
+    for slot, t in enumerate(prior.ids.tolist()):
+        if t < 0:
+            continue
+        r = torch.cat(res[t])
+        for layer in range(r.shape[1]):
+            if prior.scale_keys[slot, layer] == 1:
+                want = r[:, layer].mean(0) * len(r) / (len(r) + PRIOR_SHRINK)
+                torch.testing.assert_close(prior.shift_keys[slot, layer], want, rtol=1e-3, atol=1e-4)
+                checked += 1
+    assert checked > 0
