@@ -164,9 +164,9 @@ def _nll_deltas(space: SharedSpace, backend: PoolBackend, batches: Sequence, tar
             for i in space.names:
                 z = read_along(latents[i], batch.align(i, j, k))  # [B, P-k, Q] at the target's positions
                 nll = []
-                for use in (False, True):  # without the prior, then with it (a token readout reads in both)
-                    out = space.decode(z, j, body, prior=use).map(lambda t: t.float().cpu())  # [B, P-k, L, D]
-                    cache = view.to_cache(out, rotations.get(j), sink)  # [B, P, L, D]
+                plain = space.decode(z, j, body, prior=False)  # [B, P-k, L, D] (a token readout reads in both)
+                for out in (plain, space.adapters(j)["prior"](plain, body)):  # without the prior, then with it
+                    cache = view.to_cache(out.map(lambda t: t.float().cpu()), rotations.get(j), sink)  # [B, P, L, D]
                     nll.append(backend.suffix_nll(j, cache, batch.suffix(j)).double().mean())
                 totals[j] += nll[1] - nll[0]
     rows = max(len(batches) * len(space.names), 1)

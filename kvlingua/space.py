@@ -180,7 +180,7 @@ class SharedSpace(nn.Module):
         return [p for n in names for p in self.adapters(n).parameters()]
 
     def param_counts(self) -> dict[str, dict[str, int]]:
-        """``{name: {"in": n_params, "out": n_params}}``; a token readout's maps count as OUT's (its table and a token
+        """``{name: {"in": n_params, "out": n_params}}``; a token readout's maps count as OUT's (its centre and a token
         prior are buffers, not parameters)."""
         def count(n: str, part: str) -> int:
             return sum(p.numel() for p in self._adapters[n][part].parameters()) if part in self._adapters[n] else 0

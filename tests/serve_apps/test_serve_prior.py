@@ -31,21 +31,7 @@ def test_a_replica_decodes_with_its_prior_from_the_prompt_or_the_payload(tmp_pat
     root = save_pool(tmp_path / "prior", pool.space, pool.members, tokenizer_dir=tmp_path / "built" / "tokenizer")
     pool = load_pool(root)
 
-    prompt = as_prompt(ids)  # [1, P]
-    own = prefill(pool.models["a"], prompt)  # [1, P-1, L, D]: what the sender holds
-    want = translate_block(pool.space, own, "a", "c", pool.models["a"], pool.models["c"], prompt)
-    rotations = model_rotation(pool.models["a"]), model_rotation(pool.models["c"])
-    plain = translate_cache(pool.space, own, "a", "c", *rotations, sink_block(pool.models["c"], prompt[:, :1]))
-    assert not torch.allclose(want.values, plain.values, atol=1e-3)  # the prior changes this prompt's decode
-
-    opts = to_dict(ServeOptions(verify=False))
-    a, c = PoolModelServer(str(root), "a", opts), PoolModelServer(str(root), "c", opts)
-    payload = a.export_latent(ids)
-    live, _ = c._payload_block(payload, prompt)
-    stored, _ = c._payload_block(payload | {"context_id": "ctx-1", "ids": ids[1:-1]})  # no prompt: the payload's ids
-    for got in (live, stored):
-        torch.testing.assert_close(got.keys.float(), want.keys.float(), rtol=0, atol=1e-5)
-        torch.testing.assert_close(got.values.float(), want.values.float(), rtol=0, atol=1e-5)
+    _replica_decodes_as_the_hand_off(pool, root, ids)  # the prior changes this prompt's decode
 
 
 def test_a_replica_reads_its_token_readout_through_its_own_embeddings(tmp_path):
@@ -63,19 +49,24 @@ def test_a_replica_reads_its_token_readout_through_its_own_embeddings(tmp_path):
     root = save_pool(tmp_path / "readout", pool.space, pool.members, tokenizer_dir=tmp_path / "built" / "tokenizer")
     pool = load_pool(root)
 
-    ids = pool.tokenizer.encode(PROMPT)
+    _replica_decodes_as_the_hand_off(pool, root, pool.tokenizer.encode(PROMPT))  # the readout changes it
+
+
+def _replica_decodes_as_the_hand_off(pool, root, ids):
+    """Replica ``c`` decodes ``a``'s latent of ``ids`` as ``translate_block`` does, from the prompt (live) and from a
+    stored payload's ids alike, and that decode differs from Σ's without the target's tokens."""
     prompt = as_prompt(ids)  # [1, P]
-    own = prefill(pool.models["a"], prompt)  # [1, P-1, L, D]
+    own = prefill(pool.models["a"], prompt)  # [1, P-1, L, D]: what the sender holds
     want = translate_block(pool.space, own, "a", "c", pool.models["a"], pool.models["c"], prompt)
     rotations = model_rotation(pool.models["a"]), model_rotation(pool.models["c"])
     plain = translate_cache(pool.space, own, "a", "c", *rotations, sink_block(pool.models["c"], prompt[:, :1]))
-    assert not torch.allclose(want.values, plain.values, atol=1e-3)  # the readout changes this prompt's decode
+    assert not torch.allclose(want.values, plain.values, atol=1e-3)
 
     opts = to_dict(ServeOptions(verify=False))
     a, c = PoolModelServer(str(root), "a", opts), PoolModelServer(str(root), "c", opts)
     payload = a.export_latent(ids)
     live, _ = c._payload_block(payload, prompt)
-    stored, _ = c._payload_block(payload | {"context_id": "ctx-1", "ids": ids[1:-1]})
+    stored, _ = c._payload_block(payload | {"context_id": "ctx-1", "ids": ids[1:-1]})  # no prompt: the payload's ids
     for got in (live, stored):
         torch.testing.assert_close(got.keys.float(), want.keys.float(), rtol=0, atol=1e-5)
         torch.testing.assert_close(got.values.float(), want.values.float(), rtol=0, atol=1e-5)
